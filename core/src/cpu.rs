@@ -1,0 +1,199 @@
+//! The fast CPU backend: the same forward/backward pass as [`crate::reference`], on `matrixmultiply`'s SGEMM
+//! (both cores natively through its `threading` feature; SIMD128 single-threaded in wasm).
+//!
+//! Used by workers without a usable GPU (including browsers on a software WebGPU adapter, where it is several
+//! times faster) and by the coordinator for evaluation and spot checks, which must never need wgpu.
+
+use crate::reference::{MatmulForm, act_backward, bias_act, softmax_xent};
+use crate::spec::{LayerLayout, ModelSpec};
+use crate::{BatchError, EvalOutput, StepOutput, check_batch};
+
+/// `C[m, n] = op(A)·op(B) + beta·C` on matrixmultiply's SGEMM, with transposes expressed as strides.
+///
+/// Panics if a slice is too short for its shape: callers size buffers from the spec, so that is a bug, not input.
+pub fn sgemm(form: MatmulForm, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm operand too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (a_rs, a_cs, b_rs, b_cs) = form.strides(m, k, n);
+    // SAFETY: the asserts above bound every index `i*rs + p*cs` sgemm touches (i < m, p < k, j < n) inside the
+    // slices, whose strides come from `form.strides` for exactly these shapes; `c` is borrowed mutably and
+    // distinct from `a` and `b`.
+    #[allow(unsafe_code)]
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            a_rs as isize,
+            a_cs as isize,
+            b.as_ptr(),
+            b_rs as isize,
+            b_cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// Rows per chunk in [`CpuEngine::evaluate`], bounding scratch memory for large evaluation sets.
+const EVAL_CHUNK: usize = 1024;
+
+/// A model version resident in memory, ready for micro-batches. Scratch buffers are reused between calls.
+#[derive(Debug)]
+pub struct CpuEngine {
+    spec: ModelSpec,
+    layout: Vec<LayerLayout>,
+    params: Vec<f32>,
+    /// Post-activation output of every layer for the last batch (the last one is the logits).
+    acts: Vec<Vec<f32>>,
+    /// Two ping-pong buffers for the backward pass's activation gradients.
+    dz: Vec<f32>,
+    dx: Vec<f32>,
+}
+
+impl CpuEngine {
+    /// An engine for `spec` with all-zero parameters; call [`CpuEngine::load`] before use.
+    pub fn new(spec: ModelSpec) -> Self {
+        let layout = spec.layout();
+        let params = vec![0.0; spec.param_count()];
+        Self { spec, layout, params, acts: Vec::new(), dz: Vec::new(), dx: Vec::new() }
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Replaces the resident parameters (a new model version).
+    pub fn load(&mut self, params: &[f32]) -> Result<(), BatchError> {
+        if params.len() != self.params.len() {
+            return Err(BatchError::ParamCount { got: params.len(), expected: self.params.len() });
+        }
+        self.params.copy_from_slice(params);
+        Ok(())
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    fn forward(&mut self, x: &[f32], rows: usize) {
+        self.acts.resize_with(self.layout.len(), Vec::new);
+        for (li, l) in self.layout.iter().enumerate() {
+            let (before, rest) = self.acts.split_at_mut(li);
+            let input = before.last().map_or(x, |a| a.as_slice());
+            let z = &mut rest[0];
+            z.resize(rows * l.outputs, 0.0);
+            sgemm(MatmulForm::AB, rows, l.inputs, l.outputs, input, &self.params[l.weight..l.bias], 0.0, z);
+            bias_act(z, &self.params[l.bias..l.bias + l.outputs], l.activation);
+        }
+    }
+
+    /// Loss, correct count and the gradient of the mean loss over one micro-batch.
+    pub fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepOutput, BatchError> {
+        check_batch(&self.spec, x, labels)?;
+        let rows = labels.len();
+        self.forward(x, rows);
+        let classes = self.spec.classes();
+        self.dz.resize(rows * classes, 0.0);
+        let (loss, correct) = softmax_xent(&self.acts[self.layout.len() - 1], labels, classes, Some(&mut self.dz));
+        let mut grad = vec![0.0f32; self.params.len()];
+        for li in (0..self.layout.len()).rev() {
+            let l = self.layout[li];
+            if li + 1 < self.layout.len() {
+                act_backward(&mut self.dz, &self.acts[li], l.activation);
+            }
+            let input = if li == 0 { x } else { self.acts[li - 1].as_slice() };
+            sgemm(MatmulForm::AtB, l.inputs, rows, l.outputs, input, &self.dz, 0.0, &mut grad[l.weight..l.bias]);
+            let db = &mut grad[l.bias..l.bias + l.outputs];
+            for row in self.dz.chunks_exact(l.outputs) {
+                for (g, d) in db.iter_mut().zip(row) {
+                    *g += *d;
+                }
+            }
+            if li > 0 {
+                self.dx.resize(rows * l.inputs, 0.0);
+                sgemm(MatmulForm::ABt, rows, l.outputs, l.inputs, &self.dz, &self.params[l.weight..l.bias], 0.0, &mut self.dx);
+                std::mem::swap(&mut self.dz, &mut self.dx);
+            }
+        }
+        Ok(StepOutput { loss: (loss / rows as f64) as f32, correct, grad })
+    }
+
+    /// Forward-only loss and accuracy over any number of rows (processed in chunks).
+    pub fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalOutput, BatchError> {
+        check_batch(&self.spec, x, labels)?;
+        let input = self.spec.input as usize;
+        let classes = self.spec.classes();
+        let (mut loss, mut correct) = (0.0f64, 0u32);
+        for (xs, ls) in x.chunks(EVAL_CHUNK * input).zip(labels.chunks(EVAL_CHUNK)) {
+            self.forward(xs, ls.len());
+            let (l, c) = softmax_xent(&self.acts[self.layout.len() - 1], ls, classes, None);
+            loss += l;
+            correct += c;
+        }
+        Ok(EvalOutput { loss: (loss / labels.len() as f64) as f32, correct, rows: labels.len() as u32 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference;
+    use crate::rng::SplitMix64;
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn sgemm_matches_reference_in_every_form_on_odd_shapes() {
+        let mut rng = SplitMix64::new(1);
+        for &(m, k, n) in &[(1, 1, 1), (7, 33, 5), (33, 100, 7), (100, 785, 33), (64, 784, 128)] {
+            for form in [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+                let mut want = vec![0.0; m * n];
+                reference::matmul(form, m, k, n, &a, &b, &mut want);
+                let mut got = vec![0.0; m * n];
+                sgemm(form, m, k, n, &a, &b, 0.0, &mut got);
+                assert!(rel_l2(&got, &want) < 1e-5, "{form:?} {m}x{k}x{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn step_and_eval_match_reference() {
+        let spec = ModelSpec::mnist_mlp();
+        let params = spec.init_params(5);
+        let mut rng = SplitMix64::new(9);
+        let rows = 64;
+        let x: Vec<f32> = (0..rows * 784).map(|_| rng.next_f64() as f32).collect();
+        let labels: Vec<u32> = (0..rows).map(|_| rng.below(10) as u32).collect();
+        let want = reference::forward_backward(&spec, &params, &x, &labels).unwrap();
+        let mut engine = CpuEngine::new(spec.clone());
+        engine.load(&params).unwrap();
+        let got = engine.step(&x, &labels).unwrap();
+        assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0));
+        assert_eq!(got.correct, want.correct);
+        assert!(rel_l2(&got.grad, &want.grad) < 1e-5);
+        let e = engine.evaluate(&x, &labels).unwrap();
+        assert_eq!(e.correct, want.correct);
+        assert!((e.loss - want.loss).abs() < 1e-5);
+    }
+
+    #[test]
+    fn bad_batches_are_rejected() {
+        let mut engine = CpuEngine::new(ModelSpec::mnist_mlp());
+        assert_eq!(engine.step(&[0.0; 10], &[1]), Err(BatchError::FeatureShape { got: 10, rows: 1, input: 784 }));
+        assert_eq!(engine.step(&[0.0; 784], &[10]), Err(BatchError::LabelRange { row: 0, label: 10, classes: 10 }));
+        assert_eq!(engine.load(&[0.0; 3]), Err(BatchError::ParamCount { got: 3, expected: 101_770 }));
+    }
+}

@@ -1,0 +1,1 @@
+//! WGSL engine on wgpu (being written).
