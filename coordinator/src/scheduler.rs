@@ -1,0 +1,781 @@
+//! The scheduler: jobs in memory, leases, verification of redundant results, aggregation and model advance.
+//!
+//! All state lives in one [`State`] behind a mutex; every handler is a short synchronous function that mutates it
+//! and returns [`Effects`] — database writes, then frames to send, then evaluations to run — which the caller
+//! carries out in that order, so a verdict is only sent once what it reports is durable.
+//!
+//! Invariants: a micro-batch is accepted only when `quorum` (a strict majority of R ≥ 2) independent workers
+//! agree; a worker never holds two leases of the same micro-batch; results are compared only within one
+//! micro-batch of one model version; a result for a superseded version or an expired lease is `late`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::ws::Message;
+use tokio::sync::mpsc::UnboundedSender;
+
+use starling_core::data::Dataset;
+use starling_core::optim::Optimizer;
+use starling_core::protocol::{
+    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, Platform, WireFrame, WorkerId, encode, f32_bytes, lease_payload,
+};
+use starling_core::{EvalOutput, ModelSpec, schedule};
+
+use crate::job::{Hyper, JobStatus, MAX_REPLICAS};
+use crate::store::{AcceptedRow, Checkpoint, Credit, MetricRow, now_ms};
+use crate::verify::{self, Candidate};
+
+/// One WebSocket connection.
+pub type ConnId = u64;
+
+/// Something to send on a connection.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Frame(Message),
+    /// Send an `error` message with this code, then close the connection.
+    Close(ErrorCode, String),
+}
+
+impl Outbound {
+    pub fn msg(msg: &CoordinatorMsg, payload: &[u8]) -> Self {
+        Self::Frame(frame_message(encode(msg, payload)))
+    }
+}
+
+pub fn frame_message(frame: WireFrame) -> Message {
+    match frame {
+        WireFrame::Text(t) => Message::Text(t.into()),
+        WireFrame::Binary(b) => Message::Binary(Bytes::from(b)),
+    }
+}
+
+/// A durable write the scheduler asks for.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    Accepted { job: JobId, step: u64, row: AcceptedRow, credits: Vec<Credit> },
+    Credit { job: JobId, step: u64, micro: u32, credit: Credit },
+    Rejection { worker: WorkerId, refused: bool },
+    Checkpoint { job: JobId, ckpt: Checkpoint, train: MetricRow },
+    Status { job: JobId, status: JobStatus },
+    Eval { job: JobId, metric: MetricRow },
+}
+
+/// A held-out evaluation to run off the scheduler lock.
+#[derive(Debug, Clone)]
+pub struct EvalTask {
+    pub job: JobId,
+    pub step: u64,
+    pub spec: ModelSpec,
+    pub params: Arc<Vec<f32>>,
+    pub test: Arc<Dataset>,
+}
+
+/// What a handler wants done, in this order: persist, send, evaluate.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub store: Vec<StoreOp>,
+    pub sends: Vec<(ConnId, Outbound)>,
+    pub evals: Vec<EvalTask>,
+}
+
+/// Scheduler-wide settings (from the command line).
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Losing or invalid results after which a worker is refused further work.
+    pub strike_limit: u32,
+    /// Shortest time a lease must be outstanding before an idle worker may get a speculative replica of it.
+    pub speculate_after: Duration,
+}
+
+/// A connected worker as the scheduler sees it.
+#[derive(Debug)]
+pub struct Conn {
+    pub worker: WorkerId,
+    pub addr: IpAddr,
+    pub name: Option<String>,
+    pub backend: Backend,
+    pub adapter: String,
+    pub platform: Platform,
+    tx: UnboundedSender<Outbound>,
+    /// The worker asked for a lease and has none.
+    ready: bool,
+    lease: Option<LeaseId>,
+    /// Model version whose parameters this connection already has.
+    model: Option<(JobId, u64)>,
+    waiting_sent: bool,
+    pub connected_ms: i64,
+}
+
+/// A worker's standing (cached from the database, kept in step with it through [`StoreOp`]s).
+#[derive(Debug, Clone, Default)]
+pub struct WorkerInfo {
+    pub name: Option<String>,
+    pub credits_flops: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub strikes: u32,
+    pub refused: bool,
+}
+
+impl WorkerInfo {
+    /// Credits in GFLOP, the unit shown to volunteers.
+    pub fn credits(&self) -> f64 {
+        self.credits_flops as f64 / 1e9
+    }
+}
+
+#[derive(Debug)]
+struct Lease {
+    job: JobId,
+    step: u64,
+    micro: u32,
+    conn: ConnId,
+    worker: WorkerId,
+    issued: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Submission {
+    worker: WorkerId,
+    conn: ConnId,
+    lease: LeaseId,
+    loss: f32,
+    correct: u32,
+    grad: Vec<f32>,
+}
+
+#[derive(Debug)]
+enum Settled {
+    Accepted { loss: f32, correct: u32, grad: Arc<Vec<f32>>, agreeing: u32 },
+    /// No quorum within [`MAX_REPLICAS`]; the step goes on without this micro-batch.
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Micro {
+    rows: Vec<u32>,
+    /// Replicas wanted now: R, plus one per tie-breaker.
+    wanted: u32,
+    active: Vec<LeaseId>,
+    subs: Vec<Submission>,
+    /// Workers (and their addresses) that were ever leased this micro-batch in this step.
+    involved: Vec<(WorkerId, IpAddr)>,
+    settled: Option<Settled>,
+}
+
+impl Micro {
+    fn new(rows: Vec<u32>, wanted: u32) -> Self {
+        Self { rows, wanted, active: Vec::new(), subs: Vec::new(), involved: Vec::new(), settled: None }
+    }
+}
+
+/// Counters of one job since the coordinator started (persistent figures come from the database).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JobCounters {
+    pub leases_issued: u64,
+    pub leases_expired: u64,
+    pub speculative_leases: u64,
+    pub results_accepted: u64,
+    pub results_rejected: u64,
+    pub results_late: u64,
+    pub results_failed: u64,
+    pub disagreements: u64,
+    pub micro_batches_abandoned: u64,
+    pub steps_applied: u64,
+}
+
+/// A job being trained.
+#[derive(Debug)]
+pub struct JobRun {
+    pub id: JobId,
+    pub name: String,
+    pub spec: ModelSpec,
+    pub hyper: Hyper,
+    pub status: JobStatus,
+    pub created_ms: i64,
+    train: Arc<Dataset>,
+    test: Arc<Dataset>,
+    /// Steps applied so far; also the model version.
+    pub step: u64,
+    params: Arc<Vec<f32>>,
+    /// The `model` frame of the current version, encoded once and shared by every connection.
+    model_frame: Bytes,
+    optim: Optimizer,
+    micros: Vec<Micro>,
+    pub counters: JobCounters,
+    pub last_train: Option<MetricRow>,
+    pub last_eval: Option<MetricRow>,
+    pub best_accuracy: Option<f32>,
+    step_started: Instant,
+    /// Exponential moving averages: wall time per applied step, and lease issue → result latency.
+    pub step_ms: f64,
+    result_ms: f64,
+}
+
+/// Everything needed to bring a job back into memory.
+#[derive(Debug)]
+pub struct JobLoad {
+    pub id: JobId,
+    pub name: String,
+    pub spec: ModelSpec,
+    pub hyper: Hyper,
+    pub status: JobStatus,
+    pub created_ms: i64,
+    pub train: Dataset,
+    pub test: Dataset,
+    pub checkpoint: Option<Checkpoint>,
+    pub accepted: Vec<AcceptedRow>,
+}
+
+impl JobRun {
+    fn model_frame(id: JobId, step: u64, spec: &ModelSpec, params: &[f32]) -> Bytes {
+        match encode(&CoordinatorMsg::Model { job: id, version: step, spec: spec.clone() }, &f32_bytes(params)) {
+            WireFrame::Binary(b) => Bytes::from(b),
+            WireFrame::Text(t) => Bytes::from(t.into_bytes()),
+        }
+    }
+
+    fn fresh_micros(&self) -> Vec<Micro> {
+        let rows = schedule::step_rows(self.train.rows(), self.hyper.global_batch as usize, self.hyper.seed, self.step);
+        schedule::micro_batches(&rows, self.hyper.micro_batch as usize).into_iter().map(|r| Micro::new(r, self.hyper.redundancy)).collect()
+    }
+
+    pub fn params(&self) -> Arc<Vec<f32>> {
+        self.params.clone()
+    }
+
+    pub fn test_rows(&self) -> usize {
+        self.test.rows()
+    }
+
+    pub fn train_rows(&self) -> usize {
+        self.train.rows()
+    }
+}
+
+/// The scheduler's whole state.
+#[derive(Debug)]
+pub struct State {
+    config: SchedulerConfig,
+    pub jobs: BTreeMap<JobId, JobRun>,
+    pub workers: HashMap<WorkerId, WorkerInfo>,
+    pub conns: HashMap<ConnId, Conn>,
+    leases: HashMap<LeaseId, Lease>,
+    next_conn: ConnId,
+    next_lease: u64,
+}
+
+impl State {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self { config, jobs: BTreeMap::new(), workers: HashMap::new(), conns: HashMap::new(), leases: HashMap::new(), next_conn: 1, next_lease: 1 }
+    }
+
+    /// Brings a job into memory from its checkpoint (or a fresh initialisation) and the accepted results of the
+    /// step in progress, so nothing accepted before a restart is recomputed or re-credited.
+    pub fn load_job(&mut self, load: JobLoad) {
+        let n = load.spec.param_count();
+        let (step, params, optim) = match load.checkpoint {
+            Some(c) => {
+                let optim = Optimizer::from_bytes(load.hyper.optimizer, n, &c.optim).unwrap_or_else(|| Optimizer::new(load.hyper.optimizer, n));
+                (c.step, c.params, optim)
+            }
+            None => (0, load.spec.init_params(load.hyper.seed), Optimizer::new(load.hyper.optimizer, n)),
+        };
+        let model_frame = JobRun::model_frame(load.id, step, &load.spec, &params);
+        let mut job = JobRun {
+            id: load.id,
+            name: load.name,
+            spec: load.spec,
+            hyper: load.hyper,
+            status: load.status,
+            created_ms: load.created_ms,
+            train: Arc::new(load.train),
+            test: Arc::new(load.test),
+            step,
+            params: Arc::new(params),
+            model_frame,
+            optim,
+            micros: Vec::new(),
+            counters: JobCounters::default(),
+            last_train: None,
+            last_eval: None,
+            best_accuracy: None,
+            step_started: Instant::now(),
+            step_ms: 0.0,
+            result_ms: 0.0,
+        };
+        if job.step >= job.hyper.steps {
+            job.status = JobStatus::Completed;
+        }
+        job.micros = job.fresh_micros();
+        for a in load.accepted {
+            if let Some(m) = job.micros.get_mut(a.micro as usize)
+                && m.rows.len() == a.rows as usize
+                && a.grad.len() == n
+            {
+                m.settled = Some(Settled::Accepted { loss: a.loss, correct: a.correct, grad: Arc::new(a.grad), agreeing: a.agreeing });
+            }
+        }
+        tracing::info!(job = %job.id, step = job.step, status = job.status.as_str(), "job loaded");
+        self.jobs.insert(job.id, job);
+    }
+
+    /// Restores a metric seen before a restart (for status views).
+    pub fn restore_metric(&mut self, job: JobId, m: MetricRow) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            if m.kind == "eval" {
+                j.best_accuracy = Some(j.best_accuracy.map_or(m.accuracy, |b| b.max(m.accuracy)));
+                j.last_eval = Some(m);
+            } else {
+                j.last_train = Some(m);
+            }
+        }
+    }
+
+    pub fn set_worker(&mut self, id: WorkerId, info: WorkerInfo) {
+        self.workers.insert(id, info);
+    }
+
+    /// Registers an authenticated connection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect(
+        &mut self,
+        worker: WorkerId,
+        addr: IpAddr,
+        name: Option<String>,
+        backend: Backend,
+        adapter: String,
+        platform: Platform,
+        tx: UnboundedSender<Outbound>,
+    ) -> ConnId {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let conn = Conn { worker, addr, name, backend, adapter, platform, tx, ready: false, lease: None, model: None, waiting_sent: false, connected_ms: now_ms() };
+        self.conns.insert(id, conn);
+        id
+    }
+
+    /// Sends frames directly (used for the welcome before any effect exists).
+    pub fn send(&self, conn: ConnId, out: Outbound) {
+        if let Some(c) = self.conns.get(&conn) {
+            let _ = c.tx.send(out);
+        }
+    }
+
+    /// Delivers effects' frames to their connections (those already gone are skipped).
+    pub fn deliver(&self, sends: Vec<(ConnId, Outbound)>) {
+        for (conn, out) in sends {
+            self.send(conn, out);
+        }
+    }
+
+    /// A connection closed: its leases become available again.
+    pub fn disconnect(&mut self, conn: ConnId) -> Effects {
+        let mut fx = Effects::default();
+        self.conns.remove(&conn);
+        let gone: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.conn == conn).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.drop_lease(id);
+        }
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    fn drop_lease(&mut self, id: LeaseId) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        if let Some(job) = self.jobs.get_mut(&lease.job)
+            && job.step == lease.step
+            && let Some(m) = job.micros.get_mut(lease.micro as usize)
+        {
+            m.active.retain(|l| *l != id);
+        }
+        if let Some(c) = self.conns.get_mut(&lease.conn)
+            && c.lease == Some(id)
+        {
+            c.lease = None;
+        }
+        Some(lease)
+    }
+
+    /// The worker asked for work.
+    pub fn ready(&mut self, conn: ConnId) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.ready = true;
+        }
+        self.assign(conn, Instant::now(), &mut fx);
+        fx
+    }
+
+    /// Expires overdue leases and hands out work (including speculative replicas) to idle workers.
+    pub fn tick(&mut self, now: Instant) -> Effects {
+        let overdue: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        for id in overdue {
+            if let Some(l) = self.drop_lease(id) {
+                tracing::info!(lease = %id, worker = %l.worker, "lease expired; micro-batch will be reassigned");
+                if let Some(job) = self.jobs.get_mut(&l.job) {
+                    job.counters.leases_expired += 1;
+                }
+            }
+        }
+        let mut fx = Effects::default();
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    fn assign_all(&mut self, fx: &mut Effects) {
+        let now = Instant::now();
+        let idle: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.ready && c.lease.is_none()).map(|(id, _)| *id).collect();
+        for conn in idle {
+            self.assign(conn, now, fx);
+        }
+    }
+
+    /// Gives `conn` a lease if any running job has a micro-batch it may take.
+    fn assign(&mut self, conn_id: ConnId, now: Instant, fx: &mut Effects) {
+        let Some(conn) = self.conns.get(&conn_id) else { return };
+        if !conn.ready || conn.lease.is_some() {
+            return;
+        }
+        let (worker, addr) = (conn.worker, conn.addr);
+        if self.workers.get(&worker).is_some_and(|w| w.refused) {
+            return;
+        }
+        let speculate_after = self.config.speculate_after;
+        let mut choice = None;
+        for job in self.jobs.values().filter(|j| j.status == JobStatus::Running) {
+            if let Some((micro, speculative)) = pick_micro(job, worker, addr, now, speculate_after, &self.leases) {
+                choice = Some((job.id, micro, speculative));
+                break;
+            }
+        }
+        let Some((job_id, micro, speculative)) = choice else {
+            let conn = self.conns.get_mut(&conn_id).expect("checked above");
+            if !conn.waiting_sent {
+                conn.waiting_sent = true;
+                let reason = if self.jobs.values().any(|j| j.status == JobStatus::Running) {
+                    "every micro-batch of the current step is taken; waiting for the next step"
+                } else {
+                    "no job is running"
+                };
+                fx.sends.push((conn_id, Outbound::msg(&CoordinatorMsg::Waiting { reason: reason.into() }, &[])));
+            }
+            return;
+        };
+        let lease_id = LeaseId(self.next_lease);
+        self.next_lease += 1;
+        let job = self.jobs.get_mut(&job_id).expect("chosen above");
+        let deadline = now + Duration::from_millis(job.hyper.lease_timeout_ms);
+        let m = &mut job.micros[micro];
+        m.active.push(lease_id);
+        m.involved.push((worker, addr));
+        let (x, labels) = job.train.gather(&m.rows);
+        job.counters.leases_issued += 1;
+        if speculative {
+            job.counters.speculative_leases += 1;
+        }
+        let conn = self.conns.get_mut(&conn_id).expect("checked above");
+        if conn.model != Some((job.id, job.step)) {
+            fx.sends.push((conn_id, Outbound::Frame(Message::Binary(job.model_frame.clone()))));
+            conn.model = Some((job.id, job.step));
+        }
+        let msg = CoordinatorMsg::Lease {
+            lease: lease_id,
+            job: job.id,
+            version: job.step,
+            step: job.step,
+            micro_batch: micro as u32,
+            rows: labels.len() as u32,
+            deadline_ms: job.hyper.lease_timeout_ms,
+        };
+        fx.sends.push((conn_id, Outbound::msg(&msg, &lease_payload(&x, &labels))));
+        conn.ready = false;
+        conn.lease = Some(lease_id);
+        conn.waiting_sent = false;
+        self.leases.insert(lease_id, Lease { job: job.id, step: job.step, micro: micro as u32, conn: conn_id, worker, issued: now, deadline });
+    }
+
+    /// A worker could not compute its lease: release it without a strike.
+    pub fn failed(&mut self, conn: ConnId, lease: LeaseId) -> Effects {
+        if self.leases.get(&lease).is_some_and(|l| l.conn == conn) {
+            if let Some(l) = self.drop_lease(lease)
+                && let Some(job) = self.jobs.get_mut(&l.job)
+            {
+                job.counters.results_failed += 1;
+            }
+        }
+        let mut fx = Effects::default();
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    fn verdict(&self, conn: ConnId, worker: WorkerId, lease: LeaseId, outcome: Outcome, fx: &mut Effects) {
+        let credits = self.workers.get(&worker).map_or(0.0, WorkerInfo::credits);
+        fx.sends.push((conn, Outbound::msg(&CoordinatorMsg::Verdict { lease, outcome, credits }, &[])));
+    }
+
+    fn credit(&mut self, worker: WorkerId, flops: u64) -> Credit {
+        let w = self.workers.entry(worker).or_default();
+        w.credits_flops += flops;
+        w.accepted += 1;
+        Credit { worker, flops }
+    }
+
+    fn strike(&mut self, worker: WorkerId, fx: &mut Effects) {
+        let limit = self.config.strike_limit;
+        let w = self.workers.entry(worker).or_default();
+        w.rejected += 1;
+        w.strikes += 1;
+        let refuse = w.strikes >= limit && !w.refused;
+        if refuse {
+            w.refused = true;
+            tracing::warn!(%worker, strikes = w.strikes, "worker refused further work after repeated losing results");
+            for (id, c) in &self.conns {
+                if c.worker == worker {
+                    fx.sends.push((*id, Outbound::Close(ErrorCode::Refused, format!("refused after {} rejected results", limit))));
+                }
+            }
+        }
+        fx.store.push(StoreOp::Rejection { worker, refused: refuse });
+    }
+
+    /// A result arrived for `lease` on `conn`.
+    pub fn result(&mut self, conn: ConnId, lease_id: LeaseId, loss: f32, correct: u32, grad: Vec<f32>) -> Effects {
+        let mut fx = Effects::default();
+        let Some(worker) = self.conns.get(&conn).map(|c| c.worker) else { return fx };
+        // A lease that is unknown, expired, or another connection's is late: ignored, no strike.
+        let lease = match self.leases.get(&lease_id) {
+            Some(l) if l.conn == conn => self.drop_lease(lease_id),
+            _ => None,
+        };
+        if let Some(c) = self.conns.get_mut(&conn)
+            && c.lease == Some(lease_id)
+        {
+            c.lease = None;
+        }
+        let Some(lease) = lease else {
+            self.verdict(conn, worker, lease_id, Outcome::Late, &mut fx);
+            return fx;
+        };
+        let Some(job) = self.jobs.get_mut(&lease.job) else { return fx };
+        if job.step != lease.step || job.status != JobStatus::Running {
+            job.counters.results_late += 1;
+            self.verdict(conn, worker, lease_id, Outcome::Late, &mut fx);
+            return fx;
+        }
+        let elapsed = lease.issued.elapsed().as_secs_f64() * 1000.0;
+        job.result_ms = if job.result_ms == 0.0 { elapsed } else { 0.9 * job.result_ms + 0.1 * elapsed };
+        let micro = lease.micro;
+        let m = &mut job.micros[micro as usize];
+        let rows = m.rows.len() as u32;
+        let flops = job.spec.train_flops(rows as u64);
+        if let Err(why) = verify::validate(loss, correct, rows, &grad, job.spec.param_count()) {
+            tracing::warn!(%worker, lease = %lease_id, %why, "invalid result rejected");
+            job.counters.results_rejected += 1;
+            self.strike(worker, &mut fx);
+            self.verdict(conn, worker, lease_id, Outcome::Rejected, &mut fx);
+            self.assign_all(&mut fx);
+            return fx;
+        }
+        let (tolerance, quorum, step) = (job.hyper.tolerance, job.hyper.quorum() as usize, job.step);
+        match &m.settled {
+            Some(Settled::Accepted { loss: l, correct: c, grad: g, .. }) => {
+                // A speculative or extra replica of a micro-batch already accepted: credit it if it agrees.
+                let agrees = verify::agree(&Candidate { loss: *l, correct: *c, grad: g }, &Candidate { loss, correct, grad: &grad }, tolerance);
+                if agrees {
+                    job.counters.results_accepted += 1;
+                    let credit = self.credit(worker, flops);
+                    fx.store.push(StoreOp::Credit { job: lease.job, step, micro, credit });
+                    self.verdict(conn, worker, lease_id, Outcome::Accepted, &mut fx);
+                } else {
+                    job.counters.results_rejected += 1;
+                    self.strike(worker, &mut fx);
+                    self.verdict(conn, worker, lease_id, Outcome::Rejected, &mut fx);
+                }
+                self.assign_all(&mut fx);
+                return fx;
+            }
+            Some(Settled::Abandoned) => {
+                job.counters.results_late += 1;
+                self.verdict(conn, worker, lease_id, Outcome::Late, &mut fx);
+                self.assign_all(&mut fx);
+                return fx;
+            }
+            None => {}
+        }
+        m.subs.push(Submission { worker, conn, lease: lease_id, loss, correct, grad });
+        let candidates: Vec<Candidate<'_>> = m.subs.iter().map(|s| Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }).collect();
+        match verify::settle(&candidates, quorum, tolerance) {
+            Some((winners, losers)) => {
+                let n = winners.len() as f32;
+                let mut mean = vec![0.0f32; m.subs[winners[0]].grad.len()];
+                for &w in &winners {
+                    for (o, v) in mean.iter_mut().zip(&m.subs[w].grad) {
+                        *o += v / n;
+                    }
+                }
+                let mean_loss = winners.iter().map(|&w| m.subs[w].loss).sum::<f32>() / n;
+                let leader_correct = m.subs[winners[0]].correct;
+                let row = AcceptedRow { micro, rows, loss: mean_loss, correct: leader_correct, agreeing: winners.len() as u32, grad: mean.clone() };
+                m.settled = Some(Settled::Accepted { loss: mean_loss, correct: leader_correct, grad: Arc::new(mean), agreeing: winners.len() as u32 });
+                let subs = std::mem::take(&mut m.subs);
+                job.counters.results_accepted += winners.len() as u64;
+                job.counters.results_rejected += losers.len() as u64;
+                let job_id = job.id;
+                let credits: Vec<Credit> = winners.iter().map(|&w| self.credit(subs[w].worker, flops)).collect();
+                fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits });
+                for &w in &winners {
+                    self.verdict(subs[w].conn, subs[w].worker, subs[w].lease, Outcome::Accepted, &mut fx);
+                }
+                for &l in &losers {
+                    tracing::warn!(worker = %subs[l].worker, job = %job_id, step, micro, "result lost verification");
+                    self.strike(subs[l].worker, &mut fx);
+                    self.verdict(subs[l].conn, subs[l].worker, subs[l].lease, Outcome::Rejected, &mut fx);
+                }
+                self.maybe_advance(job_id, &mut fx);
+            }
+            None => {
+                if m.subs.len() as u32 >= m.wanted {
+                    job.counters.disagreements += 1;
+                    if m.wanted >= MAX_REPLICAS {
+                        tracing::warn!(job = %job.id, step, micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
+                        job.counters.micro_batches_abandoned += 1;
+                        m.settled = Some(Settled::Abandoned);
+                        m.subs.clear();
+                        let job_id = job.id;
+                        self.maybe_advance(job_id, &mut fx);
+                    } else {
+                        m.wanted += 1;
+                        tracing::info!(job = %job.id, step, micro, replicas = m.wanted, "results disagree; leasing a tie-breaker");
+                    }
+                }
+            }
+        }
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    /// Applies the step once every micro-batch is settled: row-weighted mean of the accepted gradients, one
+    /// optimizer update, a new model version, a checkpoint, and (every `eval_every` steps) an evaluation.
+    fn maybe_advance(&mut self, job_id: JobId, fx: &mut Effects) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        if job.micros.iter().any(|m| m.settled.is_none()) {
+            return;
+        }
+        let mut parts: Vec<(u32, &[f32])> = Vec::new();
+        let (mut loss_sum, mut correct, mut rows, mut min_agreeing) = (0.0f64, 0u32, 0u32, u32::MAX);
+        for m in &job.micros {
+            if let Some(Settled::Accepted { loss, correct: c, grad, agreeing }) = &m.settled {
+                let r = m.rows.len() as u32;
+                parts.push((r, grad.as_slice()));
+                loss_sum += *loss as f64 * r as f64;
+                correct += c;
+                rows += r;
+                min_agreeing = min_agreeing.min(*agreeing);
+            }
+        }
+        if parts.is_empty() {
+            // Every micro-batch was abandoned: run the same step again with fresh leases.
+            job.micros = job.fresh_micros();
+            return;
+        }
+        let grad = schedule::weighted_mean(&parts);
+        let params = Arc::make_mut(&mut job.params);
+        job.optim.step(params, &grad);
+        job.step += 1;
+        job.counters.steps_applied += 1;
+        let elapsed = job.step_started.elapsed().as_secs_f64() * 1000.0;
+        job.step_ms = if job.step_ms == 0.0 { elapsed } else { 0.95 * job.step_ms + 0.05 * elapsed };
+        job.step_started = Instant::now();
+        job.model_frame = JobRun::model_frame(job.id, job.step, &job.spec, &job.params);
+        let train = MetricRow {
+            step: job.step,
+            kind: "train".into(),
+            loss: (loss_sum / rows as f64) as f32,
+            accuracy: correct as f32 / rows as f32,
+            min_agreeing,
+            at_ms: now_ms(),
+        };
+        if job.step % 50 == 0 {
+            tracing::info!(job = %job.id, step = job.step, loss = train.loss, accuracy = train.accuracy, step_ms = job.step_ms as u64, "step applied");
+        }
+        job.last_train = Some(train.clone());
+        fx.store.push(StoreOp::Checkpoint {
+            job: job.id,
+            ckpt: Checkpoint { step: job.step, params: job.params.to_vec(), optim: job.optim.to_bytes() },
+            train,
+        });
+        if job.step % job.hyper.eval_every == 0 || job.step >= job.hyper.steps {
+            fx.evals.push(EvalTask { job: job.id, step: job.step, spec: job.spec.clone(), params: job.params.clone(), test: job.test.clone() });
+        }
+        if job.step >= job.hyper.steps {
+            job.status = JobStatus::Completed;
+            job.micros.clear();
+            fx.store.push(StoreOp::Status { job: job.id, status: JobStatus::Completed });
+            tracing::info!(job = %job.id, step = job.step, "job completed its steps");
+        } else {
+            job.micros = job.fresh_micros();
+        }
+    }
+
+    /// An evaluation finished: record it, and complete the job if it reached its target accuracy.
+    pub fn evaluated(&mut self, job_id: JobId, step: u64, eval: EvalOutput) -> Effects {
+        let mut fx = Effects::default();
+        let Some(job) = self.jobs.get_mut(&job_id) else { return fx };
+        let m = MetricRow { step, kind: "eval".into(), loss: eval.loss, accuracy: eval.accuracy(), min_agreeing: 0, at_ms: now_ms() };
+        tracing::info!(job = %job_id, step, test_loss = m.loss, test_accuracy = m.accuracy, "evaluated on held-out set");
+        job.best_accuracy = Some(job.best_accuracy.map_or(m.accuracy, |b| b.max(m.accuracy)));
+        if job.last_eval.as_ref().is_none_or(|l| l.step <= step) {
+            job.last_eval = Some(m.clone());
+        }
+        if job.status == JobStatus::Running && job.hyper.target_accuracy.is_some_and(|t| m.accuracy >= t) {
+            job.status = JobStatus::Completed;
+            job.micros.clear();
+            tracing::info!(job = %job_id, step, accuracy = m.accuracy, "target accuracy reached; job completed");
+            fx.store.push(StoreOp::Status { job: job_id, status: JobStatus::Completed });
+        }
+        fx.store.push(StoreOp::Eval { job: job_id, metric: m });
+        fx
+    }
+
+    /// Connected workers of a job's model (for status views): `(backend, adapter, platform)` per connection.
+    pub fn connections(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.values()
+    }
+}
+
+/// Chooses a micro-batch of `job` for `worker`: one still short of its wanted replicas that this worker has not
+/// touched, preferring micro-batches none of whose replicas came from the same address; failing that, a
+/// speculative extra replica of a micro-batch whose lease has been outstanding for a while.
+fn pick_micro(
+    job: &JobRun,
+    worker: WorkerId,
+    addr: IpAddr,
+    now: Instant,
+    speculate_after: Duration,
+    leases: &HashMap<LeaseId, Lease>,
+) -> Option<(usize, bool)> {
+    let open = |m: &Micro| m.settled.is_none() && !m.involved.iter().any(|(w, _)| *w == worker);
+    let mut best: Option<(bool, usize, usize)> = None; // (same address, replicas so far, index)
+    for (i, m) in job.micros.iter().enumerate() {
+        if !open(m) || (m.active.len() + m.subs.len()) as u32 >= m.wanted {
+            continue;
+        }
+        let key = (m.involved.iter().any(|(_, a)| *a == addr), m.active.len() + m.subs.len(), i);
+        if best.is_none_or(|b| key < b) {
+            best = Some(key);
+        }
+    }
+    if let Some((_, _, i)) = best {
+        return Some((i, false));
+    }
+    let threshold = speculate_after.max(Duration::from_secs_f64(3.0 * job.result_ms / 1000.0));
+    job.micros.iter().enumerate().find_map(|(i, m)| {
+        let straggling = m.active.iter().any(|l| leases.get(l).is_some_and(|l| now.duration_since(l.issued) >= threshold));
+        (open(m) && straggling && ((m.active.len() + m.subs.len()) as u32) < m.wanted + 1).then_some((i, true))
+    })
+}

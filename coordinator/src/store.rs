@@ -1,0 +1,440 @@
+//! Persistence: the only module that writes SQL. SQLite through sqlx (one file, `--db`), written so that a
+//! PostgreSQL backend can follow (plain SQL, no SQLite-only types beyond BLOB).
+//!
+//! Durability rules the scheduler relies on: an accepted micro-batch result and the credits it grants are written
+//! in one transaction *before* the verdict is sent; a checkpoint (parameters + optimizer state) is written for
+//! every applied step and replaces the previous one only if it is newer.
+
+use std::path::Path;
+
+use sqlx::Row as _;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+use starling_core::data::{Dataset, encode_raw, parse_upload};
+use starling_core::protocol::{JobId, WorkerId, f32_bytes, f32s};
+
+/// A storage failure; logged once, reported to clients as an internal error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    train BLOB NOT NULL,
+    test BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    hyper TEXT NOT NULL,
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    params BLOB NOT NULL,
+    optim BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accepted (
+    job_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    micro INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    correct INTEGER NOT NULL,
+    agreeing INTEGER NOT NULL,
+    grad BLOB NOT NULL,
+    PRIMARY KEY (job_id, step, micro)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id INTEGER PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    name TEXT,
+    credits_flops INTEGER NOT NULL DEFAULT 0,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    strikes INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS credits (
+    id INTEGER PRIMARY KEY,
+    worker_id INTEGER NOT NULL REFERENCES workers(id),
+    job_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    micro INTEGER NOT NULL,
+    flops INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    UNIQUE (worker_id, job_id, step, micro)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    loss REAL NOT NULL,
+    accuracy REAL NOT NULL,
+    min_agreeing INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, step, kind)
+);
+"#;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: JobId,
+    pub name: String,
+    pub spec: String,
+    pub hyper: String,
+    pub dataset_id: i64,
+    pub status: String,
+    pub created_ms: i64,
+}
+
+/// A worker as stored.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub id: WorkerId,
+    pub name: Option<String>,
+    pub credits_flops: i64,
+    pub accepted: i64,
+    pub rejected: i64,
+    pub strikes: i64,
+    pub refused: bool,
+}
+
+/// An accepted micro-batch result of the step in progress.
+#[derive(Debug, Clone)]
+pub struct AcceptedRow {
+    pub micro: u32,
+    pub rows: u32,
+    pub loss: f32,
+    pub correct: u32,
+    pub agreeing: u32,
+    pub grad: Vec<f32>,
+}
+
+/// A metric point.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MetricRow {
+    pub step: u64,
+    /// `train` (mean over the step's verified micro-batches) or `eval` (held-out test set).
+    pub kind: String,
+    pub loss: f32,
+    pub accuracy: f32,
+    /// Fewest agreeing workers behind any micro-batch of this step (train rows only).
+    pub min_agreeing: u32,
+    pub at_ms: i64,
+}
+
+/// A checkpoint: parameters and optimizer state after `step` steps.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub step: u64,
+    pub params: Vec<f32>,
+    pub optim: Vec<u8>,
+}
+
+/// Credit granted to one worker for one accepted micro-batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Credit {
+    pub worker: WorkerId,
+    pub flops: u64,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and applies the schema.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode survives a process crash (kill -9); only an OS crash may lose the last commits.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true);
+        // One connection: SQLite serialises writers anyway, and this keeps writes in submission order.
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn insert_dataset(&self, name: &str, train: &Dataset, test: &Dataset) -> Result<i64> {
+        let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, created_ms) VALUES (?, ?, ?, ?, ?) RETURNING id")
+            .bind(name)
+            .bind(train.dim as i64)
+            .bind(encode_raw(train))
+            .bind(encode_raw(test))
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn dataset_exists(&self, id: i64) -> Result<Option<(usize, usize, usize)>> {
+        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| {
+            let dim: i64 = r.get(0);
+            let rows = |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
+            (dim as usize, rows(r.get(1)), rows(r.get(2)))
+        }))
+    }
+
+    pub async fn load_dataset(&self, id: i64) -> Result<(Dataset, Dataset)> {
+        let row = sqlx::query("SELECT train, test FROM datasets WHERE id = ?").bind(id).fetch_one(&self.pool).await?;
+        let parse = |b: Vec<u8>| parse_upload(&b).map(|u| u.train).map_err(|e| StoreError::Corrupt(format!("dataset {id}: {e}")));
+        Ok((parse(row.get(0))?, parse(row.get(1))?))
+    }
+
+    pub async fn insert_job(&self, name: &str, spec: &str, hyper: &str, dataset_id: i64) -> Result<JobId> {
+        let row = sqlx::query(
+            "INSERT INTO jobs (name, spec, hyper, dataset_id, status, created_ms) VALUES (?, ?, ?, ?, 'running', ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(spec)
+        .bind(hyper)
+        .bind(dataset_id)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(JobId(row.get::<i64, _>(0) as u64))
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query("SELECT id, name, spec, hyper, dataset_id, status, created_ms FROM jobs ORDER BY id").fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| JobRow {
+                id: JobId(r.get::<i64, _>(0) as u64),
+                name: r.get(1),
+                spec: r.get(2),
+                hyper: r.get(3),
+                dataset_id: r.get(4),
+                status: r.get(5),
+                created_ms: r.get(6),
+            })
+            .collect())
+    }
+
+    pub async fn set_job_status(&self, job: JobId, status: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET status = ? WHERE id = ?").bind(status).bind(job.0 as i64).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Writes the checkpoint after `step` steps (replacing an older one, never a newer one), records the step's
+    /// training metric and drops the accepted results of finished steps, in one transaction.
+    pub async fn save_checkpoint(&self, job: JobId, ckpt: &Checkpoint, train: &MetricRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO checkpoints (job_id, step, params, optim, updated_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, params = excluded.params,
+               optim = excluded.optim, updated_ms = excluded.updated_ms
+             WHERE excluded.step > checkpoints.step",
+        )
+        .bind(job.0 as i64)
+        .bind(ckpt.step as i64)
+        .bind(f32_bytes(&ckpt.params))
+        .bind(&ckpt.optim)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        insert_metric(&mut tx, job, train).await?;
+        sqlx::query("DELETE FROM accepted WHERE job_id = ? AND step < ?").bind(job.0 as i64).bind(ckpt.step as i64).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn load_checkpoint(&self, job: JobId) -> Result<Option<Checkpoint>> {
+        let row = sqlx::query("SELECT step, params, optim FROM checkpoints WHERE job_id = ?").bind(job.0 as i64).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| Checkpoint { step: r.get::<i64, _>(0) as u64, params: f32s(&r.get::<Vec<u8>, _>(1)), optim: r.get(2) }))
+    }
+
+    /// Records an accepted micro-batch result and credits every agreeing worker, atomically. Idempotent: a second
+    /// call for the same (job, step, micro) changes nothing, so no credit is ever doubled.
+    pub async fn save_accepted(&self, job: JobId, step: u64, a: &AcceptedRow, credits: &[Credit]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO accepted (job_id, step, micro, rows, loss, correct, agreeing, grad) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(a.micro as i64)
+        .bind(a.rows as i64)
+        .bind(a.loss)
+        .bind(a.correct as i64)
+        .bind(a.agreeing as i64)
+        .bind(f32_bytes(&a.grad))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            for c in credits {
+                grant(&mut tx, job, step, a.micro, *c).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Credits a worker whose result agreed with an already accepted one (a speculative or late replica).
+    pub async fn save_credit(&self, job: JobId, step: u64, micro: u32, credit: Credit) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        grant(&mut tx, job, step, micro, credit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn load_accepted(&self, job: JobId, step: u64) -> Result<Vec<AcceptedRow>> {
+        let rows = sqlx::query("SELECT micro, rows, loss, correct, agreeing, grad FROM accepted WHERE job_id = ? AND step = ? ORDER BY micro")
+            .bind(job.0 as i64)
+            .bind(step as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AcceptedRow {
+                micro: r.get::<i64, _>(0) as u32,
+                rows: r.get::<i64, _>(1) as u32,
+                loss: r.get(2),
+                correct: r.get::<i64, _>(3) as u32,
+                agreeing: r.get::<i64, _>(4) as u32,
+                grad: f32s(&r.get::<Vec<u8>, _>(5)),
+            })
+            .collect())
+    }
+
+    pub async fn insert_eval(&self, job: JobId, m: &MetricRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_metric(&mut tx, job, m).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn metrics(&self, job: JobId) -> Result<Vec<MetricRow>> {
+        let rows = sqlx::query("SELECT step, kind, loss, accuracy, min_agreeing, at_ms FROM metrics WHERE job_id = ? ORDER BY step, kind")
+            .bind(job.0 as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| MetricRow {
+                step: r.get::<i64, _>(0) as u64,
+                kind: r.get(1),
+                loss: r.get::<f64, _>(2) as f32,
+                accuracy: r.get::<f64, _>(3) as f32,
+                min_agreeing: r.get::<i64, _>(4) as u32,
+                at_ms: r.get(5),
+            })
+            .collect())
+    }
+
+    pub async fn worker_by_token_hash(&self, hash: &str) -> Result<Option<WorkerRow>> {
+        let row = sqlx::query(&format!("{WORKER_SELECT} WHERE token_hash = ?")).bind(hash).fetch_optional(&self.pool).await?;
+        Ok(row.map(worker_row))
+    }
+
+    pub async fn create_worker(&self, hash: &str, name: Option<&str>) -> Result<WorkerRow> {
+        let row = sqlx::query("INSERT INTO workers (token_hash, name, created_ms) VALUES (?, ?, ?) RETURNING id")
+            .bind(hash)
+            .bind(name)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        let id: i64 = row.get(0);
+        Ok(WorkerRow { id: WorkerId(id as u64), name: name.map(str::to_string), credits_flops: 0, accepted: 0, rejected: 0, strikes: 0, refused: false })
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        let rows = sqlx::query(&format!("{WORKER_SELECT} ORDER BY credits_flops DESC, id")).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(worker_row).collect())
+    }
+
+    /// Records a rejected result: one strike, and refusal once `refused` is decided by the scheduler.
+    pub async fn record_rejection(&self, worker: WorkerId, refused: bool) -> Result<()> {
+        sqlx::query("UPDATE workers SET rejected = rejected + 1, strikes = strikes + 1, refused = MAX(refused, ?) WHERE id = ?")
+            .bind(refused as i64)
+            .bind(worker.0 as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Sum of all credit entries per worker and the total, for consistency checks.
+    pub async fn credit_entries(&self) -> Result<Vec<(WorkerId, i64, i64)>> {
+        let rows = sqlx::query("SELECT worker_id, COUNT(*), SUM(flops) FROM credits GROUP BY worker_id ORDER BY worker_id").fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(|r| (WorkerId(r.get::<i64, _>(0) as u64), r.get(1), r.get(2))).collect())
+    }
+}
+
+const WORKER_SELECT: &str = "SELECT id, name, credits_flops, accepted, rejected, strikes, refused FROM workers";
+
+fn worker_row(r: sqlx::sqlite::SqliteRow) -> WorkerRow {
+    WorkerRow {
+        id: WorkerId(r.get::<i64, _>(0) as u64),
+        name: r.get(1),
+        credits_flops: r.get(2),
+        accepted: r.get(3),
+        rejected: r.get(4),
+        strikes: r.get(5),
+        refused: r.get::<i64, _>(6) != 0,
+    }
+}
+
+async fn grant(tx: &mut sqlx::SqliteConnection, job: JobId, step: u64, micro: u32, c: Credit) -> Result<()> {
+    let inserted = sqlx::query("INSERT OR IGNORE INTO credits (worker_id, job_id, step, micro, flops, at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(c.worker.0 as i64)
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(micro as i64)
+        .bind(c.flops as i64)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if inserted == 1 {
+        sqlx::query("UPDATE workers SET credits_flops = credits_flops + ?, accepted = accepted + 1 WHERE id = ?")
+            .bind(c.flops as i64)
+            .bind(c.worker.0 as i64)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn insert_metric(tx: &mut sqlx::SqliteConnection, job: JobId, m: &MetricRow) -> Result<()> {
+    sqlx::query("INSERT OR REPLACE INTO metrics (job_id, step, kind, loss, accuracy, min_agreeing, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .bind(job.0 as i64)
+        .bind(m.step as i64)
+        .bind(&m.kind)
+        .bind(m.loss as f64)
+        .bind(m.accuracy as f64)
+        .bind(m.min_agreeing as i64)
+        .bind(m.at_ms)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}

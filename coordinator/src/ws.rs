@@ -1,0 +1,231 @@
+//! The worker WebSocket endpoint (`/ws`): authentication by hello, then frames to scheduler calls.
+//!
+//! Each connection is a reader (this task) and a writer task fed by an unbounded channel; the scheduler never
+//! awaits a socket. A frame that cannot be decoded, or is not valid at this point of the protocol, gets an
+//! `error` message and closes that connection only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use futures_util::{SinkExt as _, StreamExt as _};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use starling_core::protocol::{CoordinatorMsg, ErrorCode, PROTOCOL_VERSION, WorkerMsg, encode, f32s};
+
+use crate::App;
+use crate::scheduler::{ConnId, Outbound, WorkerInfo, frame_message};
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// tungstenite's default 128 KiB read buffer stays resident per idle socket; 4 KiB keeps ~6 KiB per connection.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// Upgrades `/ws` with buffer and size limits sized for many mostly idle workers.
+pub async fn upgrade(ws: WebSocketUpgrade, ConnectInfo(addr): ConnectInfo<SocketAddr>, State(app): State<Arc<App>>) -> Response {
+    let max = app.config.max_frame_bytes;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("conn", %addr, worker = tracing::field::Empty);
+            connection(socket, addr, app).instrument(span)
+        })
+}
+
+fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 16];
+    // The OS RNG failing is not recoverable in any useful way; fall back to time-based entropy rather than panic.
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = (crate::store::now_ms() as u128 ^ (std::process::id() as u128) << 64).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn close_code_for(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::BadFrame => close_code::INVALID,
+        ErrorCode::OutOfProtocol | ErrorCode::ProtocolVersion | ErrorCode::Refused => close_code::POLICY,
+        ErrorCode::Limit => close_code::SIZE,
+        ErrorCode::ShuttingDown => close_code::AWAY,
+    }
+}
+
+async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
+    let writer = tokio::spawn(
+        async move {
+            while let Some(out) = rx.recv().await {
+                match out {
+                    Outbound::Frame(m) => {
+                        if sink.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Outbound::Close(code, message) => {
+                        let err = frame_message(encode(&CoordinatorMsg::Error { code, message: message.clone() }, &[]));
+                        let _ = sink.send(err).await;
+                        let reason: String = message.chars().take(120).collect();
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code: close_code_for(code), reason: reason.into() }))).await;
+                        break;
+                    }
+                }
+            }
+        }
+        .in_current_span(),
+    );
+    let close = |code: ErrorCode, msg: String| {
+        tracing::info!(?code, %msg, "closing connection");
+        let _ = tx.send(Outbound::Close(code, msg));
+    };
+
+    // Hello first, within a deadline.
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(m))) => m,
+        Ok(Some(Err(e))) => {
+            close(ErrorCode::Limit, format!("unreadable first frame: {e}"));
+            return finish(writer).await;
+        }
+        Ok(None) => return finish(writer).await,
+        Err(_) => {
+            close(ErrorCode::OutOfProtocol, "no hello within 10 s".into());
+            return finish(writer).await;
+        }
+    };
+    let hello = match &first {
+        Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map_err(|e| e.to_string()),
+        Message::Binary(b) => WorkerMsg::decode_binary(b).map(|(m, _)| m).map_err(|e| e.to_string()),
+        _ => Err("expected a hello message".into()),
+    };
+    let (token, name, backend, adapter, platform) = match hello {
+        Ok(WorkerMsg::Hello { protocol, token, name, backend, adapter, platform }) => {
+            if protocol != PROTOCOL_VERSION {
+                close(ErrorCode::ProtocolVersion, format!("this coordinator speaks protocol {PROTOCOL_VERSION}, not {protocol}"));
+                return finish(writer).await;
+            }
+            let trim = |s: String| s.chars().take(200).collect::<String>();
+            (token, name.map(trim), backend, trim(adapter), platform)
+        }
+        Ok(other) => {
+            close(ErrorCode::OutOfProtocol, format!("first message must be hello, got {other:?}").chars().take(200).collect());
+            return finish(writer).await;
+        }
+        Err(e) => {
+            close(ErrorCode::BadFrame, format!("cannot decode hello: {e}"));
+            return finish(writer).await;
+        }
+    };
+
+    // Identity: a known token keeps its worker (and credits); anything else gets a new worker and token.
+    let known = match &token {
+        Some(t) => app.store.worker_by_token_hash(&token_hash(t)).await,
+        None => Ok(None),
+    };
+    let (row, token) = match known {
+        Ok(Some(row)) => (row, token.unwrap_or_default()),
+        Ok(None) => {
+            let t = new_token();
+            match app.store.create_worker(&token_hash(&t), name.as_deref()).await {
+                Ok(row) => (row, t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot create worker");
+                    close(ErrorCode::ShuttingDown, "internal error; try again later".into());
+                    return finish(writer).await;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot look up worker");
+            close(ErrorCode::ShuttingDown, "internal error; try again later".into());
+            return finish(writer).await;
+        }
+    };
+    tracing::Span::current().record("worker", row.id.0);
+    let registered: Option<ConnId> = {
+        let mut st = app.state();
+        let info = st.workers.entry(row.id).or_insert_with(|| WorkerInfo { name: row.name.clone(), ..WorkerInfo::default() }).clone();
+        if info.refused {
+            None
+        } else {
+            let conn = st.connect(row.id, addr.ip(), name, backend, adapter.clone(), platform, tx.clone());
+            let welcome = CoordinatorMsg::Welcome { protocol: PROTOCOL_VERSION, worker: row.id, token, credits: info.credits() };
+            st.send(conn, Outbound::msg(&welcome, &[]));
+            Some(conn)
+        }
+    };
+    let Some(conn) = registered else {
+        close(ErrorCode::Refused, "this worker was refused after repeated rejected results".into());
+        return finish(writer).await;
+    };
+    tracing::info!(?backend, %adapter, ?platform, "worker connected");
+
+    let mut stop = app.shutdown.clone();
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = stop.changed() => {
+                close(ErrorCode::ShuttingDown, "coordinator is shutting down".into());
+                break;
+            }
+        };
+        let msg = match msg {
+            None => break,
+            Some(Err(e)) => {
+                // tungstenite reports size-limit breaches as read errors.
+                close(ErrorCode::Limit, format!("connection error: {e}"));
+                break;
+            }
+            Some(Ok(m)) => m,
+        };
+        let decoded = match &msg {
+            Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map(|m| (m, &[][..])),
+            Message::Binary(b) => WorkerMsg::decode_binary(b),
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        let (msg, payload) = match decoded {
+            Ok(x) => x,
+            Err(e) => {
+                close(ErrorCode::BadFrame, e.to_string());
+                break;
+            }
+        };
+        let fx = match msg {
+            WorkerMsg::Hello { .. } => {
+                close(ErrorCode::OutOfProtocol, "hello sent twice".into());
+                break;
+            }
+            WorkerMsg::Ready => app.state().ready(conn),
+            WorkerMsg::Result { lease, loss, correct } => {
+                let grad = f32s(payload);
+                app.state().result(conn, lease, loss, correct, grad)
+            }
+            WorkerMsg::Failed { lease, reason } => {
+                tracing::info!(%lease, reason = %reason.chars().take(200).collect::<String>(), "worker could not compute its lease");
+                app.state().failed(conn, lease)
+            }
+        };
+        app.apply(fx).await;
+    }
+    let fx = app.state().disconnect(conn);
+    app.apply(fx).await;
+    tracing::info!("worker disconnected");
+    drop(tx);
+    finish(writer).await;
+}
+
+async fn finish(writer: tokio::task::JoinHandle<()>) {
+    // The writer ends once every sender is dropped or after sending a close; give it a moment to flush.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
