@@ -5,7 +5,7 @@ use starling_core::Activation;
 use starling_core::reference::MatmulForm;
 
 use super::transfer::{self, Dispatch};
-use super::{GpuContext, GpuError, codegen};
+use super::{GpuContext, codegen};
 
 /// Which matmul kernel an adapter runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +189,14 @@ impl MatmulKernel {
     /// Benchmark helper: GFLOP/s of `reps` back-to-back m × k × n products (form A·B) on resident buffers,
     /// after one untimed warm-up run.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn time_gflops(&self, ctx: &GpuContext, m: usize, k: usize, n: usize, reps: usize) -> Result<f64, GpuError> {
+    pub fn time_gflops(
+        &self,
+        ctx: &GpuContext,
+        m: usize,
+        k: usize,
+        n: usize,
+        reps: usize,
+    ) -> Result<f64, super::GpuError> {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
         let a_buf = transfer::storage_init(ctx, "bench A", bytemuck::cast_slice(&a))?;

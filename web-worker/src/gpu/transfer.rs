@@ -114,6 +114,7 @@ pub(crate) async fn run(
 }
 
 /// Submits `dispatches` `times` times in one pass and waits for the GPU to finish: the benchmark's timed body.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn submit_and_wait(ctx: &GpuContext, dispatches: &[Dispatch], times: usize) -> Result<(), GpuError> {
     let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
     {
