@@ -34,6 +34,8 @@ pub enum GpuError {
     Poll(String),
     #[error("a {what} of {bytes} bytes exceeds the adapter's storage-binding limit of {limit} bytes")]
     TooLarge { what: &'static str, bytes: u64, limit: u64 },
+    #[error("a dispatch needs {groups} workgroups along one axis, over the adapter's limit of {limit}; use smaller batches")]
+    Grid { groups: u32, limit: u32 },
     #[error("operand {name} holds {got} values, expected {expected}")]
     Operand { name: &'static str, got: usize, expected: usize },
 }

@@ -17,7 +17,7 @@ pub(crate) struct Dispatch {
 }
 
 fn check_size(ctx: &GpuContext, what: &'static str, bytes: u64) -> Result<(), GpuError> {
-    let limit = ctx.limits.max_storage_buffer_binding_size as u64;
+    let limit = ctx.limits.max_storage_buffer_binding_size;
     if bytes > limit {
         return Err(GpuError::TooLarge { what, bytes, limit });
     }
@@ -73,6 +73,10 @@ pub(crate) async fn run(
     dispatches: &[Dispatch],
     reads: &[(&wgpu::Buffer, u64)],
 ) -> Result<Vec<Vec<u8>>, GpuError> {
+    let limit = ctx.limits.max_compute_workgroups_per_dimension;
+    if let Some(&groups) = dispatches.iter().flat_map(|d| d.groups.iter()).find(|g| **g > limit) {
+        return Err(GpuError::Grid { groups, limit });
+    }
     let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
     {
         let mut pass =
