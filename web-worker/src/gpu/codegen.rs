@@ -58,7 +58,7 @@ pub fn generate(lanes: u32) -> String {
 // for all {ROWS} rows ({acc} accumulators in registers). Grid: (ceil(n / {tn}), ceil(m / {ROWS}), 1).
 // Per step of 4 k, lane l loads a vec4 of op(A) for rows l + t*{lanes} (t < {slots}) and broadcasts it, and loads
 // 4 × {cols} values of its own op(B) columns. Row and column indices past the matrix are clamped (their results are
-// never stored); k past the end reads A as 0, so any m, k, n ≥ 1 works. Everything is unrolled on purpose.
+// never stored); k past the end reads A as 0, so any m, n ≥ 1 and k ≥ 0 work. Everything is unrolled on purpose.
 
 struct Params {{
     m: u32,
