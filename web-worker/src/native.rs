@@ -75,8 +75,17 @@ pub async fn run_on(device: Device, opts: WorkerOptions, tamper: Option<Tamper>)
         };
         match replies {
             Ok(frames) => {
+                let mut sent = Ok(());
                 for f in frames {
-                    ws.send(to_message(f)).await?;
+                    sent = ws.send(to_message(f)).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                if let Err(e) = sent {
+                    // The coordinator went away between our read and write (shutdown, restart, network).
+                    closed_by = Some(format!("connection lost: {e}"));
+                    break;
                 }
             }
             Err(SessionError::Closed { code, message }) => {

