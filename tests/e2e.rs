@@ -310,17 +310,46 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
     let (_, jobs) = server.get("/api/v1/jobs").await?;
     assert_eq!(jobs.as_array().unwrap().len(), 0, "rejected requests create nothing");
 
-    let (code, created) = server.post("/api/v1/jobs", "application/json", &job(spec, 1, ok_hyper)).await?;
+    // SGD with momentum here (the demo uses Adam), so both optimizers train end to end.
+    let train_hyper = serde_json::json!({"global_batch": 32, "micro_batch": 16, "steps": 150, "eval_every": 50, "optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.9}});
+    let (code, created) = server.post("/api/v1/jobs", "application/json", &job(spec, 1, train_hyper)).await?;
     assert_eq!(code, 201, "{created}");
     let id = created["id"].as_u64().unwrap();
     let w: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("t{i}"), None, None, None)).collect();
     let done = server.wait_job(id, Duration::from_secs(60), |j| j["status"] == "completed").await?;
-    assert_eq!(done["step"], 20);
+    assert_eq!(done["step"], 150);
     assert!(done["last_eval"]["accuracy"].as_f64().unwrap() > 0.9, "{}", done["last_eval"]);
     let (code, _) = server.get("/api/v1/jobs/999").await?;
     assert_eq!(code, 404);
     server.stop().await?;
     for h in w {
+        join(h)?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_workers_speculatively_cover_a_straggler() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = TempDir::new("straggler");
+    create_demo_job(&dir.db(), Hyper { steps: 12, ..Hyper::default() }).await?;
+    let mut config = ServeConfig::for_tests(dir.db());
+    config.speculate_after_ms = 300;
+    let server = Server::start(config).await?;
+    // An honest but very slow volunteer: every result takes 2 s more than it should.
+    let slow: SendTamper = Box::new(|_| std::thread::sleep(Duration::from_secs(2)));
+    let straggler = spawn_worker(server.ws_url(), BackendChoice::Cpu, "straggler", None, None, Some(slow));
+    let fast: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("fast-{i}"), None, None, None)).collect();
+    let job = server.wait_job(1, Duration::from_secs(120), |j| j["status"] == "completed").await?;
+    let c = &job["counters"];
+    println!("straggler run: {c}");
+    assert!(c["speculative_leases"].as_u64().unwrap() >= 1, "{c}");
+    assert_eq!(c["results_rejected"], 0);
+    assert_all_steps_verified(&server, 1, 2).await?;
+    server.stop().await?;
+    let s = join(straggler)?;
+    assert!(s.stats.rejected == 0, "a slow honest worker is never penalised: {:?}", s.stats);
+    for h in fast {
         join(h)?;
     }
     Ok(())
