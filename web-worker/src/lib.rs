@@ -6,3 +6,5 @@ pub mod gpu; // WGSL kernels on wgpu: device setup, one struct per kernel, the r
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native; // The native WebSocket runner (`starling worker`).
 pub mod session; // The protocol state machine, shared by the native runner and the browser.
+#[cfg(target_arch = "wasm32")]
+pub mod wasm; // The browser runner: the session over a browser WebSocket inside a Web Worker (wasm-bindgen).

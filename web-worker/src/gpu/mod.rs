@@ -128,6 +128,12 @@ impl GpuContext {
         &self.summary
     }
 
+    /// Names the adapter where the platform reports no name (browsers hide `GPUAdapterInfo.description`, so the
+    /// browser worker passes `vendor architecture` instead).
+    pub fn set_name(&mut self, name: String) {
+        Arc::make_mut(&mut self.summary).name = name;
+    }
+
     /// The matmul variant this adapter runs.
     pub fn matmul_variant(&self) -> MatmulVariant {
         self.variant
