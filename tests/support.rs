@@ -226,3 +226,12 @@ impl RawClient {
         }
     }
 }
+
+/// The `starling` binary cargo built next to this test executable (`target/<profile>/starling`), if it is there and
+/// current enough to have the `ledger` subcommand. `cargo build -p starling-coordinator` builds it.
+pub fn starling_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join(format!("starling{}", std::env::consts::EXE_SUFFIX));
+    let help = std::process::Command::new(&bin).arg("--help").output().ok()?;
+    String::from_utf8_lossy(&help.stdout).contains("ledger").then_some(bin)
+}

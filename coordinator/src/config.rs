@@ -21,6 +21,21 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Train the demo MNIST job in this process (the single-machine reference for the distributed run).
     Train(TrainArgs),
+    /// Inspect the credit ledger (run on the coordinator host).
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// `starling ledger ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum LedgerCommand {
+    /// Check the credit ledger's hash chain and that every worker's balance equals the sum of its entries; exits
+    /// non-zero naming the first break.
+    Verify {
+        /// The coordinator's database file.
+        #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
+        db: PathBuf,
+    },
 }
 
 /// `starling serve`.

@@ -31,6 +31,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/jobs/{id}/metrics", get(job_metrics))
         .route("/datasets", axum::routing::post(upload_dataset).layer(DefaultBodyLimit::max(upload_limit)))
         .route("/workers", get(list_workers))
+        .route("/credits", get(credits_leaderboard))
+        .route("/credits/{worker}", get(worker_ledger))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route") });
     Router::new()
         .nest("/api/v1", api)
@@ -287,4 +289,55 @@ async fn list_workers(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<WorkerV
             })
             .collect(),
     ))
+}
+
+/// One row of the public credits leaderboard.
+#[derive(Debug, Serialize)]
+pub struct CreditsRow {
+    pub id: u64,
+    pub name: Option<String>,
+    /// GFLOP.
+    pub credits: f64,
+    pub accepted: i64,
+}
+
+/// `GET /credits`: the leaderboard, and the ledger's head hash so volunteers can pin it.
+async fn credits_leaderboard(State(app): State<Arc<App>>) -> ApiResult<Json<serde_json::Value>> {
+    let rows: Vec<CreditsRow> = app
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .map(|w| CreditsRow { id: w.id.0, name: w.name, credits: w.credits_flops as f64 / 1e9, accepted: w.accepted })
+        .collect();
+    let head = app.store.ledger_head().await?;
+    Ok(Json(serde_json::json!({"workers": rows, "ledger_head": head})))
+}
+
+#[derive(Debug, Deserialize)]
+struct LedgerQuery {
+    token: Option<String>,
+}
+
+/// `GET /credits/{worker}`: a volunteer's own ledger entries; needs that worker's token (`?token=` or the
+/// `X-Worker-Token` header), compared by its sha256 like the WebSocket hello.
+async fn worker_ledger(
+    State(app): State<Arc<App>>,
+    Path(worker): Path<u64>,
+    Query(q): Query<LedgerQuery>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    let token = headers.get("x-worker-token").and_then(|v| v.to_str().ok()).map(str::to_string).or(q.token);
+    let Some(token) = token else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "give the worker's token as ?token= or an X-Worker-Token header"));
+    };
+    match app.store.worker_by_token_hash(&crate::ws::token_hash(&token)).await? {
+        Some(w) if w.id.0 == worker => {
+            let entries = app.store.ledger(Some(w.id)).await?;
+            Ok(Json(serde_json::json!({
+                "id": w.id.0, "name": w.name, "credits": w.credits_flops as f64 / 1e9, "accepted": w.accepted, "entries": entries
+            })))
+        }
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "that token does not belong to this worker")),
+    }
 }

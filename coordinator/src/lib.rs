@@ -5,6 +5,7 @@
 pub mod config; // Command-line configuration (`starling serve | worker | train`).
 pub mod http; // REST API under /api/v1, static files, the router.
 pub mod job; // Job hyperparameters, defaults and limits.
+pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod scheduler; // In-memory jobs, leases, verification outcomes, aggregation.
 pub mod store; // SQLite persistence (the only module that writes SQL).
 pub mod verify; // When two results agree; which result wins.

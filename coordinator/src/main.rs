@@ -20,6 +20,7 @@ fn main() -> ExitCode {
                 Command::Serve(cfg) => serve(cfg).await,
                 Command::Worker(args) => worker(args).await,
                 Command::Train(args) => train(args).await,
+                Command::Ledger(starling_coordinator::config::LedgerCommand::Verify { db }) => ledger_verify(&db).await,
             }
         })
     });
@@ -30,6 +31,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `starling ledger verify`: the chain and every balance, or an error naming the first break (exit code 1).
+async fn ledger_verify(db: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(db.exists(), "no database at {}", db.display());
+    let store = starling_coordinator::store::Store::open(db).await.with_context(|| format!("opening {}", db.display()))?;
+    let report = store.verify_ledger().await?.map_err(|e| anyhow::anyhow!("ledger does not verify: {e}"))?;
+    println!(
+        "ledger ok: {} entries, {} workers, {:.3} GFLOP credited, head {}",
+        report.entries,
+        report.workers,
+        report.total_flops as f64 / 1e9,
+        report.head
+    );
+    Ok(())
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {

@@ -79,6 +79,9 @@ CREATE TABLE IF NOT EXISTS credits (
     micro INTEGER NOT NULL,
     flops INTEGER NOT NULL,
     at_ms INTEGER NOT NULL,
+    -- Hash chain (ledger.rs): hash = sha256(prev_hash | id | worker | job | step | micro | flops | at_ms).
+    prev_hash TEXT NOT NULL DEFAULT '',
+    hash TEXT NOT NULL DEFAULT '',
     UNIQUE (worker_id, job_id, step, micro)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -180,7 +183,33 @@ impl Store {
         // One connection: SQLite serialises writers anyway, and this keeps writes in submission order.
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+        let store = Self { pool };
+        store.migrate_ledger().await?;
+        Ok(store)
+    }
+
+    /// Databases from before the hash-chained ledger lack its columns: add them and chain the existing entries in
+    /// id order, so `ledger verify` covers them from now on.
+    async fn migrate_ledger(&self) -> Result<()> {
+        let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('credits')").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
+        if cols.iter().any(|c| c == "hash") {
+            // Already chained; never re-chain here, or blanking a hash would launder an edited entry.
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for col in ["prev_hash", "hash"] {
+            sqlx::query(&format!("ALTER TABLE credits ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")).execute(&mut *tx).await?;
+        }
+        let unchained = sqlx::query("SELECT id, worker_id, job_id, step, micro, flops, at_ms FROM credits WHERE hash = '' ORDER BY id").fetch_all(&mut *tx).await?;
+        for r in unchained {
+            let id: i64 = r.get(0);
+            let prev: Option<String> = sqlx::query("SELECT hash FROM credits WHERE id < ? ORDER BY id DESC LIMIT 1").bind(id).fetch_optional(&mut *tx).await?.map(|p| p.get(0));
+            let prev = prev.unwrap_or_else(|| crate::ledger::GENESIS.to_string());
+            let hash = crate::ledger::entry_hash(&prev, id, r.get::<i64, _>(1) as u64, r.get::<i64, _>(2) as u64, r.get::<i64, _>(3) as u64, r.get::<i64, _>(4) as u32, r.get::<i64, _>(5) as u64, r.get(6));
+            sqlx::query("UPDATE credits SET prev_hash = ?, hash = ? WHERE id = ?").bind(&prev).bind(&hash).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn insert_dataset(&self, name: &str, train: &Dataset, test: &Dataset) -> Result<i64> {
@@ -390,6 +419,45 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Ledger entries in chain order; only `worker`'s when given.
+    pub async fn ledger(&self, worker: Option<WorkerId>) -> Result<Vec<crate::ledger::Entry>> {
+        let sql = "SELECT id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash FROM credits";
+        let rows = match worker {
+            Some(w) => sqlx::query(&format!("{sql} WHERE worker_id = ? ORDER BY id")).bind(w.0 as i64).fetch_all(&self.pool).await?,
+            None => sqlx::query(&format!("{sql} ORDER BY id")).fetch_all(&self.pool).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::ledger::Entry {
+                id: r.get(0),
+                worker: r.get::<i64, _>(1) as u64,
+                job: r.get::<i64, _>(2) as u64,
+                step: r.get::<i64, _>(3) as u64,
+                micro: r.get::<i64, _>(4) as u32,
+                flops: r.get::<i64, _>(5) as u64,
+                at_ms: r.get(6),
+                prev_hash: r.get(7),
+                hash: r.get(8),
+            })
+            .collect())
+    }
+
+    /// Hash of the newest ledger entry (the genesis hash when there is none).
+    pub async fn ledger_head(&self) -> Result<String> {
+        let row = sqlx::query("SELECT hash FROM credits ORDER BY id DESC LIMIT 1").fetch_optional(&self.pool).await?;
+        Ok(row.map_or_else(|| crate::ledger::GENESIS.to_string(), |r| r.get(0)))
+    }
+
+    /// Checks the whole ledger against itself and against every worker's cached balance (`starling ledger verify`).
+    pub async fn verify_ledger(&self) -> Result<std::result::Result<crate::ledger::Report, crate::ledger::LedgerError>> {
+        let entries = self.ledger(None).await?;
+        let balances: Vec<crate::ledger::Balance> =
+            self.workers().await?.iter().map(|w| crate::ledger::balance(w.id, w.credits_flops, w.accepted)).collect();
+        Ok(crate::ledger::verify(&entries, &balances))
+    }
+}
+
 const WORKER_SELECT: &str = "SELECT id, name, credits_flops, accepted, rejected, strikes, refused FROM workers";
 
 fn worker_row(r: sqlx::sqlite::SqliteRow) -> WorkerRow {
@@ -404,14 +472,34 @@ fn worker_row(r: sqlx::sqlite::SqliteRow) -> WorkerRow {
     }
 }
 
+/// Appends one ledger entry (unless this worker was already credited for this micro-batch) and updates the
+/// worker's cached balance, inside the caller's transaction. The single pool connection serialises writers, so
+/// reading the chain head and appending cannot interleave with another append.
 async fn grant(tx: &mut sqlx::SqliteConnection, job: JobId, step: u64, micro: u32, c: Credit) -> Result<()> {
-    let inserted = sqlx::query("INSERT OR IGNORE INTO credits (worker_id, job_id, step, micro, flops, at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+    let exists = sqlx::query("SELECT 1 FROM credits WHERE worker_id = ? AND job_id = ? AND step = ? AND micro = ?")
+        .bind(c.worker.0 as i64)
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(micro as i64)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    let head = sqlx::query("SELECT id, hash FROM credits ORDER BY id DESC LIMIT 1").fetch_optional(&mut *tx).await?;
+    let (id, prev) = head.map_or((1, crate::ledger::GENESIS.to_string()), |r| (r.get::<i64, _>(0) + 1, r.get(1)));
+    let at = now_ms();
+    let hash = crate::ledger::entry_hash(&prev, id, c.worker.0, job.0, step, micro, c.flops, at);
+    let inserted = sqlx::query("INSERT INTO credits (id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        .bind(id)
         .bind(c.worker.0 as i64)
         .bind(job.0 as i64)
         .bind(step as i64)
         .bind(micro as i64)
         .bind(c.flops as i64)
-        .bind(now_ms())
+        .bind(at)
+        .bind(&prev)
+        .bind(&hash)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -39,7 +39,7 @@ pub async fn upgrade(ws: WebSocketUpgrade, ConnectInfo(addr): ConnectInfo<Socket
         })
 }
 
-fn token_hash(token: &str) -> String {
+pub fn token_hash(token: &str) -> String {
     Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
