@@ -269,6 +269,7 @@ async fn bad_frames_close_only_the_offending_connection() -> anyhow::Result<()> 
 async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::Result<()> {
     init_tracing();
     let dir = TempDir::new("api");
+    let token = create_owner(&dir.db(), "alice").await?;
     let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
     // A small separable problem: 2 features, 3 classes.
     let rows = 300;
@@ -281,13 +282,13 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
     }
     let ds = Dataset::new(features, labels, 2).unwrap();
     let st = encode_safetensors(&[("features", vec![rows, 2], TensorData::F32(&ds.features)), ("labels", vec![rows], TensorData::U32(&ds.labels))], &Default::default());
-    let (code, up) = server.post("/api/v1/datasets?name=toy", "application/octet-stream", &st).await?;
+    let (code, up) = server.post_as(&token, "/api/v1/datasets?name=toy", "application/octet-stream", &st).await?;
     assert_eq!(code, 201, "{up}");
     assert_eq!((up["train_rows"].as_u64(), up["test_rows"].as_u64(), up["classes"].as_u64()), (Some(240), Some(60), Some(3)));
-    let (code, raw) = server.post("/api/v1/datasets", "application/octet-stream", &encode_raw(&ds)).await?;
+    let (code, raw) = server.post_as(&token, "/api/v1/datasets", "application/octet-stream", &encode_raw(&ds)).await?;
     assert_eq!(code, 201, "{raw}");
 
-    let (code, err) = server.post("/api/v1/datasets", "application/octet-stream", b"garbage!garbage!").await?;
+    let (code, err) = server.post_as(&token, "/api/v1/datasets", "application/octet-stream", b"garbage!garbage!").await?;
     assert_eq!((code, err["error"]["code"].as_str()), (422, Some("bad_dataset")));
 
     let spec = serde_json::json!({"input": 2, "layers": [{"units": 16, "activation": "relu"}, {"units": 3, "activation": "none"}]});
@@ -304,7 +305,7 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
         (b"{not json".to_vec(), "bad_request"),
     ];
     for (body, want) in cases {
-        let (code, err) = server.post("/api/v1/jobs", "application/json", &body).await?;
+        let (code, err) = server.post_as(&token, "/api/v1/jobs", "application/json", &body).await?;
         assert_eq!((code, err["error"]["code"].as_str()), (422, Some(want)), "{err}");
     }
     let (_, jobs) = server.get("/api/v1/jobs").await?;
@@ -312,7 +313,7 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
 
     // SGD with momentum here (the demo uses Adam), so both optimizers train end to end.
     let train_hyper = serde_json::json!({"global_batch": 32, "micro_batch": 16, "steps": 150, "eval_every": 50, "optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.9}});
-    let (code, created) = server.post("/api/v1/jobs", "application/json", &job(spec, 1, train_hyper)).await?;
+    let (code, created) = server.post_as(&token, "/api/v1/jobs", "application/json", &job(spec, 1, train_hyper)).await?;
     assert_eq!(code, 201, "{created}");
     let id = created["id"].as_u64().unwrap();
     let w: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("t{i}"), None, None, None)).collect();

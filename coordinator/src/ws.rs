@@ -27,7 +27,17 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BUFFER: usize = 4 * 1024;
 
 /// Upgrades `/ws` with buffer and size limits sized for many mostly idle workers.
-pub async fn upgrade(ws: WebSocketUpgrade, ConnectInfo(addr): ConnectInfo<SocketAddr>, State(app): State<Arc<App>>) -> Response {
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+    State(app): State<Arc<App>>,
+) -> Response {
+    // A page from an origin not on the partner allow-list must not run workers here (native workers send no Origin).
+    if !crate::origin::request_allowed(&headers, &app.config.allow_origin) {
+        tracing::info!(%addr, origin = ?headers.get(axum::http::header::ORIGIN), "refused a browser socket from an origin not on the allow-list");
+        return axum::response::IntoResponse::into_response((axum::http::StatusCode::FORBIDDEN, "origin not allowed"));
+    }
     let max = app.config.max_frame_bytes;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
@@ -39,11 +49,13 @@ pub async fn upgrade(ws: WebSocketUpgrade, ConnectInfo(addr): ConnectInfo<Socket
         })
 }
 
+/// Hex SHA-256 of a token: tokens are stored only as hashes.
 pub fn token_hash(token: &str) -> String {
     Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn new_token() -> String {
+/// 128 random bits as hex.
+pub fn new_token() -> String {
     let mut bytes = [0u8; 16];
     // The OS RNG failing is not recoverable in any useful way; fall back to time-based entropy rather than panic.
     if getrandom::fill(&mut bytes).is_err() {
@@ -58,6 +70,63 @@ fn close_code_for(code: ErrorCode) -> u16 {
         ErrorCode::OutOfProtocol | ErrorCode::ProtocolVersion | ErrorCode::Refused => close_code::POLICY,
         ErrorCode::Limit => close_code::SIZE,
         ErrorCode::ShuttingDown => close_code::AWAY,
+    }
+}
+
+/// Open connections per remote address, so one host cannot exhaust the coordinator's sockets.
+#[derive(Debug, Default)]
+pub struct AddrCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+/// One counted connection; gives its slot back when dropped.
+struct AddrSlot<'a>(&'a AddrCounts, std::net::IpAddr);
+
+impl AddrCounts {
+    fn acquire(&self, ip: std::net::IpAddr, max: u32) -> Option<AddrSlot<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddrSlot(self, ip))
+    }
+}
+
+impl Drop for AddrSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// A token bucket: `rate` messages per second on average, `burst` at once.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: tokio::time::Instant::now() }
+    }
+
+    /// Takes one token; `false` when the bucket is empty.
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 
@@ -88,6 +157,10 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     let close = |code: ErrorCode, msg: String| {
         tracing::info!(?code, %msg, "closing connection");
         let _ = tx.send(Outbound::Close(code, msg));
+    };
+    let Some(_slot) = app.per_addr.acquire(addr.ip(), app.config.max_conns_per_addr) else {
+        close(ErrorCode::Limit, format!("too many connections from {} (limit {})", addr.ip(), app.config.max_conns_per_addr));
+        return finish(writer).await;
     };
 
     // Hello first, within a deadline.
@@ -170,6 +243,7 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     };
     tracing::info!(?backend, %adapter, ?platform, "worker connected");
 
+    let mut bucket = Bucket::new(app.config.msg_rate, app.config.msg_burst);
     let mut stop = app.shutdown.clone();
     loop {
         let msg = tokio::select! {
@@ -188,6 +262,10 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
             }
             Some(Ok(m)) => m,
         };
+        if !bucket.take() {
+            close(ErrorCode::Limit, format!("more than {} messages per second (burst {})", app.config.msg_rate, app.config.msg_burst));
+            break;
+        }
         let decoded = match &msg {
             Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map(|m| (m, &[][..])),
             Message::Binary(b) => WorkerMsg::decode_binary(b),

@@ -1,0 +1,178 @@
+//! The owner's path end to end with the real `starling` binary: token → serve → `job submit` → native workers →
+//! `job watch` → `job download` → the safetensors file reloaded in numpy gives the accuracy the coordinator reported.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use starling_core::data::{TensorData, encode_safetensors};
+
+const BIN: &str = env!("CARGO_BIN_EXE_starling");
+
+struct Kill(Vec<Child>);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let p = std::env::temp_dir().join(format!("starling-cli-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&p).expect("temp dir");
+    p
+}
+
+fn starling(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output()?;
+    if !out.status.success() {
+        bail!("starling {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Three overlapping Gaussian-ish blobs in 6-D: learnable, but not perfectly.
+fn blobs(n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let mut rng = starling_core::rng::SplitMix64::new(seed);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let c = (i % 3) as u32;
+        for d in 0..6 {
+            let centre = if d % 3 == c as usize { 1.0 } else { 0.0 };
+            x.push(centre + 0.8 * rng.normal() as f32);
+        }
+        y.push(c);
+    }
+    (x, y)
+}
+
+fn start_server(dir: &Path, kill: &mut Kill) -> anyhow::Result<String> {
+    let www = Path::new(env!("CARGO_MANIFEST_DIR")).join("../www");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--db"])
+        .arg(dir.join("starling.db"))
+        .arg("--www")
+        .arg(&www)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    kill.0.push(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("volunteer page http://").nth(1) {
+                let _ = tx.send(rest.split('/').next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).context("coordinator did not report its address")?;
+    Ok(format!("http://{addr}"))
+}
+
+#[test]
+fn owner_submits_watches_downloads_and_numpy_reproduces_the_accuracy() -> anyhow::Result<()> {
+    let dir = temp_dir();
+    let db = dir.join("starling.db");
+    let token = starling(&["token", "create", "--name", "alice", "--db", db.to_str().unwrap()], &[])?.trim().to_string();
+    assert!(token.starts_with("stk_"), "{token}");
+    assert!(starling(&["token", "create", "--name", "alice", "--db", db.to_str().unwrap()], &[]).is_err(), "owner names are unique");
+
+    let mut kill = Kill(Vec::new());
+    let url = start_server(&dir, &mut kill)?;
+    let (x, y) = blobs(900, 1);
+    let (tx, ty) = blobs(300, 2);
+    let data = encode_safetensors(
+        &[
+            ("features", vec![900, 6], TensorData::F32(&x)),
+            ("labels", vec![900], TensorData::U32(&y)),
+            ("test_features", vec![300, 6], TensorData::F32(&tx)),
+            ("test_labels", vec![300], TensorData::U32(&ty)),
+        ],
+        &Default::default(),
+    );
+    std::fs::write(dir.join("blobs.safetensors"), data)?;
+    std::fs::write(
+        dir.join("job.toml"),
+        r#"name = "blobs"
+dataset = "blobs.safetensors"
+
+[spec]
+input = 6
+layers = [ { units = 16, activation = "relu" }, { units = 3, activation = "none" } ]
+
+[hyper]
+global_batch = 64
+micro_batch = 16
+steps = 120
+eval_every = 20
+optimizer = { kind = "adam", lr = 0.01 }
+"#,
+    )?;
+    let env = [("STARLING_URL", url.as_str()), ("STARLING_TOKEN", token.as_str())];
+    assert!(starling(&["job", "submit", dir.join("job.toml").to_str().unwrap()], &[("STARLING_URL", url.as_str()), ("STARLING_TOKEN", "stk_wrong")]).is_err());
+    let id = starling(&["job", "submit", dir.join("job.toml").to_str().unwrap()], &env)?.trim().to_string();
+    assert_eq!(id, "1");
+
+    let ws = format!("{}/ws", url.replace("http://", "ws://"));
+    for i in 0..2 {
+        kill.0.push(Command::new(BIN).args(["worker", "--coordinator", &ws, "--backend", "cpu", "--name", &format!("w{i}")]).stderr(Stdio::null()).spawn()?);
+    }
+    let started = Instant::now();
+    let watch = starling(&["job", "watch", &id], &env)?;
+    println!("watch output (last lines):\n{}", watch.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
+    assert!(watch.contains("[completed]"), "{watch}");
+    assert!(started.elapsed() < Duration::from_secs(120));
+
+    // The final evaluation lands just after the last step; wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s: serde_json::Value = serde_json::from_str(&starling(&["job", "status", &id, "--json"], &env)?)?;
+        if s["last_eval"]["step"] == 120 {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no final evaluation: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let reported = status["last_eval"]["accuracy"].as_f64().unwrap();
+    let model = dir.join("model.safetensors");
+    starling(&["job", "download", &id, "-o", model.to_str().unwrap()], &env)?;
+
+    let script = r#"
+import json, sys
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+model, data = sys.argv[1], sys.argv[2]
+with safe_open(model, framework="np") as f:
+    meta = f.metadata()
+w = load_file(model)
+d = load_file(data)
+spec = json.loads(meta["starling.spec"])
+a = d["test_features"]
+for i, layer in enumerate(spec["layers"]):
+    a = a @ w[f"layers.{i}.weight"] + w[f"layers.{i}.bias"]
+    if layer["activation"] == "relu":
+        a = np.maximum(a, 0)
+acc = float((a.argmax(axis=1) == d["test_labels"]).mean())
+print(json.dumps({"accuracy": acc, "step": int(meta["starling.step"]), "meta_accuracy": float(meta["starling.test_accuracy"])}))
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).arg(&model).arg(dir.join("blobs.safetensors")).output()?;
+    anyhow::ensure!(out.status.success(), "numpy check failed (cargo xtask setup installs numpy and safetensors): {}", String::from_utf8_lossy(&out.stderr));
+    let numpy: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    println!("coordinator reported {reported:.4}, numpy computed {}", numpy["accuracy"]);
+    assert_eq!(numpy["step"], 120);
+    assert!((numpy["accuracy"].as_f64().unwrap() - reported).abs() <= 1.0 / 300.0 + 1e-9, "numpy {numpy} vs coordinator {reported}");
+    assert!((numpy["meta_accuracy"].as_f64().unwrap() - reported).abs() < 1e-6);
+    assert!(reported > 0.6, "the model learned something: {reported}");
+    drop(kill);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
