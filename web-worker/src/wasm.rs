@@ -170,11 +170,19 @@ struct Control {
     ready_seq: u64,
     /// `busy_ms` of the stats when the previous `ready` was scheduled, to measure the last lease.
     busy_seen: f64,
+    /// A `ready` went out and no lease answered it yet: the coordinator may still push one lease, so a pause is
+    /// only complete ("paused" rather than "pausing") once this is false.
+    ready_outstanding: bool,
 }
 
 impl Control {
+    fn send_ready(&mut self, socket: &Socket, ready: &WireFrame) {
+        self.ready_pending = false;
+        self.ready_outstanding = socket.send(ready);
+    }
+
     fn new(share: f64, paused: bool) -> Self {
-        Self { share: clamp_share(share), paused, ready_pending: false, ready_seq: 0, busy_seen: 0.0 }
+        Self { share: clamp_share(share), paused, ready_pending: false, ready_seq: 0, busy_seen: 0.0, ready_outstanding: false }
     }
 }
 
@@ -298,6 +306,8 @@ fn js_error(e: &JsValue) -> String {
 fn post_stats(session: &Session, control: &Control, connected: bool) {
     let state = if !connected {
         "connecting"
+    } else if control.paused && control.ready_outstanding {
+        "pausing"
     } else if control.paused {
         "paused"
     } else if session.stats().waiting.is_some() {
@@ -365,9 +375,8 @@ async fn run(
                     Command::Pause { paused } => {
                         control.paused = paused;
                         if !paused && control.ready_pending {
-                            control.ready_pending = false;
                             control.ready_seq += 1;
-                            socket.send(&ready);
+                            control.send_ready(&socket, &ready);
                         }
                     }
                     Command::Stop => {
@@ -384,13 +393,19 @@ async fn run(
             }
             Event::ReadyDue(seq) => {
                 if seq == control.ready_seq && control.ready_pending && !control.paused && !stopping {
-                    control.ready_pending = false;
-                    socket.send(&ready);
+                    control.send_ready(&socket, &ready);
                 }
                 continue;
             }
             Event::Text(t) => session.handle(Incoming::Text(&t)).await,
-            Event::Binary(b) => session.handle(Incoming::Binary(&b)).await,
+            Event::Binary(b) => {
+                let leases = session.stats().leases;
+                let replies = session.handle(Incoming::Binary(&b)).await;
+                if session.stats().leases != leases {
+                    control.ready_outstanding = false;
+                }
+                replies
+            }
         };
         match replies {
             Ok(frames) => {
@@ -437,7 +452,6 @@ fn schedule_ready(
         control.ready_pending = true;
         ready_after(delay, control.ready_seq, tx);
     } else {
-        control.ready_pending = false;
-        socket.send(ready);
+        control.send_ready(socket, ready);
     }
 }

