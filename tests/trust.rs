@@ -90,3 +90,75 @@ fn ledger_verify_cli(db: &std::path::Path, ok: bool) -> anyhow::Result<()> {
     assert!(text.contains(if ok { "ledger ok" } else { "does not verify" }), "{text}");
     Ok(())
 }
+
+fn raw_hello() -> starling_core::protocol::WorkerMsg {
+    use starling_core::protocol::{Backend, PROTOCOL_VERSION, Platform, WorkerMsg};
+    WorkerMsg::Hello { protocol: PROTOCOL_VERSION, token: None, name: Some("raw".into()), backend: Backend::Cpu, adapter: "test".into(), platform: Platform::Native }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_and_a_connection_hog_are_cut_off_while_honest_workers_train() -> anyhow::Result<()> {
+    use starling_core::protocol::{CoordinatorMsg, ErrorCode, WorkerMsg};
+    init_tracing();
+    let dir = TempDir::new("limits");
+    create_demo_job(&dir.db(), short(100_000)).await?;
+    let mut config = ServeConfig::for_tests(dir.db());
+    (config.msg_rate, config.msg_burst, config.max_conns_per_addr) = (500, 1000, 8);
+    let server = Server::start(config).await?;
+    let honest: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("h{i}"), None, None, None)).collect();
+    server.wait_job(1, Duration::from_secs(60), |j| j["step"].as_u64().unwrap() >= 3).await?;
+
+    // Flooding: thousands of `ready`s as fast as the socket takes them.
+    let mut flood = RawClient::connect(&server.ws_url()).await?;
+    flood.send(&raw_hello(), &[]).await?;
+    for _ in 0..20_000 {
+        if flood.send(&WorkerMsg::Ready, &[]).await.is_err() {
+            break;
+        }
+    }
+    // The coordinator sends `error limit` and closes; a client still writing may see only the reset.
+    loop {
+        match flood.recv().await {
+            Ok(Some((CoordinatorMsg::Error { code, .. }, _))) => {
+                assert_eq!(code, ErrorCode::Limit);
+                break;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    assert!(flood.recv().await.map_or(true, |m| m.is_none()), "the flooder's connection is closed");
+    drop(flood);
+
+    // Hogging: 2 honest workers hold 2 of the 8 slots of 127.0.0.1, so the 7th extra connection is refused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut hogs = Vec::new();
+    let mut refused_at = None;
+    for i in 0..10 {
+        let mut c = RawClient::connect(&server.ws_url()).await?;
+        c.send(&raw_hello(), &[]).await?;
+        match c.recv().await? {
+            Some((CoordinatorMsg::Welcome { .. }, _)) => hogs.push(c),
+            Some((CoordinatorMsg::Error { code: ErrorCode::Limit, message }, _)) => {
+                assert!(message.contains("too many connections"), "{message}");
+                refused_at = Some(i);
+                break;
+            }
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(refused_at, Some(6), "8 connections per address: 2 honest + 6 accepted, then refused");
+    drop(hogs);
+
+    // Honest workers kept training throughout and were never cut off.
+    let (_, before) = server.get("/api/v1/jobs/1").await?;
+    let s0 = before["step"].as_u64().unwrap();
+    server.wait_job(1, Duration::from_secs(60), |j| j["step"].as_u64().unwrap() >= s0 + 3).await?;
+    server.stop().await?;
+    for h in honest {
+        let r = join(h)?;
+        assert!(!r.closed_by.as_deref().unwrap_or("").contains("Limit"), "honest worker closed by {:?}", r.closed_by);
+        assert!(r.stats.accepted > 0 && r.stats.rejected == 0, "{:?}", r.stats);
+    }
+    Ok(())
+}
