@@ -59,6 +59,10 @@ test('an origin not on the allow-list is refused: no framing, no socket', async 
   assert.equal(await upgradeStatus(coord, otherSite.origin), 403, 'a socket from another origin');
   assert.equal(await upgradeStatus(coord, partnerSite.origin), 101, 'a socket from the partner');
   assert.equal(await upgradeStatus(coord, null), 101, 'a native worker (no Origin)');
+  // The worker's wasm is served precompressed (the `.gz` written by `cargo xtask wasm`), with its own MIME type.
+  const wasm = await fetch(`${coord.url}/pkg/starling_worker_bg.wasm`, { headers: { 'accept-encoding': 'gzip' } });
+  assert.equal(wasm.headers.get('content-encoding'), 'gzip');
+  assert.equal(wasm.headers.get('content-type'), 'application/wasm');
   const embed = await fetch(`${coord.url}/embed.html`);
   assert.equal(embed.headers.get('content-security-policy'), `frame-ancestors 'self' ${partnerSite.origin}`);
   const browser = await launchBrowser();
