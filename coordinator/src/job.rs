@@ -27,6 +27,11 @@ pub struct Hyper {
     pub lease_timeout_ms: u64,
     /// Stop early once held-out accuracy reaches this.
     pub target_accuracy: Option<f32>,
+    /// How accepted micro-batch gradients are combined: `mean` (row-weighted), `trimmed-mean` or `median`
+    /// (coordinate-wise; see `aggregate.rs`).
+    pub aggregate: crate::aggregate::Rule,
+    /// Scale each accepted micro-batch gradient down to at most this L2 norm before aggregating.
+    pub clip_norm: Option<f32>,
 }
 
 impl Default for Hyper {
@@ -44,6 +49,8 @@ impl Default for Hyper {
             seed: 1,
             lease_timeout_ms: 30_000,
             target_accuracy: None,
+            aggregate: crate::aggregate::Rule::Mean,
+            clip_norm: None,
         }
     }
 }
@@ -85,6 +92,11 @@ impl Hyper {
             && !(t > 0.0 && t <= 1.0)
         {
             return Err(format!("target_accuracy must be in (0, 1], got {t}"));
+        }
+        if let Some(c) = self.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(format!("clip_norm must be a positive finite number, got {c}"));
         }
         Ok(())
     }

@@ -693,7 +693,7 @@ impl State {
             job.micros = job.fresh_micros();
             return;
         }
-        let grad = schedule::weighted_mean(&parts);
+        let grad = crate::aggregate::combine(&parts, job.hyper.aggregate, job.hyper.clip_norm);
         let params = Arc::make_mut(&mut job.params);
         job.optim.step(params, &grad);
         job.step += 1;
