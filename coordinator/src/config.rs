@@ -24,9 +24,6 @@ pub enum Command {
     /// Inspect the credit ledger (run on the coordinator host).
     #[command(subcommand)]
     Ledger(LedgerCommand),
-    /// Inspect the credit ledger (run on the coordinator host).
-    #[command(subcommand)]
-    Ledger(LedgerCommand),
     /// Manage project-owner API tokens (run on the coordinator host).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -107,18 +104,6 @@ pub enum LedgerCommand {
     },
 }
 
-/// `starling ledger ...`.
-#[derive(Debug, Clone, Subcommand)]
-pub enum LedgerCommand {
-    /// Check the credit ledger's hash chain and that every worker's balance equals the sum of its entries; exits
-    /// non-zero naming the first break.
-    Verify {
-        /// The coordinator's database file.
-        #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
-        db: PathBuf,
-    },
-}
-
 /// `starling serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -160,16 +145,6 @@ pub struct ServeConfig {
     /// Open WebSocket connections allowed from one remote address (a NAT may hide several volunteers).
     #[arg(long, default_value_t = 16)]
     pub max_conns_per_addr: u32,
-    /// Messages per second a worker connection may send on average (token bucket; `--msg-burst` at once). An
-    /// honest worker sends two per lease (`result`, `ready`) and holds one lease at a time, so it stays far below.
-    #[arg(long, default_value_t = 200)]
-    pub msg_rate: u32,
-    /// Messages a worker connection may send in one burst before `--msg-rate` applies.
-    #[arg(long, default_value_t = 400)]
-    pub msg_burst: u32,
-    /// Open WebSocket connections allowed from one remote address (a NAT may hide several volunteers).
-    #[arg(long, default_value_t = 16)]
-    pub max_conns_per_addr: u32,
     /// A partner web origin (`https://host[:port]`) allowed to embed the volunteer widget (`/widget.js`,
     /// `/embed.html`) and to open browser worker sockets; repeatable. The coordinator's own origin is always allowed.
     #[arg(long = "allow-origin", env = "STARLING_ALLOW_ORIGINS", value_delimiter = ',', value_parser = crate::origin::parse_origin)]
@@ -194,10 +169,6 @@ impl ServeConfig {
             msg_rate: 100_000,
             msg_burst: 100_000,
             max_conns_per_addr: 64,
-            // Generous: tests run many fast workers from 127.0.0.1; the limit tests set their own.
-            msg_rate: 100_000,
-            msg_burst: 100_000,
-            max_conns_per_addr: 64,
             allow_origin: Vec::new(),
         }
     }
@@ -205,8 +176,6 @@ impl ServeConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.strike_limit >= 1, "--strike-limit must be at least 1");
         anyhow::ensure!(self.max_frame_bytes >= 64 * 1024, "--max-frame-bytes must be at least 64 KiB");
-        anyhow::ensure!(self.msg_rate >= 1 && self.msg_burst >= 2, "--msg-rate must be at least 1 and --msg-burst at least 2");
-        anyhow::ensure!(self.max_conns_per_addr >= 1, "--max-conns-per-addr must be at least 1");
         anyhow::ensure!(self.msg_rate >= 1 && self.msg_burst >= 2, "--msg-rate must be at least 1 and --msg-burst at least 2");
         anyhow::ensure!(self.max_conns_per_addr >= 1, "--max-conns-per-addr must be at least 1");
         Ok(())

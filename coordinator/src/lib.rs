@@ -8,8 +8,6 @@ pub mod config; // Command-line configuration (`starling serve | worker | train 
 pub mod export; // Checkpoints as safetensors.
 pub mod http; // REST API under /api/v1, static files, the router.
 pub mod job; // Job hyperparameters, defaults and limits.
-pub mod ledger; // The credit ledger's hash chain and its verification.
-pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod live; // Live views: the job event stream (SSE) and Prometheus metrics.
 pub mod origin; // The partner-origin allow-list: who may embed the widget and open browser sockets.
 pub mod owner; // The owner CLI (`starling job ...`).
@@ -50,10 +48,6 @@ pub struct App {
     pub config: ServeConfig,
     /// Flips to `true` when the coordinator shuts down, so WebSocket tasks close their connections.
     pub shutdown: watch::Receiver<bool>,
-    /// Open worker connections per remote address (`--max-conns-per-addr`).
-    pub per_addr: ws::AddrCounts,
-    /// Open worker connections per remote address (`--max-conns-per-addr`).
-    pub per_addr: ws::AddrCounts,
     /// Open worker connections per remote address (`--max-conns-per-addr`).
     pub per_addr: ws::AddrCounts,
     /// Job ids whose visible state changed; live views (SSE) subscribe.
@@ -217,7 +211,7 @@ pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Futu
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (events, _) = tokio::sync::broadcast::channel(256);
-    let app = Arc::new(App { state: Mutex::new(state), per_addr: ws::AddrCounts::default(), per_addr: ws::AddrCounts::default(), per_addr: ws::AddrCounts::default(), store, config, shutdown: stop_rx, events });
+    let app = Arc::new(App { state: Mutex::new(state), per_addr: ws::AddrCounts::default(), store, config, shutdown: stop_rx, events });
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening: volunteer page http://{addr}/ , workers ws://{addr}/ws");
 

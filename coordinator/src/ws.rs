@@ -130,63 +130,6 @@ impl Bucket {
     }
 }
 
-/// Open connections per remote address, so one host cannot exhaust the coordinator's sockets.
-#[derive(Debug, Default)]
-pub struct AddrCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
-
-/// One counted connection; gives its slot back when dropped.
-struct AddrSlot<'a>(&'a AddrCounts, std::net::IpAddr);
-
-impl AddrCounts {
-    fn acquire(&self, ip: std::net::IpAddr, max: u32) -> Option<AddrSlot<'_>> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(AddrSlot(self, ip))
-    }
-}
-
-impl Drop for AddrSlot<'_> {
-    fn drop(&mut self) {
-        let mut m = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
-    }
-}
-
-/// A token bucket: `rate` messages per second on average, `burst` at once.
-struct Bucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: tokio::time::Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        Self { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: tokio::time::Instant::now() }
-    }
-
-    /// Takes one token; `false` when the bucket is empty.
-    fn take(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
-    }
-}
-
 async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
@@ -214,10 +157,6 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     let close = |code: ErrorCode, msg: String| {
         tracing::info!(?code, %msg, "closing connection");
         let _ = tx.send(Outbound::Close(code, msg));
-    };
-    let Some(_slot) = app.per_addr.acquire(addr.ip(), app.config.max_conns_per_addr) else {
-        close(ErrorCode::Limit, format!("too many connections from {} (limit {})", addr.ip(), app.config.max_conns_per_addr));
-        return finish(writer).await;
     };
     let Some(_slot) = app.per_addr.acquire(addr.ip(), app.config.max_conns_per_addr) else {
         close(ErrorCode::Limit, format!("too many connections from {} (limit {})", addr.ip(), app.config.max_conns_per_addr));
@@ -305,7 +244,6 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     tracing::info!(?backend, %adapter, ?platform, "worker connected");
 
     let mut bucket = Bucket::new(app.config.msg_rate, app.config.msg_burst);
-    let mut bucket = Bucket::new(app.config.msg_rate, app.config.msg_burst);
     let mut stop = app.shutdown.clone();
     loop {
         let msg = tokio::select! {
@@ -324,10 +262,6 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
             }
             Some(Ok(m)) => m,
         };
-        if !bucket.take() {
-            close(ErrorCode::Limit, format!("more than {} messages per second (burst {})", app.config.msg_rate, app.config.msg_burst));
-            break;
-        }
         if !bucket.take() {
             close(ErrorCode::Limit, format!("more than {} messages per second (burst {})", app.config.msg_rate, app.config.msg_burst));
             break;
