@@ -27,9 +27,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Repetitions so that each measurement lasts roughly a fixed number of FLOPs (about 2 GFLOP).
+/// Repetitions so that each measurement lasts roughly a fixed amount of work (about 4 GFLOP, at least 3 runs).
 fn reps(n: usize) -> usize {
-    (2e9 / (2.0 * (n * n * n) as f64)).ceil().clamp(2.0, 50.0) as usize
+    (4e9 / (2.0 * (n * n * n) as f64)).ceil().clamp(3.0, 100.0) as usize
 }
 
 fn gflops(n: usize, reps: usize, secs: f64) -> f64 {
