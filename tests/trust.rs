@@ -162,3 +162,42 @@ async fn a_flooding_client_and_a_connection_hog_are_cut_off_while_honest_workers
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_replication_spot_checks_trusted_workers_and_catches_a_sleeper() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    init_tracing();
+    let dir = TempDir::new("adaptive");
+    create_demo_job(&dir.db(), Hyper { adaptive: true, ..short(60) }).await?;
+    let mut config = ServeConfig::for_tests(dir.db());
+    config.trust_threshold = 3;
+    let server = Server::start(config).await?;
+    let honest: Vec<_> = (0..3).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("h{i}"), None, None, None)).collect();
+    // A sleeper: honest for its first 8 results (earning trust), then flips every gradient's sign.
+    const HONEST_FIRST: u64 = 8;
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let sleeper: SendTamper = Box::new(move |out| {
+        if counter.fetch_add(1, Ordering::SeqCst) >= HONEST_FIRST {
+            out.grad.iter_mut().for_each(|g| *g = -*g);
+        }
+    });
+    let sleeper = spawn_worker(server.ws_url(), BackendChoice::Cpu, "sleeper", None, None, Some(sleeper));
+    let job = server.wait_job(1, Duration::from_secs(300), |j| j["status"] == "completed").await?;
+    let c = &job["counters"];
+    println!("adaptive run: {c}; last eval {}", job["last_eval"]);
+    assert!(c["spot_checks"].as_u64().unwrap() > 0, "trusted workers got unreplicated, spot-checked micro-batches: {c}");
+    assert!(job["last_eval"]["accuracy"].as_f64().unwrap() > 0.8, "{}", job["last_eval"]);
+    server.stop().await?;
+    let s = join(sleeper)?;
+    println!("sleeper: {:?} closed by {:?}", s.stats, s.closed_by);
+    assert!(s.stats.accepted <= HONEST_FIRST, "a tampered result was accepted: {:?}", s.stats);
+    assert!(s.closed_by.as_deref().unwrap_or("").contains("Refused"), "the sleeper was caught: {:?}", s.closed_by);
+    for h in honest {
+        assert_eq!(join(h)?.stats.rejected, 0);
+    }
+    let store = Store::open(&dir.db()).await?;
+    store.verify_ledger().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

@@ -145,6 +145,13 @@ pub struct ServeConfig {
     /// Open WebSocket connections allowed from one remote address (a NAT may hide several volunteers).
     #[arg(long, default_value_t = 16)]
     pub max_conns_per_addr: u32,
+    /// Adaptive replication: consecutive agreed results after which a worker (per backend) is trusted.
+    #[arg(long, default_value_t = 10)]
+    pub trust_threshold: u32,
+    /// Adaptive replication: largest model (parameters) the coordinator recomputes to spot-check a trusted result;
+    /// larger models are always replicated.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub spot_check_max_params: usize,
     /// A partner web origin (`https://host[:port]`) allowed to embed the volunteer widget (`/widget.js`,
     /// `/embed.html`) and to open browser worker sockets; repeatable. The coordinator's own origin is always allowed.
     #[arg(long = "allow-origin", env = "STARLING_ALLOW_ORIGINS", value_delimiter = ',', value_parser = crate::origin::parse_origin)]
@@ -169,6 +176,8 @@ impl ServeConfig {
             msg_rate: 100_000,
             msg_burst: 100_000,
             max_conns_per_addr: 64,
+            trust_threshold: 10,
+            spot_check_max_params: 2_000_000,
             allow_origin: Vec::new(),
         }
     }

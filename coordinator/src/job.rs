@@ -32,6 +32,9 @@ pub struct Hyper {
     pub aggregate: crate::aggregate::Rule,
     /// Scale each accepted micro-batch gradient down to at most this L2 norm before aggregating.
     pub clip_norm: Option<f32>,
+    /// Adaptive replication (docs/PROTOCOL.md, Verification): a worker with a long record of agreed results gets
+    /// unreplicated micro-batches that the coordinator spot-checks by recomputation. Off by default.
+    pub adaptive: bool,
 }
 
 impl Default for Hyper {
@@ -51,6 +54,7 @@ impl Default for Hyper {
             target_accuracy: None,
             aggregate: crate::aggregate::Rule::Mean,
             clip_norm: None,
+            adaptive: false,
         }
     }
 }

@@ -84,6 +84,9 @@ impl App {
         for task in fx.evals {
             tokio::spawn(evaluate(self.clone(), task));
         }
+        for check in fx.spot_checks {
+            tokio::spawn(spot_check(self.clone(), check));
+        }
     }
 }
 
@@ -127,6 +130,33 @@ pub async fn create_owner(store: &Store, name: &str) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Recomputes a trusted worker's micro-batch with the CPU backend, off the async threads and the scheduler lock,
+/// and hands the reference to the scheduler. Boxed for the same reason as [`evaluate`].
+fn spot_check(app: Arc<App>, check: scheduler::SpotCheck) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let scheduler::SpotCheck { job, step, micro, lease, spec, params, x, labels } = check;
+        let out = tokio::task::spawn_blocking(move || {
+            let mut engine = CpuEngine::new(spec);
+            engine.load(&params)?;
+            engine.step(&x, &labels)
+        })
+        .await;
+        let reference = match out {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(e)) => {
+                tracing::error!(%job, error = %e, "spot-check recomputation failed; falling back to replication");
+                None
+            }
+            Err(e) => {
+                tracing::error!(%job, error = %e, "spot-check task panicked; falling back to replication");
+                None
+            }
+        };
+        let fx = app.state().spot_checked(job, step, micro, lease, reference);
+        app.apply(fx).await;
+    })
+}
+
 /// Creates the demo job (and its dataset, and its owner `demo`) unless a job of that name exists. When it creates
 /// the owner, it writes the owner's token to `token_file` (if given) so the demo's dashboard can be signed into.
 pub async fn ensure_demo_job(store: &Store, mnist_dir: &std::path::Path, hyper: Hyper, token_file: Option<&std::path::Path>) -> anyhow::Result<()> {
@@ -158,6 +188,8 @@ async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State
     let mut state = State::new(SchedulerConfig {
         strike_limit: config.strike_limit,
         speculate_after: Duration::from_millis(config.speculate_after_ms),
+        trust_threshold: config.trust_threshold,
+        spot_check_max_params: config.spot_check_max_params,
     });
     for w in store.workers().await? {
         state.set_worker(

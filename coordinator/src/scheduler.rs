@@ -63,6 +63,28 @@ pub enum StoreOp {
     Eval { job: JobId, metric: MetricRow },
 }
 
+/// A trusted worker's unreplicated result to check by recomputing its micro-batch on the CPU, off the lock.
+#[derive(Debug, Clone)]
+pub struct SpotCheck {
+    pub job: JobId,
+    pub step: u64,
+    pub micro: u32,
+    pub lease: LeaseId,
+    pub spec: ModelSpec,
+    pub params: Arc<Vec<f32>>,
+    pub x: Vec<f32>,
+    pub labels: Vec<u32>,
+}
+
+/// Least probability that a trusted worker's micro-batch is still replicated (adaptive replication).
+pub const SPOT_P_MIN: f64 = 0.05;
+
+/// A seed that differs per coordinator start.
+fn start_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ ((std::process::id() as u64) << 32)
+}
+
 /// A held-out evaluation to run off the scheduler lock.
 #[derive(Debug, Clone)]
 pub struct EvalTask {
@@ -81,6 +103,8 @@ pub struct Effects {
     pub notify: Vec<JobId>,
     pub sends: Vec<(ConnId, Outbound)>,
     pub evals: Vec<EvalTask>,
+    /// Recomputations of trusted, unreplicated results (adaptive replication).
+    pub spot_checks: Vec<SpotCheck>,
 }
 
 /// Scheduler-wide settings (from the command line).
@@ -90,6 +114,10 @@ pub struct SchedulerConfig {
     pub strike_limit: u32,
     /// Shortest time a lease must be outstanding before an idle worker may get a speculative replica of it.
     pub speculate_after: Duration,
+    /// Consecutive agreed results after which a worker (per backend) is trusted under adaptive replication.
+    pub trust_threshold: u32,
+    /// Largest model (parameters) the coordinator recomputes to spot-check a trusted, unreplicated result.
+    pub spot_check_max_params: usize,
 }
 
 /// A connected worker as the scheduler sees it.
@@ -167,11 +195,13 @@ struct Micro {
     /// Workers (and their addresses) that were ever leased this micro-batch in this step.
     involved: Vec<(WorkerId, IpAddr)>,
     settled: Option<Settled>,
+    /// Leased to one trusted worker only (adaptive replication): its result waits for a coordinator spot check.
+    solo: bool,
 }
 
 impl Micro {
     fn new(rows: Vec<u32>, wanted: u32) -> Self {
-        Self { rows, wanted, active: Vec::new(), subs: Vec::new(), involved: Vec::new(), settled: None }
+        Self { rows, wanted, active: Vec::new(), subs: Vec::new(), involved: Vec::new(), settled: None, solo: false }
     }
 }
 
@@ -187,6 +217,9 @@ pub struct JobCounters {
     pub results_failed: u64,
     pub disagreements: u64,
     pub micro_batches_abandoned: u64,
+    /// Trusted results recomputed by the coordinator instead of replicated, and how many of those disagreed.
+    pub spot_checks: u64,
+    pub spot_check_failures: u64,
     pub steps_applied: u64,
 }
 
@@ -274,11 +307,17 @@ pub struct State {
     pub step_hist: Histogram,
     next_conn: ConnId,
     next_lease: u64,
+    /// Consecutive agreed results per (worker, backend); any disagreement resets all of a worker's to zero.
+    /// In memory only: after a restart every worker earns trust again.
+    trust: HashMap<(WorkerId, Backend), u32>,
+    /// Seeded per coordinator start: randomises which open micro-batch a worker gets and the replication rolls, so
+    /// colluders can neither choose to meet nor predict when they are unreplicated.
+    rng: starling_core::rng::SplitMix64,
 }
 
 impl State {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, jobs: BTreeMap::new(), workers: HashMap::new(), conns: HashMap::new(), leases: HashMap::new(), step_hist: Histogram::default(), next_conn: 1, next_lease: 1 }
+        Self { config, jobs: BTreeMap::new(), workers: HashMap::new(), conns: HashMap::new(), leases: HashMap::new(), step_hist: Histogram::default(), next_conn: 1, next_lease: 1, trust: HashMap::new(), rng: starling_core::rng::SplitMix64::new(start_seed()) }
     }
 
     /// Brings a job into memory from its checkpoint (or a fresh initialisation) and the accepted results of the
@@ -458,7 +497,7 @@ impl State {
         let speculate_after = self.config.speculate_after;
         let mut choice = None;
         for job in self.jobs.values().filter(|j| j.status == JobStatus::Running) {
-            if let Some((micro, speculative)) = pick_micro(job, worker, addr, now, speculate_after, &self.leases) {
+            if let Some((micro, speculative)) = pick_micro(job, worker, addr, now, speculate_after, &self.leases, self.rng.next_u64()) {
                 choice = Some((job.id, micro, speculative));
                 break;
             }
@@ -478,9 +517,24 @@ impl State {
         };
         let lease_id = LeaseId(self.next_lease);
         self.next_lease += 1;
+        let record = self.conns.get(&conn_id).and_then(|c| self.trust.get(&(worker, c.backend))).copied().unwrap_or(0);
+        let roll = self.rng.next_f64();
+        let (threshold, max_params) = (self.config.trust_threshold, self.config.spot_check_max_params);
         let job = self.jobs.get_mut(&job_id).expect("chosen above");
         let deadline = now + Duration::from_millis(job.hyper.lease_timeout_ms);
         let m = &mut job.micros[micro];
+        // Adaptive replication: a trusted worker's fresh micro-batch is replicated only with probability
+        // max(P_MIN, 1 / record); otherwise it is leased to that worker alone and spot-checked by recomputation.
+        if job.hyper.adaptive
+            && !speculative
+            && m.involved.is_empty()
+            && record >= threshold
+            && job.spec.param_count() <= max_params
+            && roll >= SPOT_P_MIN.max(1.0 / record as f64)
+        {
+            m.solo = true;
+            m.wanted = 1;
+        }
         m.active.push(lease_id);
         m.involved.push((worker, addr));
         let (x, labels) = job.train.gather(&m.rows);
@@ -532,10 +586,14 @@ impl State {
         let w = self.workers.entry(worker).or_default();
         w.credits_flops += flops;
         w.accepted += 1;
+        if let Some(backend) = self.conns.values().find(|c| c.worker == worker).map(|c| c.backend) {
+            *self.trust.entry((worker, backend)).or_default() += 1;
+        }
         Credit { worker, flops }
     }
 
     fn strike(&mut self, worker: WorkerId, fx: &mut Effects) {
+        self.trust.retain(|(w, _), _| *w != worker);
         let limit = self.config.strike_limit;
         let w = self.workers.entry(worker).or_default();
         w.rejected += 1;
@@ -616,6 +674,16 @@ impl State {
                 return fx;
             }
             None => {}
+        }
+        if m.solo && m.subs.is_empty() {
+            // A trusted worker's unreplicated result reaches the model only if the coordinator's own
+            // recomputation agrees (`spot_checked`); until then it waits here like a first replica.
+            let (x, labels) = job.train.gather(&m.rows);
+            fx.spot_checks.push(SpotCheck { job: job.id, step, micro, lease: lease_id, spec: job.spec.clone(), params: job.params.clone(), x, labels });
+            job.counters.spot_checks += 1;
+            m.subs.push(Submission { worker, conn, lease: lease_id, loss, correct, grad });
+            self.assign_all(&mut fx);
+            return fx;
         }
         m.subs.push(Submission { worker, conn, lease: lease_id, loss, correct, grad });
         let candidates: Vec<Candidate<'_>> = m.subs.iter().map(|s| Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }).collect();
@@ -781,6 +849,53 @@ impl State {
         Ok(fx)
     }
 
+    /// The coordinator's recomputation of a spot-checked micro-batch finished (`None`: it could not run). Accepts
+    /// the trusted worker's result if they agree; otherwise a strike, trust back to zero, and the micro-batch goes
+    /// back to ordinary R-fold replication. Without a recomputation it falls back to replication too.
+    pub fn spot_checked(&mut self, job_id: JobId, step: u64, micro: u32, lease: LeaseId, reference: Option<starling_core::StepOutput>) -> Effects {
+        let mut fx = Effects::default();
+        let Some(job) = self.jobs.get_mut(&job_id) else { return fx };
+        if job.step != step || job.status.is_terminal() {
+            return fx;
+        }
+        let Some(m) = job.micros.get_mut(micro as usize) else { return fx };
+        let Some(i) = m.subs.iter().position(|s| s.lease == lease) else { return fx };
+        if m.settled.is_some() {
+            return fx;
+        }
+        m.solo = false;
+        let Some(reference) = reference else {
+            m.wanted = job.hyper.redundancy;
+            self.assign_all(&mut fx);
+            return fx;
+        };
+        let rows = m.rows.len() as u32;
+        let flops = job.spec.train_flops(rows as u64);
+        let s = &m.subs[i];
+        let theirs = Candidate { loss: s.loss, correct: s.correct, grad: &s.grad };
+        let ours = Candidate { loss: reference.loss, correct: reference.correct, grad: &reference.grad };
+        let agrees = verify::agree(&theirs, &ours, job.hyper.tolerance);
+        let sub = m.subs.remove(i);
+        if agrees {
+            let row = AcceptedRow { micro, rows, loss: sub.loss, correct: sub.correct, agreeing: 1, grad: sub.grad.clone() };
+            m.settled = Some(Settled::Accepted { loss: sub.loss, correct: sub.correct, grad: Arc::new(sub.grad), agreeing: 1 });
+            job.counters.results_accepted += 1;
+            let credit = self.credit(sub.worker, flops);
+            fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits: vec![credit] });
+            self.verdict(sub.conn, sub.worker, sub.lease, Outcome::Accepted, &mut fx);
+            self.maybe_advance(job_id, &mut fx);
+        } else {
+            tracing::warn!(worker = %sub.worker, job = %job_id, step, micro, "trusted result failed the coordinator's spot check");
+            job.counters.results_rejected += 1;
+            job.counters.spot_check_failures += 1;
+            m.wanted = job.hyper.redundancy;
+            self.strike(sub.worker, &mut fx);
+            self.verdict(sub.conn, sub.worker, sub.lease, Outcome::Rejected, &mut fx);
+        }
+        self.assign_all(&mut fx);
+        fx
+    }
+
     /// Connected workers of a job's model (for status views): `(backend, adapter, platform)` per connection.
     pub fn connections(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
@@ -826,19 +941,21 @@ fn pick_micro(
     now: Instant,
     speculate_after: Duration,
     leases: &HashMap<LeaseId, Lease>,
+    salt: u64,
 ) -> Option<(usize, bool)> {
     let open = |m: &Micro| m.settled.is_none() && !m.involved.iter().any(|(w, _)| *w == worker);
-    let mut best: Option<(bool, usize, usize)> = None; // (same address, replicas so far, index)
+    // (same address, replicas so far, a salted hash of the index: random order among equals, fresh per call)
+    let mut best: Option<(bool, usize, u64, usize)> = None;
     for (i, m) in job.micros.iter().enumerate() {
         if !open(m) || (m.active.len() + m.subs.len()) as u32 >= m.wanted {
             continue;
         }
-        let key = (m.involved.iter().any(|(_, a)| *a == addr), m.active.len() + m.subs.len(), i);
+        let key = (m.involved.iter().any(|(_, a)| *a == addr), m.active.len() + m.subs.len(), starling_core::rng::SplitMix64::new(salt ^ i as u64).next_u64(), i);
         if best.is_none_or(|b| key < b) {
             best = Some(key);
         }
     }
-    if let Some((_, _, i)) = best {
+    if let Some((_, _, _, i)) = best {
         return Some((i, false));
     }
     let threshold = speculate_after.max(Duration::from_secs_f64(3.0 * job.result_ms / 1000.0));
