@@ -22,10 +22,11 @@ fn hello() -> WorkerMsg {
 /// Every applied step's training metric must come from micro-batches with at least `min` agreeing workers.
 async fn assert_all_steps_verified(server: &Server, job: u64, min: u64) -> anyhow::Result<usize> {
     let (_, metrics) = server.get(&format!("/api/v1/jobs/{job}/metrics")).await?;
-    let train: Vec<&serde_json::Value> = metrics.as_array().unwrap().iter().filter(|m| m["kind"] == "train").collect();
+    let rows = metrics.as_array().ok_or_else(|| anyhow::anyhow!("metrics is not a list: {metrics}"))?;
+    let train: Vec<&serde_json::Value> = rows.iter().filter(|m| m["kind"] == "train").collect();
     assert!(!train.is_empty());
     for m in &train {
-        assert!(m["min_agreeing"].as_u64().unwrap() >= min, "step {} applied with fewer than {min} agreeing workers", m["step"]);
+        assert!(m["min_agreeing"].as_u64().unwrap_or(0) >= min, "step {} applied with fewer than {min} agreeing workers", m["step"]);
     }
     Ok(train.len())
 }

@@ -37,6 +37,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The hash an entry with these fields must carry: sha256 over the previous hash's hex, then the fields as
 /// `|id|worker|job|step|micro|flops|at_ms` in decimal (unambiguous: every field is an integer).
+#[allow(clippy::too_many_arguments)] // Exactly the hashed fields, in their documented order.
 pub fn entry_hash(prev_hash: &str, id: i64, worker: u64, job: u64, step: u64, micro: u32, flops: u64, at_ms: i64) -> String {
     sha256_hex(format!("{prev_hash}|{id}|{worker}|{job}|{step}|{micro}|{flops}|{at_ms}").as_bytes())
 }

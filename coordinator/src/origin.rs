@@ -37,7 +37,7 @@ pub fn request_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     let origin = origin.to_ascii_lowercase();
     let own = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
     let is_own = own.is_some_and(|host| origin == format!("http://{host}") || origin == format!("https://{host}"));
-    is_own || allowed.iter().any(|a| *a == origin)
+    is_own || allowed.contains(&origin)
 }
 
 /// `GET /embed.html`: the widget's iframe page, framable only by the coordinator itself and the allow-list, with the

@@ -90,7 +90,7 @@ async fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
         "name": job.name,
         "spec": serde_json::to_value(&job.spec)?,
         "dataset": ds["id"],
-        "hyper": job.hyper.map(|h| serde_json::to_value(h)).transpose()?,
+        "hyper": job.hyper.map(serde_json::to_value).transpose()?,
     });
     let r = client.post("/api/v1/jobs", "application/json", &serde_json::to_vec(&body)?).await?;
     if r.status != 201 {

@@ -565,12 +565,11 @@ impl State {
 
     /// A worker could not compute its lease: release it without a strike.
     pub fn failed(&mut self, conn: ConnId, lease: LeaseId) -> Effects {
-        if self.leases.get(&lease).is_some_and(|l| l.conn == conn) {
-            if let Some(l) = self.drop_lease(lease)
-                && let Some(job) = self.jobs.get_mut(&l.job)
-            {
-                job.counters.results_failed += 1;
-            }
+        if self.leases.get(&lease).is_some_and(|l| l.conn == conn)
+            && let Some(l) = self.drop_lease(lease)
+            && let Some(job) = self.jobs.get_mut(&l.job)
+        {
+            job.counters.results_failed += 1;
         }
         let mut fx = Effects::default();
         self.assign_all(&mut fx);

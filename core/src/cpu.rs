@@ -11,6 +11,7 @@ use crate::{BatchError, EvalOutput, StepOutput, check_batch};
 /// `C[m, n] = op(A)·op(B) + beta·C` on matrixmultiply's SGEMM, with transposes expressed as strides.
 ///
 /// Panics if a slice is too short for its shape: callers size buffers from the spec, so that is a bug, not input.
+#[allow(clippy::too_many_arguments)] // BLAS-shaped on purpose: form, three sizes, three operands, beta.
 pub fn sgemm(form: MatmulForm, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm operand too short");
     if m == 0 || n == 0 {

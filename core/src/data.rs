@@ -269,7 +269,7 @@ pub fn encode_safetensors(tensors: &[(&str, Vec<usize>, TensorData<'_>)], metada
         );
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + data.len());
@@ -293,7 +293,7 @@ pub fn mnist_from_digit_json(files: &[String; 10]) -> Result<Dataset, DataError>
     for (digit, json) in files.iter().enumerate() {
         let d: Digits = serde_json::from_str(json)
             .map_err(|e| DataError::Malformed { format: "mnist digits JSON", reason: format!("digit {digit}: {e}") })?;
-        if d.data.len() % 784 != 0 {
+        if !d.data.len().is_multiple_of(784) {
             return Err(DataError::Shape(format!("digit {digit} holds {} values, not a multiple of 784", d.data.len())));
         }
         labels.extend(std::iter::repeat_n(digit as u32, d.data.len() / 784));

@@ -163,7 +163,7 @@ pub fn encode<M: Serialize>(msg: &M, payload: &[u8]) -> WireFrame {
         return WireFrame::Text(json);
     }
     let mut header = json.into_bytes();
-    while header.len() % 4 != 0 {
+    while !header.len().is_multiple_of(4) {
         header.push(b' ');
     }
     let mut out = Vec::with_capacity(4 + header.len() + payload.len());
@@ -188,7 +188,7 @@ fn split<M: DeserializeOwned>(text: Option<&str>, binary: Option<&[u8]>) -> Resu
     if h > MAX_HEADER_BYTES || 4 + h > b.len() {
         return Err(ProtocolError::HeaderLength(h));
     }
-    if h % 4 != 0 {
+    if !h.is_multiple_of(4) {
         return Err(ProtocolError::Misaligned(h));
     }
     let msg = serde_json::from_slice(&b[4..4 + h]).map_err(|e| ProtocolError::Json(e.to_string()))?;

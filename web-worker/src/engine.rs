@@ -42,6 +42,7 @@ pub enum EngineError {
 
 /// Where a worker computes: resolved once per worker from a [`BackendChoice`].
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // One per worker, never stored in bulk; boxing would only add indirection.
 pub enum Device {
     Gpu(GpuContext),
     Cpu,
@@ -105,6 +106,7 @@ fn cpu_label() -> String {
 
 /// A model resident on one backend.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // One per worker session.
 pub enum Engine {
     Gpu(GpuEngine),
     Cpu(CpuEngine),
