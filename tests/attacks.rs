@@ -4,6 +4,9 @@
 //! mid-run). Each test asserts that no lie reaches the model, liars end refused, honest workers are never
 //! rejected, and every applied step was verified.
 
+// The helpers below are test code too (clippy.toml: a panic in a test is a failure with a location).
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -143,7 +146,7 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                         let mut out = honest()?;
                         flips += 1;
                         let i = (flips as usize * 7919) % out.grad.len();
-                        out.grad[i] = if flips % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                        out.grad[i] = if flips.is_multiple_of(2) { f32::NAN } else { f32::INFINITY };
                         (Some((out.loss, out.correct, f32_bytes(&out.grad))), Sent::Lie)
                     }
                     Raw::Stale if version < first_version.unwrap_or(0) + 3 => (None, Sent::Honest),
@@ -241,7 +244,7 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
         .map(|(name, t)| (name, spawn_worker(server.ws_url(), BackendChoice::Cpu, name, None, None, Some(t))))
         .collect();
     let shared: Shared = Arc::default();
-    let raws: Vec<(&str, Arc<Mutex<RawReport>>, tokio::task::JoinHandle<anyhow::Result<()>>)> = [
+    let raws: Vec<_> = [
         ("nan-inf", Raw::NonFinite),
         ("stale", Raw::Stale),
         ("replay", Raw::Replay),
