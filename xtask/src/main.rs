@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's driver. `demo` runs the coordinator with the demo job and local workers; `test` runs
-//! every test; `bench kernels` runs the kernel benchmark; `setup` installs prerequisites. Each step says what it does.
+//! every test; `bench kernels` runs the kernel benchmark; `bench trust` the verification benchmark; `setup` installs
+//! prerequisites. Each step says what it does.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -14,6 +15,7 @@ commands:
   test            every test: unit, kernel (lavapipe), end-to-end, browser (Chromium: WebGPU and WASM CPU)
   wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
   bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
+  bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
   setup           install prerequisites only (apt packages when root, rustup target, npm packages)";
 
 fn main() -> ExitCode {
@@ -186,7 +188,11 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
                 .args(["run", "--release", "--manifest-path", "bench/Cargo.toml", "--", "kernels"])
                 .env("CARGO_TARGET_DIR", root().join("bench/target")))
         }
-        other => bail!("unknown benchmark {other:?}; available: kernels"),
+        Some("trust") => {
+            say("running the trust benchmark: a coordinator with 6 honest + 2 cheating CPU workers, plain R=2 then adaptive");
+            run(Command::new("cargo").args(["run", "-p", "starling-coordinator", "--example", "trust_bench"]))
+        }
+        other => bail!("unknown benchmark {other:?}; available: kernels, trust"),
     }
 }
 
