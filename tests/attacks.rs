@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use starling_coordinator::config::ServeConfig;
 use starling_coordinator::job::Hyper;
+use starling_coordinator::ledger::sha256_hex;
 use starling_coordinator::store::Store;
 use starling_core::cpu::CpuEngine;
 use starling_core::protocol::{
@@ -84,6 +85,8 @@ enum Raw {
     Replay,
     /// Computes honestly and publishes each result for its partner (version, micro-batch) → result.
     Publisher(Shared),
+    /// Computes honestly but sends a `commit` that is not the hash of the payload it sends.
+    BadCommit,
     /// Never computes: sends the partner's result for the same (version, micro-batch) when there is one, otherwise
     /// the partner's latest result for any other micro-batch.
     Copier(Shared),
@@ -163,6 +166,10 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                             (Some(r), Sent::Honest)
                         }
                     },
+                    Raw::BadCommit => {
+                        let out = honest()?;
+                        (Some((out.loss, out.correct, f32_bytes(&out.grad))), Sent::Lie)
+                    }
                     Raw::Publisher(shared) => {
                         let out = honest()?;
                         let r = (out.loss, out.correct, f32_bytes(&out.grad));
@@ -191,7 +198,14 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                 match answer {
                     Some((loss, correct, bytes)) => {
                         report.lock().unwrap().sent.insert(lease, kind);
-                        c.send(&WorkerMsg::Result { lease, loss, correct }, &bytes).await?;
+                        // The publisher commits to its payload as `Session` does; the others send no commit
+                        // (older workers) except the one whose commit is wrong.
+                        let commit = match how {
+                            Raw::Publisher(_) => Some(sha256_hex(&bytes)),
+                            Raw::BadCommit => Some(sha256_hex(&[&bytes[..], b"x"].concat())),
+                            _ => None,
+                        };
+                        c.send(&WorkerMsg::Result { lease, loss, correct, commit }, &bytes).await?;
                     }
                     None => c.send(&WorkerMsg::Failed { lease, reason: "declined".into() }, &[]).await?,
                 }
@@ -248,6 +262,7 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
         ("nan-inf", Raw::NonFinite),
         ("stale", Raw::Stale),
         ("replay", Raw::Replay),
+        ("bad-commit", Raw::BadCommit),
         ("publisher", Raw::Publisher(shared.clone())),
         ("copier", Raw::Copier(shared.clone())),
     ]
@@ -266,7 +281,7 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
 
     for (name, h) in liars {
         let r = join(h)?;
-        println!("{name:>9}: {:?}, closed by {:?}", r.stats, r.closed_by);
+        println!("{name:>10}: {:?}, closed by {:?}", r.stats, r.closed_by);
         assert_eq!(r.stats.accepted, 0, "{name}: a tampered result was accepted");
         assert!(refused(&r), "{name} keeps lying and must end refused: {:?}", r.closed_by);
     }
@@ -274,7 +289,7 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
         task.abort();
         let r = report.lock().unwrap();
         println!(
-            "{name:>9}: sent {} honest / {} lies / {} copies; accepted {} honest / {} lies / {} copies; refused {}",
+            "{name:>10}: sent {} honest / {} lies / {} copies; accepted {} honest / {} lies / {} copies; refused {}",
             r.count(Sent::Honest), r.count(Sent::Lie), r.count(Sent::Copy),
             r.accepted(Sent::Honest), r.accepted(Sent::Lie), r.accepted(Sent::Copy), r.refused
         );

@@ -610,11 +610,10 @@ impl State {
         fx.store.push(StoreOp::Rejection { worker, refused: refuse });
     }
 
-    /// A result arrived for `lease` on `conn`.
-    pub fn result(&mut self, conn: ConnId, lease_id: LeaseId, loss: f32, correct: u32, grad: Vec<f32>) -> Effects {
-        let mut fx = Effects::default();
-        let Some(worker) = self.conns.get(&conn).map(|c| c.worker) else { return fx };
-        // A lease that is unknown, expired, or another connection's is late: ignored, no strike.
+    /// Takes `lease_id` back from `conn` for its result. A lease that is unknown, expired, another connection's, or
+    /// of a superseded step is late: ignored, no strike (`None`, with the `late` verdict in `fx`).
+    fn claim(&mut self, conn: ConnId, lease_id: LeaseId, fx: &mut Effects) -> Option<(WorkerId, Lease)> {
+        let worker = self.conns.get(&conn).map(|c| c.worker)?;
         let lease = match self.leases.get(&lease_id) {
             Some(l) if l.conn == conn => self.drop_lease(lease_id),
             _ => None,
@@ -625,15 +624,38 @@ impl State {
             c.lease = None;
         }
         let Some(lease) = lease else {
-            self.verdict(conn, worker, lease_id, Outcome::Late, &mut fx);
-            return fx;
+            self.verdict(conn, worker, lease_id, Outcome::Late, fx);
+            return None;
         };
-        let Some(job) = self.jobs.get_mut(&lease.job) else { return fx };
+        let job = self.jobs.get_mut(&lease.job)?;
         if job.step != lease.step || job.status.is_terminal() {
             job.counters.results_late += 1;
-            self.verdict(conn, worker, lease_id, Outcome::Late, &mut fx);
-            return fx;
+            self.verdict(conn, worker, lease_id, Outcome::Late, fx);
+            return None;
         }
+        Some((worker, lease))
+    }
+
+    /// A result arrived for `lease` whose payload does not match the `commit` it was sent with: rejected with a
+    /// strike, like any invalid result (or `late` when the lease is no longer this connection's).
+    pub fn result_mismatch(&mut self, conn: ConnId, lease_id: LeaseId) -> Effects {
+        let mut fx = Effects::default();
+        let Some((worker, lease)) = self.claim(conn, lease_id, &mut fx) else { return fx };
+        tracing::warn!(%worker, lease = %lease_id, "result rejected: payload does not match its commit");
+        if let Some(job) = self.jobs.get_mut(&lease.job) {
+            job.counters.results_rejected += 1;
+        }
+        self.strike(worker, &mut fx);
+        self.verdict(conn, worker, lease_id, Outcome::Rejected, &mut fx);
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    /// A result arrived for `lease` on `conn`.
+    pub fn result(&mut self, conn: ConnId, lease_id: LeaseId, loss: f32, correct: u32, grad: Vec<f32>) -> Effects {
+        let mut fx = Effects::default();
+        let Some((worker, lease)) = self.claim(conn, lease_id, &mut fx) else { return fx };
+        let Some(job) = self.jobs.get_mut(&lease.job) else { return fx };
         let elapsed = lease.issued.elapsed().as_secs_f64() * 1000.0;
         job.result_ms = if job.result_ms == 0.0 { elapsed } else { 0.9 * job.result_ms + 0.1 * elapsed };
         let micro = lease.micro;

@@ -285,9 +285,14 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
                 break;
             }
             WorkerMsg::Ready => app.state().ready(conn),
-            WorkerMsg::Result { lease, loss, correct } => {
-                let grad = f32s(payload);
-                app.state().result(conn, lease, loss, correct, grad)
+            WorkerMsg::Result { lease, loss, correct, commit } => {
+                // Commit before reveal: a result that names the hash of its payload must carry exactly that payload.
+                if commit.is_some_and(|c| !c.eq_ignore_ascii_case(&crate::ledger::sha256_hex(payload))) {
+                    app.state().result_mismatch(conn, lease)
+                } else {
+                    let grad = f32s(payload);
+                    app.state().result(conn, lease, loss, correct, grad)
+                }
             }
             WorkerMsg::Failed { lease, reason } => {
                 tracing::info!(%lease, reason = %reason.chars().take(200).collect::<String>(), "worker could not compute its lease");

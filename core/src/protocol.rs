@@ -74,7 +74,15 @@ pub enum WorkerMsg {
     /// Ready for one more lease; the coordinator pushes a `lease` as soon as one is available.
     Ready,
     /// The result of a lease. Binary payload: the gradient, `param_count` f32 values in the spec's layout.
-    Result { lease: LeaseId, loss: f32, correct: u32 },
+    /// `commit`: optional lower-case hex SHA-256 of the payload bytes; when present the coordinator rejects a result
+    /// whose payload does not match it (docs/PROTOCOL.md says what this does and does not protect).
+    Result {
+        lease: LeaseId,
+        loss: f32,
+        correct: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit: Option<String>,
+    },
     /// The worker could not compute a lease (e.g. its GPU device was lost); the lease is released, no strike.
     Failed { lease: LeaseId, reason: String },
 }
@@ -328,7 +336,7 @@ mod tests {
         assert!(matches!(f, WireFrame::Text(_)));
         assert_eq!(decode_worker(&f).unwrap().0, hello);
 
-        let result = WorkerMsg::Result { lease: LeaseId(7), loss: 0.5, correct: 3 };
+        let result = WorkerMsg::Result { lease: LeaseId(7), loss: 0.5, correct: 3, commit: None };
         let grad = f32_bytes(&[1.0, -2.0, 3.5]);
         let WireFrame::Binary(bytes) = encode(&result, &grad) else { panic!("tensor messages are binary") };
         let h = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
@@ -336,6 +344,13 @@ mod tests {
         let (msg, payload) = WorkerMsg::decode_binary(&bytes).unwrap();
         assert_eq!(msg, result);
         assert_eq!(f32s(payload), vec![1.0, -2.0, 3.5]);
+
+        // `commit` is optional both ways: absent from the JSON when `None`, and a result without it still decodes.
+        let header = std::str::from_utf8(&bytes[4..4 + h]).unwrap();
+        assert!(!header.contains("commit"), "{header}");
+        let committed = WorkerMsg::Result { lease: LeaseId(7), loss: 0.5, correct: 3, commit: Some("00ff".into()) };
+        let WireFrame::Binary(bytes) = encode(&committed, &grad) else { panic!("tensor messages are binary") };
+        assert_eq!(WorkerMsg::decode_binary(&bytes).unwrap().0, committed);
     }
 
     #[test]
@@ -350,7 +365,7 @@ mod tests {
         );
         let WireFrame::Binary(b) = encode(&WorkerMsg::Ready, &[0, 0, 0, 0]) else { panic!() };
         assert_eq!(WorkerMsg::decode_binary(&b), Err(ProtocolError::UnexpectedPayload("ready")));
-        let WireFrame::Binary(mut b) = encode(&WorkerMsg::Result { lease: LeaseId(1), loss: 0.0, correct: 0 }, &[0; 8]) else {
+        let WireFrame::Binary(mut b) = encode(&WorkerMsg::Result { lease: LeaseId(1), loss: 0.0, correct: 0, commit: None }, &[0; 8]) else {
             panic!()
         };
         b.push(1);
@@ -359,7 +374,7 @@ mod tests {
 
     #[test]
     fn every_prefix_and_byte_flip_of_a_frame_decodes_without_panic() {
-        let WireFrame::Binary(b) = encode(&WorkerMsg::Result { lease: LeaseId(3), loss: 1.0, correct: 2 }, &f32_bytes(&[1.0; 16]))
+        let WireFrame::Binary(b) = encode(&WorkerMsg::Result { lease: LeaseId(3), loss: 1.0, correct: 2, commit: Some("ab".repeat(32)) }, &f32_bytes(&[1.0; 16]))
         else {
             panic!()
         };
@@ -446,7 +461,7 @@ mod tests {
                     platform: if r.below(2) == 0 { Platform::Native } else { Platform::Browser },
                 },
                 1 => WorkerMsg::Ready,
-                2 => WorkerMsg::Result { lease: LeaseId(num(r)), loss: float32(r), correct: num32(r) },
+                2 => WorkerMsg::Result { lease: LeaseId(num(r)), loss: float32(r), correct: num32(r), commit: opt(r) },
                 _ => WorkerMsg::Failed { lease: LeaseId(num(r)), reason: text(r) },
             }
         }
@@ -480,7 +495,9 @@ mod tests {
 
         fn same_worker(a: &WorkerMsg, b: &WorkerMsg) -> bool {
             match (a, b) {
-                (WorkerMsg::Result { lease, loss, correct }, WorkerMsg::Result { lease: l, loss: x, correct: c }) => lease == l && correct == c && close(*loss as f64, *x as f64),
+                (WorkerMsg::Result { lease, loss, correct, commit }, WorkerMsg::Result { lease: l, loss: x, correct: c, commit: k }) => {
+                    lease == l && correct == c && commit == k && close(*loss as f64, *x as f64)
+                }
                 _ => a == b,
             }
         }

@@ -172,7 +172,9 @@ impl Session {
                 let reply = match self.compute(lease, job, version, rows, payload).await {
                     Ok((out, bytes)) => {
                         self.stats.results_sent += 1;
-                        encode(&WorkerMsg::Result { lease, loss: out.loss, correct: out.correct }, &bytes)
+                        // Commit to the exact payload bytes (docs/PROTOCOL.md: what the commit does and does not protect).
+                        let commit = Some(hex_sha256(&bytes));
+                        encode(&WorkerMsg::Result { lease, loss: out.loss, correct: out.correct, commit }, &bytes)
                     }
                     Err(reason) => {
                         self.stats.failed += 1;
@@ -227,6 +229,12 @@ impl Session {
         let bytes = f32_bytes(&out.grad);
         Ok((out, bytes))
     }
+}
+
+/// Lower-case hex SHA-256 of `bytes` (a result's `commit`).
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Milliseconds from an arbitrary origin, on both platforms (`std::time::Instant` panics in wasm32).
