@@ -134,7 +134,7 @@ pub async fn create_owner(store: &Store, name: &str) -> anyhow::Result<String> {
 /// and hands the reference to the scheduler. Boxed for the same reason as [`evaluate`].
 fn spot_check(app: Arc<App>, check: scheduler::SpotCheck) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
-        let scheduler::SpotCheck { job, step, micro, lease, spec, params, x, labels } = check;
+        let scheduler::SpotCheck { arbitrate, job, step, micro, lease, spec, params, x, labels } = check;
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
             engine.load(&params)?;
@@ -152,7 +152,7 @@ fn spot_check(app: Arc<App>, check: scheduler::SpotCheck) -> Pin<Box<dyn Future<
                 None
             }
         };
-        let fx = app.state().spot_checked(job, step, micro, lease, reference);
+        let fx = if arbitrate { app.state().arbitrated(job, step, micro, reference) } else { app.state().spot_checked(job, step, micro, lease, reference) };
         app.apply(fx).await;
     })
 }

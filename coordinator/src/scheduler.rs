@@ -63,9 +63,13 @@ pub enum StoreOp {
     Eval { job: JobId, metric: MetricRow },
 }
 
-/// A trusted worker's unreplicated result to check by recomputing its micro-batch on the CPU, off the lock.
+/// A micro-batch the coordinator recomputes on the CPU, off the lock: a trusted worker's unreplicated result to
+/// spot-check, or (`arbitrate`) replicas that disagree, to settle by the coordinator's own result instead of a
+/// volunteer tie-breaker (whom a colluding partner could be).
 #[derive(Debug, Clone)]
 pub struct SpotCheck {
+    /// Arbitration of a disagreement rather than a spot check of one trusted result.
+    pub arbitrate: bool,
     pub job: JobId,
     pub step: u64,
     pub micro: u32,
@@ -197,11 +201,13 @@ struct Micro {
     settled: Option<Settled>,
     /// Leased to one trusted worker only (adaptive replication): its result waits for a coordinator spot check.
     solo: bool,
+    /// The coordinator is recomputing this micro-batch to settle a disagreement.
+    arbitrating: bool,
 }
 
 impl Micro {
     fn new(rows: Vec<u32>, wanted: u32) -> Self {
-        Self { rows, wanted, active: Vec::new(), subs: Vec::new(), involved: Vec::new(), settled: None, solo: false }
+        Self { rows, wanted, active: Vec::new(), subs: Vec::new(), involved: Vec::new(), settled: None, solo: false, arbitrating: false }
     }
 }
 
@@ -220,6 +226,8 @@ pub struct JobCounters {
     /// Trusted results recomputed by the coordinator instead of replicated, and how many of those disagreed.
     pub spot_checks: u64,
     pub spot_check_failures: u64,
+    /// Disagreements settled by the coordinator's own recomputation.
+    pub arbitrations: u64,
     pub steps_applied: u64,
 }
 
@@ -671,6 +679,7 @@ impl State {
             return fx;
         }
         let (tolerance, quorum, step) = (job.hyper.tolerance, job.hyper.quorum() as usize, job.step);
+        let max_params = self.config.spot_check_max_params;
         match &m.settled {
             Some(Settled::Accepted { loss: l, correct: c, grad: g, .. }) => {
                 // A speculative or extra replica of a micro-batch already accepted: credit it if it agrees.
@@ -700,7 +709,7 @@ impl State {
             // A trusted worker's unreplicated result reaches the model only if the coordinator's own
             // recomputation agrees (`spot_checked`); until then it waits here like a first replica.
             let (x, labels) = job.train.gather(&m.rows);
-            fx.spot_checks.push(SpotCheck { job: job.id, step, micro, lease: lease_id, spec: job.spec.clone(), params: job.params.clone(), x, labels });
+            fx.spot_checks.push(SpotCheck { arbitrate: false, job: job.id, step, micro, lease: lease_id, spec: job.spec.clone(), params: job.params.clone(), x, labels });
             job.counters.spot_checks += 1;
             m.subs.push(Submission { worker, conn, lease: lease_id, loss, correct, grad });
             self.assign_all(&mut fx);
@@ -738,9 +747,18 @@ impl State {
                 self.maybe_advance(job_id, &mut fx);
             }
             None => {
-                if m.subs.len() as u32 >= m.wanted {
+                if m.subs.len() as u32 >= m.wanted && !m.arbitrating {
                     job.counters.disagreements += 1;
-                    if m.wanted >= MAX_REPLICAS {
+                    if job.spec.param_count() <= max_params {
+                        // Settle it with our own recomputation: a volunteer tie-breaker could be a colluder's
+                        // partner, who would then outvote (and get struck) the honest replica.
+                        m.arbitrating = true;
+                        job.counters.arbitrations += 1;
+                        let (x, labels) = job.train.gather(&m.rows);
+                        let check = SpotCheck { arbitrate: true, job: job.id, step, micro, lease: lease_id, spec: job.spec.clone(), params: job.params.clone(), x, labels };
+                        fx.spot_checks.push(check);
+                        tracing::info!(job = %job.id, step, micro, "results disagree; the coordinator recomputes the micro-batch to settle it");
+                    } else if m.wanted >= MAX_REPLICAS {
                         tracing::warn!(job = %job.id, step, micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
                         job.counters.micro_batches_abandoned += 1;
                         m.settled = Some(Settled::Abandoned);
@@ -898,8 +916,9 @@ impl State {
         let agrees = verify::agree(&theirs, &ours, job.hyper.tolerance);
         let sub = m.subs.remove(i);
         if agrees {
-            let row = AcceptedRow { micro, rows, loss: sub.loss, correct: sub.correct, agreeing: 1, grad: sub.grad.clone() };
-            m.settled = Some(Settled::Accepted { loss: sub.loss, correct: sub.correct, grad: Arc::new(sub.grad), agreeing: 1 });
+            // Two independent computations agreed: the worker's and the coordinator's.
+            let row = AcceptedRow { micro, rows, loss: sub.loss, correct: sub.correct, agreeing: 2, grad: sub.grad.clone() };
+            m.settled = Some(Settled::Accepted { loss: sub.loss, correct: sub.correct, grad: Arc::new(sub.grad), agreeing: 2 });
             job.counters.results_accepted += 1;
             let credit = self.credit(sub.worker, flops);
             fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits: vec![credit] });
@@ -913,6 +932,65 @@ impl State {
             self.strike(sub.worker, &mut fx);
             self.verdict(sub.conn, sub.worker, sub.lease, Outcome::Rejected, &mut fx);
         }
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    /// The coordinator's recomputation of a disputed micro-batch finished (`None`: it could not run, so a volunteer
+    /// tie-breaker is leased instead). Replicas that agree with it win (accepted, credited; `agreeing` counts the
+    /// coordinator too); the others get strikes. If none agrees, all are struck and the micro-batch is leased afresh.
+    pub fn arbitrated(&mut self, job_id: JobId, step: u64, micro: u32, reference: Option<starling_core::StepOutput>) -> Effects {
+        let mut fx = Effects::default();
+        let Some(job) = self.jobs.get_mut(&job_id) else { return fx };
+        if job.step != step || job.status.is_terminal() {
+            return fx;
+        }
+        let Some(m) = job.micros.get_mut(micro as usize) else { return fx };
+        if m.settled.is_some() || !m.arbitrating {
+            return fx;
+        }
+        m.arbitrating = false;
+        let Some(reference) = reference else {
+            m.wanted = (m.wanted + 1).min(MAX_REPLICAS);
+            self.assign_all(&mut fx);
+            return fx;
+        };
+        let tolerance = job.hyper.tolerance;
+        let rows = m.rows.len() as u32;
+        let flops = job.spec.train_flops(rows as u64);
+        let ours = Candidate { loss: reference.loss, correct: reference.correct, grad: &reference.grad };
+        let (winners, losers): (Vec<Submission>, Vec<Submission>) = std::mem::take(&mut m.subs)
+            .into_iter()
+            .partition(|s| verify::agree(&Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }, &ours, tolerance));
+        job.counters.results_rejected += losers.len() as u64;
+        if winners.is_empty() {
+            tracing::warn!(job = %job_id, step, micro, replicas = losers.len(), "no replica agrees with the coordinator's recomputation");
+            m.wanted = job.hyper.redundancy;
+        } else {
+            let n = winners.len() as f32;
+            let mut mean = vec![0.0f32; reference.grad.len()];
+            for w in &winners {
+                for (o, v) in mean.iter_mut().zip(&w.grad) {
+                    *o += v / n;
+                }
+            }
+            let loss = winners.iter().map(|w| w.loss).sum::<f32>() / n;
+            let (correct, agreeing) = (winners[0].correct, winners.len() as u32 + 1);
+            let row = AcceptedRow { micro, rows, loss, correct, agreeing, grad: mean.clone() };
+            m.settled = Some(Settled::Accepted { loss, correct, grad: Arc::new(mean), agreeing });
+            job.counters.results_accepted += winners.len() as u64;
+            let credits: Vec<Credit> = winners.iter().map(|w| self.credit(w.worker, flops)).collect();
+            fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits });
+            for w in &winners {
+                self.verdict(w.conn, w.worker, w.lease, Outcome::Accepted, &mut fx);
+            }
+        }
+        for l in &losers {
+            tracing::warn!(worker = %l.worker, job = %job_id, step, micro, "result disagrees with the coordinator's recomputation");
+            self.strike(l.worker, &mut fx);
+            self.verdict(l.conn, l.worker, l.lease, Outcome::Rejected, &mut fx);
+        }
+        self.maybe_advance(job_id, &mut fx);
         self.assign_all(&mut fx);
         fx
     }
