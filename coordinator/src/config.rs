@@ -135,8 +135,9 @@ pub struct ServeConfig {
     /// Largest dataset upload, in bytes.
     #[arg(long, default_value_t = starling_core::data::MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
-    /// Messages per second a worker connection may send on average (token bucket; `--msg-burst` at once). An
-    /// honest worker sends two per lease (`result`, `ready`) and holds one lease at a time, so it stays far below.
+    /// Unsolicited messages per second a worker connection may send on average (token bucket; `--msg-burst` at
+    /// once). The protocol's paced flow — a `result` for the lease held, a `ready` when idle — is not counted, so an
+    /// honest worker is never limited however fast it computes; duplicates, stray results and pings are.
     #[arg(long, default_value_t = 200)]
     pub msg_rate: u32,
     /// Messages a worker connection may send in one burst before `--msg-rate` applies.
@@ -172,9 +173,10 @@ impl ServeConfig {
             speculate_after_ms: 2000,
             max_frame_bytes: starling_core::protocol::MAX_WORKER_FRAME_BYTES,
             max_upload_bytes: starling_core::data::MAX_UPLOAD_BYTES,
-            // Generous: tests run many fast workers from 127.0.0.1; the limit tests set their own.
-            msg_rate: 100_000,
-            msg_burst: 100_000,
+            // The production message limits, so every test exercises them; connections per address are generous
+            // because tests run many workers from 127.0.0.1 (the limit tests set their own).
+            msg_rate: 200,
+            msg_burst: 400,
             max_conns_per_addr: 64,
             trust_threshold: 10,
             spot_check_max_params: 2_000_000,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use starling_core::data::Dataset;
 use starling_core::optim::Optimizer;
 use starling_core::protocol::{
-    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, Platform, WireFrame, WorkerId, encode, f32_bytes, lease_payload,
+    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, Platform, WireFrame, WorkerId, WorkerMsg, encode, f32_bytes, lease_payload,
 };
 use starling_core::{EvalOutput, ModelSpec, schedule};
 
@@ -456,6 +456,17 @@ impl State {
             c.lease = None;
         }
         Some(lease)
+    }
+
+    /// Whether `msg` is part of the protocol's paced flow on `conn`: a `result` or `failed` for the lease it holds,
+    /// or a `ready` while it holds none and has not already asked. Anything else counts against the rate limit.
+    pub fn solicited(&self, conn: ConnId, msg: &WorkerMsg) -> bool {
+        let Some(c) = self.conns.get(&conn) else { return false };
+        match msg {
+            WorkerMsg::Result { lease, .. } | WorkerMsg::Failed { lease, .. } => c.lease == Some(*lease),
+            WorkerMsg::Ready => c.lease.is_none() && !c.ready,
+            WorkerMsg::Hello { .. } => false,
+        }
     }
 
     /// The worker asked for work.

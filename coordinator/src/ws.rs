@@ -262,15 +262,18 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
             }
             Some(Ok(m)) => m,
         };
-        if !bucket.take() {
-            close(ErrorCode::Limit, format!("more than {} messages per second (burst {})", app.config.msg_rate, app.config.msg_burst));
-            break;
-        }
+        let flood = || format!("more than {} unsolicited messages per second (burst {})", app.config.msg_rate, app.config.msg_burst);
         let decoded = match &msg {
             Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map(|m| (m, &[][..])),
             Message::Binary(b) => WorkerMsg::decode_binary(b),
             Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Ping(_) | Message::Pong(_) => {
+                if !bucket.take() {
+                    close(ErrorCode::Limit, flood());
+                    break;
+                }
+                continue;
+            }
         };
         let (msg, payload) = match decoded {
             Ok(x) => x,
@@ -279,6 +282,12 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
                 break;
             }
         };
+        // The protocol's own flow (one `result` per lease held, one `ready` when idle) is paced by the leases we hand
+        // out, so only messages outside it are rate-limited: an honest worker is never cut off however fast it is.
+        if !app.state().solicited(conn, &msg) && !bucket.take() {
+            close(ErrorCode::Limit, flood());
+            break;
+        }
         let fx = match msg {
             WorkerMsg::Hello { .. } => {
                 close(ErrorCode::OutOfProtocol, "hello sent twice".into());
