@@ -2,6 +2,9 @@
 //   per row r: mx = max_j z[r, j]; lse = mx + log Σ_j exp(z[r, j] - mx); loss_r = lse - z[r, label_r]
 //   stats.loss_sum = Σ_r loss_r;  stats.correct = #{r : first arg-max of row r == label_r}  (ties → lowest j)
 //   if write_grad: dlogits[r, j] = (exp(z[r, j] - lse) - [j == label_r]) / rows   (gradient of the MEAN loss)
+// Computed without cancellation: with others_r = Σ_{j≠label} exp(z[r, j] - mx), loss_r = log1p(others_r) when the
+// label holds the max and the label's gradient is -others_r / Σ_j exp(z[r, j] - mx), so confidently right rows
+// keep full relative precision (honest devices must agree to 1e-3 even when the loss is near zero).
 //
 // Layout: logits and dlogits are [rows, classes] row-major from element 0; labels holds rows u32 class indices
 // (validated on the host to be < classes); stats is { loss_sum: f32, correct: u32 }.
@@ -38,6 +41,21 @@ struct Stats {
 
 const WG: u32 = 256u;
 
+// log(1 + x) for x ≥ 0. WGSL's `log` is only accurate to an absolute 2^-21 near 1, so small x use the series
+// x − x²/2 + … − x¹⁰/10 (truncation below 1e-11 relative for x < 0.1).
+fn log1p_small(x: f32) -> f32 {
+    if (x >= 0.1) {
+        return log(1.0 + x);
+    }
+    var term = x;
+    var acc = 0.0;
+    for (var k = 1u; k <= 10u; k++) {
+        acc += select(-term, term, (k & 1u) == 1u) / f32(k);
+        term *= x;
+    }
+    return acc;
+}
+
 var<workgroup> loss_part: array<f32, WG>;
 var<workgroup> correct_part: array<u32, WG>;
 
@@ -57,18 +75,31 @@ fn main(@builtin(local_invocation_index) t: u32) {
                 best = j;
             }
         }
-        var sum = 0.0;
-        for (var j = 0u; j < p.classes; j++) {
-            sum += exp(logits[base + j] - mx);
-        }
-        let lse = mx + log(sum);
         let label = labels[r];
-        loss += lse - logits[base + label];
+        // sum = Σ_j e^(z_j − mx); others = the same without the label's term. Keeping `others` apart avoids the
+        // cancellation in p_y − 1 and in (mx + log(sum)) − z_y once a row is confidently right, where the gradient
+        // and loss are tiny and would otherwise be mostly rounding (and differ between honest devices).
+        var sum = 0.0;
+        var others = 0.0;
+        for (var j = 0u; j < p.classes; j++) {
+            let e = exp(logits[base + j] - mx);
+            sum += e;
+            others += select(e, 0.0, j == label);
+        }
+        let z_y = logits[base + label];
+        if (z_y >= mx) {
+            // The label holds the max: loss = log(1 + others), by a series where log near 1 is inaccurate.
+            loss += log1p_small(others);
+        } else {
+            loss += (mx - z_y) + log(sum);
+        }
         correct += select(0u, 1u, best == label);
         if (p.write_grad != 0u) {
+            let inv_sum = 1.0 / sum;
             for (var j = 0u; j < p.classes; j++) {
-                let y = select(0.0, 1.0, j == label);
-                dlogits[base + j] = (exp(logits[base + j] - lse) - y) * inv_rows;
+                let pj = exp(logits[base + j] - mx) * inv_sum;
+                // p_y − 1 = −others / sum exactly, without subtracting two numbers close to 1.
+                dlogits[base + j] = select(pj, -others * inv_sum, j == label) * inv_rows;
             }
         }
     }

@@ -85,14 +85,17 @@ pub fn softmax_xent(logits: &[f32], labels: &[u32], classes: usize, mut dlogits:
             }
         }
         let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-        let lse = sum.ln() + max as f64;
-        loss += lse - row[label as usize] as f64;
+        let z_y = row[label as usize];
+        // Σ_{j≠y} e^(z_j − max): when the label holds the max, loss = ln(1 + others) exactly, without the cancellation
+        // of lse − z_y (which, for logits of 1e30, would lose the whole answer).
+        let others: f64 = row.iter().enumerate().filter(|(j, _)| *j != label as usize).map(|(_, &v)| ((v - max) as f64).exp()).sum();
+        loss += if z_y >= max { others.ln_1p() } else { (max - z_y) as f64 + sum.ln() };
         correct += u32::from(best == label as usize);
         if let Some(d) = dlogits.as_deref_mut() {
             for j in 0..classes {
-                let p = ((row[j] as f64) - lse).exp();
-                let y = if j == label as usize { 1.0 } else { 0.0 };
-                d[r * classes + j] = ((p - y) / rows as f64) as f32;
+                // p_j − [j = y], with p_y − 1 written as −others / sum (no cancellation, as for the loss).
+                let g = if j == label as usize { -others / sum } else { ((row[j] - max) as f64).exp() / sum };
+                d[r * classes + j] = (g / rows as f64) as f32;
             }
         }
     }

@@ -171,6 +171,28 @@ fn softmax_xent_matches_reference_and_is_stable() {
     }
 }
 
+/// Late in training most rows are classified with a wide margin: loss and gradient are tiny and must still agree
+/// *relatively* between devices, or honest replicas would fail verification (relative L2 ≤ 1e-3).
+#[test]
+fn softmax_xent_keeps_relative_precision_on_confident_rows() {
+    let mut rng = SplitMix64::new(11);
+    let (rows, classes) = (64, 10);
+    let mut logits: Vec<f32> = randn(&mut rng, rows * classes);
+    let labels: Vec<u32> = (0..rows).map(|_| rng.below(classes as u64) as u32).collect();
+    for (r, &l) in labels.iter().enumerate() {
+        logits[r * classes + l as usize] = 14.0 + (r % 5) as f32; // p_wrong ≈ e^-14..e^-18
+    }
+    let (loss, _, d) = pollster::block_on(gpu::softmax_xent(ctx(), &logits, &labels, classes)).expect("gpu softmax");
+    let mut want_d = vec![0.0; rows * classes];
+    let (want_loss, _) = reference::softmax_xent(&logits, &labels, classes, Some(&mut want_d));
+    let rel_loss = (loss as f64 - want_loss).abs() / want_loss;
+    let num: f64 = d.iter().zip(&want_d).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+    let den: f64 = want_d.iter().map(|w| (*w as f64).powi(2)).sum();
+    let rel_grad = (num / den).sqrt();
+    println!("confident rows: loss {loss:e} (rel err {rel_loss:.1e}), dlogits rel L2 {rel_grad:.1e}");
+    assert!(rel_loss < 1e-4 && rel_grad < 1e-4, "loss rel {rel_loss:e}, grad rel {rel_grad:e}");
+}
+
 #[test]
 fn col_sum_matches_reference() {
     let mut rng = SplitMix64::new(4);
