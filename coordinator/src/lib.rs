@@ -117,6 +117,12 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
     })
 }
 
+/// The demo job's schedule: the default one (95% held-out accuracy around step 450–600) run for 20,000 steps, so the
+/// job is still training — and a volunteer who opens the page gets work — minutes after `cargo xtask demo` starts.
+pub fn demo_hyper() -> Hyper {
+    Hyper { steps: 20_000, ..Hyper::default() }
+}
+
 /// Name of the owner of the demo job.
 pub const DEMO_OWNER: &str = "demo";
 
@@ -238,7 +244,7 @@ pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Futu
     let store = Store::open(&config.db).await.with_context(|| format!("opening database {}", config.db.display()))?;
     if config.demo {
         let token_file = config.db.with_extension("demo-token");
-        ensure_demo_job(&store, &config.mnist_dir, Hyper::default(), Some(&token_file)).await?;
+        ensure_demo_job(&store, &config.mnist_dir, demo_hyper(), Some(&token_file)).await?;
     }
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
