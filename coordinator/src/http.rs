@@ -174,6 +174,8 @@ pub struct JobView {
     pub steps: u64,
     /// Whether the requester owns the job (and so sees `spec`, `hyper` and may control it).
     pub owned: bool,
+    /// Whom the job trains for (the owner's name; public).
+    pub owner: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spec: Option<ModelSpec>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,6 +215,7 @@ pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
         step: j.step,
         steps: j.hyper.steps,
         owned,
+        owner: j.owner_name.clone(),
         spec: owned.then(|| j.spec.clone()),
         hyper: owned.then(|| j.hyper.clone()),
         param_count: j.spec.param_count(),
@@ -298,6 +301,7 @@ async fn create_job(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> Api
         st.load_job(JobLoad {
             id,
             owner: Some(owner),
+            owner_name: auth.0.as_ref().map(|o| o.name.clone()),
             name: name.to_string(),
             spec,
             hyper,
@@ -409,6 +413,8 @@ async fn credits_leaderboard(State(app): State<Arc<App>>) -> ApiResult<Json<serd
 #[derive(Debug, Deserialize)]
 struct LedgerQuery {
     token: Option<String>,
+    /// Only the newest this many entries (all when absent).
+    limit: Option<usize>,
 }
 
 /// `GET /credits/{worker}`: a volunteer's own ledger entries; needs that worker's token (`?token=` or the
@@ -425,9 +431,14 @@ async fn worker_ledger(
     };
     match app.store.worker_by_token_hash(&crate::ws::token_hash(&token)).await? {
         Some(w) if w.id.0 == worker => {
-            let entries = app.store.ledger(Some(w.id)).await?;
+            let mut entries = app.store.ledger(Some(w.id)).await?;
+            let total = entries.len();
+            if let Some(limit) = q.limit {
+                entries.drain(..total.saturating_sub(limit));
+            }
             Ok(Json(serde_json::json!({
-                "id": w.id.0, "name": w.name, "credits": w.credits_flops as f64 / 1e9, "accepted": w.accepted, "entries": entries
+                "id": w.id.0, "name": w.name, "credits": w.credits_flops as f64 / 1e9, "accepted": w.accepted,
+                "total_entries": total, "entries": entries
             })))
         }
         _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "that token does not belong to this worker")),

@@ -221,6 +221,10 @@ async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State
         state.load_job(JobLoad {
             id: row.id,
             owner: row.owner,
+            owner_name: match row.owner {
+                Some(id) => store.owner_name(id).await?,
+                None => None,
+            },
             name: row.name,
             spec,
             hyper,

@@ -237,6 +237,8 @@ pub struct JobRun {
     pub id: JobId,
     /// The owner who may see and control it (`None`: created before accounts existed).
     pub owner: Option<i64>,
+    /// The owner's name: public, so volunteers see whom they train for.
+    pub owner_name: Option<String>,
     pub name: String,
     pub spec: ModelSpec,
     pub hyper: Hyper,
@@ -266,6 +268,7 @@ pub struct JobRun {
 pub struct JobLoad {
     pub id: JobId,
     pub owner: Option<i64>,
+    pub owner_name: Option<String>,
     pub name: String,
     pub spec: ModelSpec,
     pub hyper: Hyper,
@@ -343,6 +346,7 @@ impl State {
         let mut job = JobRun {
             id: load.id,
             owner: load.owner,
+            owner_name: load.owner_name,
             name: load.name,
             spec: load.spec,
             hyper: load.hyper,

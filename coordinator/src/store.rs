@@ -467,6 +467,11 @@ impl Store {
         Ok(row.map(|r| OwnerRow { id: r.get(0), name: r.get(1) }))
     }
 
+    pub async fn owner_name(&self, id: i64) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT name FROM owners WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     pub async fn owner_by_name(&self, name: &str) -> Result<Option<OwnerRow>> {
         let row = sqlx::query("SELECT id, name FROM owners WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
         Ok(row.map(|r| OwnerRow { id: r.get(0), name: r.get(1) }))
