@@ -207,6 +207,7 @@ async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State
                 rejected: w.rejected as u64,
                 strikes: w.strikes as u32,
                 refused: w.refused,
+                near_misses: 0,
             },
         );
     }

@@ -152,7 +152,13 @@ pub struct WorkerInfo {
     pub rejected: u64,
     pub strikes: u32,
     pub refused: bool,
+    /// Near misses in a row (see `verify::near_miss`): rare and isolated for honest devices, constant for a worker
+    /// adding small noise, which is struck at [`NEAR_MISS_STRIKE`] in a row.
+    pub near_misses: u32,
 }
+
+/// Consecutive near misses that count as one strike.
+pub const NEAR_MISS_STRIKE: u32 = 3;
 
 impl WorkerInfo {
     /// Credits in GFLOP, the unit shown to volunteers.
@@ -608,6 +614,7 @@ impl State {
         let w = self.workers.entry(worker).or_default();
         w.credits_flops += flops;
         w.accepted += 1;
+        w.near_misses = 0;
         if let Some(backend) = self.conns.values().find(|c| c.worker == worker).map(|c| c.backend) {
             *self.trust.entry((worker, backend)).or_default() += 1;
         }
@@ -939,6 +946,12 @@ impl State {
             fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits: vec![credit] });
             self.verdict(sub.conn, sub.worker, sub.lease, Outcome::Accepted, &mut fx);
             self.maybe_advance(job_id, &mut fx);
+        } else if verify::near_miss(&theirs_owned(&sub), &ours, job.hyper.tolerance) {
+            // A ReLU-kink near miss (see `verify::near_miss`): not used, not struck; replicate the micro-batch.
+            tracing::info!(worker = %sub.worker, job = %job_id, step, micro, "spot check was a near miss; replicating instead");
+            job.counters.results_late += 1;
+            m.wanted = job.hyper.redundancy;
+            self.verdict(sub.conn, sub.worker, sub.lease, Outcome::Late, &mut fx);
         } else {
             tracing::warn!(worker = %sub.worker, job = %job_id, step, micro, "trusted result failed the coordinator's spot check");
             job.counters.results_rejected += 1;
@@ -974,13 +987,26 @@ impl State {
         let rows = m.rows.len() as u32;
         let flops = job.spec.train_flops(rows as u64);
         let ours = Candidate { loss: reference.loss, correct: reference.correct, grad: &reference.grad };
-        let (winners, losers): (Vec<Submission>, Vec<Submission>) = std::mem::take(&mut m.subs)
+        let (winners, rest): (Vec<Submission>, Vec<Submission>) = std::mem::take(&mut m.subs)
             .into_iter()
             .partition(|s| verify::agree(&Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }, &ours, tolerance));
+        // Honest devices can differ by more than `tolerance` when a ReLU input sits within rounding of zero (its
+        // derivative flips between 0 and 1 for that unit), while loss and correct count still match. Such a
+        // near-miss is inconclusive: neither credited nor struck (`late`), and never used for the model.
+        let (inconclusive, losers): (Vec<Submission>, Vec<Submission>) =
+            rest.into_iter().partition(|s| verify::near_miss(&Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }, &ours, tolerance));
         job.counters.results_rejected += losers.len() as u64;
-        if winners.is_empty() {
+        job.counters.results_late += inconclusive.len() as u64;
+        if winners.is_empty() && inconclusive.is_empty() {
             tracing::warn!(job = %job_id, step, micro, replicas = losers.len(), "no replica agrees with the coordinator's recomputation");
             m.wanted = job.hyper.redundancy;
+        } else if winners.is_empty() {
+            // Only near-misses: the coordinator's own recomputation is the micro-batch's result, backed by the
+            // near-miss replicas (counted as agreeing computations); nobody is credited for it.
+            let agreeing = inconclusive.len() as u32 + 1;
+            let row = AcceptedRow { micro, rows, loss: reference.loss, correct: reference.correct, agreeing, grad: reference.grad.clone() };
+            m.settled = Some(Settled::Accepted { loss: reference.loss, correct: reference.correct, grad: Arc::new(reference.grad.clone()), agreeing });
+            fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits: Vec::new() });
         } else {
             let n = winners.len() as f32;
             let mut mean = vec![0.0f32; reference.grad.len()];
@@ -1000,8 +1026,29 @@ impl State {
                 self.verdict(w.conn, w.worker, w.lease, Outcome::Accepted, &mut fx);
             }
         }
+        for l in &inconclusive {
+            let w = self.workers.entry(l.worker).or_default();
+            w.near_misses += 1;
+            if w.near_misses >= NEAR_MISS_STRIKE {
+                w.near_misses = 0;
+                tracing::warn!(worker = %l.worker, job = %job_id, step, micro, "{NEAR_MISS_STRIKE} near misses in a row: struck");
+                self.strike(l.worker, &mut fx);
+                self.verdict(l.conn, l.worker, l.lease, Outcome::Rejected, &mut fx);
+                continue;
+            }
+            tracing::info!(
+                worker = %l.worker, job = %job_id, step, micro, rel_l2 = verify::relative_l2(&l.grad, &reference.grad),
+                "result is a near miss of the coordinator's recomputation (ReLU kink rounding): not counted, no strike"
+            );
+            self.verdict(l.conn, l.worker, l.lease, Outcome::Late, &mut fx);
+        }
         for l in &losers {
-            tracing::warn!(worker = %l.worker, job = %job_id, step, micro, "result disagrees with the coordinator's recomputation");
+            tracing::warn!(
+                worker = %l.worker, job = %job_id, step, micro,
+                rel_l2 = verify::relative_l2(&l.grad, &reference.grad),
+                loss = l.loss, reference_loss = reference.loss, correct = l.correct, reference_correct = reference.correct,
+                "result disagrees with the coordinator's recomputation"
+            );
             self.strike(l.worker, &mut fx);
             self.verdict(l.conn, l.worker, l.lease, Outcome::Rejected, &mut fx);
         }
@@ -1014,6 +1061,10 @@ impl State {
     pub fn connections(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
     }
+}
+
+fn theirs_owned(s: &Submission) -> Candidate<'_> {
+    Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }
 }
 
 /// A Prometheus-style cumulative histogram of seconds.
