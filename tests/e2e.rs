@@ -319,7 +319,7 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
     assert_eq!(code, 201, "{created}");
     let id = created["id"].as_u64().unwrap();
     let w: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("t{i}"), None, None, None)).collect();
-    let done = server.wait_job(id, Duration::from_secs(60), |j| j["status"] == "completed").await?;
+    let done = server.wait_job(id, Duration::from_secs(60), |j| j["status"] == "completed" && j["last_eval"]["step"] == 150).await?;
     assert_eq!(done["step"], 150);
     assert!(done["last_eval"]["accuracy"].as_f64().unwrap() > 0.9, "{}", done["last_eval"]);
     let (code, _) = server.get("/api/v1/jobs/999").await?;
@@ -342,6 +342,8 @@ async fn idle_workers_speculatively_cover_a_straggler() -> anyhow::Result<()> {
     // An honest but very slow volunteer: every result takes 2 s more than it should.
     let slow: SendTamper = Box::new(|_| std::thread::sleep(Duration::from_secs(2)));
     let straggler = spawn_worker(server.ws_url(), BackendChoice::Cpu, "straggler", None, None, Some(slow));
+    // The straggler takes the first lease before the fast workers arrive (12 steps pass in well under a second).
+    server.wait_job(1, Duration::from_secs(30), |j| j["counters"]["leases_issued"].as_u64().unwrap_or(0) >= 1).await?;
     let fast: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("fast-{i}"), None, None, None)).collect();
     let job = server.wait_job(1, Duration::from_secs(120), |j| j["status"] == "completed").await?;
     let c = &job["counters"];

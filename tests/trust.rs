@@ -184,7 +184,8 @@ async fn adaptive_replication_spot_checks_trusted_workers_and_catches_a_sleeper(
         }
     });
     let sleeper = spawn_worker(server.ws_url(), BackendChoice::Cpu, "sleeper", None, None, Some(sleeper));
-    let job = server.wait_job(1, Duration::from_secs(300), |j| j["status"] == "completed").await?;
+    // The final evaluation lands just after the last step: wait for it too.
+    let job = server.wait_job(1, Duration::from_secs(300), |j| j["status"] == "completed" && j["last_eval"]["step"] == 60).await?;
     let c = &job["counters"];
     println!("adaptive run: {c}; last eval {}", job["last_eval"]);
     assert!(c["spot_checks"].as_u64().unwrap() > 0, "trusted workers got unreplicated, spot-checked micro-batches: {c}");
