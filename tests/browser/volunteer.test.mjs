@@ -125,11 +125,7 @@ test('default choice on SwiftShader uses the WASM CPU path, labelled, and keeps 
     const again = await waitFor(async () => { const v = await pageView(page); return v.stats?.worker != null && v; }, { what: 'welcome' });
     assert.equal(again.stats.worker, first.worker, 'same worker id with the stored token');
     assert.ok(again.stats.credits >= first.credits);
-    // The volunteer sees their own hash-chained ledger entries, and whom the job trains for.
-    // (textContent: the ledger sits in a collapsed <details>, whose content has no rendered text.)
-    await waitFor(async () => (await page.locator('#ledger tr td').first().evaluate((e) => e.textContent)).startsWith('#'), { what: 'ledger entries on the page' });
-    const rows = await page.locator('#ledger tr').count();
-    assert.ok(rows >= 1 && rows <= 10, `${rows} ledger rows`);
+    // Whom the job trains for is public.
     assert.match(await page.locator('#jobs').innerText(), /for demo/);
     await page.getByRole('button', { name: 'Stop contributing' }).click();
     await waitFor(async () => !(await pageView(page)).running, { what: 'stop' });
