@@ -17,7 +17,8 @@ use starling_coordinator::ledger::sha256_hex;
 use starling_coordinator::store::Store;
 use starling_core::cpu::CpuEngine;
 use starling_core::protocol::{
-    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_VERSION, Platform, WorkerMsg, f32_bytes, f32s, split_lease_payload,
+    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_VERSION, Platform,
+    WorkerMsg, f32_bytes, f32s, split_lease_payload,
 };
 use starling_core::rng::SplitMix64;
 use starling_core::{ModelSpec, StepOutput};
@@ -28,7 +29,11 @@ use starling_worker::native::WorkerReport;
 /// The demo job (784-128-10 on the MNIST split, 4 micro-batches of 32 rows per step, R = 2) for `steps` steps, with
 /// one held-out evaluation at the end.
 fn short(steps: u64) -> Hyper {
-    Hyper { steps, eval_every: steps, ..Hyper::default() }
+    Hyper {
+        steps,
+        eval_every: steps,
+        ..Hyper::default()
+    }
 }
 
 const STEPS: u64 = 150;
@@ -43,24 +48,74 @@ struct Run {
 
 /// Waits for the job to complete and its final evaluation to land, checks every applied step was verified by at
 /// least `min_agreeing` workers, stops the server and joins the honest workers.
-async fn finish(server: Server, db: &std::path::Path, steps: u64, min_agreeing: u32, honest: Vec<std::thread::JoinHandle<anyhow::Result<WorkerReport>>>) -> anyhow::Result<Run> {
-    let job = server.wait_job(1, Duration::from_secs(240), |j| j["status"] == "completed" && j["last_eval"]["step"] == steps).await?;
+async fn finish(
+    server: Server,
+    db: &std::path::Path,
+    steps: u64,
+    min_agreeing: u32,
+    honest: Vec<std::thread::JoinHandle<anyhow::Result<WorkerReport>>>,
+) -> anyhow::Result<Run> {
+    let job = server
+        .wait_job(1, Duration::from_secs(240), |j| {
+            j["status"] == "completed" && j["last_eval"]["step"] == steps
+        })
+        .await?;
     let accuracy = job["last_eval"]["accuracy"].as_f64().unwrap();
     server.stop().await?;
-    let honest = honest.into_iter().map(join).collect::<anyhow::Result<Vec<_>>>()?;
+    let honest = honest
+        .into_iter()
+        .map(join)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let store = Store::open(db).await?;
-    let train: Vec<_> = store.metrics(JobId(1)).await?.into_iter().filter(|m| m.kind == "train").collect();
-    assert_eq!(train.len() as u64, steps, "one training metric per applied step");
-    assert!(train.iter().all(|m| m.min_agreeing >= min_agreeing), "a step was applied with fewer than {min_agreeing} agreeing workers");
-    store.verify_ledger().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let train: Vec<_> = store
+        .metrics(JobId(1))
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == "train")
+        .collect();
+    assert_eq!(
+        train.len() as u64,
+        steps,
+        "one training metric per applied step"
+    );
+    assert!(
+        train.iter().all(|m| m.min_agreeing >= min_agreeing),
+        "a step was applied with fewer than {min_agreeing} agreeing workers"
+    );
+    store
+        .verify_ledger()
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     for h in &honest {
-        assert_eq!(h.stats.rejected, 0, "an honest worker was rejected: {:?}", h.stats);
+        assert_eq!(
+            h.stats.rejected, 0,
+            "an honest worker was rejected: {:?}",
+            h.stats
+        );
     }
-    Ok(Run { job, accuracy, honest })
+    Ok(Run {
+        job,
+        accuracy,
+        honest,
+    })
 }
 
-fn spawn_honest(server: &Server, n: usize) -> Vec<std::thread::JoinHandle<anyhow::Result<WorkerReport>>> {
-    (0..n).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("honest{i}"), None, None, None)).collect()
+fn spawn_honest(
+    server: &Server,
+    n: usize,
+) -> Vec<std::thread::JoinHandle<anyhow::Result<WorkerReport>>> {
+    (0..n)
+        .map(|i| {
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("honest{i}"),
+                None,
+                None,
+                None,
+            )
+        })
+        .collect()
 }
 
 /// A clean run of the same schedule: the reference the attacked runs must match.
@@ -112,7 +167,10 @@ struct RawReport {
 
 impl RawReport {
     fn accepted(&self, kind: Sent) -> usize {
-        self.verdicts.iter().filter(|(l, o)| **o == Outcome::Accepted && self.sent.get(l) == Some(&kind)).count()
+        self.verdicts
+            .iter()
+            .filter(|(l, o)| **o == Outcome::Accepted && self.sent.get(l) == Some(&kind))
+            .count()
     }
     fn count(&self, kind: Sent) -> usize {
         self.sent.values().filter(|k| **k == kind).count()
@@ -120,9 +178,21 @@ impl RawReport {
 }
 
 /// Runs a raw peer until the coordinator closes it or `report` is read after the job; returns when closed.
-async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport>>) -> anyhow::Result<()> {
+async fn raw_peer(
+    url: String,
+    name: &str,
+    how: Raw,
+    report: Arc<Mutex<RawReport>>,
+) -> anyhow::Result<()> {
     let mut c = RawClient::connect(&url).await?;
-    let hello = WorkerMsg::Hello { protocol: PROTOCOL_VERSION, token: None, name: Some(name.into()), backend: Backend::Cpu, adapter: "raw".into(), platform: Platform::Native };
+    let hello = WorkerMsg::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        name: Some(name.into()),
+        backend: Backend::Cpu,
+        adapter: "raw".into(),
+        platform: Platform::Native,
+    };
     c.send(&hello, &[]).await?;
     c.send(&WorkerMsg::Ready, &[]).await?;
     let mut engine: Option<(ModelSpec, CpuEngine, u64)> = None;
@@ -140,8 +210,16 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                 first_version.get_or_insert(version);
                 engine = Some((spec, e, version));
             }
-            CoordinatorMsg::Lease { lease, version, micro_batch, rows, .. } => {
-                let Some((spec, e, _)) = engine.as_mut() else { anyhow::bail!("lease before model") };
+            CoordinatorMsg::Lease {
+                lease,
+                version,
+                micro_batch,
+                rows,
+                ..
+            } => {
+                let Some((spec, e, _)) = engine.as_mut() else {
+                    anyhow::bail!("lease before model")
+                };
                 let (x, y) = split_lease_payload(&payload, rows as usize, spec.input as usize)?;
                 let mut honest = || -> anyhow::Result<StepOutput> { Ok(e.step(&x, &y)?) };
                 let (answer, kind) = match &how {
@@ -149,13 +227,23 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                         let mut out = honest()?;
                         flips += 1;
                         let i = (flips as usize * 7919) % out.grad.len();
-                        out.grad[i] = if flips.is_multiple_of(2) { f32::NAN } else { f32::INFINITY };
-                        (Some((out.loss, out.correct, f32_bytes(&out.grad))), Sent::Lie)
+                        out.grad[i] = if flips.is_multiple_of(2) {
+                            f32::NAN
+                        } else {
+                            f32::INFINITY
+                        };
+                        (
+                            Some((out.loss, out.correct, f32_bytes(&out.grad))),
+                            Sent::Lie,
+                        )
                     }
                     Raw::Stale if version < first_version.unwrap_or(0) + 3 => (None, Sent::Honest),
                     Raw::Stale => {
                         let out = honest()?;
-                        (Some((out.loss, out.correct, f32_bytes(&out.grad))), Sent::Lie)
+                        (
+                            Some((out.loss, out.correct, f32_bytes(&out.grad))),
+                            Sent::Lie,
+                        )
                     }
                     Raw::Replay => match &first_result {
                         Some(r) => (Some(r.clone()), Sent::Lie),
@@ -168,12 +256,18 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                     },
                     Raw::BadCommit => {
                         let out = honest()?;
-                        (Some((out.loss, out.correct, f32_bytes(&out.grad))), Sent::Lie)
+                        (
+                            Some((out.loss, out.correct, f32_bytes(&out.grad))),
+                            Sent::Lie,
+                        )
                     }
                     Raw::Publisher(shared) => {
                         let out = honest()?;
                         let r = (out.loss, out.correct, f32_bytes(&out.grad));
-                        shared.lock().unwrap().insert((version, micro_batch), r.clone());
+                        shared
+                            .lock()
+                            .unwrap()
+                            .insert((version, micro_batch), r.clone());
                         (Some(r), Sent::Honest)
                     }
                     Raw::Copier(shared) => {
@@ -190,7 +284,12 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                             Some(r) => (Some(r), Sent::Copy),
                             None => {
                                 let any = shared.lock().unwrap().values().next().cloned();
-                                (Some(any.unwrap_or_else(|| (1.0, 0, f32_bytes(&vec![0.0; spec.param_count()])))), Sent::Lie)
+                                (
+                                    Some(any.unwrap_or_else(|| {
+                                        (1.0, 0, f32_bytes(&vec![0.0; spec.param_count()]))
+                                    })),
+                                    Sent::Lie,
+                                )
                             }
                         }
                     }
@@ -205,9 +304,27 @@ async fn raw_peer(url: String, name: &str, how: Raw, report: Arc<Mutex<RawReport
                             Raw::BadCommit => Some(sha256_hex(&[&bytes[..], b"x"].concat())),
                             _ => None,
                         };
-                        c.send(&WorkerMsg::Result { lease, loss, correct, commit }, &bytes).await?;
+                        c.send(
+                            &WorkerMsg::Result {
+                                lease,
+                                loss,
+                                correct,
+                                commit,
+                            },
+                            &bytes,
+                        )
+                        .await?;
                     }
-                    None => c.send(&WorkerMsg::Failed { lease, reason: "declined".into() }, &[]).await?,
+                    None => {
+                        c.send(
+                            &WorkerMsg::Failed {
+                                lease,
+                                reason: "declined".into(),
+                            },
+                            &[],
+                        )
+                        .await?
+                    }
                 }
                 c.send(&WorkerMsg::Ready, &[]).await?;
             }
@@ -231,8 +348,12 @@ fn scale(k: f32) -> SendTamper {
 fn noise(seed: u64, fraction: f64) -> SendTamper {
     let mut rng = SplitMix64::new(seed);
     Box::new(move |out: &mut StepOutput| {
-        let rms = (out.grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>() / out.grad.len() as f64).sqrt();
-        out.grad.iter_mut().for_each(|g| *g += (fraction * rms * rng.normal()) as f32);
+        let rms = (out.grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>()
+            / out.grad.len() as f64)
+            .sqrt();
+        out.grad
+            .iter_mut()
+            .for_each(|g| *g += (fraction * rms * rng.normal()) as f32);
     })
 }
 
@@ -253,10 +374,27 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
     create_demo_job(&dir.db(), short(STEPS)).await?;
     let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
     let honest = spawn_honest(&server, 3);
-    let liars: Vec<(&str, _)> = [("sign-flip", scale(-1.0)), ("x10", scale(10.0)), ("noise", noise(7, 0.05)), ("zeros", zeros())]
-        .into_iter()
-        .map(|(name, t)| (name, spawn_worker(server.ws_url(), BackendChoice::Cpu, name, None, None, Some(t))))
-        .collect();
+    let liars: Vec<(&str, _)> = [
+        ("sign-flip", scale(-1.0)),
+        ("x10", scale(10.0)),
+        ("noise", noise(7, 0.05)),
+        ("zeros", zeros()),
+    ]
+    .into_iter()
+    .map(|(name, t)| {
+        (
+            name,
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                name,
+                None,
+                None,
+                Some(t),
+            ),
+        )
+    })
+    .collect();
     let shared: Shared = Arc::default();
     let raws: Vec<_> = [
         ("nan-inf", Raw::NonFinite),
@@ -275,27 +413,49 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
     .collect();
 
     let run = finish(server, &dir.db(), STEPS, 2, honest).await?;
-    println!("attacked run: {}; held-out accuracy {:.4} (clean {clean:.4})", run.job["counters"], run.accuracy);
-    assert!((run.accuracy - clean).abs() <= 0.01, "attacked accuracy {} vs clean {clean}", run.accuracy);
+    println!(
+        "attacked run: {}; held-out accuracy {:.4} (clean {clean:.4})",
+        run.job["counters"], run.accuracy
+    );
+    assert!(
+        (run.accuracy - clean).abs() <= 0.01,
+        "attacked accuracy {} vs clean {clean}",
+        run.accuracy
+    );
     assert!(run.honest.iter().all(|h| h.stats.accepted > 0));
 
     for (name, h) in liars {
         let r = join(h)?;
         println!("{name:>10}: {:?}, closed by {:?}", r.stats, r.closed_by);
-        assert_eq!(r.stats.accepted, 0, "{name}: a tampered result was accepted");
-        assert!(refused(&r), "{name} keeps lying and must end refused: {:?}", r.closed_by);
+        assert_eq!(
+            r.stats.accepted, 0,
+            "{name}: a tampered result was accepted"
+        );
+        assert!(
+            refused(&r),
+            "{name} keeps lying and must end refused: {:?}",
+            r.closed_by
+        );
     }
     for (name, report, task) in raws {
         task.abort();
         let r = report.lock().unwrap();
         println!(
             "{name:>10}: sent {} honest / {} lies / {} copies; accepted {} honest / {} lies / {} copies; refused {}",
-            r.count(Sent::Honest), r.count(Sent::Lie), r.count(Sent::Copy),
-            r.accepted(Sent::Honest), r.accepted(Sent::Lie), r.accepted(Sent::Copy), r.refused
+            r.count(Sent::Honest),
+            r.count(Sent::Lie),
+            r.count(Sent::Copy),
+            r.accepted(Sent::Honest),
+            r.accepted(Sent::Lie),
+            r.accepted(Sent::Copy),
+            r.refused
         );
         assert_eq!(r.accepted(Sent::Lie), 0, "{name}: a lie was accepted");
         match name {
-            "publisher" => assert!(!r.refused && r.verdicts.values().all(|o| *o != Outcome::Rejected), "the publisher computes honestly"),
+            "publisher" => assert!(
+                !r.refused && r.verdicts.values().all(|o| *o != Outcome::Rejected),
+                "the publisher computes honestly"
+            ),
             // The copier answers with honest bytes when its partner had the same micro-batch, else with the
             // partner's result for another micro-batch; only exact copies may pass, and the rest get it refused.
             _ => {
@@ -310,33 +470,71 @@ async fn lying_replaying_stale_and_copying_workers_never_reach_the_model() -> an
 /// `(worker, step, micro)` of every credit-ledger entry of job 1.
 async fn credit_rows(db: &std::path::Path) -> anyhow::Result<Vec<(u64, u64, u32)>> {
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await?;
-    let rows: Vec<(i64, i64, i64)> = sqlx::query_as("SELECT worker_id, step, micro FROM credits WHERE job_id = 1 ORDER BY id").fetch_all(&pool).await?;
+    let rows: Vec<(i64, i64, i64)> =
+        sqlx::query_as("SELECT worker_id, step, micro FROM credits WHERE job_id = 1 ORDER BY id")
+            .fetch_all(&pool)
+            .await?;
     pool.close().await;
-    Ok(rows.into_iter().map(|(w, s, m)| (w as u64, s as u64, m as u32)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(w, s, m)| (w as u64, s as u64, m as u32))
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_colluding_pair_gets_lies_through_only_when_it_forms_the_quorum_and_is_then_caught() -> anyhow::Result<()> {
+async fn a_colluding_pair_gets_lies_through_only_when_it_forms_the_quorum_and_is_then_caught()
+-> anyhow::Result<()> {
     init_tracing();
     let dir = TempDir::new("collude");
     create_demo_job(&dir.db(), short(STEPS)).await?;
     let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
     let honest = spawn_honest(&server, 4);
     // Both flip every gradient's sign: deterministic and identical, so two of them on one micro-batch agree.
-    let pair: Vec<_> = (0..2).map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("colluder{i}"), None, None, Some(scale(-1.0)))).collect();
-    let job = server.wait_job(1, Duration::from_secs(240), |j| j["status"] == "completed" && j["last_eval"]["step"] == STEPS).await?;
+    let pair: Vec<_> = (0..2)
+        .map(|i| {
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("colluder{i}"),
+                None,
+                None,
+                Some(scale(-1.0)),
+            )
+        })
+        .collect();
+    let job = server
+        .wait_job(1, Duration::from_secs(240), |j| {
+            j["status"] == "completed" && j["last_eval"]["step"] == STEPS
+        })
+        .await?;
     server.stop().await?;
-    let honest = honest.into_iter().map(join).collect::<anyhow::Result<Vec<_>>>()?;
-    let pair = pair.into_iter().map(join).collect::<anyhow::Result<Vec<_>>>()?;
+    let honest = honest
+        .into_iter()
+        .map(join)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pair = pair
+        .into_iter()
+        .map(join)
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let ids: Vec<u64> = pair.iter().map(|r| r.stats.worker.unwrap()).collect();
     let credits = credit_rows(&dir.db()).await?;
-    let credited = |w: u64| -> std::collections::BTreeSet<(u64, u32)> { credits.iter().filter(|c| c.0 == w).map(|c| (c.1, c.2)).collect() };
+    let credited = |w: u64| -> std::collections::BTreeSet<(u64, u32)> {
+        credits
+            .iter()
+            .filter(|c| c.0 == w)
+            .map(|c| (c.1, c.2))
+            .collect()
+    };
     let (a, b) = (credited(ids[0]), credited(ids[1]));
     let honest_rejected: u64 = honest.iter().map(|h| h.stats.rejected).sum();
     println!(
         "colluders: {:?} / {:?}; bad micro-batches accepted: {}; honest results rejected by the pair: {honest_rejected}; accuracy {} ; counters {}",
-        pair[0].stats, pair[1].stats, a.len(), job["last_eval"]["accuracy"], job["counters"]
+        pair[0].stats,
+        pair[1].stats,
+        a.len(),
+        job["last_eval"]["accuracy"],
+        job["counters"]
     );
     // Every lie that got through was backed by both colluders on the same micro-batch: no single liar's result
     // was ever accepted, and the coordinator cannot tell two identical lies from two honest results.
@@ -349,9 +547,17 @@ async fn a_colluding_pair_gets_lies_through_only_when_it_forms_the_quorum_and_is
     // partner could be: the pair cannot outvote an honest replica, so no honest result is ever rejected.
     assert_eq!(honest_rejected, 0, "the pair outvoted an honest worker");
     let store = Store::open(&dir.db()).await?;
-    let train: Vec<_> = store.metrics(JobId(1)).await?.into_iter().filter(|m| m.kind == "train").collect();
+    let train: Vec<_> = store
+        .metrics(JobId(1))
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == "train")
+        .collect();
     assert!(train.len() as u64 == STEPS && train.iter().all(|m| m.min_agreeing >= 2));
-    store.verify_ledger().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .verify_ledger()
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -366,7 +572,16 @@ async fn churn_of_30_percent_of_the_workers_loses_no_accepted_result() -> anyhow
     // its next `ready`, so a fresh lease may be in flight to it when it goes).
     let stay = spawn_honest(&server, 7);
     let leave: Vec<_> = (0..3)
-        .map(|i| spawn_worker(server.ws_url(), BackendChoice::Cpu, &format!("leaver{i}"), None, Some(2 + rng.below(40)), None))
+        .map(|i| {
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("leaver{i}"),
+                None,
+                Some(2 + rng.below(40)),
+                None,
+            )
+        })
         .collect();
     // And two peers that take a lease and vanish without answering, at random moments.
     let mut grabbers = Vec::new();
@@ -376,15 +591,28 @@ async fn churn_of_30_percent_of_the_workers_loses_no_accepted_result() -> anyhow
         grabbers.push(tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             let mut c = RawClient::connect(&url).await?;
-            let hello = WorkerMsg::Hello { protocol: PROTOCOL_VERSION, token: None, name: Some("grabber".into()), backend: Backend::Cpu, adapter: "raw".into(), platform: Platform::Native };
+            let hello = WorkerMsg::Hello {
+                protocol: PROTOCOL_VERSION,
+                token: None,
+                name: Some("grabber".into()),
+                backend: Backend::Cpu,
+                adapter: "raw".into(),
+                platform: Platform::Native,
+            };
             c.send(&hello, &[]).await?;
             c.send(&WorkerMsg::Ready, &[]).await?;
-            let lease = c.recv_until(|m, _| matches!(m, CoordinatorMsg::Lease { .. }).then_some(())).await;
+            let lease = c
+                .recv_until(|m, _| matches!(m, CoordinatorMsg::Lease { .. }).then_some(()))
+                .await;
             drop(c);
             anyhow::Ok(lease.is_ok())
         }));
     }
-    let job = server.wait_job(1, Duration::from_secs(240), |j| j["status"] == "completed" && j["last_eval"]["step"] == STEPS).await?;
+    let job = server
+        .wait_job(1, Duration::from_secs(240), |j| {
+            j["status"] == "completed" && j["last_eval"]["step"] == STEPS
+        })
+        .await?;
     let counters = job["counters"].clone();
     server.stop().await?;
     for g in grabbers {
@@ -393,7 +621,11 @@ async fn churn_of_30_percent_of_the_workers_loses_no_accepted_result() -> anyhow
     for h in leave {
         let r = join(h)?;
         assert_eq!(r.stats.rejected, 0);
-        assert!(r.closed_by.is_none(), "a leaver left by itself: {:?}", r.closed_by);
+        assert!(
+            r.closed_by.is_none(),
+            "a leaver left by itself: {:?}",
+            r.closed_by
+        );
     }
     for h in stay {
         assert_eq!(join(h)?.stats.rejected, 0);
@@ -402,20 +634,39 @@ async fn churn_of_30_percent_of_the_workers_loses_no_accepted_result() -> anyhow
     assert_eq!(counters["micro_batches_abandoned"], 0);
 
     let credits = credit_rows(&dir.db()).await?;
-    let distinct: std::collections::BTreeSet<(u64, u32)> = credits.iter().map(|c| (c.1, c.2)).collect();
+    let distinct: std::collections::BTreeSet<(u64, u32)> =
+        credits.iter().map(|c| (c.1, c.2)).collect();
     let unique: std::collections::BTreeSet<(u64, u64, u32)> = credits.iter().copied().collect();
     // Every micro-batch of every step was accepted once, its credits written once per agreeing worker, and every
     // accepted result the coordinator counted is in the ledger.
-    assert_eq!(distinct.len() as u64, STEPS * MICROS_PER_STEP, "an accepted micro-batch is missing from the ledger");
+    assert_eq!(
+        distinct.len() as u64,
+        STEPS * MICROS_PER_STEP,
+        "an accepted micro-batch is missing from the ledger"
+    );
     assert_eq!(unique.len(), credits.len(), "a credit was written twice");
-    assert_eq!(credits.len() as u64, counters["results_accepted"].as_u64().unwrap());
+    assert_eq!(
+        credits.len() as u64,
+        counters["results_accepted"].as_u64().unwrap()
+    );
     for &(s, m) in &distinct {
         let n = credits.iter().filter(|c| (c.1, c.2) == (s, m)).count();
-        assert!((2..=6).contains(&n), "step {s} micro {m}: {n} credited workers");
+        assert!(
+            (2..=6).contains(&n),
+            "step {s} micro {m}: {n} credited workers"
+        );
     }
     let store = Store::open(&dir.db()).await?;
-    let train: Vec<_> = store.metrics(JobId(1)).await?.into_iter().filter(|m| m.kind == "train").collect();
+    let train: Vec<_> = store
+        .metrics(JobId(1))
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == "train")
+        .collect();
     assert!(train.len() as u64 == STEPS && train.iter().all(|m| m.min_agreeing >= 2));
-    store.verify_ledger().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .verify_ledger()
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

@@ -23,8 +23,9 @@ use starling_worker::native::{WorkerOptions, WorkerReport};
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,starling_coordinator=info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,starling_coordinator=info")
+            }),
         )
         .with_test_writer()
         .try_init();
@@ -36,7 +37,9 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let p = std::env::temp_dir().join(format!("starling-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&p).expect("create temp dir");
         Self(p)
@@ -88,7 +91,11 @@ impl Server {
         let task = tokio::spawn(starling_coordinator::run(listener, config, async {
             let _ = rx.await;
         }));
-        Ok(Self { addr, stop: Some(tx), task })
+        Ok(Self {
+            addr,
+            stop: Some(tx),
+            task,
+        })
     }
 
     pub fn ws_url(&self) -> String {
@@ -100,11 +107,14 @@ impl Server {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.context("coordinator did not stop")??
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("coordinator did not stop")??
     }
 
     pub fn client(&self, token: Option<&str>) -> Client {
-        Client::new(&format!("http://{}", self.addr), token.map(str::to_string)).expect("valid base URL")
+        Client::new(&format!("http://{}", self.addr), token.map(str::to_string))
+            .expect("valid base URL")
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
@@ -112,23 +122,46 @@ impl Server {
         Ok((r.status, r.json()))
     }
 
-    pub async fn get_as(&self, token: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    pub async fn get_as(
+        &self,
+        token: &str,
+        path: &str,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
         let r = self.client(Some(token)).get(path).await?;
         Ok((r.status, r.json()))
     }
 
-    pub async fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
         let r = self.client(None).post(path, content_type, body).await?;
         Ok((r.status, r.json()))
     }
 
-    pub async fn post_as(&self, token: &str, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, serde_json::Value)> {
-        let r = self.client(Some(token)).post(path, content_type, body).await?;
+    pub async fn post_as(
+        &self,
+        token: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = self
+            .client(Some(token))
+            .post(path, content_type, body)
+            .await?;
         Ok((r.status, r.json()))
     }
 
     /// Polls a job until `done` holds for its status JSON, or fails after `timeout`.
-    pub async fn wait_job(&self, id: u64, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<serde_json::Value> {
+    pub async fn wait_job(
+        &self,
+        id: u64,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
         let start = Instant::now();
         loop {
             let (status, job) = self.get(&format!("/api/v1/jobs/{id}")).await?;
@@ -137,7 +170,11 @@ impl Server {
                 return Ok(job);
             }
             if start.elapsed() > timeout {
-                bail!("job {id} not done after {timeout:?}: step {} status {}", job["step"], job["status"]);
+                bail!(
+                    "job {id} not done after {timeout:?}: step {} status {}",
+                    job["step"],
+                    job["status"]
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -148,20 +185,38 @@ impl Server {
 pub type SendTamper = Box<dyn FnMut(&mut StepOutput) + Send>;
 
 /// Runs a real native worker on its own thread and runtime, as a separate volunteer process would.
-pub fn spawn_worker(url: String, backend: BackendChoice, name: &str, token: Option<String>, max_leases: Option<u64>, tamper: Option<SendTamper>) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
+pub fn spawn_worker(
+    url: String,
+    backend: BackendChoice,
+    name: &str,
+    token: Option<String>,
+    max_leases: Option<u64>,
+    tamper: Option<SendTamper>,
+) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
     let name = name.to_string();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(starling_worker::native::run(
-            WorkerOptions { coordinator: url, backend, name: Some(name), token, max_leases },
+            WorkerOptions {
+                coordinator: url,
+                backend,
+                name: Some(name),
+                token,
+                max_leases,
+            },
             tamper.map(|t| -> starling_worker::session::Tamper { t }),
         ))
     })
 }
 
 /// Joins a worker thread.
-pub fn join(h: std::thread::JoinHandle<anyhow::Result<WorkerReport>>) -> anyhow::Result<WorkerReport> {
-    h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?
+pub fn join(
+    h: std::thread::JoinHandle<anyhow::Result<WorkerReport>>,
+) -> anyhow::Result<WorkerReport> {
+    h.join()
+        .map_err(|_| anyhow::anyhow!("worker thread panicked"))?
 }
 
 /// A raw protocol client for misbehaving-peer tests.
@@ -192,10 +247,14 @@ impl RawClient {
     /// Next protocol message with its payload; `Ok(None)` once the server closed.
     pub async fn recv(&mut self) -> anyhow::Result<Option<(CoordinatorMsg, Vec<u8>)>> {
         loop {
-            let next = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.context("no message within 30 s")?;
+            let next = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .context("no message within 30 s")?;
             match next {
                 None | Some(Ok(Message::Close(_))) | Some(Err(_)) => return Ok(None),
-                Some(Ok(Message::Text(t))) => return Ok(Some((CoordinatorMsg::decode_text(t.as_str())?, vec![]))),
+                Some(Ok(Message::Text(t))) => {
+                    return Ok(Some((CoordinatorMsg::decode_text(t.as_str())?, vec![])));
+                }
                 Some(Ok(Message::Binary(b))) => {
                     let (m, p) = CoordinatorMsg::decode_binary(&b)?;
                     return Ok(Some((m, p.to_vec())));
@@ -206,7 +265,10 @@ impl RawClient {
     }
 
     /// Receives until `pick` returns something, skipping other messages.
-    pub async fn recv_until<T>(&mut self, mut pick: impl FnMut(&CoordinatorMsg, &[u8]) -> Option<T>) -> anyhow::Result<T> {
+    pub async fn recv_until<T>(
+        &mut self,
+        mut pick: impl FnMut(&CoordinatorMsg, &[u8]) -> Option<T>,
+    ) -> anyhow::Result<T> {
         loop {
             match self.recv().await? {
                 Some((m, p)) => {
@@ -224,7 +286,15 @@ impl RawClient {
 /// current enough to have the `ledger` subcommand. `cargo build -p starling-coordinator` builds it.
 pub fn starling_bin() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join(format!("starling{}", std::env::consts::EXE_SUFFIX));
-    let help = std::process::Command::new(&bin).arg("--help").output().ok()?;
-    String::from_utf8_lossy(&help.stdout).contains("ledger").then_some(bin)
+    let bin = exe
+        .parent()?
+        .parent()?
+        .join(format!("starling{}", std::env::consts::EXE_SUFFIX));
+    let help = std::process::Command::new(&bin)
+        .arg("--help")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&help.stdout)
+        .contains("ledger")
+        .then_some(bin)
 }

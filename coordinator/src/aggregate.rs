@@ -20,7 +20,10 @@ pub enum Rule {
 
 /// Combines `(rows, gradient)` parts of equal length under `rule`, after clipping each to `clip_norm`.
 pub fn combine(parts: &[(u32, &[f32])], rule: Rule, clip_norm: Option<f32>) -> Vec<f32> {
-    let clipped: Vec<(u32, std::borrow::Cow<'_, [f32]>)> = parts.iter().map(|(r, g)| (*r, clip(g, clip_norm))).collect();
+    let clipped: Vec<(u32, std::borrow::Cow<'_, [f32]>)> = parts
+        .iter()
+        .map(|(r, g)| (*r, clip(g, clip_norm)))
+        .collect();
     let views: Vec<(u32, &[f32])> = clipped.iter().map(|(r, g)| (*r, g.as_ref())).collect();
     match rule {
         Rule::Mean => starling_core::schedule::weighted_mean(&views),
@@ -32,7 +35,11 @@ pub fn combine(parts: &[(u32, &[f32])], rule: Rule, clip_norm: Option<f32>) -> V
         Rule::TrimmedMean => starling_core::schedule::weighted_mean(&views),
         Rule::Median => coordinatewise(&views, |col| {
             let n = col.len();
-            if n % 2 == 1 { col[n / 2] } else { (col[n / 2 - 1] + col[n / 2]) / 2.0 }
+            if n % 2 == 1 {
+                col[n / 2]
+            } else {
+                (col[n / 2 - 1] + col[n / 2]) / 2.0
+            }
         }),
     }
 }
@@ -40,7 +47,11 @@ pub fn combine(parts: &[(u32, &[f32])], rule: Rule, clip_norm: Option<f32>) -> V
 /// `g` scaled down to L2 norm `max` when it is longer (norm accumulated in f64); unchanged otherwise.
 pub fn clip(g: &[f32], max: Option<f32>) -> std::borrow::Cow<'_, [f32]> {
     let Some(max) = max else { return g.into() };
-    let norm = g.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
+    let norm = g
+        .iter()
+        .map(|v| (*v as f64) * (*v as f64))
+        .sum::<f64>()
+        .sqrt();
     if norm <= max as f64 || norm == 0.0 {
         return g.into();
     }
@@ -75,7 +86,10 @@ mod tests {
     #[test]
     fn mean_is_the_row_weighted_mean() {
         let (a, b) = (vec![1.0f32, 2.0], vec![3.0f32, 6.0]);
-        assert_eq!(combine(&[(1, &a), (3, &b)], Rule::Mean, None), vec![2.5, 5.0]);
+        assert_eq!(
+            combine(&[(1, &a), (3, &b)], Rule::Mean, None),
+            vec![2.5, 5.0]
+        );
     }
 
     #[test]
@@ -83,14 +97,30 @@ mod tests {
         let mut parts: Vec<Vec<f32>> = (0..4).map(|i| vec![1.0 + i as f32 * 0.1, -1.0]).collect();
         parts.push(vec![1e6, 1e6]); // a poisoned part
         let t = run(Rule::TrimmedMean, None, &parts);
-        assert!((t[0] - 1.2).abs() < 1e-5 && (t[1] + 1.0).abs() < 1e-5, "{t:?}"); // drops 1 top and 1 bottom of 5
+        assert!(
+            (t[0] - 1.2).abs() < 1e-5 && (t[1] + 1.0).abs() < 1e-5,
+            "{t:?}"
+        ); // drops 1 top and 1 bottom of 5
         let m = run(Rule::Median, None, &parts);
         assert_eq!(m, vec![1.2, -1.0]);
-        assert!(run(Rule::Mean, None, &parts)[0] > 1e5, "the mean is what robust rules protect against");
+        assert!(
+            run(Rule::Mean, None, &parts)[0] > 1e5,
+            "the mean is what robust rules protect against"
+        );
         // Even counts: the median averages the middle two.
-        assert_eq!(run(Rule::Median, None, &[vec![1.0], vec![2.0], vec![4.0], vec![8.0]]), vec![3.0]);
+        assert_eq!(
+            run(
+                Rule::Median,
+                None,
+                &[vec![1.0], vec![2.0], vec![4.0], vec![8.0]]
+            ),
+            vec![3.0]
+        );
         // Fewer than 3 parts: nothing to trim, the mean.
-        assert_eq!(run(Rule::TrimmedMean, None, &[vec![1.0], vec![3.0]]), vec![2.0]);
+        assert_eq!(
+            run(Rule::TrimmedMean, None, &[vec![1.0], vec![3.0]]),
+            vec![2.0]
+        );
     }
 
     #[test]
@@ -99,6 +129,9 @@ mod tests {
         assert_eq!(clip(&big, Some(5.0)).as_ref(), &[3.0, 4.0]);
         assert_eq!(clip(&big, Some(100.0)).as_ref(), big.as_slice());
         assert_eq!(clip(&big, None).as_ref(), big.as_slice());
-        assert_eq!(run(Rule::Mean, Some(5.0), &[big.clone(), vec![0.0, 0.0]]), vec![1.5, 2.0]);
+        assert_eq!(
+            run(Rule::Mean, Some(5.0), &[big.clone(), vec![0.0, 0.0]]),
+            vec![1.5, 2.0]
+        );
     }
 }

@@ -16,14 +16,20 @@ pub struct Response {
 impl Response {
     /// The body as JSON (a JSON string holding the text when it is not JSON).
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&self.body).into_owned()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&self.body).into_owned())
+        })
     }
 
     /// The API's error message, or the status line.
     pub fn error_message(&self) -> String {
         let j = self.json();
         match j["error"]["message"].as_str() {
-            Some(m) => format!("HTTP {} ({}): {m}", self.status, j["error"]["code"].as_str().unwrap_or("?")),
+            Some(m) => format!(
+                "HTTP {} ({}): {m}",
+                self.status,
+                j["error"]["code"].as_str().unwrap_or("?")
+            ),
             None => format!("HTTP {}", self.status),
         }
     }
@@ -40,23 +46,51 @@ pub struct Client {
 impl Client {
     /// `base` like `http://127.0.0.1:8080`.
     pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let rest = base.strip_prefix("http://").with_context(|| format!("coordinator URL must start with http:// (got {base}); use a TLS proxy for https"))?;
+        let rest = base.strip_prefix("http://").with_context(|| {
+            format!(
+                "coordinator URL must start with http:// (got {base}); use a TLS proxy for https"
+            )
+        })?;
         let host = rest.trim_end_matches('/').to_string();
-        anyhow::ensure!(!host.is_empty() && !host.contains('/'), "coordinator URL must be http://HOST:PORT, got {base}");
-        Ok(Self { base: format!("http://{host}"), host, token })
+        anyhow::ensure!(
+            !host.is_empty() && !host.contains('/'),
+            "coordinator URL must be http://HOST:PORT, got {base}"
+        );
+        Ok(Self {
+            base: format!("http://{host}"),
+            host,
+            token,
+        })
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Response> {
         self.request("GET", path, None, &[]).await
     }
 
-    pub async fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<Response> {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Response> {
         self.request("POST", path, Some(content_type), body).await
     }
 
-    pub async fn request(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> anyhow::Result<Response> {
-        let mut s = TcpStream::connect(&self.host).await.with_context(|| format!("connecting to {}", self.base))?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", self.host, body.len());
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> anyhow::Result<Response> {
+        let mut s = TcpStream::connect(&self.host)
+            .await
+            .with_context(|| format!("connecting to {}", self.base))?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.host,
+            body.len()
+        );
         if let Some(ct) = content_type {
             head.push_str(&format!("Content-Type: {ct}\r\n"));
         }
@@ -73,23 +107,48 @@ impl Client {
 }
 
 fn parse(buf: &[u8]) -> anyhow::Result<Response> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP response (no header end)")?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("malformed HTTP response (no header end)")?;
     let head = String::from_utf8_lossy(&buf[..end]);
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).context("malformed status line")?.parse()?;
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("malformed status line")?
+        .parse()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     let raw = &buf[end + 4..];
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked { dechunk(raw)? } else { raw.to_vec() };
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut raw: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n").context("truncated chunk header")?;
-        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..line_end]).split(';').next().unwrap_or("").trim(), 16)?;
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("truncated chunk header")?;
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&raw[..line_end])
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim(),
+            16,
+        )?;
         raw = &raw[line_end + 2..];
         if size == 0 {
             return Ok(out);

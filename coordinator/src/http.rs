@@ -35,17 +35,25 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/jobs/{id}/cancel", axum::routing::post(cancel_job))
         .route("/jobs/{id}/checkpoint", get(crate::export::download))
         .route("/me", get(me))
-        .route("/datasets", axum::routing::post(upload_dataset).layer(DefaultBodyLimit::max(upload_limit)))
+        .route(
+            "/datasets",
+            axum::routing::post(upload_dataset).layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/workers", get(list_workers))
         .route("/credits", get(credits_leaderboard))
         .route("/credits/{worker}", get(worker_ledger))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route") });
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
+        });
     Router::new()
         .nest("/api/v1", api)
         .route("/ws", get(crate::ws::upgrade))
         .route("/embed.html", get(crate::origin::embed_page))
         .route("/metrics", get(crate::live::prometheus))
-        .route("/dashboard", get(|| async { axum::response::Redirect::permanent("/dashboard.html") }))
+        .route(
+            "/dashboard",
+            get(|| async { axum::response::Redirect::permanent("/dashboard.html") }),
+        )
         .fallback_service(ServeDir::new(&app.config.www).precompressed_gzip())
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(app)
@@ -61,7 +69,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     fn bad(code: &'static str, message: impl Into<String>) -> Self {
@@ -69,20 +81,32 @@ impl ApiError {
     }
 
     fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         tracing::error!(error = %e, "store error while serving a request");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+        (
+            self.status,
+            Json(serde_json::json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
     }
 }
 
@@ -96,20 +120,47 @@ pub struct Auth(pub Option<crate::store::OwnerRow>);
 impl Auth {
     /// The owner, or 401 when there is none.
     pub fn required(&self) -> ApiResult<&crate::store::OwnerRow> {
-        self.0.as_ref().ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this needs an owner token: Authorization: Bearer <token>"))
+        self.0.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this needs an owner token: Authorization: Bearer <token>",
+            )
+        })
     }
 }
 
 impl axum::extract::FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-        let query = parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-        let Some(token) = header.or(query).filter(|t| !t.is_empty()) else { return Ok(Self(None)) };
-        match app.store.owner_by_token_hash(&crate::ws::token_hash(token)).await? {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let query = parts
+            .uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        let Some(token) = header.or(query).filter(|t| !t.is_empty()) else {
+            return Ok(Self(None));
+        };
+        match app
+            .store
+            .owner_by_token_hash(&crate::ws::token_hash(token))
+            .await?
+        {
             Some(owner) => Ok(Self(Some(owner))),
-            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown or revoked token")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown or revoked token",
+            )),
         }
     }
 }
@@ -129,28 +180,52 @@ async fn me(auth: Auth) -> ApiResult<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({"owner": o.id, "name": o.name})))
 }
 
-async fn control(app: Arc<App>, auth: Auth, id: u64, want: crate::job::JobStatus) -> ApiResult<Json<JobView>> {
+async fn control(
+    app: Arc<App>,
+    auth: Auth,
+    id: u64,
+    want: crate::job::JobStatus,
+) -> ApiResult<Json<JobView>> {
     let id = JobId(id);
     owned_job(&app, &auth, id)?;
-    let fx = app.state().set_status(id, want).map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e))?;
+    let fx = app
+        .state()
+        .set_status(id, want)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e))?;
     app.apply(fx).await;
-    job_view(&app, id, true).map(Json).ok_or_else(|| ApiError::not_found("job"))
+    job_view(&app, id, true)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("job"))
 }
 
-async fn pause_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+async fn pause_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<JobView>> {
     control(app, auth, id, crate::job::JobStatus::Paused).await
 }
 
-async fn resume_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+async fn resume_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<JobView>> {
     control(app, auth, id, crate::job::JobStatus::Running).await
 }
 
-async fn cancel_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+async fn cancel_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<JobView>> {
     control(app, auth, id, crate::job::JobStatus::Cancelled).await
 }
 
 async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "protocol": starling_core::protocol::PROTOCOL_VERSION}))
+    Json(
+        serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "protocol": starling_core::protocol::PROTOCOL_VERSION}),
+    )
 }
 
 /// A worker connected to the coordinator, as owners see it.
@@ -234,11 +309,25 @@ pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
 /// Without a token: every job's public progress (what volunteers see). With one: that owner's jobs, in full.
 async fn list_jobs(State(app): State<Arc<App>>, auth: Auth) -> Json<Vec<JobView>> {
     let me = auth.0.as_ref().map(|o| o.id);
-    let ids: Vec<(JobId, bool)> = app.state().jobs.values().filter(|j| me.is_none() || j.owner == me).map(|j| (j.id, me.is_some())).collect();
-    Json(ids.into_iter().filter_map(|(id, owned)| job_view(&app, id, owned)).collect())
+    let ids: Vec<(JobId, bool)> = app
+        .state()
+        .jobs
+        .values()
+        .filter(|j| me.is_none() || j.owner == me)
+        .map(|j| (j.id, me.is_some()))
+        .collect();
+    Json(
+        ids.into_iter()
+            .filter_map(|(id, owned)| job_view(&app, id, owned))
+            .collect(),
+    )
 }
 
-async fn get_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -> ApiResult<Json<JobView>> {
+async fn get_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<JobView>> {
     let id = JobId(id);
     let owned = match &auth.0 {
         Some(_) => {
@@ -247,10 +336,15 @@ async fn get_job(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<u64>) -
         }
         None => false,
     };
-    job_view(&app, id, owned).map(Json).ok_or_else(|| ApiError::not_found("job"))
+    job_view(&app, id, owned)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("job"))
 }
 
-async fn job_metrics(State(app): State<Arc<App>>, Path(id): Path<u64>) -> ApiResult<Json<Vec<MetricRow>>> {
+async fn job_metrics(
+    State(app): State<Arc<App>>,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<Vec<MetricRow>>> {
     if !app.state().jobs.contains_key(&JobId(id)) {
         return Err(ApiError::not_found("job"));
     }
@@ -269,33 +363,64 @@ pub struct CreateJob {
     pub hyper: Option<serde_json::Value>,
 }
 
-async fn create_job(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult<(StatusCode, Json<JobView>)> {
+async fn create_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
     let owner = auth.required()?.id;
-    let req: CreateJob = serde_json::from_slice(&body).map_err(|e| ApiError::bad("bad_request", format!("invalid job request: {e}")))?;
+    let req: CreateJob = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("bad_request", format!("invalid job request: {e}")))?;
     let name = req.name.trim();
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::bad("bad_name", "name must be 1 to 100 characters"));
+        return Err(ApiError::bad(
+            "bad_name",
+            "name must be 1 to 100 characters",
+        ));
     }
-    let spec = ModelSpec::from_json(&req.spec.to_string()).map_err(|e| ApiError::bad("bad_spec", e.to_string()))?;
+    let spec = ModelSpec::from_json(&req.spec.to_string())
+        .map_err(|e| ApiError::bad("bad_spec", e.to_string()))?;
     let hyper: Hyper = match req.hyper {
-        Some(h) => serde_json::from_value(h).map_err(|e| ApiError::bad("bad_hyper", format!("invalid hyperparameters: {e}")))?,
+        Some(h) => serde_json::from_value(h)
+            .map_err(|e| ApiError::bad("bad_hyper", format!("invalid hyperparameters: {e}")))?,
         None => Hyper::default(),
     };
-    let Some((dim, train_rows, _)) = app.store.dataset_exists(req.dataset, Some(owner)).await? else {
-        return Err(ApiError::bad("unknown_dataset", format!("dataset {} does not exist", req.dataset)));
+    let Some((dim, train_rows, _)) = app.store.dataset_exists(req.dataset, Some(owner)).await?
+    else {
+        return Err(ApiError::bad(
+            "unknown_dataset",
+            format!("dataset {} does not exist", req.dataset),
+        ));
     };
     if dim != spec.input as usize {
-        return Err(ApiError::bad("shape_mismatch", format!("dataset rows have {dim} features, the spec's input is {}", spec.input)));
+        return Err(ApiError::bad(
+            "shape_mismatch",
+            format!(
+                "dataset rows have {dim} features, the spec's input is {}",
+                spec.input
+            ),
+        ));
     }
-    hyper.validate(train_rows).map_err(|e| ApiError::bad("bad_hyper", e))?;
+    hyper
+        .validate(train_rows)
+        .map_err(|e| ApiError::bad("bad_hyper", e))?;
     let (train, test) = app.store.load_dataset(req.dataset).await?;
     let classes = train.classes().max(test.classes());
     if classes > spec.classes() {
-        return Err(ApiError::bad("shape_mismatch", format!("labels name {classes} classes, the spec's last layer has {}", spec.classes())));
+        return Err(ApiError::bad(
+            "shape_mismatch",
+            format!(
+                "labels name {classes} classes, the spec's last layer has {}",
+                spec.classes()
+            ),
+        ));
     }
     let spec_json = serde_json::to_string(&spec).unwrap_or_default();
     let hyper_json = serde_json::to_string(&hyper).unwrap_or_default();
-    let id = app.store.insert_job(name, &spec_json, &hyper_json, req.dataset, Some(owner)).await?;
+    let id = app
+        .store
+        .insert_job(name, &spec_json, &hyper_json, req.dataset, Some(owner))
+        .await?;
     let fx = {
         let mut st = app.state();
         st.load_job(JobLoad {
@@ -329,7 +454,12 @@ struct UploadQuery {
     test_fraction: Option<f32>,
 }
 
-async fn upload_dataset(State(app): State<Arc<App>>, auth: Auth, Query(q): Query<UploadQuery>, body: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+async fn upload_dataset(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Query(q): Query<UploadQuery>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let owner = auth.required()?.id;
     let upload = parse_upload(&body).map_err(|e| ApiError::bad("bad_dataset", e.to_string()))?;
     let (train, test) = match upload.test {
@@ -337,20 +467,38 @@ async fn upload_dataset(State(app): State<Arc<App>>, auth: Auth, Query(q): Query
         None => {
             let frac = q.test_fraction.unwrap_or(0.2);
             if !(0.0..0.9).contains(&frac) || frac.is_nan() {
-                return Err(ApiError::bad("bad_request", "test_fraction must be in [0, 0.9)"));
+                return Err(ApiError::bad(
+                    "bad_request",
+                    "test_fraction must be in [0, 0.9)",
+                ));
             }
             let held = ((upload.train.rows() as f32 * frac).round() as usize).max(1);
             if held >= upload.train.rows() {
-                return Err(ApiError::bad("bad_dataset", "too few rows to hold out a test split"));
+                return Err(ApiError::bad(
+                    "bad_dataset",
+                    "too few rows to hold out a test split",
+                ));
             }
-            upload.train.split(held, starling_core::data::MNIST_SPLIT_SEED)
+            upload
+                .train
+                .split(held, starling_core::data::MNIST_SPLIT_SEED)
         }
     };
-    let name = q.name.unwrap_or_else(|| "upload".into()).chars().take(100).collect::<String>();
-    let id = app.store.insert_dataset(&name, &train, &test, Some(owner)).await?;
+    let name = q
+        .name
+        .unwrap_or_else(|| "upload".into())
+        .chars()
+        .take(100)
+        .collect::<String>();
+    let id = app
+        .store
+        .insert_dataset(&name, &train, &test, Some(owner))
+        .await?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({"id": id, "name": name, "dim": train.dim, "train_rows": train.rows(), "test_rows": test.rows(), "classes": train.classes().max(test.classes())})),
+        Json(
+            serde_json::json!({"id": id, "name": name, "dim": train.dim, "train_rows": train.rows(), "test_rows": test.rows(), "classes": train.classes().max(test.classes())}),
+        ),
     ))
 }
 
@@ -404,10 +552,17 @@ async fn credits_leaderboard(State(app): State<Arc<App>>) -> ApiResult<Json<serd
         .workers()
         .await?
         .into_iter()
-        .map(|w| CreditsRow { id: w.id.0, name: w.name, credits: w.credits_flops as f64 / 1e9, accepted: w.accepted })
+        .map(|w| CreditsRow {
+            id: w.id.0,
+            name: w.name,
+            credits: w.credits_flops as f64 / 1e9,
+            accepted: w.accepted,
+        })
         .collect();
     let head = app.store.ledger_head().await?;
-    Ok(Json(serde_json::json!({"workers": rows, "ledger_head": head})))
+    Ok(Json(
+        serde_json::json!({"workers": rows, "ledger_head": head}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,11 +580,23 @@ async fn worker_ledger(
     Query(q): Query<LedgerQuery>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let token = headers.get("x-worker-token").and_then(|v| v.to_str().ok()).map(str::to_string).or(q.token);
+    let token = headers
+        .get("x-worker-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(q.token);
     let Some(token) = token else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "give the worker's token as ?token= or an X-Worker-Token header"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "give the worker's token as ?token= or an X-Worker-Token header",
+        ));
     };
-    match app.store.worker_by_token_hash(&crate::ws::token_hash(&token)).await? {
+    match app
+        .store
+        .worker_by_token_hash(&crate::ws::token_hash(&token))
+        .await?
+    {
         Some(w) if w.id.0 == worker => {
             let mut entries = app.store.ledger(Some(w.id)).await?;
             let total = entries.len();
@@ -441,6 +608,10 @@ async fn worker_ledger(
                 "total_entries": total, "entries": entries
             })))
         }
-        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "that token does not belong to this worker")),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "that token does not belong to this worker",
+        )),
     }
 }

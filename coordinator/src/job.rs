@@ -42,7 +42,12 @@ impl Default for Hyper {
         // The demo schedule: on the 8,000-row MNIST split this reaches 95% held-out accuracy at about step 450
         // (the single-process trainer, `starling train`, measures the same curve).
         Self {
-            optimizer: OptimizerSpec::Adam { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+            optimizer: OptimizerSpec::Adam {
+                lr: 3e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
             global_batch: 128,
             micro_batch: 32,
             steps: 1000,
@@ -69,28 +74,46 @@ impl Hyper {
     pub fn validate(&self, train_rows: usize) -> Result<(), String> {
         self.optimizer.validate()?;
         if self.global_batch == 0 || self.global_batch > 65_536 {
-            return Err(format!("global_batch must be in 1..=65536, got {}", self.global_batch));
+            return Err(format!(
+                "global_batch must be in 1..=65536, got {}",
+                self.global_batch
+            ));
         }
         if self.micro_batch == 0 || self.micro_batch > self.global_batch {
-            return Err(format!("micro_batch must be in 1..=global_batch ({}), got {}", self.global_batch, self.micro_batch));
+            return Err(format!(
+                "micro_batch must be in 1..=global_batch ({}), got {}",
+                self.global_batch, self.micro_batch
+            ));
         }
         if self.global_batch as usize > train_rows {
-            return Err(format!("global_batch {} is larger than the {train_rows} training rows", self.global_batch));
+            return Err(format!(
+                "global_batch {} is larger than the {train_rows} training rows",
+                self.global_batch
+            ));
         }
         if self.steps == 0 || self.steps > 10_000_000 {
             return Err(format!("steps must be in 1..=10000000, got {}", self.steps));
         }
         if !(2..=5).contains(&self.redundancy) {
-            return Err(format!("redundancy must be in 2..=5 (every result is verified by an independent replica), got {}", self.redundancy));
+            return Err(format!(
+                "redundancy must be in 2..=5 (every result is verified by an independent replica), got {}",
+                self.redundancy
+            ));
         }
         if !(self.tolerance > 0.0 && self.tolerance <= 0.1) {
-            return Err(format!("tolerance must be in (0, 0.1], got {}", self.tolerance));
+            return Err(format!(
+                "tolerance must be in (0, 0.1], got {}",
+                self.tolerance
+            ));
         }
         if self.eval_every == 0 {
             return Err("eval_every must be at least 1".into());
         }
         if !(1_000..=3_600_000).contains(&self.lease_timeout_ms) {
-            return Err(format!("lease_timeout_ms must be in 1000..=3600000, got {}", self.lease_timeout_ms));
+            return Err(format!(
+                "lease_timeout_ms must be in 1000..=3600000, got {}",
+                self.lease_timeout_ms
+            ));
         }
         if let Some(t) = self.target_accuracy
             && !(t > 0.0 && t <= 1.0)
@@ -100,7 +123,9 @@ impl Hyper {
         if let Some(c) = self.clip_norm
             && !(c.is_finite() && c > 0.0)
         {
-            return Err(format!("clip_norm must be a positive finite number, got {c}"));
+            return Err(format!(
+                "clip_norm must be a positive finite number, got {c}"
+            ));
         }
         Ok(())
     }

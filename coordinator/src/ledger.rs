@@ -32,13 +32,25 @@ pub struct Entry {
 
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The hash an entry with these fields must carry: sha256 over the previous hash's hex, then the fields as
 /// `|id|worker|job|step|micro|flops|at_ms` in decimal (unambiguous: every field is an integer).
 #[allow(clippy::too_many_arguments)] // Exactly the hashed fields, in their documented order.
-pub fn entry_hash(prev_hash: &str, id: i64, worker: u64, job: u64, step: u64, micro: u32, flops: u64, at_ms: i64) -> String {
+pub fn entry_hash(
+    prev_hash: &str,
+    id: i64,
+    worker: u64,
+    job: u64,
+    step: u64,
+    micro: u32,
+    flops: u64,
+    at_ms: i64,
+) -> String {
     sha256_hex(format!("{prev_hash}|{id}|{worker}|{job}|{step}|{micro}|{flops}|{at_ms}").as_bytes())
 }
 
@@ -54,13 +66,27 @@ pub struct Balance {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum LedgerError {
     #[error("entry {id}: prev_hash {found} does not match the previous entry's hash {expected}")]
-    BrokenLink { id: i64, expected: String, found: String },
-    #[error("entry {id}: stored hash {found} does not match its fields (expected {expected}); the entry was altered")]
-    BadHash { id: i64, expected: String, found: String },
+    BrokenLink {
+        id: i64,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "entry {id}: stored hash {found} does not match its fields (expected {expected}); the entry was altered"
+    )]
+    BadHash {
+        id: i64,
+        expected: String,
+        found: String,
+    },
     #[error("worker {worker}: balance {balance} FLOP but its ledger entries sum to {sum} FLOP")]
     Balance { worker: u64, balance: i64, sum: i64 },
     #[error("worker {worker}: {accepted} accepted results cached but {entries} ledger entries")]
-    Count { worker: u64, accepted: i64, entries: i64 },
+    Count {
+        worker: u64,
+        accepted: i64,
+        entries: i64,
+    },
 }
 
 /// What a verified ledger holds.
@@ -81,11 +107,28 @@ pub fn verify(entries: &[Entry], balances: &[Balance]) -> Result<Report, LedgerE
     let mut total = 0i64;
     for e in entries {
         if e.prev_hash != prev {
-            return Err(LedgerError::BrokenLink { id: e.id, expected: prev, found: e.prev_hash.clone() });
+            return Err(LedgerError::BrokenLink {
+                id: e.id,
+                expected: prev,
+                found: e.prev_hash.clone(),
+            });
         }
-        let want = entry_hash(&e.prev_hash, e.id, e.worker, e.job, e.step, e.micro, e.flops, e.at_ms);
+        let want = entry_hash(
+            &e.prev_hash,
+            e.id,
+            e.worker,
+            e.job,
+            e.step,
+            e.micro,
+            e.flops,
+            e.at_ms,
+        );
         if e.hash != want {
-            return Err(LedgerError::BadHash { id: e.id, expected: want, found: e.hash.clone() });
+            return Err(LedgerError::BadHash {
+                id: e.id,
+                expected: want,
+                found: e.hash.clone(),
+            });
         }
         let s = sums.entry(e.worker).or_default();
         s.0 += e.flops as i64;
@@ -96,22 +139,46 @@ pub fn verify(entries: &[Entry], balances: &[Balance]) -> Result<Report, LedgerE
     for b in balances {
         let (sum, n) = sums.get(&b.worker).copied().unwrap_or_default();
         if sum != b.credits_flops {
-            return Err(LedgerError::Balance { worker: b.worker, balance: b.credits_flops, sum });
+            return Err(LedgerError::Balance {
+                worker: b.worker,
+                balance: b.credits_flops,
+                sum,
+            });
         }
         if n != b.accepted {
-            return Err(LedgerError::Count { worker: b.worker, accepted: b.accepted, entries: n });
+            return Err(LedgerError::Count {
+                worker: b.worker,
+                accepted: b.accepted,
+                entries: n,
+            });
         }
     }
     // Entries of a worker missing from the workers table would be credits nobody holds.
-    if let Some((&w, &(sum, _))) = sums.iter().find(|(w, _)| !balances.iter().any(|b| b.worker == **w)) {
-        return Err(LedgerError::Balance { worker: w, balance: 0, sum });
+    if let Some((&w, &(sum, _))) = sums
+        .iter()
+        .find(|(w, _)| !balances.iter().any(|b| b.worker == **w))
+    {
+        return Err(LedgerError::Balance {
+            worker: w,
+            balance: 0,
+            sum,
+        });
     }
-    Ok(Report { entries: entries.len(), workers: sums.len(), total_flops: total, head: prev })
+    Ok(Report {
+        entries: entries.len(),
+        workers: sums.len(),
+        total_flops: total,
+        head: prev,
+    })
 }
 
 /// Convenience for callers that hold a [`WorkerId`].
 pub fn balance(worker: WorkerId, credits_flops: i64, accepted: i64) -> Balance {
-    Balance { worker: worker.0, credits_flops, accepted }
+    Balance {
+        worker: worker.0,
+        credits_flops,
+        accepted,
+    }
 }
 
 #[cfg(test)]
@@ -124,7 +191,17 @@ mod tests {
             .map(|i| {
                 let (id, worker) = (i as i64 + 1, (i % 2) as u64 + 1);
                 let hash = entry_hash(&prev, id, worker, 1, i as u64, 0, 100, 5);
-                let e = Entry { id, worker, job: 1, step: i as u64, micro: 0, flops: 100, at_ms: 5, prev_hash: prev.clone(), hash: hash.clone() };
+                let e = Entry {
+                    id,
+                    worker,
+                    job: 1,
+                    step: i as u64,
+                    micro: 0,
+                    flops: 100,
+                    at_ms: 5,
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                };
                 prev = hash;
                 e
             })
@@ -134,19 +211,46 @@ mod tests {
     #[test]
     fn an_intact_chain_verifies_and_any_edit_is_found() {
         let entries = chain(5);
-        let balances = [Balance { worker: 1, credits_flops: 300, accepted: 3 }, Balance { worker: 2, credits_flops: 200, accepted: 2 }];
+        let balances = [
+            Balance {
+                worker: 1,
+                credits_flops: 300,
+                accepted: 3,
+            },
+            Balance {
+                worker: 2,
+                credits_flops: 200,
+                accepted: 2,
+            },
+        ];
         let report = verify(&entries, &balances).unwrap();
         assert_eq!((report.entries, report.total_flops), (5, 500));
         assert_eq!(report.head, entries[4].hash);
 
         let mut edited = entries.clone();
         edited[2].flops = 1_000_000;
-        assert!(matches!(verify(&edited, &balances), Err(LedgerError::BadHash { id: 3, .. })));
+        assert!(matches!(
+            verify(&edited, &balances),
+            Err(LedgerError::BadHash { id: 3, .. })
+        ));
         let mut dropped = entries.clone();
         dropped.remove(1);
-        assert!(matches!(verify(&dropped, &balances), Err(LedgerError::BrokenLink { id: 3, .. })));
-        let inflated = [Balance { worker: 1, credits_flops: 301, accepted: 3 }, balances[1]];
-        assert!(matches!(verify(&entries, &inflated), Err(LedgerError::Balance { worker: 1, .. })));
+        assert!(matches!(
+            verify(&dropped, &balances),
+            Err(LedgerError::BrokenLink { id: 3, .. })
+        ));
+        let inflated = [
+            Balance {
+                worker: 1,
+                credits_flops: 301,
+                accepted: 3,
+            },
+            balances[1],
+        ];
+        assert!(matches!(
+            verify(&entries, &inflated),
+            Err(LedgerError::Balance { worker: 1, .. })
+        ));
         assert_eq!(verify(&[], &[]).unwrap().head, GENESIS);
     }
 }

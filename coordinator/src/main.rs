@@ -6,14 +6,19 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use starling_coordinator::config::{Cli, Command, ServeConfig, TokenCommand, TrainArgs, WorkerArgs};
+use starling_coordinator::config::{
+    Cli, Command, ServeConfig, TokenCommand, TrainArgs, WorkerArgs,
+};
 use starling_worker::engine::{BackendChoice, Device};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,wgpu=warn,naga=warn")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,wgpu=warn,naga=warn")),
+        )
         .init();
     let result = tokio::runtime::Runtime::new().context("starting the async runtime").and_then(|rt| {
         rt.block_on(async {
@@ -45,8 +50,13 @@ fn main() -> ExitCode {
 /// `starling ledger verify`: the chain and every balance, or an error naming the first break (exit code 1).
 async fn ledger_verify(db: &std::path::Path) -> anyhow::Result<()> {
     anyhow::ensure!(db.exists(), "no database at {}", db.display());
-    let store = starling_coordinator::store::Store::open(db).await.with_context(|| format!("opening {}", db.display()))?;
-    let report = store.verify_ledger().await?.map_err(|e| anyhow::anyhow!("ledger does not verify: {e}"))?;
+    let store = starling_coordinator::store::Store::open(db)
+        .await
+        .with_context(|| format!("opening {}", db.display()))?;
+    let report = store
+        .verify_ledger()
+        .await?
+        .map_err(|e| anyhow::anyhow!("ledger does not verify: {e}"))?;
     println!(
         "ledger ok: {} entries, {} workers, {:.3} GFLOP credited, head {}",
         report.entries,
@@ -58,7 +68,9 @@ async fn ledger_verify(db: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .with_context(|| format!("binding {}", cfg.addr))?;
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -71,10 +83,17 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         Some(p) if p.exists() => Some(std::fs::read_to_string(p)?.trim().to_string()),
         _ => None,
     };
-    let opts = starling_worker::native::WorkerOptions { coordinator: args.coordinator, backend, name: args.name, token, max_leases: args.max_leases };
+    let opts = starling_worker::native::WorkerOptions {
+        coordinator: args.coordinator,
+        backend,
+        name: args.name,
+        token,
+        max_leases: args.max_leases,
+    };
     let report = starling_worker::native::run(opts, None).await?;
     if let (Some(p), Some(t)) = (&args.token_file, &report.token) {
-        std::fs::write(p, t).with_context(|| format!("saving the worker token to {}", p.display()))?;
+        std::fs::write(p, t)
+            .with_context(|| format!("saving the worker token to {}", p.display()))?;
     }
     let s = &report.stats;
     println!(
@@ -84,7 +103,10 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         s.rejected,
         s.late,
         s.credits,
-        report.closed_by.map(|c| format!(" (closed: {c})")).unwrap_or_default()
+        report
+            .closed_by
+            .map(|c| format!(" (closed: {c})"))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -101,7 +123,12 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut params = spec.init_params(hyper.seed);
     let mut opt = Optimizer::new(hyper.optimizer, params.len());
     let mut engine = device.engine(spec)?;
-    println!("training 784-128-10 on {} ({} train / {} test rows)", device.label(), train.rows(), test.rows());
+    println!(
+        "training 784-128-10 on {} ({} train / {} test rows)",
+        device.label(),
+        train.rows(),
+        test.rows()
+    );
     let started = std::time::Instant::now();
     for step in 0..args.steps {
         let rows = schedule::step_rows(train.rows(), hyper.global_batch as usize, hyper.seed, step);
@@ -121,7 +148,10 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
             if args.target_accuracy.is_some_and(|t| ev.accuracy() >= t) {
-                println!("target accuracy reached at step {done} after {:.1}s", started.elapsed().as_secs_f64());
+                println!(
+                    "target accuracy reached at step {done} after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
                 break;
             }
         }

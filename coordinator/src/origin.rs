@@ -22,9 +22,13 @@ pub fn parse_origin(s: &str) -> Result<String, String> {
         .or_else(|| s.strip_prefix("https://"))
         .ok_or_else(|| format!("origin `{s}` must start with http:// or https://"))?;
     let valid = !rest.is_empty()
-        && rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
     if !valid {
-        return Err(format!("origin `{s}` must be scheme://host[:port] without a path"));
+        return Err(format!(
+            "origin `{s}` must be scheme://host[:port] without a path"
+        ));
     }
     Ok(s)
 }
@@ -32,11 +36,20 @@ pub fn parse_origin(s: &str) -> Result<String, String> {
 /// Whether a request's `Origin` (if any) may use this coordinator: absent (a native client), the coordinator's own
 /// origin (its `Host`), or on the allow-list.
 pub fn request_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else { return true };
-    let Ok(origin) = origin.to_str() else { return false };
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
     let origin = origin.to_ascii_lowercase();
-    let own = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
-    let is_own = own.is_some_and(|host| origin == format!("http://{host}") || origin == format!("https://{host}"));
+    let own = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let is_own = own.is_some_and(|host| {
+        origin == format!("http://{host}") || origin == format!("https://{host}")
+    });
     is_own || allowed.contains(&origin)
 }
 
@@ -54,8 +67,14 @@ pub async fn embed_page(State(app): State<Arc<App>>) -> Response {
     let allowed = &app.config.allow_origin;
     // The list was validated at start-up (scheme://host[:port]), so it holds no quote or angle bracket; JSON
     // escaping keeps the attribute well-formed regardless.
-    let list = serde_json::to_string(allowed).unwrap_or_else(|_| "[]".into()).replace('"', "&quot;");
-    let html = html.replacen("data-allowed-origins=\"[]\"", &format!("data-allowed-origins=\"{list}\""), 1);
+    let list = serde_json::to_string(allowed)
+        .unwrap_or_else(|_| "[]".into())
+        .replace('"', "&quot;");
+    let html = html.replacen(
+        "data-allowed-origins=\"[]\"",
+        &format!("data-allowed-origins=\"{list}\""),
+        1,
+    );
     let mut csp = String::from("frame-ancestors 'self'");
     for origin in allowed {
         csp.push(' ');
@@ -63,7 +82,10 @@ pub async fn embed_page(State(app): State<Arc<App>>) -> Response {
     }
     let mut response = html.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(&csp) {
         headers.insert(header::CONTENT_SECURITY_POLICY, v);
@@ -88,15 +110,30 @@ mod tests {
     fn origins_are_checked_against_own_host_and_list() {
         let list = vec!["http://partner.example:8000".to_string()];
         assert!(request_allowed(&headers(None, "127.0.0.1:9"), &list));
-        assert!(request_allowed(&headers(Some("http://127.0.0.1:9"), "127.0.0.1:9"), &list));
-        assert!(request_allowed(&headers(Some("http://partner.example:8000"), "127.0.0.1:9"), &list));
-        assert!(!request_allowed(&headers(Some("http://evil.example"), "127.0.0.1:9"), &list));
-        assert!(!request_allowed(&headers(Some("http://127.0.0.1:10"), "127.0.0.1:9"), &list));
+        assert!(request_allowed(
+            &headers(Some("http://127.0.0.1:9"), "127.0.0.1:9"),
+            &list
+        ));
+        assert!(request_allowed(
+            &headers(Some("http://partner.example:8000"), "127.0.0.1:9"),
+            &list
+        ));
+        assert!(!request_allowed(
+            &headers(Some("http://evil.example"), "127.0.0.1:9"),
+            &list
+        ));
+        assert!(!request_allowed(
+            &headers(Some("http://127.0.0.1:10"), "127.0.0.1:9"),
+            &list
+        ));
     }
 
     #[test]
     fn allow_origin_values_are_validated() {
-        assert_eq!(parse_origin("HTTP://Partner.example:8000/").as_deref(), Ok("http://partner.example:8000"));
+        assert_eq!(
+            parse_origin("HTTP://Partner.example:8000/").as_deref(),
+            Ok("http://partner.example:8000")
+        );
         assert!(parse_origin("partner.example").is_err());
         assert!(parse_origin("http://partner.example/path").is_err());
         assert!(parse_origin("http://a\" onload=\"x").is_err());

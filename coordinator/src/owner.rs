@@ -25,7 +25,15 @@ pub struct JobFile {
 /// Runs a `starling job` command, printing to stdout.
 pub async fn run(args: JobArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.coordinator, args.token.clone())?;
-    let need_token = || if args.token.is_none() { bail!("this needs an owner token: --token or STARLING_TOKEN (create one with `starling token create`)") } else { Ok(()) };
+    let need_token = || {
+        if args.token.is_none() {
+            bail!(
+                "this needs an owner token: --token or STARLING_TOKEN (create one with `starling token create`)"
+            )
+        } else {
+            Ok(())
+        }
+    };
     need_token()?;
     match args.command {
         JobCommand::Submit { file } => submit(&client, &file).await,
@@ -43,11 +51,14 @@ pub async fn run(args: JobArgs) -> anyhow::Result<()> {
         JobCommand::Resume { id } => control(&client, id, "resume").await,
         JobCommand::Cancel { id } => control(&client, id, "cancel").await,
         JobCommand::Download { id, output, which } => {
-            let r = client.get(&format!("/api/v1/jobs/{id}/checkpoint?which={which}")).await?;
+            let r = client
+                .get(&format!("/api/v1/jobs/{id}/checkpoint?which={which}"))
+                .await?;
             if r.status != 200 {
                 bail!("download failed: {}", r.error_message());
             }
-            std::fs::write(&output, &r.body).with_context(|| format!("writing {}", output.display()))?;
+            std::fs::write(&output, &r.body)
+                .with_context(|| format!("writing {}", output.display()))?;
             println!("wrote {} ({} bytes)", output.display(), r.body.len());
             Ok(())
         }
@@ -63,7 +74,13 @@ async fn get_job(client: &Client, id: u64) -> anyhow::Result<serde_json::Value> 
 }
 
 async fn control(client: &Client, id: u64, action: &str) -> anyhow::Result<()> {
-    let r = client.post(&format!("/api/v1/jobs/{id}/{action}"), "application/json", b"").await?;
+    let r = client
+        .post(
+            &format!("/api/v1/jobs/{id}/{action}"),
+            "application/json",
+            b"",
+        )
+        .await?;
     if r.status != 200 {
         bail!("{action} job {id}: {}", r.error_message());
     }
@@ -72,10 +89,13 @@ async fn control(client: &Client, id: u64, action: &str) -> anyhow::Result<()> {
 }
 
 async fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let job: JobFile = toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let job: JobFile =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let data_path = file.parent().unwrap_or(Path::new(".")).join(&job.dataset);
-    let data = std::fs::read(&data_path).with_context(|| format!("reading dataset {}", data_path.display()))?;
+    let data = std::fs::read(&data_path)
+        .with_context(|| format!("reading dataset {}", data_path.display()))?;
     let mut q = format!("/api/v1/datasets?name={}", url_encode(&job.name));
     if let Some(f) = job.test_fraction {
         q.push_str(&format!("&test_fraction={f}"));
@@ -85,33 +105,59 @@ async fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
         bail!("dataset upload: {}", up.error_message());
     }
     let ds = up.json();
-    eprintln!("uploaded {}: {} train / {} test rows of {} features", data_path.display(), ds["train_rows"], ds["test_rows"], ds["dim"]);
+    eprintln!(
+        "uploaded {}: {} train / {} test rows of {} features",
+        data_path.display(),
+        ds["train_rows"],
+        ds["test_rows"],
+        ds["dim"]
+    );
     let body = serde_json::json!({
         "name": job.name,
         "spec": serde_json::to_value(&job.spec)?,
         "dataset": ds["id"],
         "hyper": job.hyper.map(serde_json::to_value).transpose()?,
     });
-    let r = client.post("/api/v1/jobs", "application/json", &serde_json::to_vec(&body)?).await?;
+    let r = client
+        .post(
+            "/api/v1/jobs",
+            "application/json",
+            &serde_json::to_vec(&body)?,
+        )
+        .await?;
     if r.status != 201 {
         bail!("job creation: {}", r.error_message());
     }
     let id = r.json()["id"].as_u64().context("no job id in the answer")?;
     println!("{id}");
-    eprintln!("job {id} created; dashboard: {}/dashboard.html#job={id}", client.base);
+    eprintln!(
+        "job {id} created; dashboard: {}/dashboard.html#job={id}",
+        client.base
+    );
     Ok(())
 }
 
 fn url_encode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
 /// One line of progress: step, loss, accuracy, workers, rate, ETA.
 pub fn progress_line(job: &serde_json::Value, eta: Option<Duration>) -> String {
-    let pct = |v: &serde_json::Value| v.as_f64().map_or("—".to_string(), |a| format!("{:.2}%", 100.0 * a));
-    let loss = job["last_train"]["loss"].as_f64().map_or("—".to_string(), |l| format!("{l:.4}"));
+    let pct = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or("—".to_string(), |a| format!("{:.2}%", 100.0 * a))
+    };
+    let loss = job["last_train"]["loss"]
+        .as_f64()
+        .map_or("—".to_string(), |l| format!("{l:.4}"));
     let eta = eta.map_or(String::new(), |d| format!("  eta {}s", d.as_secs()));
     format!(
         "job {} [{}] step {}/{}  loss {}  test acc {} (best {})  workers {}  accepted {} rejected {}{}",
@@ -135,9 +181,13 @@ async fn watch(client: &Client, id: u64) -> anyhow::Result<()> {
     let step0 = first["step"].as_u64().unwrap_or(0);
     loop {
         let job = get_job(client, id).await?;
-        let (step, steps) = (job["step"].as_u64().unwrap_or(0), job["steps"].as_u64().unwrap_or(0));
+        let (step, steps) = (
+            job["step"].as_u64().unwrap_or(0),
+            job["steps"].as_u64().unwrap_or(0),
+        );
         let rate = (step - step0.min(step)) as f64 / started.elapsed().as_secs_f64().max(1e-3);
-        let eta = (rate > 0.0).then(|| Duration::from_secs_f64(steps.saturating_sub(step) as f64 / rate));
+        let eta =
+            (rate > 0.0).then(|| Duration::from_secs_f64(steps.saturating_sub(step) as f64 / rate));
         let status = job["status"].as_str().unwrap_or("");
         println!("{}", progress_line(&job, eta));
         if matches!(status, "completed" | "cancelled") {

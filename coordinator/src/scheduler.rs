@@ -20,7 +20,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use starling_core::data::Dataset;
 use starling_core::optim::Optimizer;
 use starling_core::protocol::{
-    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, Platform, WireFrame, WorkerId, WorkerMsg, encode, f32_bytes, lease_payload,
+    Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, Platform, WireFrame, WorkerId,
+    WorkerMsg, encode, f32_bytes, lease_payload,
 };
 use starling_core::{EvalOutput, ModelSpec, schedule};
 
@@ -55,12 +56,35 @@ pub fn frame_message(frame: WireFrame) -> Message {
 /// A durable write the scheduler asks for.
 #[derive(Debug, Clone)]
 pub enum StoreOp {
-    Accepted { job: JobId, step: u64, row: AcceptedRow, credits: Vec<Credit> },
-    Credit { job: JobId, step: u64, micro: u32, credit: Credit },
-    Rejection { worker: WorkerId, refused: bool },
-    Checkpoint { job: JobId, ckpt: Checkpoint, train: MetricRow },
-    Status { job: JobId, status: JobStatus },
-    Eval { job: JobId, metric: MetricRow },
+    Accepted {
+        job: JobId,
+        step: u64,
+        row: AcceptedRow,
+        credits: Vec<Credit>,
+    },
+    Credit {
+        job: JobId,
+        step: u64,
+        micro: u32,
+        credit: Credit,
+    },
+    Rejection {
+        worker: WorkerId,
+        refused: bool,
+    },
+    Checkpoint {
+        job: JobId,
+        ckpt: Checkpoint,
+        train: MetricRow,
+    },
+    Status {
+        job: JobId,
+        status: JobStatus,
+    },
+    Eval {
+        job: JobId,
+        metric: MetricRow,
+    },
 }
 
 /// A micro-batch the coordinator recomputes on the CPU, off the lock: a trusted worker's unreplicated result to
@@ -85,7 +109,9 @@ pub const SPOT_P_MIN: f64 = 0.05;
 
 /// A seed that differs per coordinator start.
 fn start_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     nanos ^ ((std::process::id() as u64) << 32)
 }
 
@@ -190,7 +216,12 @@ struct Submission {
 
 #[derive(Debug)]
 enum Settled {
-    Accepted { loss: f32, correct: u32, grad: Arc<Vec<f32>>, agreeing: u32 },
+    Accepted {
+        loss: f32,
+        correct: u32,
+        grad: Arc<Vec<f32>>,
+        agreeing: u32,
+    },
     /// No quorum within [`MAX_REPLICAS`]; the step goes on without this micro-batch.
     Abandoned,
 }
@@ -213,7 +244,16 @@ struct Micro {
 
 impl Micro {
     fn new(rows: Vec<u32>, wanted: u32) -> Self {
-        Self { rows, wanted, active: Vec::new(), subs: Vec::new(), involved: Vec::new(), settled: None, solo: false, arbitrating: false }
+        Self {
+            rows,
+            wanted,
+            active: Vec::new(),
+            subs: Vec::new(),
+            involved: Vec::new(),
+            settled: None,
+            solo: false,
+            arbitrating: false,
+        }
     }
 }
 
@@ -288,15 +328,30 @@ pub struct JobLoad {
 
 impl JobRun {
     fn model_frame(id: JobId, step: u64, spec: &ModelSpec, params: &[f32]) -> Bytes {
-        match encode(&CoordinatorMsg::Model { job: id, version: step, spec: spec.clone() }, &f32_bytes(params)) {
+        match encode(
+            &CoordinatorMsg::Model {
+                job: id,
+                version: step,
+                spec: spec.clone(),
+            },
+            &f32_bytes(params),
+        ) {
             WireFrame::Binary(b) => Bytes::from(b),
             WireFrame::Text(t) => Bytes::from(t.into_bytes()),
         }
     }
 
     fn fresh_micros(&self) -> Vec<Micro> {
-        let rows = schedule::step_rows(self.train.rows(), self.hyper.global_batch as usize, self.hyper.seed, self.step);
-        schedule::micro_batches(&rows, self.hyper.micro_batch as usize).into_iter().map(|r| Micro::new(r, self.hyper.redundancy)).collect()
+        let rows = schedule::step_rows(
+            self.train.rows(),
+            self.hyper.global_batch as usize,
+            self.hyper.seed,
+            self.step,
+        );
+        schedule::micro_batches(&rows, self.hyper.micro_batch as usize)
+            .into_iter()
+            .map(|r| Micro::new(r, self.hyper.redundancy))
+            .collect()
     }
 
     pub fn params(&self) -> Arc<Vec<f32>> {
@@ -334,7 +389,18 @@ pub struct State {
 
 impl State {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, jobs: BTreeMap::new(), workers: HashMap::new(), conns: HashMap::new(), leases: HashMap::new(), step_hist: Histogram::default(), next_conn: 1, next_lease: 1, trust: HashMap::new(), rng: starling_core::rng::SplitMix64::new(start_seed()) }
+        Self {
+            config,
+            jobs: BTreeMap::new(),
+            workers: HashMap::new(),
+            conns: HashMap::new(),
+            leases: HashMap::new(),
+            step_hist: Histogram::default(),
+            next_conn: 1,
+            next_lease: 1,
+            trust: HashMap::new(),
+            rng: starling_core::rng::SplitMix64::new(start_seed()),
+        }
     }
 
     /// Brings a job into memory from its checkpoint (or a fresh initialisation) and the accepted results of the
@@ -343,10 +409,15 @@ impl State {
         let n = load.spec.param_count();
         let (step, params, optim) = match load.checkpoint {
             Some(c) => {
-                let optim = Optimizer::from_bytes(load.hyper.optimizer, n, &c.optim).unwrap_or_else(|| Optimizer::new(load.hyper.optimizer, n));
+                let optim = Optimizer::from_bytes(load.hyper.optimizer, n, &c.optim)
+                    .unwrap_or_else(|| Optimizer::new(load.hyper.optimizer, n));
                 (c.step, c.params, optim)
             }
-            None => (0, load.spec.init_params(load.hyper.seed), Optimizer::new(load.hyper.optimizer, n)),
+            None => (
+                0,
+                load.spec.init_params(load.hyper.seed),
+                Optimizer::new(load.hyper.optimizer, n),
+            ),
         };
         let model_frame = JobRun::model_frame(load.id, step, &load.spec, &params);
         let mut job = JobRun {
@@ -384,7 +455,12 @@ impl State {
                 && m.rows.len() == a.rows as usize
                 && a.grad.len() == n
             {
-                m.settled = Some(Settled::Accepted { loss: a.loss, correct: a.correct, grad: Arc::new(a.grad), agreeing: a.agreeing });
+                m.settled = Some(Settled::Accepted {
+                    loss: a.loss,
+                    correct: a.correct,
+                    grad: Arc::new(a.grad),
+                    agreeing: a.agreeing,
+                });
             }
         }
         tracing::info!(job = %job.id, step = job.step, status = job.status.as_str(), "job loaded");
@@ -421,7 +497,20 @@ impl State {
     ) -> ConnId {
         let id = self.next_conn;
         self.next_conn += 1;
-        let conn = Conn { worker, addr, name, backend, adapter, platform, tx, ready: false, lease: None, model: None, waiting_sent: false, connected_ms: now_ms() };
+        let conn = Conn {
+            worker,
+            addr,
+            name,
+            backend,
+            adapter,
+            platform,
+            tx,
+            ready: false,
+            lease: None,
+            model: None,
+            waiting_sent: false,
+            connected_ms: now_ms(),
+        };
         self.conns.insert(id, conn);
         id
     }
@@ -444,7 +533,12 @@ impl State {
     pub fn disconnect(&mut self, conn: ConnId) -> Effects {
         let mut fx = Effects::default();
         self.conns.remove(&conn);
-        let gone: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.conn == conn).map(|(id, _)| *id).collect();
+        let gone: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.conn == conn)
+            .map(|(id, _)| *id)
+            .collect();
         for id in gone {
             self.drop_lease(id);
         }
@@ -471,9 +565,13 @@ impl State {
     /// Whether `msg` is part of the protocol's paced flow on `conn`: a `result` or `failed` for the lease it holds,
     /// or a `ready` while it holds none and has not already asked. Anything else counts against the rate limit.
     pub fn solicited(&self, conn: ConnId, msg: &WorkerMsg) -> bool {
-        let Some(c) = self.conns.get(&conn) else { return false };
+        let Some(c) = self.conns.get(&conn) else {
+            return false;
+        };
         match msg {
-            WorkerMsg::Result { lease, .. } | WorkerMsg::Failed { lease, .. } => c.lease == Some(*lease),
+            WorkerMsg::Result { lease, .. } | WorkerMsg::Failed { lease, .. } => {
+                c.lease == Some(*lease)
+            }
             WorkerMsg::Ready => c.lease.is_none() && !c.ready,
             WorkerMsg::Hello { .. } => false,
         }
@@ -491,7 +589,12 @@ impl State {
 
     /// Expires overdue leases and hands out work (including speculative replicas) to idle workers.
     pub fn tick(&mut self, now: Instant) -> Effects {
-        let overdue: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        let overdue: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in overdue {
             if let Some(l) = self.drop_lease(id) {
                 tracing::info!(lease = %id, worker = %l.worker, "lease expired; micro-batch will be reassigned");
@@ -507,7 +610,12 @@ impl State {
 
     fn assign_all(&mut self, fx: &mut Effects) {
         let now = Instant::now();
-        let idle: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.ready && c.lease.is_none()).map(|(id, _)| *id).collect();
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.ready && c.lease.is_none())
+            .map(|(id, _)| *id)
+            .collect();
         for conn in idle {
             self.assign(conn, now, fx);
         }
@@ -515,7 +623,9 @@ impl State {
 
     /// Gives `conn` a lease if any running job has a micro-batch it may take.
     fn assign(&mut self, conn_id: ConnId, now: Instant, fx: &mut Effects) {
-        let Some(conn) = self.conns.get(&conn_id) else { return };
+        let Some(conn) = self.conns.get(&conn_id) else {
+            return;
+        };
         if !conn.ready || conn.lease.is_some() {
             return;
         }
@@ -525,8 +635,20 @@ impl State {
         }
         let speculate_after = self.config.speculate_after;
         let mut choice = None;
-        for job in self.jobs.values().filter(|j| j.status == JobStatus::Running) {
-            if let Some((micro, speculative)) = pick_micro(job, worker, addr, now, speculate_after, &self.leases, self.rng.next_u64()) {
+        for job in self
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Running)
+        {
+            if let Some((micro, speculative)) = pick_micro(
+                job,
+                worker,
+                addr,
+                now,
+                speculate_after,
+                &self.leases,
+                self.rng.next_u64(),
+            ) {
                 choice = Some((job.id, micro, speculative));
                 break;
             }
@@ -540,15 +662,31 @@ impl State {
                 } else {
                     "no job is running"
                 };
-                fx.sends.push((conn_id, Outbound::msg(&CoordinatorMsg::Waiting { reason: reason.into() }, &[])));
+                fx.sends.push((
+                    conn_id,
+                    Outbound::msg(
+                        &CoordinatorMsg::Waiting {
+                            reason: reason.into(),
+                        },
+                        &[],
+                    ),
+                ));
             }
             return;
         };
         let lease_id = LeaseId(self.next_lease);
         self.next_lease += 1;
-        let record = self.conns.get(&conn_id).and_then(|c| self.trust.get(&(worker, c.backend))).copied().unwrap_or(0);
+        let record = self
+            .conns
+            .get(&conn_id)
+            .and_then(|c| self.trust.get(&(worker, c.backend)))
+            .copied()
+            .unwrap_or(0);
         let roll = self.rng.next_f64();
-        let (threshold, max_params) = (self.config.trust_threshold, self.config.spot_check_max_params);
+        let (threshold, max_params) = (
+            self.config.trust_threshold,
+            self.config.spot_check_max_params,
+        );
         let job = self.jobs.get_mut(&job_id).expect("chosen above");
         let deadline = now + Duration::from_millis(job.hyper.lease_timeout_ms);
         let m = &mut job.micros[micro];
@@ -573,7 +711,10 @@ impl State {
         }
         let conn = self.conns.get_mut(&conn_id).expect("checked above");
         if conn.model != Some((job.id, job.step)) {
-            fx.sends.push((conn_id, Outbound::Frame(Message::Binary(job.model_frame.clone()))));
+            fx.sends.push((
+                conn_id,
+                Outbound::Frame(Message::Binary(job.model_frame.clone())),
+            ));
             conn.model = Some((job.id, job.step));
         }
         let msg = CoordinatorMsg::Lease {
@@ -585,11 +726,23 @@ impl State {
             rows: labels.len() as u32,
             deadline_ms: job.hyper.lease_timeout_ms,
         };
-        fx.sends.push((conn_id, Outbound::msg(&msg, &lease_payload(&x, &labels))));
+        fx.sends
+            .push((conn_id, Outbound::msg(&msg, &lease_payload(&x, &labels))));
         conn.ready = false;
         conn.lease = Some(lease_id);
         conn.waiting_sent = false;
-        self.leases.insert(lease_id, Lease { job: job.id, step: job.step, micro: micro as u32, conn: conn_id, worker, issued: now, deadline });
+        self.leases.insert(
+            lease_id,
+            Lease {
+                job: job.id,
+                step: job.step,
+                micro: micro as u32,
+                conn: conn_id,
+                worker,
+                issued: now,
+                deadline,
+            },
+        );
     }
 
     /// A worker could not compute its lease: release it without a strike.
@@ -605,9 +758,26 @@ impl State {
         fx
     }
 
-    fn verdict(&self, conn: ConnId, worker: WorkerId, lease: LeaseId, outcome: Outcome, fx: &mut Effects) {
+    fn verdict(
+        &self,
+        conn: ConnId,
+        worker: WorkerId,
+        lease: LeaseId,
+        outcome: Outcome,
+        fx: &mut Effects,
+    ) {
         let credits = self.workers.get(&worker).map_or(0.0, WorkerInfo::credits);
-        fx.sends.push((conn, Outbound::msg(&CoordinatorMsg::Verdict { lease, outcome, credits }, &[])));
+        fx.sends.push((
+            conn,
+            Outbound::msg(
+                &CoordinatorMsg::Verdict {
+                    lease,
+                    outcome,
+                    credits,
+                },
+                &[],
+            ),
+        ));
     }
 
     fn credit(&mut self, worker: WorkerId, flops: u64) -> Credit {
@@ -615,7 +785,12 @@ impl State {
         w.credits_flops += flops;
         w.accepted += 1;
         w.near_misses = 0;
-        if let Some(backend) = self.conns.values().find(|c| c.worker == worker).map(|c| c.backend) {
+        if let Some(backend) = self
+            .conns
+            .values()
+            .find(|c| c.worker == worker)
+            .map(|c| c.backend)
+        {
             *self.trust.entry((worker, backend)).or_default() += 1;
         }
         Credit { worker, flops }
@@ -633,16 +808,30 @@ impl State {
             tracing::warn!(%worker, strikes = w.strikes, "worker refused further work after repeated losing results");
             for (id, c) in &self.conns {
                 if c.worker == worker {
-                    fx.sends.push((*id, Outbound::Close(ErrorCode::Refused, format!("refused after {} rejected results", limit))));
+                    fx.sends.push((
+                        *id,
+                        Outbound::Close(
+                            ErrorCode::Refused,
+                            format!("refused after {} rejected results", limit),
+                        ),
+                    ));
                 }
             }
         }
-        fx.store.push(StoreOp::Rejection { worker, refused: refuse });
+        fx.store.push(StoreOp::Rejection {
+            worker,
+            refused: refuse,
+        });
     }
 
     /// Takes `lease_id` back from `conn` for its result. A lease that is unknown, expired, another connection's, or
     /// of a superseded step is late: ignored, no strike (`None`, with the `late` verdict in `fx`).
-    fn claim(&mut self, conn: ConnId, lease_id: LeaseId, fx: &mut Effects) -> Option<(WorkerId, Lease)> {
+    fn claim(
+        &mut self,
+        conn: ConnId,
+        lease_id: LeaseId,
+        fx: &mut Effects,
+    ) -> Option<(WorkerId, Lease)> {
         let worker = self.conns.get(&conn).map(|c| c.worker)?;
         let lease = match self.leases.get(&lease_id) {
             Some(l) if l.conn == conn => self.drop_lease(lease_id),
@@ -670,7 +859,9 @@ impl State {
     /// strike, like any invalid result (or `late` when the lease is no longer this connection's).
     pub fn result_mismatch(&mut self, conn: ConnId, lease_id: LeaseId) -> Effects {
         let mut fx = Effects::default();
-        let Some((worker, lease)) = self.claim(conn, lease_id, &mut fx) else { return fx };
+        let Some((worker, lease)) = self.claim(conn, lease_id, &mut fx) else {
+            return fx;
+        };
         tracing::warn!(%worker, lease = %lease_id, "result rejected: payload does not match its commit");
         if let Some(job) = self.jobs.get_mut(&lease.job) {
             job.counters.results_rejected += 1;
@@ -682,12 +873,27 @@ impl State {
     }
 
     /// A result arrived for `lease` on `conn`.
-    pub fn result(&mut self, conn: ConnId, lease_id: LeaseId, loss: f32, correct: u32, grad: Vec<f32>) -> Effects {
+    pub fn result(
+        &mut self,
+        conn: ConnId,
+        lease_id: LeaseId,
+        loss: f32,
+        correct: u32,
+        grad: Vec<f32>,
+    ) -> Effects {
         let mut fx = Effects::default();
-        let Some((worker, lease)) = self.claim(conn, lease_id, &mut fx) else { return fx };
-        let Some(job) = self.jobs.get_mut(&lease.job) else { return fx };
+        let Some((worker, lease)) = self.claim(conn, lease_id, &mut fx) else {
+            return fx;
+        };
+        let Some(job) = self.jobs.get_mut(&lease.job) else {
+            return fx;
+        };
         let elapsed = lease.issued.elapsed().as_secs_f64() * 1000.0;
-        job.result_ms = if job.result_ms == 0.0 { elapsed } else { 0.9 * job.result_ms + 0.1 * elapsed };
+        job.result_ms = if job.result_ms == 0.0 {
+            elapsed
+        } else {
+            0.9 * job.result_ms + 0.1 * elapsed
+        };
         let micro = lease.micro;
         let m = &mut job.micros[micro as usize];
         let rows = m.rows.len() as u32;
@@ -700,16 +906,39 @@ impl State {
             self.assign_all(&mut fx);
             return fx;
         }
-        let (tolerance, quorum, step) = (job.hyper.tolerance, job.hyper.quorum() as usize, job.step);
+        let (tolerance, quorum, step) =
+            (job.hyper.tolerance, job.hyper.quorum() as usize, job.step);
         let max_params = self.config.spot_check_max_params;
         match &m.settled {
-            Some(Settled::Accepted { loss: l, correct: c, grad: g, .. }) => {
+            Some(Settled::Accepted {
+                loss: l,
+                correct: c,
+                grad: g,
+                ..
+            }) => {
                 // A speculative or extra replica of a micro-batch already accepted: credit it if it agrees.
-                let agrees = verify::agree(&Candidate { loss: *l, correct: *c, grad: g }, &Candidate { loss, correct, grad: &grad }, tolerance);
+                let agrees = verify::agree(
+                    &Candidate {
+                        loss: *l,
+                        correct: *c,
+                        grad: g,
+                    },
+                    &Candidate {
+                        loss,
+                        correct,
+                        grad: &grad,
+                    },
+                    tolerance,
+                );
                 if agrees {
                     job.counters.results_accepted += 1;
                     let credit = self.credit(worker, flops);
-                    fx.store.push(StoreOp::Credit { job: lease.job, step, micro, credit });
+                    fx.store.push(StoreOp::Credit {
+                        job: lease.job,
+                        step,
+                        micro,
+                        credit,
+                    });
                     self.verdict(conn, worker, lease_id, Outcome::Accepted, &mut fx);
                 } else {
                     job.counters.results_rejected += 1;
@@ -731,14 +960,46 @@ impl State {
             // A trusted worker's unreplicated result reaches the model only if the coordinator's own
             // recomputation agrees (`spot_checked`); until then it waits here like a first replica.
             let (x, labels) = job.train.gather(&m.rows);
-            fx.spot_checks.push(SpotCheck { arbitrate: false, job: job.id, step, micro, lease: lease_id, spec: job.spec.clone(), params: job.params.clone(), x, labels });
+            fx.spot_checks.push(SpotCheck {
+                arbitrate: false,
+                job: job.id,
+                step,
+                micro,
+                lease: lease_id,
+                spec: job.spec.clone(),
+                params: job.params.clone(),
+                x,
+                labels,
+            });
             job.counters.spot_checks += 1;
-            m.subs.push(Submission { worker, conn, lease: lease_id, loss, correct, grad });
+            m.subs.push(Submission {
+                worker,
+                conn,
+                lease: lease_id,
+                loss,
+                correct,
+                grad,
+            });
             self.assign_all(&mut fx);
             return fx;
         }
-        m.subs.push(Submission { worker, conn, lease: lease_id, loss, correct, grad });
-        let candidates: Vec<Candidate<'_>> = m.subs.iter().map(|s| Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }).collect();
+        m.subs.push(Submission {
+            worker,
+            conn,
+            lease: lease_id,
+            loss,
+            correct,
+            grad,
+        });
+        let candidates: Vec<Candidate<'_>> = m
+            .subs
+            .iter()
+            .map(|s| Candidate {
+                loss: s.loss,
+                correct: s.correct,
+                grad: &s.grad,
+            })
+            .collect();
         match verify::settle(&candidates, quorum, tolerance) {
             Some((winners, losers)) => {
                 let n = winners.len() as f32;
@@ -750,21 +1011,53 @@ impl State {
                 }
                 let mean_loss = winners.iter().map(|&w| m.subs[w].loss).sum::<f32>() / n;
                 let leader_correct = m.subs[winners[0]].correct;
-                let row = AcceptedRow { micro, rows, loss: mean_loss, correct: leader_correct, agreeing: winners.len() as u32, grad: mean.clone() };
-                m.settled = Some(Settled::Accepted { loss: mean_loss, correct: leader_correct, grad: Arc::new(mean), agreeing: winners.len() as u32 });
+                let row = AcceptedRow {
+                    micro,
+                    rows,
+                    loss: mean_loss,
+                    correct: leader_correct,
+                    agreeing: winners.len() as u32,
+                    grad: mean.clone(),
+                };
+                m.settled = Some(Settled::Accepted {
+                    loss: mean_loss,
+                    correct: leader_correct,
+                    grad: Arc::new(mean),
+                    agreeing: winners.len() as u32,
+                });
                 let subs = std::mem::take(&mut m.subs);
                 job.counters.results_accepted += winners.len() as u64;
                 job.counters.results_rejected += losers.len() as u64;
                 let job_id = job.id;
-                let credits: Vec<Credit> = winners.iter().map(|&w| self.credit(subs[w].worker, flops)).collect();
-                fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits });
+                let credits: Vec<Credit> = winners
+                    .iter()
+                    .map(|&w| self.credit(subs[w].worker, flops))
+                    .collect();
+                fx.store.push(StoreOp::Accepted {
+                    job: job_id,
+                    step,
+                    row,
+                    credits,
+                });
                 for &w in &winners {
-                    self.verdict(subs[w].conn, subs[w].worker, subs[w].lease, Outcome::Accepted, &mut fx);
+                    self.verdict(
+                        subs[w].conn,
+                        subs[w].worker,
+                        subs[w].lease,
+                        Outcome::Accepted,
+                        &mut fx,
+                    );
                 }
                 for &l in &losers {
                     tracing::warn!(worker = %subs[l].worker, job = %job_id, step, micro, "result lost verification");
                     self.strike(subs[l].worker, &mut fx);
-                    self.verdict(subs[l].conn, subs[l].worker, subs[l].lease, Outcome::Rejected, &mut fx);
+                    self.verdict(
+                        subs[l].conn,
+                        subs[l].worker,
+                        subs[l].lease,
+                        Outcome::Rejected,
+                        &mut fx,
+                    );
                 }
                 self.maybe_advance(job_id, &mut fx);
             }
@@ -777,7 +1070,17 @@ impl State {
                         m.arbitrating = true;
                         job.counters.arbitrations += 1;
                         let (x, labels) = job.train.gather(&m.rows);
-                        let check = SpotCheck { arbitrate: true, job: job.id, step, micro, lease: lease_id, spec: job.spec.clone(), params: job.params.clone(), x, labels };
+                        let check = SpotCheck {
+                            arbitrate: true,
+                            job: job.id,
+                            step,
+                            micro,
+                            lease: lease_id,
+                            spec: job.spec.clone(),
+                            params: job.params.clone(),
+                            x,
+                            labels,
+                        };
                         fx.spot_checks.push(check);
                         tracing::info!(job = %job.id, step, micro, "results disagree; the coordinator recomputes the micro-batch to settle it");
                     } else if m.wanted >= MAX_REPLICAS {
@@ -801,14 +1104,23 @@ impl State {
     /// Applies the step once every micro-batch is settled: row-weighted mean of the accepted gradients, one
     /// optimizer update, a new model version, a checkpoint, and (every `eval_every` steps) an evaluation.
     fn maybe_advance(&mut self, job_id: JobId, fx: &mut Effects) {
-        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
         if job.micros.is_empty() || job.micros.iter().any(|m| m.settled.is_none()) {
             return;
         }
         let mut parts: Vec<(u32, &[f32])> = Vec::new();
-        let (mut loss_sum, mut correct, mut rows, mut min_agreeing) = (0.0f64, 0u32, 0u32, u32::MAX);
+        let (mut loss_sum, mut correct, mut rows, mut min_agreeing) =
+            (0.0f64, 0u32, 0u32, u32::MAX);
         for m in &job.micros {
-            if let Some(Settled::Accepted { loss, correct: c, grad, agreeing }) = &m.settled {
+            if let Some(Settled::Accepted {
+                loss,
+                correct: c,
+                grad,
+                agreeing,
+            }) = &m.settled
+            {
                 let r = m.rows.len() as u32;
                 parts.push((r, grad.as_slice()));
                 loss_sum += *loss as f64 * r as f64;
@@ -828,7 +1140,11 @@ impl State {
         job.step += 1;
         job.counters.steps_applied += 1;
         let elapsed = job.step_started.elapsed().as_secs_f64() * 1000.0;
-        job.step_ms = if job.step_ms == 0.0 { elapsed } else { 0.95 * job.step_ms + 0.05 * elapsed };
+        job.step_ms = if job.step_ms == 0.0 {
+            elapsed
+        } else {
+            0.95 * job.step_ms + 0.05 * elapsed
+        };
         job.step_started = Instant::now();
         self.step_hist.observe(elapsed / 1000.0);
         fx.notify.push(job.id);
@@ -847,16 +1163,29 @@ impl State {
         job.last_train = Some(train.clone());
         fx.store.push(StoreOp::Checkpoint {
             job: job.id,
-            ckpt: Checkpoint { step: job.step, params: job.params.to_vec(), optim: job.optim.to_bytes() },
+            ckpt: Checkpoint {
+                step: job.step,
+                params: job.params.to_vec(),
+                optim: job.optim.to_bytes(),
+            },
             train,
         });
         if job.step % job.hyper.eval_every == 0 || job.step >= job.hyper.steps {
-            fx.evals.push(EvalTask { job: job.id, step: job.step, spec: job.spec.clone(), params: job.params.clone(), test: job.test.clone() });
+            fx.evals.push(EvalTask {
+                job: job.id,
+                step: job.step,
+                spec: job.spec.clone(),
+                params: job.params.clone(),
+                test: job.test.clone(),
+            });
         }
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;
             job.micros.clear();
-            fx.store.push(StoreOp::Status { job: job.id, status: JobStatus::Completed });
+            fx.store.push(StoreOp::Status {
+                job: job.id,
+                status: JobStatus::Completed,
+            });
             tracing::info!(job = %job.id, step = job.step, "job completed its steps");
         } else {
             job.micros = job.fresh_micros();
@@ -866,20 +1195,37 @@ impl State {
     /// An evaluation finished: record it, and complete the job if it reached its target accuracy.
     pub fn evaluated(&mut self, job_id: JobId, step: u64, eval: EvalOutput) -> Effects {
         let mut fx = Effects::default();
-        let Some(job) = self.jobs.get_mut(&job_id) else { return fx };
-        let m = MetricRow { step, kind: "eval".into(), loss: eval.loss, accuracy: eval.accuracy(), min_agreeing: 0, at_ms: now_ms() };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return fx;
+        };
+        let m = MetricRow {
+            step,
+            kind: "eval".into(),
+            loss: eval.loss,
+            accuracy: eval.accuracy(),
+            min_agreeing: 0,
+            at_ms: now_ms(),
+        };
         tracing::info!(job = %job_id, step, test_loss = m.loss, test_accuracy = m.accuracy, "evaluated on held-out set");
         job.best_accuracy = Some(job.best_accuracy.map_or(m.accuracy, |b| b.max(m.accuracy)));
         if job.last_eval.as_ref().is_none_or(|l| l.step <= step) {
             job.last_eval = Some(m.clone());
         }
-        if job.status == JobStatus::Running && job.hyper.target_accuracy.is_some_and(|t| m.accuracy >= t) {
+        if job.status == JobStatus::Running
+            && job.hyper.target_accuracy.is_some_and(|t| m.accuracy >= t)
+        {
             job.status = JobStatus::Completed;
             job.micros.clear();
             tracing::info!(job = %job_id, step, accuracy = m.accuracy, "target accuracy reached; job completed");
-            fx.store.push(StoreOp::Status { job: job_id, status: JobStatus::Completed });
+            fx.store.push(StoreOp::Status {
+                job: job_id,
+                status: JobStatus::Completed,
+            });
         }
-        fx.store.push(StoreOp::Eval { job: job_id, metric: m });
+        fx.store.push(StoreOp::Eval {
+            job: job_id,
+            metric: m,
+        });
         fx.notify.push(job_id);
         fx
     }
@@ -896,7 +1242,12 @@ impl State {
             JobStatus::Cancelled => {
                 job.status = JobStatus::Cancelled;
                 job.micros.clear();
-                let dropped: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.job == job_id).map(|(id, _)| *id).collect();
+                let dropped: Vec<LeaseId> = self
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.job == job_id)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in dropped {
                     self.drop_lease(id);
                 }
@@ -904,7 +1255,10 @@ impl State {
             JobStatus::Completed => return Err("a job completes by itself".into()),
         }
         tracing::info!(job = %job_id, status = want.as_str(), "job status changed by its owner");
-        fx.store.push(StoreOp::Status { job: job_id, status: want });
+        fx.store.push(StoreOp::Status {
+            job: job_id,
+            status: want,
+        });
         fx.notify.push(job_id);
         self.assign_all(&mut fx);
         Ok(fx)
@@ -913,14 +1267,27 @@ impl State {
     /// The coordinator's recomputation of a spot-checked micro-batch finished (`None`: it could not run). Accepts
     /// the trusted worker's result if they agree; otherwise a strike, trust back to zero, and the micro-batch goes
     /// back to ordinary R-fold replication. Without a recomputation it falls back to replication too.
-    pub fn spot_checked(&mut self, job_id: JobId, step: u64, micro: u32, lease: LeaseId, reference: Option<starling_core::StepOutput>) -> Effects {
+    pub fn spot_checked(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        lease: LeaseId,
+        reference: Option<starling_core::StepOutput>,
+    ) -> Effects {
         let mut fx = Effects::default();
-        let Some(job) = self.jobs.get_mut(&job_id) else { return fx };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return fx;
+        };
         if job.step != step || job.status.is_terminal() {
             return fx;
         }
-        let Some(m) = job.micros.get_mut(micro as usize) else { return fx };
-        let Some(i) = m.subs.iter().position(|s| s.lease == lease) else { return fx };
+        let Some(m) = job.micros.get_mut(micro as usize) else {
+            return fx;
+        };
+        let Some(i) = m.subs.iter().position(|s| s.lease == lease) else {
+            return fx;
+        };
         if m.settled.is_some() {
             return fx;
         }
@@ -933,17 +1300,42 @@ impl State {
         let rows = m.rows.len() as u32;
         let flops = job.spec.train_flops(rows as u64);
         let s = &m.subs[i];
-        let theirs = Candidate { loss: s.loss, correct: s.correct, grad: &s.grad };
-        let ours = Candidate { loss: reference.loss, correct: reference.correct, grad: &reference.grad };
+        let theirs = Candidate {
+            loss: s.loss,
+            correct: s.correct,
+            grad: &s.grad,
+        };
+        let ours = Candidate {
+            loss: reference.loss,
+            correct: reference.correct,
+            grad: &reference.grad,
+        };
         let agrees = verify::agree(&theirs, &ours, job.hyper.tolerance);
         let sub = m.subs.remove(i);
         if agrees {
             // Two independent computations agreed: the worker's and the coordinator's.
-            let row = AcceptedRow { micro, rows, loss: sub.loss, correct: sub.correct, agreeing: 2, grad: sub.grad.clone() };
-            m.settled = Some(Settled::Accepted { loss: sub.loss, correct: sub.correct, grad: Arc::new(sub.grad), agreeing: 2 });
+            let row = AcceptedRow {
+                micro,
+                rows,
+                loss: sub.loss,
+                correct: sub.correct,
+                agreeing: 2,
+                grad: sub.grad.clone(),
+            };
+            m.settled = Some(Settled::Accepted {
+                loss: sub.loss,
+                correct: sub.correct,
+                grad: Arc::new(sub.grad),
+                agreeing: 2,
+            });
             job.counters.results_accepted += 1;
             let credit = self.credit(sub.worker, flops);
-            fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits: vec![credit] });
+            fx.store.push(StoreOp::Accepted {
+                job: job_id,
+                step,
+                row,
+                credits: vec![credit],
+            });
             self.verdict(sub.conn, sub.worker, sub.lease, Outcome::Accepted, &mut fx);
             self.maybe_advance(job_id, &mut fx);
         } else if verify::near_miss(&theirs_owned(&sub), &ours, job.hyper.tolerance) {
@@ -967,13 +1359,23 @@ impl State {
     /// The coordinator's recomputation of a disputed micro-batch finished (`None`: it could not run, so a volunteer
     /// tie-breaker is leased instead). Replicas that agree with it win (accepted, credited; `agreeing` counts the
     /// coordinator too); the others get strikes. If none agrees, all are struck and the micro-batch is leased afresh.
-    pub fn arbitrated(&mut self, job_id: JobId, step: u64, micro: u32, reference: Option<starling_core::StepOutput>) -> Effects {
+    pub fn arbitrated(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        reference: Option<starling_core::StepOutput>,
+    ) -> Effects {
         let mut fx = Effects::default();
-        let Some(job) = self.jobs.get_mut(&job_id) else { return fx };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return fx;
+        };
         if job.step != step || job.status.is_terminal() {
             return fx;
         }
-        let Some(m) = job.micros.get_mut(micro as usize) else { return fx };
+        let Some(m) = job.micros.get_mut(micro as usize) else {
+            return fx;
+        };
         if m.settled.is_some() || !m.arbitrating {
             return fx;
         }
@@ -986,15 +1388,38 @@ impl State {
         let tolerance = job.hyper.tolerance;
         let rows = m.rows.len() as u32;
         let flops = job.spec.train_flops(rows as u64);
-        let ours = Candidate { loss: reference.loss, correct: reference.correct, grad: &reference.grad };
-        let (winners, rest): (Vec<Submission>, Vec<Submission>) = std::mem::take(&mut m.subs)
-            .into_iter()
-            .partition(|s| verify::agree(&Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }, &ours, tolerance));
+        let ours = Candidate {
+            loss: reference.loss,
+            correct: reference.correct,
+            grad: &reference.grad,
+        };
+        let (winners, rest): (Vec<Submission>, Vec<Submission>) =
+            std::mem::take(&mut m.subs).into_iter().partition(|s| {
+                verify::agree(
+                    &Candidate {
+                        loss: s.loss,
+                        correct: s.correct,
+                        grad: &s.grad,
+                    },
+                    &ours,
+                    tolerance,
+                )
+            });
         // Honest devices can differ by more than `tolerance` when a ReLU input sits within rounding of zero (its
         // derivative flips between 0 and 1 for that unit), while loss and correct count still match. Such a
         // near-miss is inconclusive: neither credited nor struck (`late`), and never used for the model.
         let (inconclusive, losers): (Vec<Submission>, Vec<Submission>) =
-            rest.into_iter().partition(|s| verify::near_miss(&Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }, &ours, tolerance));
+            rest.into_iter().partition(|s| {
+                verify::near_miss(
+                    &Candidate {
+                        loss: s.loss,
+                        correct: s.correct,
+                        grad: &s.grad,
+                    },
+                    &ours,
+                    tolerance,
+                )
+            });
         job.counters.results_rejected += losers.len() as u64;
         job.counters.results_late += inconclusive.len() as u64;
         if winners.is_empty() && inconclusive.is_empty() {
@@ -1004,9 +1429,26 @@ impl State {
             // Only near-misses: the coordinator's own recomputation is the micro-batch's result, backed by the
             // near-miss replicas (counted as agreeing computations); nobody is credited for it.
             let agreeing = inconclusive.len() as u32 + 1;
-            let row = AcceptedRow { micro, rows, loss: reference.loss, correct: reference.correct, agreeing, grad: reference.grad.clone() };
-            m.settled = Some(Settled::Accepted { loss: reference.loss, correct: reference.correct, grad: Arc::new(reference.grad.clone()), agreeing });
-            fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits: Vec::new() });
+            let row = AcceptedRow {
+                micro,
+                rows,
+                loss: reference.loss,
+                correct: reference.correct,
+                agreeing,
+                grad: reference.grad.clone(),
+            };
+            m.settled = Some(Settled::Accepted {
+                loss: reference.loss,
+                correct: reference.correct,
+                grad: Arc::new(reference.grad.clone()),
+                agreeing,
+            });
+            fx.store.push(StoreOp::Accepted {
+                job: job_id,
+                step,
+                row,
+                credits: Vec::new(),
+            });
         } else {
             let n = winners.len() as f32;
             let mut mean = vec![0.0f32; reference.grad.len()];
@@ -1017,11 +1459,31 @@ impl State {
             }
             let loss = winners.iter().map(|w| w.loss).sum::<f32>() / n;
             let (correct, agreeing) = (winners[0].correct, winners.len() as u32 + 1);
-            let row = AcceptedRow { micro, rows, loss, correct, agreeing, grad: mean.clone() };
-            m.settled = Some(Settled::Accepted { loss, correct, grad: Arc::new(mean), agreeing });
+            let row = AcceptedRow {
+                micro,
+                rows,
+                loss,
+                correct,
+                agreeing,
+                grad: mean.clone(),
+            };
+            m.settled = Some(Settled::Accepted {
+                loss,
+                correct,
+                grad: Arc::new(mean),
+                agreeing,
+            });
             job.counters.results_accepted += winners.len() as u64;
-            let credits: Vec<Credit> = winners.iter().map(|w| self.credit(w.worker, flops)).collect();
-            fx.store.push(StoreOp::Accepted { job: job_id, step, row, credits });
+            let credits: Vec<Credit> = winners
+                .iter()
+                .map(|w| self.credit(w.worker, flops))
+                .collect();
+            fx.store.push(StoreOp::Accepted {
+                job: job_id,
+                step,
+                row,
+                credits,
+            });
             for w in &winners {
                 self.verdict(w.conn, w.worker, w.lease, Outcome::Accepted, &mut fx);
             }
@@ -1064,7 +1526,11 @@ impl State {
 }
 
 fn theirs_owned(s: &Submission) -> Candidate<'_> {
-    Candidate { loss: s.loss, correct: s.correct, grad: &s.grad }
+    Candidate {
+        loss: s.loss,
+        correct: s.correct,
+        grad: &s.grad,
+    }
 }
 
 /// A Prometheus-style cumulative histogram of seconds.
@@ -1079,8 +1545,15 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        let bounds = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-        Self { counts: vec![0; bounds.len()], bounds, count: 0, sum: 0.0 }
+        let bounds = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        Self {
+            counts: vec![0; bounds.len()],
+            bounds,
+            count: 0,
+            sum: 0.0,
+        }
     }
 }
 
@@ -1115,7 +1588,12 @@ fn pick_micro(
         if !open(m) || (m.active.len() + m.subs.len()) as u32 >= m.wanted {
             continue;
         }
-        let key = (m.involved.iter().any(|(_, a)| *a == addr), m.active.len() + m.subs.len(), starling_core::rng::SplitMix64::new(salt ^ i as u64).next_u64(), i);
+        let key = (
+            m.involved.iter().any(|(_, a)| *a == addr),
+            m.active.len() + m.subs.len(),
+            starling_core::rng::SplitMix64::new(salt ^ i as u64).next_u64(),
+            i,
+        );
         if best.is_none_or(|b| key < b) {
             best = Some(key);
         }
@@ -1125,7 +1603,12 @@ fn pick_micro(
     }
     let threshold = speculate_after.max(Duration::from_secs_f64(3.0 * job.result_ms / 1000.0));
     job.micros.iter().enumerate().find_map(|(i, m)| {
-        let straggling = m.active.iter().any(|l| leases.get(l).is_some_and(|l| now.duration_since(l.issued) >= threshold));
-        (open(m) && straggling && ((m.active.len() + m.subs.len()) as u32) < m.wanted + 1).then_some((i, true))
+        let straggling = m.active.iter().any(|l| {
+            leases
+                .get(l)
+                .is_some_and(|l| now.duration_since(l.issued) >= threshold)
+        });
+        (open(m) && straggling && ((m.active.len() + m.subs.len()) as u32) < m.wanted + 1)
+            .then_some((i, true))
     })
 }

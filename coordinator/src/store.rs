@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use sqlx::Row as _;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use starling_core::data::{Dataset, encode_raw, parse_upload};
 use starling_core::protocol::{JobId, WorkerId, f32_bytes, f32s};
@@ -113,7 +115,9 @@ CREATE TABLE IF NOT EXISTS metrics (
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A job as stored.
@@ -197,7 +201,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true);
         // One connection: SQLite serialises writers anyway, and this keeps writes in submission order.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let store = Self { pool };
         store.migrate_ledger().await?;
@@ -207,28 +214,62 @@ impl Store {
     /// Databases from before the hash-chained ledger lack its columns: add them and chain the existing entries in
     /// id order, so `ledger verify` covers them from now on.
     async fn migrate_ledger(&self) -> Result<()> {
-        let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('credits')").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
+        let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('credits')")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         if cols.iter().any(|c| c == "hash") {
             // Already chained; never re-chain here, or blanking a hash would launder an edited entry.
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
         for col in ["prev_hash", "hash"] {
-            sqlx::query(&format!("ALTER TABLE credits ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")).execute(&mut *tx).await?;
+            sqlx::query(&format!(
+                "ALTER TABLE credits ADD COLUMN {col} TEXT NOT NULL DEFAULT ''"
+            ))
+            .execute(&mut *tx)
+            .await?;
         }
         let unchained = sqlx::query("SELECT id, worker_id, job_id, step, micro, flops, at_ms FROM credits WHERE hash = '' ORDER BY id").fetch_all(&mut *tx).await?;
         for r in unchained {
             let id: i64 = r.get(0);
-            let prev: Option<String> = sqlx::query("SELECT hash FROM credits WHERE id < ? ORDER BY id DESC LIMIT 1").bind(id).fetch_optional(&mut *tx).await?.map(|p| p.get(0));
+            let prev: Option<String> =
+                sqlx::query("SELECT hash FROM credits WHERE id < ? ORDER BY id DESC LIMIT 1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|p| p.get(0));
             let prev = prev.unwrap_or_else(|| crate::ledger::GENESIS.to_string());
-            let hash = crate::ledger::entry_hash(&prev, id, r.get::<i64, _>(1) as u64, r.get::<i64, _>(2) as u64, r.get::<i64, _>(3) as u64, r.get::<i64, _>(4) as u32, r.get::<i64, _>(5) as u64, r.get(6));
-            sqlx::query("UPDATE credits SET prev_hash = ?, hash = ? WHERE id = ?").bind(&prev).bind(&hash).bind(id).execute(&mut *tx).await?;
+            let hash = crate::ledger::entry_hash(
+                &prev,
+                id,
+                r.get::<i64, _>(1) as u64,
+                r.get::<i64, _>(2) as u64,
+                r.get::<i64, _>(3) as u64,
+                r.get::<i64, _>(4) as u32,
+                r.get::<i64, _>(5) as u64,
+                r.get(6),
+            );
+            sqlx::query("UPDATE credits SET prev_hash = ?, hash = ? WHERE id = ?")
+                .bind(&prev)
+                .bind(&hash)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    pub async fn insert_dataset(&self, name: &str, train: &Dataset, test: &Dataset, owner: Option<i64>) -> Result<i64> {
+    pub async fn insert_dataset(
+        &self,
+        name: &str,
+        train: &Dataset,
+        test: &Dataset,
+        owner: Option<i64>,
+    ) -> Result<i64> {
         let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES (?, ?, ?, ?, ?, ?) RETURNING id")
             .bind(name)
             .bind(train.dim as i64)
@@ -242,7 +283,11 @@ impl Store {
     }
 
     /// `(dim, train rows, test rows)` of a dataset visible to `owner` (its uploader; ownerless datasets are shared).
-    pub async fn dataset_exists(&self, id: i64, owner: Option<i64>) -> Result<Option<(usize, usize, usize)>> {
+    pub async fn dataset_exists(
+        &self,
+        id: i64,
+        owner: Option<i64>,
+    ) -> Result<Option<(usize, usize, usize)>> {
         let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = ? AND (owner_id IS NULL OR owner_id IS ?)")
             .bind(id)
             .bind(owner)
@@ -250,18 +295,33 @@ impl Store {
             .await?;
         Ok(row.map(|r| {
             let dim: i64 = r.get(0);
-            let rows = |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
+            let rows =
+                |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
             (dim as usize, rows(r.get(1)), rows(r.get(2)))
         }))
     }
 
     pub async fn load_dataset(&self, id: i64) -> Result<(Dataset, Dataset)> {
-        let row = sqlx::query("SELECT train, test FROM datasets WHERE id = ?").bind(id).fetch_one(&self.pool).await?;
-        let parse = |b: Vec<u8>| parse_upload(&b).map(|u| u.train).map_err(|e| StoreError::Corrupt(format!("dataset {id}: {e}")));
+        let row = sqlx::query("SELECT train, test FROM datasets WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        let parse = |b: Vec<u8>| {
+            parse_upload(&b)
+                .map(|u| u.train)
+                .map_err(|e| StoreError::Corrupt(format!("dataset {id}: {e}")))
+        };
         Ok((parse(row.get(0))?, parse(row.get(1))?))
     }
 
-    pub async fn insert_job(&self, name: &str, spec: &str, hyper: &str, dataset_id: i64, owner: Option<i64>) -> Result<JobId> {
+    pub async fn insert_job(
+        &self,
+        name: &str,
+        spec: &str,
+        hyper: &str,
+        dataset_id: i64,
+        owner: Option<i64>,
+    ) -> Result<JobId> {
         let row = sqlx::query(
             "INSERT INTO jobs (name, spec, hyper, dataset_id, owner_id, status, created_ms) VALUES (?, ?, ?, ?, ?, 'running', ?) RETURNING id",
         )
@@ -294,13 +354,22 @@ impl Store {
     }
 
     pub async fn set_job_status(&self, job: JobId, status: &str) -> Result<()> {
-        sqlx::query("UPDATE jobs SET status = ? WHERE id = ?").bind(status).bind(job.0 as i64).execute(&self.pool).await?;
+        sqlx::query("UPDATE jobs SET status = ? WHERE id = ?")
+            .bind(status)
+            .bind(job.0 as i64)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// Writes the checkpoint after `step` steps (replacing an older one, never a newer one), records the step's
     /// training metric and drops the accepted results of finished steps, in one transaction.
-    pub async fn save_checkpoint(&self, job: JobId, ckpt: &Checkpoint, train: &MetricRow) -> Result<()> {
+    pub async fn save_checkpoint(
+        &self,
+        job: JobId,
+        ckpt: &Checkpoint,
+        train: &MetricRow,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO checkpoints (job_id, step, params, optim, updated_ms) VALUES (?, ?, ?, ?, ?)
@@ -316,19 +385,36 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         insert_metric(&mut tx, job, train).await?;
-        sqlx::query("DELETE FROM accepted WHERE job_id = ? AND step < ?").bind(job.0 as i64).bind(ckpt.step as i64).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM accepted WHERE job_id = ? AND step < ?")
+            .bind(job.0 as i64)
+            .bind(ckpt.step as i64)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
     pub async fn load_checkpoint(&self, job: JobId) -> Result<Option<Checkpoint>> {
-        let row = sqlx::query("SELECT step, params, optim FROM checkpoints WHERE job_id = ?").bind(job.0 as i64).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| Checkpoint { step: r.get::<i64, _>(0) as u64, params: f32s(&r.get::<Vec<u8>, _>(1)), optim: r.get(2) }))
+        let row = sqlx::query("SELECT step, params, optim FROM checkpoints WHERE job_id = ?")
+            .bind(job.0 as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| Checkpoint {
+            step: r.get::<i64, _>(0) as u64,
+            params: f32s(&r.get::<Vec<u8>, _>(1)),
+            optim: r.get(2),
+        }))
     }
 
     /// Records an accepted micro-batch result and credits every agreeing worker, atomically. Idempotent: a second
     /// call for the same (job, step, micro) changes nothing, so no credit is ever doubled.
-    pub async fn save_accepted(&self, job: JobId, step: u64, a: &AcceptedRow, credits: &[Credit]) -> Result<()> {
+    pub async fn save_accepted(
+        &self,
+        job: JobId,
+        step: u64,
+        a: &AcceptedRow,
+        credits: &[Credit],
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT OR IGNORE INTO accepted (job_id, step, micro, rows, loss, correct, agreeing, grad) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -354,7 +440,13 @@ impl Store {
     }
 
     /// Credits a worker whose result agreed with an already accepted one (a speculative or late replica).
-    pub async fn save_credit(&self, job: JobId, step: u64, micro: u32, credit: Credit) -> Result<()> {
+    pub async fn save_credit(
+        &self,
+        job: JobId,
+        step: u64,
+        micro: u32,
+        credit: Credit,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         grant(&mut tx, job, step, micro, credit).await?;
         tx.commit().await?;
@@ -406,23 +498,38 @@ impl Store {
     }
 
     pub async fn worker_by_token_hash(&self, hash: &str) -> Result<Option<WorkerRow>> {
-        let row = sqlx::query(&format!("{WORKER_SELECT} WHERE token_hash = ?")).bind(hash).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&format!("{WORKER_SELECT} WHERE token_hash = ?"))
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(worker_row))
     }
 
     pub async fn create_worker(&self, hash: &str, name: Option<&str>) -> Result<WorkerRow> {
-        let row = sqlx::query("INSERT INTO workers (token_hash, name, created_ms) VALUES (?, ?, ?) RETURNING id")
-            .bind(hash)
-            .bind(name)
-            .bind(now_ms())
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "INSERT INTO workers (token_hash, name, created_ms) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(hash)
+        .bind(name)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
         let id: i64 = row.get(0);
-        Ok(WorkerRow { id: WorkerId(id as u64), name: name.map(str::to_string), credits_flops: 0, accepted: 0, rejected: 0, strikes: 0, refused: false })
+        Ok(WorkerRow {
+            id: WorkerId(id as u64),
+            name: name.map(str::to_string),
+            credits_flops: 0,
+            accepted: 0,
+            rejected: 0,
+            strikes: 0,
+            refused: false,
+        })
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
-        let rows = sqlx::query(&format!("{WORKER_SELECT} ORDER BY credits_flops DESC, id")).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&format!("{WORKER_SELECT} ORDER BY credits_flops DESC, id"))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(worker_row).collect())
     }
 
@@ -439,7 +546,10 @@ impl Store {
     /// Sum of all credit entries per worker and the total, for consistency checks.
     pub async fn credit_entries(&self) -> Result<Vec<(WorkerId, i64, i64)>> {
         let rows = sqlx::query("SELECT worker_id, COUNT(*), SUM(flops) FROM credits GROUP BY worker_id ORDER BY worker_id").fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(|r| (WorkerId(r.get::<i64, _>(0) as u64), r.get(1), r.get(2))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (WorkerId(r.get::<i64, _>(0) as u64), r.get(1), r.get(2)))
+            .collect())
     }
 }
 
@@ -453,32 +563,58 @@ pub struct OwnerRow {
 impl Store {
     /// Creates an owner with the given token hash; fails if the name is taken.
     pub async fn create_owner(&self, name: &str, token_hash: &str) -> Result<OwnerRow> {
-        let row = sqlx::query("INSERT INTO owners (name, token_hash, created_ms) VALUES (?, ?, ?) RETURNING id")
-            .bind(name)
-            .bind(token_hash)
-            .bind(now_ms())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(OwnerRow { id: row.get(0), name: name.to_string() })
+        let row = sqlx::query(
+            "INSERT INTO owners (name, token_hash, created_ms) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(token_hash)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OwnerRow {
+            id: row.get(0),
+            name: name.to_string(),
+        })
     }
 
     pub async fn owner_by_token_hash(&self, hash: &str) -> Result<Option<OwnerRow>> {
-        let row = sqlx::query("SELECT id, name FROM owners WHERE token_hash = ?").bind(hash).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| OwnerRow { id: r.get(0), name: r.get(1) }))
+        let row = sqlx::query("SELECT id, name FROM owners WHERE token_hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| OwnerRow {
+            id: r.get(0),
+            name: r.get(1),
+        }))
     }
 
     pub async fn owner_name(&self, id: i64) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT name FROM owners WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT name FROM owners WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     pub async fn owner_by_name(&self, name: &str) -> Result<Option<OwnerRow>> {
-        let row = sqlx::query("SELECT id, name FROM owners WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| OwnerRow { id: r.get(0), name: r.get(1) }))
+        let row = sqlx::query("SELECT id, name FROM owners WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| OwnerRow {
+            id: r.get(0),
+            name: r.get(1),
+        }))
     }
 
     /// Keeps the parameters of the best evaluated version (only if `accuracy` beats the stored one).
-    pub async fn save_best(&self, job: JobId, step: u64, accuracy: f32, params: &[f32]) -> Result<()> {
+    pub async fn save_best(
+        &self,
+        job: JobId,
+        step: u64,
+        accuracy: f32,
+        params: &[f32],
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms) VALUES (?, ?, ?, ?, ?)
              ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, accuracy = excluded.accuracy,
@@ -497,18 +633,38 @@ impl Store {
 
     /// The best evaluated version: `(step, accuracy, params)`.
     pub async fn load_best(&self, job: JobId) -> Result<Option<(u64, f32, Vec<f32>)>> {
-        let row = sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = ?").bind(job.0 as i64).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get::<f64, _>(1) as f32, f32s(&r.get::<Vec<u8>, _>(2)))))
+        let row =
+            sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = ?")
+                .bind(job.0 as i64)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| {
+            (
+                r.get::<i64, _>(0) as u64,
+                r.get::<f64, _>(1) as f32,
+                f32s(&r.get::<Vec<u8>, _>(2)),
+            )
+        }))
     }
 }
 
 impl Store {
     /// Ledger entries in chain order; only `worker`'s when given.
     pub async fn ledger(&self, worker: Option<WorkerId>) -> Result<Vec<crate::ledger::Entry>> {
-        let sql = "SELECT id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash FROM credits";
+        let sql =
+            "SELECT id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash FROM credits";
         let rows = match worker {
-            Some(w) => sqlx::query(&format!("{sql} WHERE worker_id = ? ORDER BY id")).bind(w.0 as i64).fetch_all(&self.pool).await?,
-            None => sqlx::query(&format!("{sql} ORDER BY id")).fetch_all(&self.pool).await?,
+            Some(w) => {
+                sqlx::query(&format!("{sql} WHERE worker_id = ? ORDER BY id"))
+                    .bind(w.0 as i64)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(&format!("{sql} ORDER BY id"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
         };
         Ok(rows
             .into_iter()
@@ -528,20 +684,29 @@ impl Store {
 
     /// Hash of the newest ledger entry (the genesis hash when there is none).
     pub async fn ledger_head(&self) -> Result<String> {
-        let row = sqlx::query("SELECT hash FROM credits ORDER BY id DESC LIMIT 1").fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT hash FROM credits ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map_or_else(|| crate::ledger::GENESIS.to_string(), |r| r.get(0)))
     }
 
     /// Checks the whole ledger against itself and against every worker's cached balance (`starling ledger verify`).
-    pub async fn verify_ledger(&self) -> Result<std::result::Result<crate::ledger::Report, crate::ledger::LedgerError>> {
+    pub async fn verify_ledger(
+        &self,
+    ) -> Result<std::result::Result<crate::ledger::Report, crate::ledger::LedgerError>> {
         let entries = self.ledger(None).await?;
-        let balances: Vec<crate::ledger::Balance> =
-            self.workers().await?.iter().map(|w| crate::ledger::balance(w.id, w.credits_flops, w.accepted)).collect();
+        let balances: Vec<crate::ledger::Balance> = self
+            .workers()
+            .await?
+            .iter()
+            .map(|w| crate::ledger::balance(w.id, w.credits_flops, w.accepted))
+            .collect();
         Ok(crate::ledger::verify(&entries, &balances))
     }
 }
 
-const WORKER_SELECT: &str = "SELECT id, name, credits_flops, accepted, rejected, strikes, refused FROM workers";
+const WORKER_SELECT: &str =
+    "SELECT id, name, credits_flops, accepted, rejected, strikes, refused FROM workers";
 
 fn worker_row(r: sqlx::sqlite::SqliteRow) -> WorkerRow {
     WorkerRow {
@@ -558,19 +723,31 @@ fn worker_row(r: sqlx::sqlite::SqliteRow) -> WorkerRow {
 /// Appends one ledger entry (unless this worker was already credited for this micro-batch) and updates the
 /// worker's cached balance, inside the caller's transaction. The single pool connection serialises writers, so
 /// reading the chain head and appending cannot interleave with another append.
-async fn grant(tx: &mut sqlx::SqliteConnection, job: JobId, step: u64, micro: u32, c: Credit) -> Result<()> {
-    let exists = sqlx::query("SELECT 1 FROM credits WHERE worker_id = ? AND job_id = ? AND step = ? AND micro = ?")
-        .bind(c.worker.0 as i64)
-        .bind(job.0 as i64)
-        .bind(step as i64)
-        .bind(micro as i64)
-        .fetch_optional(&mut *tx)
-        .await?;
+async fn grant(
+    tx: &mut sqlx::SqliteConnection,
+    job: JobId,
+    step: u64,
+    micro: u32,
+    c: Credit,
+) -> Result<()> {
+    let exists = sqlx::query(
+        "SELECT 1 FROM credits WHERE worker_id = ? AND job_id = ? AND step = ? AND micro = ?",
+    )
+    .bind(c.worker.0 as i64)
+    .bind(job.0 as i64)
+    .bind(step as i64)
+    .bind(micro as i64)
+    .fetch_optional(&mut *tx)
+    .await?;
     if exists.is_some() {
         return Ok(());
     }
-    let head = sqlx::query("SELECT id, hash FROM credits ORDER BY id DESC LIMIT 1").fetch_optional(&mut *tx).await?;
-    let (id, prev) = head.map_or((1, crate::ledger::GENESIS.to_string()), |r| (r.get::<i64, _>(0) + 1, r.get(1)));
+    let head = sqlx::query("SELECT id, hash FROM credits ORDER BY id DESC LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (id, prev) = head.map_or((1, crate::ledger::GENESIS.to_string()), |r| {
+        (r.get::<i64, _>(0) + 1, r.get(1))
+    });
     let at = now_ms();
     let hash = crate::ledger::entry_hash(&prev, id, c.worker.0, job.0, step, micro, c.flops, at);
     let inserted = sqlx::query("INSERT INTO credits (id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")

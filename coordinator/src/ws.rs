@@ -16,7 +16,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use starling_core::protocol::{CoordinatorMsg, ErrorCode, PROTOCOL_VERSION, WorkerMsg, encode, f32s};
+use starling_core::protocol::{
+    CoordinatorMsg, ErrorCode, PROTOCOL_VERSION, WorkerMsg, encode, f32s,
+};
 
 use crate::App;
 use crate::scheduler::{ConnId, Outbound, WorkerInfo, frame_message};
@@ -36,7 +38,10 @@ pub async fn upgrade(
     // A page from an origin not on the partner allow-list must not run workers here (native workers send no Origin).
     if !crate::origin::request_allowed(&headers, &app.config.allow_origin) {
         tracing::info!(%addr, origin = ?headers.get(axum::http::header::ORIGIN), "refused a browser socket from an origin not on the allow-list");
-        return axum::response::IntoResponse::into_response((axum::http::StatusCode::FORBIDDEN, "origin not allowed"));
+        return axum::response::IntoResponse::into_response((
+            axum::http::StatusCode::FORBIDDEN,
+            "origin not allowed",
+        ));
     }
     let max = app.config.max_frame_bytes;
     ws.read_buffer_size(READ_BUFFER)
@@ -51,7 +56,10 @@ pub async fn upgrade(
 
 /// Hex SHA-256 of a token: tokens are stored only as hashes.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// 128 random bits as hex.
@@ -67,7 +75,9 @@ pub fn new_token() -> String {
 fn close_code_for(code: ErrorCode) -> u16 {
     match code {
         ErrorCode::BadFrame => close_code::INVALID,
-        ErrorCode::OutOfProtocol | ErrorCode::ProtocolVersion | ErrorCode::Refused => close_code::POLICY,
+        ErrorCode::OutOfProtocol | ErrorCode::ProtocolVersion | ErrorCode::Refused => {
+            close_code::POLICY
+        }
         ErrorCode::Limit => close_code::SIZE,
         ErrorCode::ShuttingDown => close_code::AWAY,
     }
@@ -114,13 +124,19 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: u32, burst: u32) -> Self {
-        Self { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: tokio::time::Instant::now() }
+        Self {
+            tokens: burst as f64,
+            rate: rate as f64,
+            burst: burst as f64,
+            last: tokio::time::Instant::now(),
+        }
     }
 
     /// Takes one token; `false` when the bucket is empty.
     fn take(&mut self) -> bool {
         let now = tokio::time::Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens < 1.0 {
             return false;
@@ -143,10 +159,21 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
                         }
                     }
                     Outbound::Close(code, message) => {
-                        let err = frame_message(encode(&CoordinatorMsg::Error { code, message: message.clone() }, &[]));
+                        let err = frame_message(encode(
+                            &CoordinatorMsg::Error {
+                                code,
+                                message: message.clone(),
+                            },
+                            &[],
+                        ));
                         let _ = sink.send(err).await;
                         let reason: String = message.chars().take(120).collect();
-                        let _ = sink.send(Message::Close(Some(CloseFrame { code: close_code_for(code), reason: reason.into() }))).await;
+                        let _ = sink
+                            .send(Message::Close(Some(CloseFrame {
+                                code: close_code_for(code),
+                                reason: reason.into(),
+                            })))
+                            .await;
                         break;
                     }
                 }
@@ -158,8 +185,18 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
         tracing::info!(?code, %msg, "closing connection");
         let _ = tx.send(Outbound::Close(code, msg));
     };
-    let Some(_slot) = app.per_addr.acquire(addr.ip(), app.config.max_conns_per_addr) else {
-        close(ErrorCode::Limit, format!("too many connections from {} (limit {})", addr.ip(), app.config.max_conns_per_addr));
+    let Some(_slot) = app
+        .per_addr
+        .acquire(addr.ip(), app.config.max_conns_per_addr)
+    else {
+        close(
+            ErrorCode::Limit,
+            format!(
+                "too many connections from {} (limit {})",
+                addr.ip(),
+                app.config.max_conns_per_addr
+            ),
+        );
         return finish(writer).await;
     };
 
@@ -178,20 +215,38 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     };
     let hello = match &first {
         Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map_err(|e| e.to_string()),
-        Message::Binary(b) => WorkerMsg::decode_binary(b).map(|(m, _)| m).map_err(|e| e.to_string()),
+        Message::Binary(b) => WorkerMsg::decode_binary(b)
+            .map(|(m, _)| m)
+            .map_err(|e| e.to_string()),
         _ => Err("expected a hello message".into()),
     };
     let (token, name, backend, adapter, platform) = match hello {
-        Ok(WorkerMsg::Hello { protocol, token, name, backend, adapter, platform }) => {
+        Ok(WorkerMsg::Hello {
+            protocol,
+            token,
+            name,
+            backend,
+            adapter,
+            platform,
+        }) => {
             if protocol != PROTOCOL_VERSION {
-                close(ErrorCode::ProtocolVersion, format!("this coordinator speaks protocol {PROTOCOL_VERSION}, not {protocol}"));
+                close(
+                    ErrorCode::ProtocolVersion,
+                    format!("this coordinator speaks protocol {PROTOCOL_VERSION}, not {protocol}"),
+                );
                 return finish(writer).await;
             }
             let trim = |s: String| s.chars().take(200).collect::<String>();
             (token, name.map(trim), backend, trim(adapter), platform)
         }
         Ok(other) => {
-            close(ErrorCode::OutOfProtocol, format!("first message must be hello, got {other:?}").chars().take(200).collect());
+            close(
+                ErrorCode::OutOfProtocol,
+                format!("first message must be hello, got {other:?}")
+                    .chars()
+                    .take(200)
+                    .collect(),
+            );
             return finish(writer).await;
         }
         Err(e) => {
@@ -209,36 +264,69 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
         Ok(Some(row)) => (row, token.unwrap_or_default()),
         Ok(None) => {
             let t = new_token();
-            match app.store.create_worker(&token_hash(&t), name.as_deref()).await {
+            match app
+                .store
+                .create_worker(&token_hash(&t), name.as_deref())
+                .await
+            {
                 Ok(row) => (row, t),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot create worker");
-                    close(ErrorCode::ShuttingDown, "internal error; try again later".into());
+                    close(
+                        ErrorCode::ShuttingDown,
+                        "internal error; try again later".into(),
+                    );
                     return finish(writer).await;
                 }
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot look up worker");
-            close(ErrorCode::ShuttingDown, "internal error; try again later".into());
+            close(
+                ErrorCode::ShuttingDown,
+                "internal error; try again later".into(),
+            );
             return finish(writer).await;
         }
     };
     tracing::Span::current().record("worker", row.id.0);
     let registered: Option<ConnId> = {
         let mut st = app.state();
-        let info = st.workers.entry(row.id).or_insert_with(|| WorkerInfo { name: row.name.clone(), ..WorkerInfo::default() }).clone();
+        let info = st
+            .workers
+            .entry(row.id)
+            .or_insert_with(|| WorkerInfo {
+                name: row.name.clone(),
+                ..WorkerInfo::default()
+            })
+            .clone();
         if info.refused {
             None
         } else {
-            let conn = st.connect(row.id, addr.ip(), name, backend, adapter.clone(), platform, tx.clone());
-            let welcome = CoordinatorMsg::Welcome { protocol: PROTOCOL_VERSION, worker: row.id, token, credits: info.credits() };
+            let conn = st.connect(
+                row.id,
+                addr.ip(),
+                name,
+                backend,
+                adapter.clone(),
+                platform,
+                tx.clone(),
+            );
+            let welcome = CoordinatorMsg::Welcome {
+                protocol: PROTOCOL_VERSION,
+                worker: row.id,
+                token,
+                credits: info.credits(),
+            };
             st.send(conn, Outbound::msg(&welcome, &[]));
             Some(conn)
         }
     };
     let Some(conn) = registered else {
-        close(ErrorCode::Refused, "this worker was refused after repeated rejected results".into());
+        close(
+            ErrorCode::Refused,
+            "this worker was refused after repeated rejected results".into(),
+        );
         return finish(writer).await;
     };
     tracing::info!(?backend, %adapter, ?platform, "worker connected");
@@ -262,7 +350,12 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
             }
             Some(Ok(m)) => m,
         };
-        let flood = || format!("more than {} unsolicited messages per second (burst {})", app.config.msg_rate, app.config.msg_burst);
+        let flood = || {
+            format!(
+                "more than {} unsolicited messages per second (burst {})",
+                app.config.msg_rate, app.config.msg_burst
+            )
+        };
         let decoded = match &msg {
             Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map(|m| (m, &[][..])),
             Message::Binary(b) => WorkerMsg::decode_binary(b),
@@ -294,9 +387,16 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
                 break;
             }
             WorkerMsg::Ready => app.state().ready(conn),
-            WorkerMsg::Result { lease, loss, correct, commit } => {
+            WorkerMsg::Result {
+                lease,
+                loss,
+                correct,
+                commit,
+            } => {
                 // Commit before reveal: a result that names the hash of its payload must carry exactly that payload.
-                if commit.is_some_and(|c| !c.eq_ignore_ascii_case(&crate::ledger::sha256_hex(payload))) {
+                if commit
+                    .is_some_and(|c| !c.eq_ignore_ascii_case(&crate::ledger::sha256_hex(payload)))
+                {
                     app.state().result_mismatch(conn, lease)
                 } else {
                     let grad = f32s(payload);

@@ -22,16 +22,24 @@ impl Drop for Kill {
 }
 
 fn temp_dir() -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let p = std::env::temp_dir().join(format!("starling-cli-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&p).expect("temp dir");
     p
 }
 
 fn starling(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
-    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output()?;
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()?;
     if !out.status.success() {
-        bail!("starling {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "starling {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -73,7 +81,9 @@ fn start_server(dir: &Path, kill: &mut Kill) -> anyhow::Result<String> {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).context("coordinator did not report its address")?;
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("coordinator did not report its address")?;
     Ok(format!("http://{addr}"))
 }
 
@@ -81,9 +91,35 @@ fn start_server(dir: &Path, kill: &mut Kill) -> anyhow::Result<String> {
 fn owner_submits_watches_downloads_and_numpy_reproduces_the_accuracy() -> anyhow::Result<()> {
     let dir = temp_dir();
     let db = dir.join("starling.db");
-    let token = starling(&["token", "create", "--name", "alice", "--db", db.to_str().unwrap()], &[])?.trim().to_string();
+    let token = starling(
+        &[
+            "token",
+            "create",
+            "--name",
+            "alice",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        &[],
+    )?
+    .trim()
+    .to_string();
     assert!(token.starts_with("stk_"), "{token}");
-    assert!(starling(&["token", "create", "--name", "alice", "--db", db.to_str().unwrap()], &[]).is_err(), "owner names are unique");
+    assert!(
+        starling(
+            &[
+                "token",
+                "create",
+                "--name",
+                "alice",
+                "--db",
+                db.to_str().unwrap()
+            ],
+            &[]
+        )
+        .is_err(),
+        "owner names are unique"
+    );
 
     let mut kill = Kill(Vec::new());
     let url = start_server(&dir, &mut kill)?;
@@ -116,25 +152,59 @@ eval_every = 20
 optimizer = { kind = "adam", lr = 0.01 }
 "#,
     )?;
-    let env = [("STARLING_URL", url.as_str()), ("STARLING_TOKEN", token.as_str())];
-    assert!(starling(&["job", "submit", dir.join("job.toml").to_str().unwrap()], &[("STARLING_URL", url.as_str()), ("STARLING_TOKEN", "stk_wrong")]).is_err());
-    let id = starling(&["job", "submit", dir.join("job.toml").to_str().unwrap()], &env)?.trim().to_string();
+    let env = [
+        ("STARLING_URL", url.as_str()),
+        ("STARLING_TOKEN", token.as_str()),
+    ];
+    assert!(
+        starling(
+            &["job", "submit", dir.join("job.toml").to_str().unwrap()],
+            &[
+                ("STARLING_URL", url.as_str()),
+                ("STARLING_TOKEN", "stk_wrong")
+            ]
+        )
+        .is_err()
+    );
+    let id = starling(
+        &["job", "submit", dir.join("job.toml").to_str().unwrap()],
+        &env,
+    )?
+    .trim()
+    .to_string();
     assert_eq!(id, "1");
 
     let ws = format!("{}/ws", url.replace("http://", "ws://"));
     for i in 0..2 {
-        kill.0.push(Command::new(BIN).args(["worker", "--coordinator", &ws, "--backend", "cpu", "--name", &format!("w{i}")]).stderr(Stdio::null()).spawn()?);
+        kill.0.push(
+            Command::new(BIN)
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &ws,
+                    "--backend",
+                    "cpu",
+                    "--name",
+                    &format!("w{i}"),
+                ])
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
     }
     let started = Instant::now();
     let watch = starling(&["job", "watch", &id], &env)?;
-    println!("watch output (last lines):\n{}", watch.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
+    println!(
+        "watch output (last lines):\n{}",
+        watch.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
     assert!(watch.contains("[completed]"), "{watch}");
     assert!(started.elapsed() < Duration::from_secs(120));
 
     // The final evaluation lands just after the last step; wait for it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        let s: serde_json::Value = serde_json::from_str(&starling(&["job", "status", &id, "--json"], &env)?)?;
+        let s: serde_json::Value =
+            serde_json::from_str(&starling(&["job", "status", &id, "--json"], &env)?)?;
         if s["last_eval"]["step"] == 120 {
             break s;
         }
@@ -143,7 +213,10 @@ optimizer = { kind = "adam", lr = 0.01 }
     };
     let reported = status["last_eval"]["accuracy"].as_f64().unwrap();
     let model = dir.join("model.safetensors");
-    starling(&["job", "download", &id, "-o", model.to_str().unwrap()], &env)?;
+    starling(
+        &["job", "download", &id, "-o", model.to_str().unwrap()],
+        &env,
+    )?;
 
     let script = r#"
 import json, sys
@@ -164,12 +237,27 @@ for i, layer in enumerate(spec["layers"]):
 acc = float((a.argmax(axis=1) == d["test_labels"]).mean())
 print(json.dumps({"accuracy": acc, "step": int(meta["starling.step"]), "meta_accuracy": float(meta["starling.test_accuracy"])}))
 "#;
-    let out = Command::new("python3").arg("-c").arg(script).arg(&model).arg(dir.join("blobs.safetensors")).output()?;
-    anyhow::ensure!(out.status.success(), "numpy check failed (cargo xtask setup installs numpy and safetensors): {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&model)
+        .arg(dir.join("blobs.safetensors"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "numpy check failed (cargo xtask setup installs numpy and safetensors): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let numpy: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    println!("coordinator reported {reported:.4}, numpy computed {}", numpy["accuracy"]);
+    println!(
+        "coordinator reported {reported:.4}, numpy computed {}",
+        numpy["accuracy"]
+    );
     assert_eq!(numpy["step"], 120);
-    assert!((numpy["accuracy"].as_f64().unwrap() - reported).abs() <= 1.0 / 300.0 + 1e-9, "numpy {numpy} vs coordinator {reported}");
+    assert!(
+        (numpy["accuracy"].as_f64().unwrap() - reported).abs() <= 1.0 / 300.0 + 1e-9,
+        "numpy {numpy} vs coordinator {reported}"
+    );
     assert!((numpy["meta_accuracy"].as_f64().unwrap() - reported).abs() < 1e-6);
     assert!(reported > 0.6, "the model learned something: {reported}");
     drop(kill);

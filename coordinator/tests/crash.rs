@@ -28,7 +28,9 @@ fn root() -> PathBuf {
 }
 
 fn temp_dir() -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let p = std::env::temp_dir().join(format!("starling-crash-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&p).expect("temp dir");
     p
@@ -57,7 +59,9 @@ fn serve(db: &Path) -> anyhow::Result<(Child, String)> {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).context("coordinator did not report its address")?;
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("coordinator did not report its address")?;
     Ok((child, format!("http://{addr}")))
 }
 
@@ -66,7 +70,16 @@ fn workers(url: &str, dir: &Path) -> anyhow::Result<Vec<Child>> {
     (0..WORKERS)
         .map(|i| {
             Command::new(BIN)
-                .args(["worker", "--backend", "cpu", "--coordinator", &ws, "--name", &format!("w{i}"), "--token-file"])
+                .args([
+                    "worker",
+                    "--backend",
+                    "cpu",
+                    "--coordinator",
+                    &ws,
+                    "--name",
+                    &format!("w{i}"),
+                    "--token-file",
+                ])
                 .arg(dir.join(format!("w{i}.token")))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -78,9 +91,16 @@ fn workers(url: &str, dir: &Path) -> anyhow::Result<Vec<Child>> {
 
 /// The demo job's status JSON, read with the demo owner's token through `starling job status`.
 fn status(url: &str, token: &str) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(BIN).args(["job", "status", "1", "--json"]).env("STARLING_URL", url).env("STARLING_TOKEN", token).output()?;
+    let out = Command::new(BIN)
+        .args(["job", "status", "1", "--json"])
+        .env("STARLING_URL", url)
+        .env("STARLING_TOKEN", token)
+        .output()?;
     if !out.status.success() {
-        bail!("job status failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "job status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -88,7 +108,9 @@ fn status(url: &str, token: &str) -> anyhow::Result<serde_json::Value> {
 fn wait_step(url: &str, token: &str, at_least: u64) -> anyhow::Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let step = status(url, token)?["step"].as_u64().context("status has no step")?;
+        let step = status(url, token)?["step"]
+            .as_u64()
+            .context("status has no step")?;
         if step >= at_least {
             return Ok(step);
         }
@@ -101,7 +123,10 @@ fn wait_step(url: &str, token: &str, at_least: u64) -> anyhow::Result<u64> {
 fn wait_exit(c: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.try_wait()?.is_none() {
-        anyhow::ensure!(Instant::now() < deadline, "worker did not exit after its coordinator died");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "worker did not exit after its coordinator died"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
@@ -111,42 +136,64 @@ fn wait_exit(c: &mut Child) -> anyhow::Result<()> {
 type Ledger = (Vec<(i64, i64, i64, i64, String)>, Vec<(i64, i64, i64)>);
 
 fn read_ledger(db: &Path) -> anyhow::Result<Ledger> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await?;
-        let credits = sqlx::query_as("SELECT id, worker_id, step, micro, hash FROM credits WHERE job_id = 1 ORDER BY id").fetch_all(&pool).await?;
-        let workers = sqlx::query_as("SELECT id, credits_flops, accepted FROM workers ORDER BY id").fetch_all(&pool).await?;
+        let credits = sqlx::query_as(
+            "SELECT id, worker_id, step, micro, hash FROM credits WHERE job_id = 1 ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let workers = sqlx::query_as("SELECT id, credits_flops, accepted FROM workers ORDER BY id")
+            .fetch_all(&pool)
+            .await?;
         pool.close().await;
         Ok((credits, workers))
     })
 }
 
 fn checkpoint_step(db: &Path) -> anyhow::Result<i64> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await?;
-        let (step,): (i64,) = sqlx::query_as("SELECT step FROM checkpoints WHERE job_id = 1").fetch_one(&pool).await?;
+        let (step,): (i64,) = sqlx::query_as("SELECT step FROM checkpoints WHERE job_id = 1")
+            .fetch_one(&pool)
+            .await?;
         pool.close().await;
         Ok(step)
     })
 }
 
 fn ledger_verify(db: &Path) -> anyhow::Result<String> {
-    let out = Command::new(BIN).args(["ledger", "verify", "--db"]).arg(db).output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["ledger", "verify", "--db"])
+        .arg(db)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     anyhow::ensure!(out.status.success(), "ledger verify failed: {text}");
     Ok(text)
 }
 
 #[test]
-fn kill_9_mid_step_then_restart_resumes_from_the_checkpoint_with_every_credit_once() -> anyhow::Result<()> {
+fn kill_9_mid_step_then_restart_resumes_from_the_checkpoint_with_every_credit_once()
+-> anyhow::Result<()> {
     let dir = temp_dir();
     let db = dir.join("starling.db");
     let mut kill = Kill(Vec::new());
 
     let (server, url) = serve(&db)?;
     kill.0.push(server);
-    let token = std::fs::read_to_string(db.with_extension("demo-token"))?.trim().to_string();
+    let token = std::fs::read_to_string(db.with_extension("demo-token"))?
+        .trim()
+        .to_string();
     let mut ws = workers(&url, &dir)?;
     let before = wait_step(&url, &token, 40)?;
     // SIGKILL: no graceful shutdown, whatever step is in flight is cut off mid-way.
@@ -157,17 +204,27 @@ fn kill_9_mid_step_then_restart_resumes_from_the_checkpoint_with_every_credit_on
     }
     let ckpt = checkpoint_step(&db)?;
     let (credits_at_crash, _) = read_ledger(&db)?;
-    println!("killed at step ≥ {before}; last checkpoint {ckpt}; {} credit entries", credits_at_crash.len());
+    println!(
+        "killed at step ≥ {before}; last checkpoint {ckpt}; {} credit entries",
+        credits_at_crash.len()
+    );
     // The API reports the in-memory step, which can run a step or two ahead of the checkpoint being written
     // (checkpoints are written after the step is applied, in order, off the scheduler lock). Nothing accepted in
     // those steps is lost: each accepted micro-batch is durable before its verdict, and is re-used after the restart.
-    assert!(ckpt > 0 && ckpt as u64 + 2 >= before, "checkpoint {ckpt} lags the reported step {before} by more than two");
+    assert!(
+        ckpt > 0 && ckpt as u64 + 2 >= before,
+        "checkpoint {ckpt} lags the reported step {before} by more than two"
+    );
     ledger_verify(&db)?;
 
     let (server, url) = serve(&db)?;
     kill.0.push(server);
     // Resumes from the checkpoint: the same step, before any worker has connected.
-    assert_eq!(status(&url, &token)?["step"].as_i64(), Some(ckpt), "restart resumes at the checkpoint");
+    assert_eq!(
+        status(&url, &token)?["step"].as_i64(),
+        Some(ckpt),
+        "restart resumes at the checkpoint"
+    );
     ws.extend(workers(&url, &dir)?);
     let after = wait_step(&url, &token, ckpt as u64 + 30)?;
     kill.0[1].kill()?;
@@ -184,10 +241,15 @@ fn kill_9_mid_step_then_restart_resumes_from_the_checkpoint_with_every_credit_on
     // The workers kept their identities through their token files: two workers in all.
     assert_eq!(balances.len(), WORKERS, "{balances:?}");
     // Nothing written before the crash was lost or rewritten.
-    assert_eq!(&credits[..credits_at_crash.len()], &credits_at_crash[..], "a credit entry from before the crash changed");
+    assert_eq!(
+        &credits[..credits_at_crash.len()],
+        &credits_at_crash[..],
+        "a credit entry from before the crash changed"
+    );
     // Each (worker, step, micro) at most once; every micro-batch of every applied step credited to exactly both
     // workers (R = 2); none credited twice, before and after the crash together.
-    let mut per: std::collections::BTreeMap<(i64, i64), Vec<i64>> = std::collections::BTreeMap::new();
+    let mut per: std::collections::BTreeMap<(i64, i64), Vec<i64>> =
+        std::collections::BTreeMap::new();
     for (_, w, s, m, _) in &credits {
         per.entry((*s, *m)).or_default().push(*w);
     }
@@ -195,15 +257,31 @@ fn kill_9_mid_step_then_restart_resumes_from_the_checkpoint_with_every_credit_on
         let mut sorted = ws.clone();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(sorted.len(), ws.len(), "step {s} micro {m} credited twice to one worker");
-        assert_eq!(ws.len(), WORKERS, "step {s} micro {m}: {} credits", ws.len());
+        assert_eq!(
+            sorted.len(),
+            ws.len(),
+            "step {s} micro {m} credited twice to one worker"
+        );
+        assert_eq!(
+            ws.len(),
+            WORKERS,
+            "step {s} micro {m}: {} credits",
+            ws.len()
+        );
     }
     for s in 0..last {
-        assert!((0..4).all(|m| per.contains_key(&(s, m))), "step {s} applied but a micro-batch has no credit");
+        assert!(
+            (0..4).all(|m| per.contains_key(&(s, m))),
+            "step {s} applied but a micro-batch has no credit"
+        );
     }
     // Each balance equals its entries (also checked by `ledger verify`).
     for (w, _, accepted) in &balances {
-        assert_eq!(*accepted, credits.iter().filter(|c| c.1 == *w).count() as i64, "worker {w}");
+        assert_eq!(
+            *accepted,
+            credits.iter().filter(|c| c.1 == *w).count() as i64,
+            "worker {w}"
+        );
     }
     drop(kill);
     let _ = std::fs::remove_dir_all(&dir);

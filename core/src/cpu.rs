@@ -12,8 +12,20 @@ use crate::{BatchError, EvalOutput, StepOutput, check_batch};
 ///
 /// Panics if a slice is too short for its shape: callers size buffers from the spec, so that is a bug, not input.
 #[allow(clippy::too_many_arguments)] // BLAS-shaped on purpose: form, three sizes, three operands, beta.
-pub fn sgemm(form: MatmulForm, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm operand too short");
+pub fn sgemm(
+    form: MatmulForm,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "sgemm operand too short"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -63,7 +75,14 @@ impl CpuEngine {
     pub fn new(spec: ModelSpec) -> Self {
         let layout = spec.layout();
         let params = vec![0.0; spec.param_count()];
-        Self { spec, layout, params, acts: Vec::new(), dz: Vec::new(), dx: Vec::new() }
+        Self {
+            spec,
+            layout,
+            params,
+            acts: Vec::new(),
+            dz: Vec::new(),
+            dx: Vec::new(),
+        }
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -73,7 +92,10 @@ impl CpuEngine {
     /// Replaces the resident parameters (a new model version).
     pub fn load(&mut self, params: &[f32]) -> Result<(), BatchError> {
         if params.len() != self.params.len() {
-            return Err(BatchError::ParamCount { got: params.len(), expected: self.params.len() });
+            return Err(BatchError::ParamCount {
+                got: params.len(),
+                expected: self.params.len(),
+            });
         }
         self.params.copy_from_slice(params);
         Ok(())
@@ -90,7 +112,16 @@ impl CpuEngine {
             let input = before.last().map_or(x, |a| a.as_slice());
             let z = &mut rest[0];
             z.resize(rows * l.outputs, 0.0);
-            sgemm(MatmulForm::AB, rows, l.inputs, l.outputs, input, &self.params[l.weight..l.bias], 0.0, z);
+            sgemm(
+                MatmulForm::AB,
+                rows,
+                l.inputs,
+                l.outputs,
+                input,
+                &self.params[l.weight..l.bias],
+                0.0,
+                z,
+            );
             bias_act(z, &self.params[l.bias..l.bias + l.outputs], l.activation);
         }
     }
@@ -102,15 +133,33 @@ impl CpuEngine {
         self.forward(x, rows);
         let classes = self.spec.classes();
         self.dz.resize(rows * classes, 0.0);
-        let (loss, correct) = softmax_xent(&self.acts[self.layout.len() - 1], labels, classes, Some(&mut self.dz));
+        let (loss, correct) = softmax_xent(
+            &self.acts[self.layout.len() - 1],
+            labels,
+            classes,
+            Some(&mut self.dz),
+        );
         let mut grad = vec![0.0f32; self.params.len()];
         for li in (0..self.layout.len()).rev() {
             let l = self.layout[li];
             if li + 1 < self.layout.len() {
                 act_backward(&mut self.dz, &self.acts[li], l.activation);
             }
-            let input = if li == 0 { x } else { self.acts[li - 1].as_slice() };
-            sgemm(MatmulForm::AtB, l.inputs, rows, l.outputs, input, &self.dz, 0.0, &mut grad[l.weight..l.bias]);
+            let input = if li == 0 {
+                x
+            } else {
+                self.acts[li - 1].as_slice()
+            };
+            sgemm(
+                MatmulForm::AtB,
+                l.inputs,
+                rows,
+                l.outputs,
+                input,
+                &self.dz,
+                0.0,
+                &mut grad[l.weight..l.bias],
+            );
             let db = &mut grad[l.bias..l.bias + l.outputs];
             for row in self.dz.chunks_exact(l.outputs) {
                 for (g, d) in db.iter_mut().zip(row) {
@@ -119,11 +168,24 @@ impl CpuEngine {
             }
             if li > 0 {
                 self.dx.resize(rows * l.inputs, 0.0);
-                sgemm(MatmulForm::ABt, rows, l.outputs, l.inputs, &self.dz, &self.params[l.weight..l.bias], 0.0, &mut self.dx);
+                sgemm(
+                    MatmulForm::ABt,
+                    rows,
+                    l.outputs,
+                    l.inputs,
+                    &self.dz,
+                    &self.params[l.weight..l.bias],
+                    0.0,
+                    &mut self.dx,
+                );
                 std::mem::swap(&mut self.dz, &mut self.dx);
             }
         }
-        Ok(StepOutput { loss: (loss / rows as f64) as f32, correct, grad })
+        Ok(StepOutput {
+            loss: (loss / rows as f64) as f32,
+            correct,
+            grad,
+        })
     }
 
     /// Forward-only loss and accuracy over any number of rows (processed in chunks).
@@ -138,7 +200,11 @@ impl CpuEngine {
             loss += l;
             correct += c;
         }
-        Ok(EvalOutput { loss: (loss / labels.len() as f64) as f32, correct, rows: labels.len() as u32 })
+        Ok(EvalOutput {
+            loss: (loss / labels.len() as f64) as f32,
+            correct,
+            rows: labels.len() as u32,
+        })
     }
 }
 
@@ -149,7 +215,11 @@ mod tests {
     use crate::rng::SplitMix64;
 
     fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| ((*x - *y) as f64).powi(2))
+            .sum();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
         (num / den.max(1e-30)).sqrt()
     }
@@ -157,7 +227,13 @@ mod tests {
     #[test]
     fn sgemm_matches_reference_in_every_form_on_odd_shapes() {
         let mut rng = SplitMix64::new(1);
-        for &(m, k, n) in &[(1, 1, 1), (7, 33, 5), (33, 100, 7), (100, 785, 33), (64, 784, 128)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 33, 5),
+            (33, 100, 7),
+            (100, 785, 33),
+            (64, 784, 128),
+        ] {
             for form in [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt] {
                 let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
                 let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
@@ -193,8 +269,28 @@ mod tests {
     #[test]
     fn bad_batches_are_rejected() {
         let mut engine = CpuEngine::new(ModelSpec::mnist_mlp());
-        assert_eq!(engine.step(&[0.0; 10], &[1]), Err(BatchError::FeatureShape { got: 10, rows: 1, input: 784 }));
-        assert_eq!(engine.step(&[0.0; 784], &[10]), Err(BatchError::LabelRange { row: 0, label: 10, classes: 10 }));
-        assert_eq!(engine.load(&[0.0; 3]), Err(BatchError::ParamCount { got: 3, expected: 101_770 }));
+        assert_eq!(
+            engine.step(&[0.0; 10], &[1]),
+            Err(BatchError::FeatureShape {
+                got: 10,
+                rows: 1,
+                input: 784
+            })
+        );
+        assert_eq!(
+            engine.step(&[0.0; 784], &[10]),
+            Err(BatchError::LabelRange {
+                row: 0,
+                label: 10,
+                classes: 10
+            })
+        );
+        assert_eq!(
+            engine.load(&[0.0; 3]),
+            Err(BatchError::ParamCount {
+                got: 3,
+                expected: 101_770
+            })
+        );
     }
 }

@@ -32,11 +32,18 @@ pub enum DataError {
     #[error("not a dataset: expected a safetensors file or the raw SDS1 format")]
     UnknownFormat,
     #[error("malformed {format} file: {reason}")]
-    Malformed { format: &'static str, reason: String },
+    Malformed {
+        format: &'static str,
+        reason: String,
+    },
     #[error("tensor `{0}` is missing")]
     Missing(&'static str),
     #[error("tensor `{name}` has dtype {dtype}, expected {expected}")]
-    Dtype { name: String, dtype: String, expected: &'static str },
+    Dtype {
+        name: String,
+        dtype: String,
+        expected: &'static str,
+    },
     #[error("shape mismatch: {0}")]
     Shape(String),
     #[error("features contain a non-finite value at index {0}")]
@@ -54,15 +61,26 @@ impl Dataset {
             return Err(DataError::Empty);
         }
         if features.len() != labels.len() * dim {
-            return Err(DataError::Shape(format!("{} features for {} rows of width {dim}", features.len(), labels.len())));
+            return Err(DataError::Shape(format!(
+                "{} features for {} rows of width {dim}",
+                features.len(),
+                labels.len()
+            )));
         }
         if let Some(i) = features.iter().position(|v| !v.is_finite()) {
             return Err(DataError::NonFinite(i));
         }
         if let Some((row, l)) = labels.iter().enumerate().find(|(_, l)| **l >= MAX_CLASSES) {
-            return Err(DataError::Label { row, label: *l as i64 });
+            return Err(DataError::Label {
+                row,
+                label: *l as i64,
+            });
         }
-        Ok(Self { features, labels, dim })
+        Ok(Self {
+            features,
+            labels,
+            dim,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -94,7 +112,11 @@ impl Dataset {
         let (a, b) = order.split_at(cut);
         let make = |idx: &[u32]| {
             let (features, labels) = self.gather(idx);
-            Dataset { features, labels, dim: self.dim }
+            Dataset {
+                features,
+                labels,
+                dim: self.dim,
+            }
         };
         (make(a), make(b))
     }
@@ -126,17 +148,30 @@ fn le_u32(b: &[u8]) -> u32 {
 }
 
 fn parse_raw(bytes: &[u8]) -> Result<Dataset, DataError> {
-    let bad = |reason: String| DataError::Malformed { format: "SDS1", reason };
+    let bad = |reason: String| DataError::Malformed {
+        format: "SDS1",
+        reason,
+    };
     if bytes.len() < 12 {
         return Err(bad("shorter than its 12-byte header".into()));
     }
     let (n, d) = (le_u32(&bytes[4..]) as usize, le_u32(&bytes[8..]) as usize);
-    let need = n.checked_mul(d).and_then(|nd| nd.checked_add(n)).and_then(|v| v.checked_mul(4)).map(|v| v + 12);
+    let need = n
+        .checked_mul(d)
+        .and_then(|nd| nd.checked_add(n))
+        .and_then(|v| v.checked_mul(4))
+        .map(|v| v + 12);
     if need != Some(bytes.len()) {
-        return Err(bad(format!("header says {n} rows × {d} features, which does not match {} bytes", bytes.len())));
+        return Err(bad(format!(
+            "header says {n} rows × {d} features, which does not match {} bytes",
+            bytes.len()
+        )));
     }
     let body = &bytes[12..];
-    let features = body[..n * d * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let features = body[..n * d * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let labels = body[n * d * 4..].chunks_exact(4).map(le_u32).collect();
     Dataset::new(features, labels, d)
 }
@@ -147,8 +182,12 @@ pub fn encode_raw(ds: &Dataset) -> Vec<u8> {
     out.extend_from_slice(b"SDS1");
     out.extend_from_slice(&(ds.rows() as u32).to_le_bytes());
     out.extend_from_slice(&(ds.dim as u32).to_le_bytes());
-    ds.features.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-    ds.labels.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    ds.features
+        .iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    ds.labels
+        .iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
     out
 }
 
@@ -167,57 +206,117 @@ struct Tensor<'a> {
 }
 
 fn safetensors_tensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor<'_>>, DataError> {
-    let bad = |reason: String| DataError::Malformed { format: "safetensors", reason };
-    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| bad("short header".into()))?) as usize;
-    let header = bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| bad(format!("header length {n} past the end")))?;
+    let bad = |reason: String| DataError::Malformed {
+        format: "safetensors",
+        reason,
+    };
+    let n = u64::from_le_bytes(
+        bytes[..8]
+            .try_into()
+            .map_err(|_| bad("short header".into()))?,
+    ) as usize;
+    let header = bytes
+        .get(8..8usize.saturating_add(n))
+        .ok_or_else(|| bad(format!("header length {n} past the end")))?;
     let data = &bytes[8 + n..];
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| bad(e.to_string()))?;
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, value) in raw {
         if name == "__metadata__" {
             continue;
         }
-        let info: TensorInfo = serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let info: TensorInfo =
+            serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
         let [start, end] = info.data_offsets;
-        let slice = data.get(start..end).filter(|_| start <= end).ok_or_else(|| bad(format!("tensor `{name}` offsets out of range")))?;
-        out.insert(name, Tensor { dtype: info.dtype, shape: info.shape, data: slice });
+        let slice = data
+            .get(start..end)
+            .filter(|_| start <= end)
+            .ok_or_else(|| bad(format!("tensor `{name}` offsets out of range")))?;
+        out.insert(
+            name,
+            Tensor {
+                dtype: info.dtype,
+                shape: info.shape,
+                data: slice,
+            },
+        );
     }
     Ok(out)
 }
 
 fn tensor_f32(t: &Tensor<'_>, name: &str) -> Result<Vec<f32>, DataError> {
     if t.dtype != "F32" {
-        return Err(DataError::Dtype { name: name.into(), dtype: t.dtype.clone(), expected: "F32" });
+        return Err(DataError::Dtype {
+            name: name.into(),
+            dtype: t.dtype.clone(),
+            expected: "F32",
+        });
     }
-    Ok(t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(t.data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 fn tensor_labels(t: &Tensor<'_>, name: &str) -> Result<Vec<u32>, DataError> {
     let wide: Vec<i64> = match t.dtype.as_str() {
         "U32" => t.data.chunks_exact(4).map(|c| le_u32(c) as i64).collect(),
-        "I32" => t.data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-        "I64" => t.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-        other => return Err(DataError::Dtype { name: name.into(), dtype: other.into(), expected: "U32, I32 or I64" }),
+        "I32" => t
+            .data
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
+        "I64" => t
+            .data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        other => {
+            return Err(DataError::Dtype {
+                name: name.into(),
+                dtype: other.into(),
+                expected: "U32, I32 or I64",
+            });
+        }
     };
     wide.iter()
         .enumerate()
-        .map(|(row, &l)| if (0..MAX_CLASSES as i64).contains(&l) { Ok(l as u32) } else { Err(DataError::Label { row, label: l }) })
+        .map(|(row, &l)| {
+            if (0..MAX_CLASSES as i64).contains(&l) {
+                Ok(l as u32)
+            } else {
+                Err(DataError::Label { row, label: l })
+            }
+        })
         .collect()
 }
 
-fn dataset_from(tensors: &BTreeMap<String, Tensor<'_>>, f: &'static str, l: &'static str) -> Result<Dataset, DataError> {
+fn dataset_from(
+    tensors: &BTreeMap<String, Tensor<'_>>,
+    f: &'static str,
+    l: &'static str,
+) -> Result<Dataset, DataError> {
     let ft = tensors.get(f).ok_or(DataError::Missing(f))?;
     let lt = tensors.get(l).ok_or(DataError::Missing(l))?;
     if ft.shape.len() != 2 {
-        return Err(DataError::Shape(format!("`{f}` must be 2-D [N, D], got {:?}", ft.shape)));
+        return Err(DataError::Shape(format!(
+            "`{f}` must be 2-D [N, D], got {:?}",
+            ft.shape
+        )));
     }
     if lt.shape.len() != 1 || lt.shape[0] != ft.shape[0] {
-        return Err(DataError::Shape(format!("`{l}` must be [N] with N = {}, got {:?}", ft.shape[0], lt.shape)));
+        return Err(DataError::Shape(format!(
+            "`{l}` must be [N] with N = {}, got {:?}",
+            ft.shape[0], lt.shape
+        )));
     }
     let features = tensor_f32(ft, f)?;
     let labels = tensor_labels(lt, l)?;
     if features.len() != ft.shape[0] * ft.shape[1] || labels.len() != lt.shape[0] {
-        return Err(DataError::Shape(format!("`{f}`/`{l}` byte length disagrees with the declared shape")));
+        return Err(DataError::Shape(format!(
+            "`{f}`/`{l}` byte length disagrees with the declared shape"
+        )));
     }
     Dataset::new(features, labels, ft.shape[1])
 }
@@ -228,7 +327,10 @@ fn parse_safetensors(bytes: &[u8]) -> Result<Upload, DataError> {
     let test = if tensors.contains_key("test_features") || tensors.contains_key("test_labels") {
         let test = dataset_from(&tensors, "test_features", "test_labels")?;
         if test.dim != train.dim {
-            return Err(DataError::Shape(format!("test rows have width {}, train rows {}", test.dim, train.dim)));
+            return Err(DataError::Shape(format!(
+                "test rows have width {}, train rows {}",
+                test.dim, train.dim
+            )));
         }
         Some(test)
     } else {
@@ -245,21 +347,29 @@ pub enum TensorData<'a> {
 }
 
 /// Writes a safetensors file (tensors in the given order, 8-byte aligned data, optional string metadata).
-pub fn encode_safetensors(tensors: &[(&str, Vec<usize>, TensorData<'_>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+pub fn encode_safetensors(
+    tensors: &[(&str, Vec<usize>, TensorData<'_>)],
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
     }
     let mut data = Vec::new();
     for (name, shape, t) in tensors {
         let start = data.len();
         let dtype = match t {
             TensorData::F32(v) => {
-                v.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+                v.iter()
+                    .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
                 "F32"
             }
             TensorData::U32(v) => {
-                v.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+                v.iter()
+                    .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
                 "U32"
             }
         };
@@ -291,10 +401,15 @@ pub fn mnist_from_digit_json(files: &[String; 10]) -> Result<Dataset, DataError>
     }
     let (mut features, mut labels) = (Vec::new(), Vec::new());
     for (digit, json) in files.iter().enumerate() {
-        let d: Digits = serde_json::from_str(json)
-            .map_err(|e| DataError::Malformed { format: "mnist digits JSON", reason: format!("digit {digit}: {e}") })?;
+        let d: Digits = serde_json::from_str(json).map_err(|e| DataError::Malformed {
+            format: "mnist digits JSON",
+            reason: format!("digit {digit}: {e}"),
+        })?;
         if !d.data.len().is_multiple_of(784) {
-            return Err(DataError::Shape(format!("digit {digit} holds {} values, not a multiple of 784", d.data.len())));
+            return Err(DataError::Shape(format!(
+                "digit {digit} holds {} values, not a multiple of 784",
+                d.data.len()
+            )));
         }
         labels.extend(std::iter::repeat_n(digit as u32, d.data.len() / 784));
         features.extend(d.data);
@@ -332,7 +447,10 @@ mod tests {
         let ds = tiny();
         let bytes = encode_raw(&ds);
         assert_eq!(parse_upload(&bytes).unwrap().train, ds);
-        assert!(matches!(parse_upload(&bytes[..bytes.len() - 1]), Err(DataError::Malformed { .. })));
+        assert!(matches!(
+            parse_upload(&bytes[..bytes.len() - 1]),
+            Err(DataError::Malformed { .. })
+        ));
         assert_eq!(parse_upload(b"hello world!"), Err(DataError::UnknownFormat));
     }
 
@@ -356,16 +474,25 @@ mod tests {
     #[test]
     fn bad_safetensors_are_explained() {
         let nan = encode_safetensors(
-            &[("features", vec![1, 2], TensorData::F32(&[1.0, f32::NAN])), ("labels", vec![1], TensorData::U32(&[0]))],
+            &[
+                ("features", vec![1, 2], TensorData::F32(&[1.0, f32::NAN])),
+                ("labels", vec![1], TensorData::U32(&[0])),
+            ],
             &BTreeMap::new(),
         );
         assert_eq!(parse_upload(&nan), Err(DataError::NonFinite(1)));
         let shape = encode_safetensors(
-            &[("features", vec![2, 1], TensorData::F32(&[1.0, 2.0])), ("labels", vec![1], TensorData::U32(&[0]))],
+            &[
+                ("features", vec![2, 1], TensorData::F32(&[1.0, 2.0])),
+                ("labels", vec![1], TensorData::U32(&[0])),
+            ],
             &BTreeMap::new(),
         );
         assert!(matches!(parse_upload(&shape), Err(DataError::Shape(_))));
-        let missing = encode_safetensors(&[("features", vec![1, 1], TensorData::F32(&[1.0]))], &BTreeMap::new());
+        let missing = encode_safetensors(
+            &[("features", vec![1, 1], TensorData::F32(&[1.0]))],
+            &BTreeMap::new(),
+        );
         assert_eq!(parse_upload(&missing), Err(DataError::Missing("labels")));
     }
 }

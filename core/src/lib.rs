@@ -38,7 +38,11 @@ pub struct EvalOutput {
 impl EvalOutput {
     /// Share of rows classified correctly (0 when there were none).
     pub fn accuracy(&self) -> f32 {
-        if self.rows == 0 { 0.0 } else { self.correct as f32 / self.rows as f32 }
+        if self.rows == 0 {
+            0.0
+        } else {
+            self.correct as f32 / self.rows as f32
+        }
     }
 }
 
@@ -46,9 +50,17 @@ impl EvalOutput {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BatchError {
     #[error("features hold {got} values, expected rows × input = {rows} × {input}")]
-    FeatureShape { got: usize, rows: usize, input: usize },
+    FeatureShape {
+        got: usize,
+        rows: usize,
+        input: usize,
+    },
     #[error("label {label} at row {row} is out of range for {classes} classes")]
-    LabelRange { row: usize, label: u32, classes: usize },
+    LabelRange {
+        row: usize,
+        label: u32,
+        classes: usize,
+    },
     #[error("parameter buffer holds {got} values, the spec needs {expected}")]
     ParamCount { got: usize, expected: usize },
     #[error("a batch needs at least one row")]
@@ -63,11 +75,23 @@ pub fn check_batch(spec: &ModelSpec, x: &[f32], labels: &[u32]) -> Result<(), Ba
     }
     let input = spec.input as usize;
     if x.len() != rows * input {
-        return Err(BatchError::FeatureShape { got: x.len(), rows, input });
+        return Err(BatchError::FeatureShape {
+            got: x.len(),
+            rows,
+            input,
+        });
     }
     let classes = spec.classes();
-    if let Some((row, &label)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= classes) {
-        return Err(BatchError::LabelRange { row, label, classes });
+    if let Some((row, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, l)| **l as usize >= classes)
+    {
+        return Err(BatchError::LabelRange {
+            row,
+            label,
+            classes,
+        });
     }
     Ok(())
 }

@@ -36,7 +36,12 @@ fn default_eps() -> f32 {
 
 impl Default for OptimizerSpec {
     fn default() -> Self {
-        Self::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self::Adam {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -45,7 +50,12 @@ impl OptimizerSpec {
     pub fn validate(&self) -> Result<(), String> {
         let ok_lr = |lr: f32| lr.is_finite() && lr > 0.0 && lr <= 10.0;
         match *self {
-            Self::Adam { lr, beta1, beta2, eps } => {
+            Self::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
                 if !ok_lr(lr) {
                     return Err(format!("adam lr must be in (0, 10], got {lr}"));
                 }
@@ -83,15 +93,29 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(spec: OptimizerSpec, params: usize) -> Self {
-        let v = if matches!(spec, OptimizerSpec::Adam { .. }) { vec![0.0; params] } else { Vec::new() };
-        Self { spec, t: 0, m: vec![0.0; params], v }
+        let v = if matches!(spec, OptimizerSpec::Adam { .. }) {
+            vec![0.0; params]
+        } else {
+            Vec::new()
+        };
+        Self {
+            spec,
+            t: 0,
+            m: vec![0.0; params],
+            v,
+        }
     }
 
     /// Applies one update in place: `params -= f(grad)`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
         self.t += 1;
         match self.spec {
-            OptimizerSpec::Adam { lr, beta1, beta2, eps } => {
+            OptimizerSpec::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
                 let c1 = 1.0 - beta1.powi(self.t.min(i32::MAX as u64) as i32);
                 let c2 = 1.0 - beta2.powi(self.t.min(i32::MAX as u64) as i32);
                 let step = lr * c2.sqrt() / c1;
@@ -128,7 +152,12 @@ impl Optimizer {
         let t = u64::from_le_bytes(bytes[..8].try_into().ok()?);
         let floats = crate::protocol::f32s(&bytes[8..]);
         let (m, v) = floats.split_at(fresh.m.len());
-        Some(Self { spec, t, m: m.to_vec(), v: v.to_vec() })
+        Some(Self {
+            spec,
+            t,
+            m: m.to_vec(),
+            v: v.to_vec(),
+        })
     }
 }
 
@@ -138,7 +167,15 @@ mod tests {
 
     #[test]
     fn adam_minimises_a_quadratic_and_round_trips() {
-        let mut opt = Optimizer::new(OptimizerSpec::Adam { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 2);
+        let mut opt = Optimizer::new(
+            OptimizerSpec::Adam {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            2,
+        );
         let mut p = vec![3.0f32, -2.0];
         for _ in 0..500 {
             let g = vec![2.0 * p[0], 2.0 * p[1]];
@@ -151,7 +188,13 @@ mod tests {
 
     #[test]
     fn sgd_momentum_step_is_exact() {
-        let mut opt = Optimizer::new(OptimizerSpec::Sgd { lr: 0.5, momentum: 0.9 }, 1);
+        let mut opt = Optimizer::new(
+            OptimizerSpec::Sgd {
+                lr: 0.5,
+                momentum: 0.9,
+            },
+            1,
+        );
         let mut p = vec![1.0f32];
         opt.step(&mut p, &[1.0]);
         opt.step(&mut p, &[1.0]);

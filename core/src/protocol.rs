@@ -122,17 +122,38 @@ pub enum ErrorCode {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CoordinatorMsg {
     /// Answer to `hello`: the worker's identity and a token to present next time.
-    Welcome { protocol: u32, worker: WorkerId, token: String, credits: f64 },
+    Welcome {
+        protocol: u32,
+        worker: WorkerId,
+        token: String,
+        credits: f64,
+    },
     /// A model version's parameters. Binary payload: `spec.param_count()` f32 values. Sent once per version per
     /// connection, before the first lease that needs it.
-    Model { job: JobId, version: u64, spec: ModelSpec },
+    Model {
+        job: JobId,
+        version: u64,
+        spec: ModelSpec,
+    },
     /// One micro-batch to compute against model `version`. Binary payload: `rows × spec.input` f32 features
     /// (row-major), then `rows` u32 labels.
-    Lease { lease: LeaseId, job: JobId, version: u64, step: u64, micro_batch: u32, rows: u32, deadline_ms: u64 },
+    Lease {
+        lease: LeaseId,
+        job: JobId,
+        version: u64,
+        step: u64,
+        micro_batch: u32,
+        rows: u32,
+        deadline_ms: u64,
+    },
     /// No work right now; a `lease` will follow when there is some. Informational.
     Waiting { reason: String },
     /// The fate of a submitted result, once known. `credits` is the worker's new total.
-    Verdict { lease: LeaseId, outcome: Outcome, credits: f64 },
+    Verdict {
+        lease: LeaseId,
+        outcome: Outcome,
+        credits: f64,
+    },
     /// A fatal error; the coordinator closes the connection after sending it.
     Error { code: ErrorCode, message: String },
 }
@@ -182,7 +203,10 @@ pub fn encode<M: Serialize>(msg: &M, payload: &[u8]) -> WireFrame {
 }
 
 /// Splits a binary frame into its parsed header and payload; a text frame has an empty payload.
-fn split<M: DeserializeOwned>(text: Option<&str>, binary: Option<&[u8]>) -> Result<(M, std::ops::Range<usize>), ProtocolError> {
+fn split<M: DeserializeOwned>(
+    text: Option<&str>,
+    binary: Option<&[u8]>,
+) -> Result<(M, std::ops::Range<usize>), ProtocolError> {
     if let Some(t) = text {
         if t.len() > MAX_HEADER_BYTES {
             return Err(ProtocolError::HeaderLength(t.len()));
@@ -191,7 +215,10 @@ fn split<M: DeserializeOwned>(text: Option<&str>, binary: Option<&[u8]>) -> Resu
         return Ok((msg, 0..0));
     }
     let b = binary.unwrap_or_default();
-    let len_bytes: [u8; 4] = b.get(..4).and_then(|s| s.try_into().ok()).ok_or(ProtocolError::Truncated)?;
+    let len_bytes: [u8; 4] = b
+        .get(..4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(ProtocolError::Truncated)?;
     let h = u32::from_le_bytes(len_bytes) as usize;
     if h > MAX_HEADER_BYTES || 4 + h > b.len() {
         return Err(ProtocolError::HeaderLength(h));
@@ -199,7 +226,8 @@ fn split<M: DeserializeOwned>(text: Option<&str>, binary: Option<&[u8]>) -> Resu
     if !h.is_multiple_of(4) {
         return Err(ProtocolError::Misaligned(h));
     }
-    let msg = serde_json::from_slice(&b[4..4 + h]).map_err(|e| ProtocolError::Json(e.to_string()))?;
+    let msg =
+        serde_json::from_slice(&b[4..4 + h]).map_err(|e| ProtocolError::Json(e.to_string()))?;
     let payload = 4 + h..b.len();
     if payload.len() % 4 != 0 {
         return Err(ProtocolError::PayloadAlignment(payload.len()));
@@ -273,25 +301,35 @@ impl CoordinatorMsg {
 /// Little-endian bytes of an f32 slice.
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * 4);
-    values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    values
+        .iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
     out
 }
 
 /// Little-endian bytes of a u32 slice.
 pub fn u32_bytes(values: &[u32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * 4);
-    values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    values
+        .iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
     out
 }
 
 /// f32 values of a little-endian payload (a trailing partial value is ignored; decoders reject those first).
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// u32 values of a little-endian payload.
 pub fn u32s(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Builds a lease payload: features then labels.
@@ -302,10 +340,17 @@ pub fn lease_payload(x: &[f32], labels: &[u32]) -> Vec<u8> {
 }
 
 /// Splits a lease payload for a spec of input width `input` into features and labels.
-pub fn split_lease_payload(payload: &[u8], rows: usize, input: usize) -> Result<(Vec<f32>, Vec<u32>), ProtocolError> {
+pub fn split_lease_payload(
+    payload: &[u8],
+    rows: usize,
+    input: usize,
+) -> Result<(Vec<f32>, Vec<u32>), ProtocolError> {
     let want = rows * (input + 1) * 4;
     if payload.len() != want {
-        return Err(ProtocolError::Json(format!("lease payload is {} bytes, expected {want}", payload.len())));
+        return Err(ProtocolError::Json(format!(
+            "lease payload is {} bytes, expected {want}",
+            payload.len()
+        )));
     }
     let (x, y) = payload.split_at(rows * input * 4);
     Ok((f32s(x), u32s(y)))
@@ -336,9 +381,16 @@ mod tests {
         assert!(matches!(f, WireFrame::Text(_)));
         assert_eq!(decode_worker(&f).unwrap().0, hello);
 
-        let result = WorkerMsg::Result { lease: LeaseId(7), loss: 0.5, correct: 3, commit: None };
+        let result = WorkerMsg::Result {
+            lease: LeaseId(7),
+            loss: 0.5,
+            correct: 3,
+            commit: None,
+        };
         let grad = f32_bytes(&[1.0, -2.0, 3.5]);
-        let WireFrame::Binary(bytes) = encode(&result, &grad) else { panic!("tensor messages are binary") };
+        let WireFrame::Binary(bytes) = encode(&result, &grad) else {
+            panic!("tensor messages are binary")
+        };
         let h = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
         assert_eq!(h % 4, 0);
         let (msg, payload) = WorkerMsg::decode_binary(&bytes).unwrap();
@@ -348,34 +400,76 @@ mod tests {
         // `commit` is optional both ways: absent from the JSON when `None`, and a result without it still decodes.
         let header = std::str::from_utf8(&bytes[4..4 + h]).unwrap();
         assert!(!header.contains("commit"), "{header}");
-        let committed = WorkerMsg::Result { lease: LeaseId(7), loss: 0.5, correct: 3, commit: Some("00ff".into()) };
-        let WireFrame::Binary(bytes) = encode(&committed, &grad) else { panic!("tensor messages are binary") };
+        let committed = WorkerMsg::Result {
+            lease: LeaseId(7),
+            loss: 0.5,
+            correct: 3,
+            commit: Some("00ff".into()),
+        };
+        let WireFrame::Binary(bytes) = encode(&committed, &grad) else {
+            panic!("tensor messages are binary")
+        };
         assert_eq!(WorkerMsg::decode_binary(&bytes).unwrap().0, committed);
     }
 
     #[test]
     fn framing_violations_are_errors_not_panics() {
-        assert_eq!(WorkerMsg::decode_binary(&[1, 2]), Err(ProtocolError::Truncated));
-        assert_eq!(WorkerMsg::decode_binary(&[255, 255, 255, 255, 0]), Err(ProtocolError::HeaderLength(u32::MAX as usize)));
-        assert!(matches!(WorkerMsg::decode_text("{\"type\":\"nope\"}"), Err(ProtocolError::Json(_))));
-        assert!(matches!(WorkerMsg::decode_text("not json"), Err(ProtocolError::Json(_))));
+        assert_eq!(
+            WorkerMsg::decode_binary(&[1, 2]),
+            Err(ProtocolError::Truncated)
+        );
+        assert_eq!(
+            WorkerMsg::decode_binary(&[255, 255, 255, 255, 0]),
+            Err(ProtocolError::HeaderLength(u32::MAX as usize))
+        );
+        assert!(matches!(
+            WorkerMsg::decode_text("{\"type\":\"nope\"}"),
+            Err(ProtocolError::Json(_))
+        ));
+        assert!(matches!(
+            WorkerMsg::decode_text("not json"),
+            Err(ProtocolError::Json(_))
+        ));
         assert_eq!(
             WorkerMsg::decode_text(r#"{"type":"result","lease":1,"loss":0.1,"correct":1}"#),
             Err(ProtocolError::MissingPayload("result"))
         );
-        let WireFrame::Binary(b) = encode(&WorkerMsg::Ready, &[0, 0, 0, 0]) else { panic!() };
-        assert_eq!(WorkerMsg::decode_binary(&b), Err(ProtocolError::UnexpectedPayload("ready")));
-        let WireFrame::Binary(mut b) = encode(&WorkerMsg::Result { lease: LeaseId(1), loss: 0.0, correct: 0, commit: None }, &[0; 8]) else {
+        let WireFrame::Binary(b) = encode(&WorkerMsg::Ready, &[0, 0, 0, 0]) else {
+            panic!()
+        };
+        assert_eq!(
+            WorkerMsg::decode_binary(&b),
+            Err(ProtocolError::UnexpectedPayload("ready"))
+        );
+        let WireFrame::Binary(mut b) = encode(
+            &WorkerMsg::Result {
+                lease: LeaseId(1),
+                loss: 0.0,
+                correct: 0,
+                commit: None,
+            },
+            &[0; 8],
+        ) else {
             panic!()
         };
         b.push(1);
-        assert_eq!(WorkerMsg::decode_binary(&b), Err(ProtocolError::PayloadAlignment(9)));
+        assert_eq!(
+            WorkerMsg::decode_binary(&b),
+            Err(ProtocolError::PayloadAlignment(9))
+        );
     }
 
     #[test]
     fn every_prefix_and_byte_flip_of_a_frame_decodes_without_panic() {
-        let WireFrame::Binary(b) = encode(&WorkerMsg::Result { lease: LeaseId(3), loss: 1.0, correct: 2, commit: Some("ab".repeat(32)) }, &f32_bytes(&[1.0; 16]))
-        else {
+        let WireFrame::Binary(b) = encode(
+            &WorkerMsg::Result {
+                lease: LeaseId(3),
+                loss: 1.0,
+                correct: 2,
+                commit: Some("ab".repeat(32)),
+            },
+            &f32_bytes(&[1.0; 16]),
+        ) else {
             panic!()
         };
         for cut in 0..b.len() {
@@ -418,10 +512,19 @@ mod tests {
         }
 
         fn text(r: &mut SplitMix64) -> String {
-            const POOL: &[&str] = &["a", "Z", "0", " ", "\"", "\\", "\n", "\t", "\u{0}", "\u{1f}", "é", "ß", "漢", "😀", "\u{202e}", "\u{feff}", "}", "{", "\"type\"", "/", "\u{7f}"];
+            const POOL: &[&str] = &[
+                "a", "Z", "0", " ", "\"", "\\", "\n", "\t", "\u{0}", "\u{1f}", "é", "ß", "漢",
+                "😀", "\u{202e}", "\u{feff}", "}", "{", "\"type\"", "/", "\u{7f}",
+            ];
             // Mostly short; now and then longer than a header may be, to cross the 16 KiB limit.
-            let len = if r.below(200) == 0 { 2_000 + r.below(6_000) } else { r.below(24) };
-            (0..len).map(|_| POOL[r.below(POOL.len() as u64) as usize]).collect()
+            let len = if r.below(200) == 0 {
+                2_000 + r.below(6_000)
+            } else {
+                r.below(24)
+            };
+            (0..len)
+                .map(|_| POOL[r.below(POOL.len() as u64) as usize])
+                .collect()
         }
 
         fn float32(r: &mut SplitMix64) -> f32 {
@@ -445,8 +548,20 @@ mod tests {
         }
 
         fn spec(r: &mut SplitMix64) -> ModelSpec {
-            let layers = (0..r.below(4)).map(|_| LayerSpec { units: num32(r), activation: if r.below(2) == 0 { Activation::Relu } else { Activation::None } }).collect();
-            ModelSpec { input: num32(r), layers }
+            let layers = (0..r.below(4))
+                .map(|_| LayerSpec {
+                    units: num32(r),
+                    activation: if r.below(2) == 0 {
+                        Activation::Relu
+                    } else {
+                        Activation::None
+                    },
+                })
+                .collect();
+            ModelSpec {
+                input: num32(r),
+                layers,
+            }
         }
 
         fn worker_msg(r: &mut SplitMix64) -> WorkerMsg {
@@ -456,22 +571,54 @@ mod tests {
                     protocol: num32(r),
                     token: opt(r),
                     name: opt(r),
-                    backend: if r.below(2) == 0 { Backend::Gpu } else { Backend::Cpu },
+                    backend: if r.below(2) == 0 {
+                        Backend::Gpu
+                    } else {
+                        Backend::Cpu
+                    },
                     adapter: text(r),
-                    platform: if r.below(2) == 0 { Platform::Native } else { Platform::Browser },
+                    platform: if r.below(2) == 0 {
+                        Platform::Native
+                    } else {
+                        Platform::Browser
+                    },
                 },
                 1 => WorkerMsg::Ready,
-                2 => WorkerMsg::Result { lease: LeaseId(num(r)), loss: float32(r), correct: num32(r), commit: opt(r) },
-                _ => WorkerMsg::Failed { lease: LeaseId(num(r)), reason: text(r) },
+                2 => WorkerMsg::Result {
+                    lease: LeaseId(num(r)),
+                    loss: float32(r),
+                    correct: num32(r),
+                    commit: opt(r),
+                },
+                _ => WorkerMsg::Failed {
+                    lease: LeaseId(num(r)),
+                    reason: text(r),
+                },
             }
         }
 
         fn coordinator_msg(r: &mut SplitMix64) -> CoordinatorMsg {
             const OUTCOMES: [Outcome; 3] = [Outcome::Accepted, Outcome::Rejected, Outcome::Late];
-            const CODES: [ErrorCode; 6] = [ErrorCode::BadFrame, ErrorCode::OutOfProtocol, ErrorCode::ProtocolVersion, ErrorCode::Refused, ErrorCode::Limit, ErrorCode::ShuttingDown];
+            const CODES: [ErrorCode; 6] = [
+                ErrorCode::BadFrame,
+                ErrorCode::OutOfProtocol,
+                ErrorCode::ProtocolVersion,
+                ErrorCode::Refused,
+                ErrorCode::Limit,
+                ErrorCode::ShuttingDown,
+            ];
             match r.below(6) {
-                0 => CoordinatorMsg::Welcome { protocol: num32(r), worker: WorkerId(num(r)), token: text(r), credits: float64(r) },
-                1 => CoordinatorMsg::Model { job: JobId(num(r)), version: num(r), spec: spec(r) },
+                0 => CoordinatorMsg::Welcome {
+                    protocol: num32(r),
+                    worker: WorkerId(num(r)),
+                    token: text(r),
+                    credits: float64(r),
+                },
+                1 => CoordinatorMsg::Model {
+                    job: JobId(num(r)),
+                    version: num(r),
+                    spec: spec(r),
+                },
                 2 => CoordinatorMsg::Lease {
                     lease: LeaseId(num(r)),
                     job: JobId(num(r)),
@@ -482,8 +629,15 @@ mod tests {
                     deadline_ms: num(r),
                 },
                 3 => CoordinatorMsg::Waiting { reason: text(r) },
-                4 => CoordinatorMsg::Verdict { lease: LeaseId(num(r)), outcome: OUTCOMES[r.below(3) as usize], credits: float64(r) },
-                _ => CoordinatorMsg::Error { code: CODES[r.below(6) as usize], message: text(r) },
+                4 => CoordinatorMsg::Verdict {
+                    lease: LeaseId(num(r)),
+                    outcome: OUTCOMES[r.below(3) as usize],
+                    credits: float64(r),
+                },
+                _ => CoordinatorMsg::Error {
+                    code: CODES[r.below(6) as usize],
+                    message: text(r),
+                },
             }
         }
 
@@ -495,19 +649,52 @@ mod tests {
 
         fn same_worker(a: &WorkerMsg, b: &WorkerMsg) -> bool {
             match (a, b) {
-                (WorkerMsg::Result { lease, loss, correct, commit }, WorkerMsg::Result { lease: l, loss: x, correct: c, commit: k }) => {
-                    lease == l && correct == c && commit == k && close(*loss as f64, *x as f64)
-                }
+                (
+                    WorkerMsg::Result {
+                        lease,
+                        loss,
+                        correct,
+                        commit,
+                    },
+                    WorkerMsg::Result {
+                        lease: l,
+                        loss: x,
+                        correct: c,
+                        commit: k,
+                    },
+                ) => lease == l && correct == c && commit == k && close(*loss as f64, *x as f64),
                 _ => a == b,
             }
         }
 
         fn same_coordinator(a: &CoordinatorMsg, b: &CoordinatorMsg) -> bool {
             match (a, b) {
-                (CoordinatorMsg::Welcome { protocol, worker, token, credits }, CoordinatorMsg::Welcome { protocol: p, worker: w, token: t, credits: c }) => {
-                    protocol == p && worker == w && token == t && close(*credits, *c)
-                }
-                (CoordinatorMsg::Verdict { lease, outcome, credits }, CoordinatorMsg::Verdict { lease: l, outcome: o, credits: c }) => lease == l && outcome == o && close(*credits, *c),
+                (
+                    CoordinatorMsg::Welcome {
+                        protocol,
+                        worker,
+                        token,
+                        credits,
+                    },
+                    CoordinatorMsg::Welcome {
+                        protocol: p,
+                        worker: w,
+                        token: t,
+                        credits: c,
+                    },
+                ) => protocol == p && worker == w && token == t && close(*credits, *c),
+                (
+                    CoordinatorMsg::Verdict {
+                        lease,
+                        outcome,
+                        credits,
+                    },
+                    CoordinatorMsg::Verdict {
+                        lease: l,
+                        outcome: o,
+                        credits: c,
+                    },
+                ) => lease == l && outcome == o && close(*credits, *c),
                 _ => a == b,
             }
         }
@@ -524,7 +711,12 @@ mod tests {
         }
 
         /// What decoding an unmutated frame must give.
-        fn expected(needs: bool, header: usize, payload: usize, name: &'static str) -> Result<(), ProtocolError> {
+        fn expected(
+            needs: bool,
+            header: usize,
+            payload: usize,
+            name: &'static str,
+        ) -> Result<(), ProtocolError> {
             if header > MAX_HEADER_BYTES {
                 return Err(ProtocolError::HeaderLength(header));
             }
@@ -559,7 +751,10 @@ mod tests {
                     2 => bytes.truncate(r.below(n + 1) as usize),
                     3 => {
                         let i = r.below(n + 1) as usize;
-                        bytes.insert(i, [b'"', b'{', b'}', b',', b'\\', 0xff, 0, b'9'][r.below(8) as usize]);
+                        bytes.insert(
+                            i,
+                            [b'"', b'{', b'}', b',', b'\\', 0xff, 0, b'9'][r.below(8) as usize],
+                        );
                     }
                     _ if n > 0 => {
                         let (a, b) = (r.below(n) as usize, r.below(n) as usize);
@@ -600,7 +795,9 @@ mod tests {
                     let want = expected(needs, header_len(&frame), payload.len(), name);
                     let got = match &frame {
                         WireFrame::Text(t) => WorkerMsg::decode_text(t).map(|m| (m, vec![])),
-                        WireFrame::Binary(b) => WorkerMsg::decode_binary(b).map(|(m, p)| (m, p.to_vec())),
+                        WireFrame::Binary(b) => {
+                            WorkerMsg::decode_binary(b).map(|(m, p)| (m, p.to_vec()))
+                        }
                     };
                     match (got, want) {
                         (Ok((m, p)), Ok(())) => {
@@ -612,7 +809,10 @@ mod tests {
                             assert_eq!(e, w, "{msg:?} with {} payload bytes", payload.len());
                             framing_errors += 1;
                         }
-                        (got, want) => panic!("{msg:?} with {} payload bytes: got {got:?}, expected {want:?}", payload.len()),
+                        (got, want) => panic!(
+                            "{msg:?} with {} payload bytes: got {got:?}, expected {want:?}",
+                            payload.len()
+                        ),
                     }
                     frame
                 } else {
@@ -623,7 +823,9 @@ mod tests {
                     let want = expected(needs, header_len(&frame), payload.len(), name);
                     let got = match &frame {
                         WireFrame::Text(t) => CoordinatorMsg::decode_text(t).map(|m| (m, vec![])),
-                        WireFrame::Binary(b) => CoordinatorMsg::decode_binary(b).map(|(m, p)| (m, p.to_vec())),
+                        WireFrame::Binary(b) => {
+                            CoordinatorMsg::decode_binary(b).map(|(m, p)| (m, p.to_vec()))
+                        }
                     };
                     match (got, want) {
                         (Ok((m, p)), Ok(())) => {
@@ -635,7 +837,10 @@ mod tests {
                             assert_eq!(e, w, "{msg:?} with {} payload bytes", payload.len());
                             framing_errors += 1;
                         }
-                        (got, want) => panic!("{msg:?} with {} payload bytes: got {got:?}, expected {want:?}", payload.len()),
+                        (got, want) => panic!(
+                            "{msg:?} with {} payload bytes: got {got:?}, expected {want:?}",
+                            payload.len()
+                        ),
                     }
                     frame
                 };
@@ -643,8 +848,13 @@ mod tests {
                 mutate(&mut r, &mut bytes);
                 decode_all(&bytes);
             }
-            println!("{round_trips} round trips, {framing_errors} expected framing errors of {ITERATIONS}");
-            assert!(round_trips > ITERATIONS / 2 && framing_errors > ITERATIONS / 20, "{round_trips} round trips, {framing_errors} framing errors");
+            println!(
+                "{round_trips} round trips, {framing_errors} expected framing errors of {ITERATIONS}"
+            );
+            assert!(
+                round_trips > ITERATIONS / 2 && framing_errors > ITERATIONS / 20,
+                "{round_trips} round trips, {framing_errors} framing errors"
+            );
         }
     }
 }

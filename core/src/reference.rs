@@ -71,7 +71,12 @@ pub fn act_backward(dz: &mut [f32], a: &[f32], act: Activation) {
 /// Numerically stable softmax-cross-entropy over `logits [rows, classes]`.
 /// Returns the summed loss, the number of rows whose first arg-max equals the label, and (when `dlogits` is
 /// given) `dlogits = (softmax - onehot) / rows`, the gradient of the *mean* loss.
-pub fn softmax_xent(logits: &[f32], labels: &[u32], classes: usize, mut dlogits: Option<&mut [f32]>) -> (f64, u32) {
+pub fn softmax_xent(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    mut dlogits: Option<&mut [f32]>,
+) -> (f64, u32) {
     let rows = labels.len();
     let mut loss = 0.0f64;
     let mut correct = 0u32;
@@ -88,13 +93,26 @@ pub fn softmax_xent(logits: &[f32], labels: &[u32], classes: usize, mut dlogits:
         let z_y = row[label as usize];
         // Σ_{j≠y} e^(z_j − max): when the label holds the max, loss = ln(1 + others) exactly, without the cancellation
         // of lse − z_y (which, for logits of 1e30, would lose the whole answer).
-        let others: f64 = row.iter().enumerate().filter(|(j, _)| *j != label as usize).map(|(_, &v)| ((v - max) as f64).exp()).sum();
-        loss += if z_y >= max { others.ln_1p() } else { (max - z_y) as f64 + sum.ln() };
+        let others: f64 = row
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != label as usize)
+            .map(|(_, &v)| ((v - max) as f64).exp())
+            .sum();
+        loss += if z_y >= max {
+            others.ln_1p()
+        } else {
+            (max - z_y) as f64 + sum.ln()
+        };
         correct += u32::from(best == label as usize);
         if let Some(d) = dlogits.as_deref_mut() {
             for j in 0..classes {
                 // p_j − [j = y], with p_y − 1 written as −others / sum (no cancellation, as for the loss).
-                let g = if j == label as usize { -others / sum } else { ((row[j] - max) as f64).exp() / sum };
+                let g = if j == label as usize {
+                    -others / sum
+                } else {
+                    ((row[j] - max) as f64).exp() / sum
+                };
                 d[r * classes + j] = (g / rows as f64) as f32;
             }
         }
@@ -115,7 +133,15 @@ fn forward(spec: &ModelSpec, params: &[f32], x: &[f32], rows: usize) -> Vec<Vec<
     for l in spec.layout() {
         let input = acts.last().map_or(x, |a| a.as_slice());
         let mut z = vec![0.0f32; rows * l.outputs];
-        matmul(MatmulForm::AB, rows, l.inputs, l.outputs, input, &params[l.weight..l.bias], &mut z);
+        matmul(
+            MatmulForm::AB,
+            rows,
+            l.inputs,
+            l.outputs,
+            input,
+            &params[l.weight..l.bias],
+            &mut z,
+        );
         bias_act(&mut z, &params[l.bias..l.bias + l.outputs], l.activation);
         acts.push(z);
     }
@@ -124,13 +150,21 @@ fn forward(spec: &ModelSpec, params: &[f32], x: &[f32], rows: usize) -> Vec<Vec<
 
 fn check_params(spec: &ModelSpec, params: &[f32]) -> Result<(), BatchError> {
     if params.len() != spec.param_count() {
-        return Err(BatchError::ParamCount { got: params.len(), expected: spec.param_count() });
+        return Err(BatchError::ParamCount {
+            got: params.len(),
+            expected: spec.param_count(),
+        });
     }
     Ok(())
 }
 
 /// Loss, correct count and full gradient of the mean loss over one micro-batch.
-pub fn forward_backward(spec: &ModelSpec, params: &[f32], x: &[f32], labels: &[u32]) -> Result<StepOutput, BatchError> {
+pub fn forward_backward(
+    spec: &ModelSpec,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u32],
+) -> Result<StepOutput, BatchError> {
     check_params(spec, params)?;
     check_batch(spec, x, labels)?;
     let rows = labels.len();
@@ -145,25 +179,54 @@ pub fn forward_backward(spec: &ModelSpec, params: &[f32], x: &[f32], labels: &[u
             act_backward(&mut dz, &acts[li], l.activation);
         }
         let input = if li == 0 { x } else { acts[li - 1].as_slice() };
-        matmul(MatmulForm::AtB, l.inputs, rows, l.outputs, input, &dz, &mut grad[l.weight..l.bias]);
+        matmul(
+            MatmulForm::AtB,
+            l.inputs,
+            rows,
+            l.outputs,
+            input,
+            &dz,
+            &mut grad[l.weight..l.bias],
+        );
         col_sum(&dz, l.outputs, &mut grad[l.bias..l.bias + l.outputs]);
         if li > 0 {
             let mut dx = vec![0.0f32; rows * l.inputs];
-            matmul(MatmulForm::ABt, rows, l.outputs, l.inputs, &dz, &params[l.weight..l.bias], &mut dx);
+            matmul(
+                MatmulForm::ABt,
+                rows,
+                l.outputs,
+                l.inputs,
+                &dz,
+                &params[l.weight..l.bias],
+                &mut dx,
+            );
             dz = dx;
         }
     }
-    Ok(StepOutput { loss: (loss / rows as f64) as f32, correct, grad })
+    Ok(StepOutput {
+        loss: (loss / rows as f64) as f32,
+        correct,
+        grad,
+    })
 }
 
 /// Forward-only loss and accuracy.
-pub fn evaluate(spec: &ModelSpec, params: &[f32], x: &[f32], labels: &[u32]) -> Result<EvalOutput, BatchError> {
+pub fn evaluate(
+    spec: &ModelSpec,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u32],
+) -> Result<EvalOutput, BatchError> {
     check_params(spec, params)?;
     check_batch(spec, x, labels)?;
     let rows = labels.len();
     let acts = forward(spec, params, x, rows);
     let (loss, correct) = softmax_xent(&acts[acts.len() - 1], labels, spec.classes(), None);
-    Ok(EvalOutput { loss: (loss / rows as f64) as f32, correct, rows: rows as u32 })
+    Ok(EvalOutput {
+        loss: (loss / rows as f64) as f32,
+        correct,
+        rows: rows as u32,
+    })
 }
 
 #[cfg(test)]
@@ -178,9 +241,18 @@ mod tests {
         let spec = ModelSpec {
             input: 5,
             layers: vec![
-                LayerSpec { units: 7, activation: Activation::Relu },
-                LayerSpec { units: 4, activation: Activation::Relu },
-                LayerSpec { units: 3, activation: Activation::None },
+                LayerSpec {
+                    units: 7,
+                    activation: Activation::Relu,
+                },
+                LayerSpec {
+                    units: 4,
+                    activation: Activation::Relu,
+                },
+                LayerSpec {
+                    units: 3,
+                    activation: Activation::None,
+                },
             ],
         };
         let mut rng = SplitMix64::new(3);
@@ -215,6 +287,9 @@ mod tests {
         let mut d = [0.0f32; 6];
         let (loss, correct) = softmax_xent(&logits, &[0, 1], 3, Some(&mut d));
         assert!(loss.is_finite() && d.iter().all(|v| v.is_finite()));
-        assert_eq!(correct, 1, "ties take the first arg-max, so row 1 predicts class 0");
+        assert_eq!(
+            correct, 1,
+            "ties take the first arg-max, so row 1 predicts class 0"
+        );
     }
 }

@@ -17,7 +17,9 @@ pub fn step_rows(train_rows: usize, global_batch: usize, seed: u64, step: u64) -
 
 /// Splits a global batch into micro-batches of at most `micro_batch` rows.
 pub fn micro_batches(rows: &[u32], micro_batch: usize) -> Vec<Vec<u32>> {
-    rows.chunks(micro_batch.max(1)).map(<[u32]>::to_vec).collect()
+    rows.chunks(micro_batch.max(1))
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 /// Row-weighted mean of micro-batch gradients: equals the gradient of the mean loss over the whole global batch.
@@ -43,6 +45,10 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..100).collect::<Vec<_>>());
         assert_eq!(step_rows(100, 10, 7, 13), step_rows(100, 10, 7, 13));
-        assert_ne!(step_rows(100, 10, 7, 3), step_rows(100, 10, 7, 13), "epochs are reshuffled");
+        assert_ne!(
+            step_rows(100, 10, 7, 3),
+            step_rows(100, 10, 7, 13),
+            "epochs are reshuffled"
+        );
     }
 }

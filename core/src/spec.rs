@@ -82,8 +82,14 @@ impl ModelSpec {
         Self {
             input: 784,
             layers: vec![
-                LayerSpec { units: 128, activation: Activation::Relu },
-                LayerSpec { units: 10, activation: Activation::None },
+                LayerSpec {
+                    units: 128,
+                    activation: Activation::Relu,
+                },
+                LayerSpec {
+                    units: 10,
+                    activation: Activation::None,
+                },
             ],
         }
     }
@@ -104,7 +110,10 @@ impl ModelSpec {
         }
         for (layer, l) in self.layers.iter().enumerate() {
             if l.units == 0 || l.units > MAX_WIDTH {
-                return Err(SpecError::Units { layer, units: l.units });
+                return Err(SpecError::Units {
+                    layer,
+                    units: l.units,
+                });
             }
         }
         let last = &self.layers[self.layers.len() - 1];
@@ -126,7 +135,9 @@ impl ModelSpec {
         let mut total = 0usize;
         for l in &self.layers {
             let out = l.units as usize;
-            total = total.saturating_add(inputs.saturating_mul(out)).saturating_add(out);
+            total = total
+                .saturating_add(inputs.saturating_mul(out))
+                .saturating_add(out);
             inputs = out;
         }
         total
@@ -144,7 +155,12 @@ impl ModelSpec {
 
     /// Widest activation, which sizes a backend's scratch buffers.
     pub fn max_width(&self) -> usize {
-        self.layers.iter().map(|l| l.units as usize).chain([self.input as usize]).max().unwrap_or(0)
+        self.layers
+            .iter()
+            .map(|l| l.units as usize)
+            .chain([self.input as usize])
+            .max()
+            .unwrap_or(0)
     }
 
     /// Offsets of every layer's weight and bias in the flat buffer.
@@ -158,7 +174,13 @@ impl ModelSpec {
                 let weight = offset;
                 let bias = weight + inputs * outputs;
                 offset = bias + outputs;
-                let layout = LayerLayout { inputs, outputs, weight, bias, activation: l.activation };
+                let layout = LayerLayout {
+                    inputs,
+                    outputs,
+                    weight,
+                    bias,
+                    activation: l.activation,
+                };
                 inputs = outputs;
                 layout
             })
@@ -167,7 +189,10 @@ impl ModelSpec {
 
     /// Multiply-adds of one row's forward pass; a forward + backward pass costs about three times this.
     pub fn forward_macs_per_row(&self) -> u64 {
-        self.layout().iter().map(|l| (l.inputs * l.outputs) as u64).sum()
+        self.layout()
+            .iter()
+            .map(|l| (l.inputs * l.outputs) as u64)
+            .sum()
     }
 
     /// FLOPs of a training pass (forward + backward) over `rows` rows: 2 FLOPs per multiply-add, 3 matmuls per layer.
@@ -208,16 +233,28 @@ mod tests {
     #[test]
     fn invalid_specs_are_rejected_with_reasons() {
         let bad = |json: &str| ModelSpec::from_json(json).unwrap_err();
-        assert_eq!(bad(r#"{"input":0,"layers":[{"units":2,"activation":"none"}]}"#), SpecError::Input(0));
+        assert_eq!(
+            bad(r#"{"input":0,"layers":[{"units":2,"activation":"none"}]}"#),
+            SpecError::Input(0)
+        );
         assert_eq!(bad(r#"{"input":4,"layers":[]}"#), SpecError::LayerCount(0));
         assert_eq!(
-            bad(r#"{"input":4,"layers":[{"units":0,"activation":"relu"},{"units":2,"activation":"none"}]}"#),
+            bad(
+                r#"{"input":4,"layers":[{"units":0,"activation":"relu"},{"units":2,"activation":"none"}]}"#
+            ),
             SpecError::Units { layer: 0, units: 0 }
         );
-        assert_eq!(bad(r#"{"input":4,"layers":[{"units":3,"activation":"relu"}]}"#), SpecError::LastActivation);
-        assert!(matches!(bad(r#"{"input":4,"layers":[{"units":3,"activation":"tanh"}]}"#), SpecError::Json(m) if m.contains("tanh")));
         assert_eq!(
-            bad(r#"{"input":65536,"layers":[{"units":65536,"activation":"relu"},{"units":2,"activation":"none"}]}"#),
+            bad(r#"{"input":4,"layers":[{"units":3,"activation":"relu"}]}"#),
+            SpecError::LastActivation
+        );
+        assert!(
+            matches!(bad(r#"{"input":4,"layers":[{"units":3,"activation":"tanh"}]}"#), SpecError::Json(m) if m.contains("tanh"))
+        );
+        assert_eq!(
+            bad(
+                r#"{"input":65536,"layers":[{"units":65536,"activation":"relu"},{"units":2,"activation":"none"}]}"#
+            ),
             SpecError::TooManyParams(65536 * 65536 + 65536 + 65536 * 2 + 2)
         );
     }
@@ -231,7 +268,10 @@ mod tests {
         let l0 = spec.layout()[0];
         let w = &a[l0.weight..l0.bias];
         let var = w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / w.len() as f64;
-        assert!((var - 2.0 / 784.0).abs() < 0.1 * 2.0 / 784.0, "variance {var}");
+        assert!(
+            (var - 2.0 / 784.0).abs() < 0.1 * 2.0 / 784.0,
+            "variance {var}"
+        );
         assert!(a[l0.bias..l0.bias + 128].iter().all(|b| *b == 0.0));
     }
 }

@@ -26,7 +26,9 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(Self::Auto),
             "gpu" | "webgpu" => Ok(Self::Gpu),
             "cpu" => Ok(Self::Cpu),
-            other => Err(format!("unknown backend `{other}` (expected auto, gpu or cpu)")),
+            other => Err(format!(
+                "unknown backend `{other}` (expected auto, gpu or cpu)"
+            )),
         }
     }
 }

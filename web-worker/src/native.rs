@@ -40,14 +40,27 @@ fn to_message(frame: WireFrame) -> Message {
 
 /// Connects, says hello and computes leases until the coordinator closes, `max_leases` is reached or an error.
 pub async fn run(opts: WorkerOptions, tamper: Option<Tamper>) -> anyhow::Result<WorkerReport> {
-    let device = Device::open(opts.backend).await.context("opening the compute device")?;
+    let device = Device::open(opts.backend)
+        .await
+        .context("opening the compute device")?;
     tracing::info!(backend = ?device.backend(), adapter = %device.label(), "worker device ready");
     run_on(device, opts, tamper).await
 }
 
 /// Like [`run`] on an already opened device (lets tests share one GPU context between reconnects).
-pub async fn run_on(device: Device, opts: WorkerOptions, tamper: Option<Tamper>) -> anyhow::Result<WorkerReport> {
-    let mut session = Session::new(device, SessionConfig { name: opts.name.clone(), token: opts.token.clone(), browser: false });
+pub async fn run_on(
+    device: Device,
+    opts: WorkerOptions,
+    tamper: Option<Tamper>,
+) -> anyhow::Result<WorkerReport> {
+    let mut session = Session::new(
+        device,
+        SessionConfig {
+            name: opts.name.clone(),
+            token: opts.token.clone(),
+            browser: false,
+        },
+    );
     if let Some(t) = tamper {
         session = session.with_tamper(t);
     }
@@ -68,7 +81,11 @@ pub async fn run_on(device: Device, opts: WorkerOptions, tamper: Option<Tamper>)
             Message::Text(t) => session.handle(Incoming::Text(t.as_str())).await,
             Message::Binary(b) => session.handle(Incoming::Binary(b)).await,
             Message::Close(frame) => {
-                closed_by = Some(frame.as_ref().map_or_else(|| "closed".to_string(), |f| f.reason.to_string()));
+                closed_by = Some(
+                    frame
+                        .as_ref()
+                        .map_or_else(|| "closed".to_string(), |f| f.reason.to_string()),
+                );
                 break;
             }
             _ => continue,
@@ -99,5 +116,9 @@ pub async fn run_on(device: Device, opts: WorkerOptions, tamper: Option<Tamper>)
             break;
         }
     }
-    Ok(WorkerReport { stats: session.stats().clone(), token: session.token().map(str::to_string), closed_by })
+    Ok(WorkerReport {
+        stats: session.stats().clone(),
+        token: session.token().map(str::to_string),
+        closed_by,
+    })
 }

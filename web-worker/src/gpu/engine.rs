@@ -8,8 +8,8 @@ use starling_core::spec::LayerLayout;
 use starling_core::{Activation, BatchError, EvalOutput, ModelSpec, StepOutput, check_batch};
 
 use super::kernels::{
-    ActBackwardKernel, BiasActKernel, ColSumKernel, MatmulKernel, MatmulParams, STATS_BYTES, SoftmaxXentKernel,
-    decode_stats,
+    ActBackwardKernel, BiasActKernel, ColSumKernel, MatmulKernel, MatmulParams, STATS_BYTES,
+    SoftmaxXentKernel, decode_stats,
 };
 use super::transfer::{self, Dispatch};
 use super::{GpuContext, GpuError};
@@ -72,7 +72,15 @@ impl GpuEngine {
         let bytes = (spec.param_count() * 4) as u64;
         let params = transfer::storage(ctx, "params", bytes)?;
         let grad = transfer::storage(ctx, "grad", bytes)?;
-        Ok(Self { ctx: ctx.clone(), layout: spec.layout(), spec, kernels, params, grad, plans: HashMap::new() })
+        Ok(Self {
+            ctx: ctx.clone(),
+            layout: spec.layout(),
+            spec,
+            kernels,
+            params,
+            grad,
+            plans: HashMap::new(),
+        })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -82,7 +90,11 @@ impl GpuEngine {
     /// Uploads a new parameter vector (a new model version); batches in between reuse it without re-uploading.
     pub async fn load(&mut self, params: &[f32]) -> Result<(), GpuError> {
         if params.len() != self.spec.param_count() {
-            return Err(BatchError::ParamCount { got: params.len(), expected: self.spec.param_count() }.into());
+            return Err(BatchError::ParamCount {
+                got: params.len(),
+                expected: self.spec.param_count(),
+            }
+            .into());
         }
         transfer::upload(&self.ctx, &self.params, bytemuck::cast_slice(params));
         Ok(())
@@ -105,7 +117,11 @@ impl GpuEngine {
         )
         .await?;
         let (loss_sum, correct) = decode_stats(&out[1]);
-        Ok(StepOutput { loss: loss_sum / rows as f32, correct, grad: bytemuck::pod_collect_to_vec(&out[0]) })
+        Ok(StepOutput {
+            loss: loss_sum / rows as f32,
+            correct,
+            grad: bytemuck::pod_collect_to_vec(&out[0]),
+        })
     }
 
     /// Forward-only loss and accuracy over any number of rows (run in chunks).
@@ -121,13 +137,23 @@ impl GpuEngine {
             let plan = &self.plans[&(rows, false)];
             transfer::upload(&self.ctx, &plan.x, bytemuck::cast_slice(xs));
             transfer::upload(&self.ctx, &plan.labels, bytemuck::cast_slice(ls));
-            let out = transfer::run(&self.ctx, "evaluate", &plan.dispatches, &[(&plan.stats, STATS_BYTES)]).await?;
+            let out = transfer::run(
+                &self.ctx,
+                "evaluate",
+                &plan.dispatches,
+                &[(&plan.stats, STATS_BYTES)],
+            )
+            .await?;
             let (loss_sum, c) = decode_stats(&out[0]);
             loss += loss_sum as f64;
             correct += c;
         }
         let rows = labels.len();
-        Ok(EvalOutput { loss: (loss / rows as f64) as f32, correct, rows: rows as u32 })
+        Ok(EvalOutput {
+            loss: (loss / rows as f64) as f32,
+            correct,
+            rows: rows as u32,
+        })
     }
 
     fn ensure_plan(&mut self, rows: usize, train: bool) -> Result<(), GpuError> {
@@ -149,7 +175,12 @@ impl GpuEngine {
         let k = &self.kernels;
         let input = self.spec.input as usize;
         let classes = self.spec.classes();
-        let widest_out = self.layout.iter().map(|l| l.outputs).max().unwrap_or(classes);
+        let widest_out = self
+            .layout
+            .iter()
+            .map(|l| l.outputs)
+            .max()
+            .unwrap_or(classes);
         let x = transfer::storage(ctx, "x", (rows * input * 4) as u64)?;
         let labels = transfer::storage(ctx, "labels", (rows * 4) as u64)?;
         let stats = transfer::storage(ctx, "stats", STATS_BYTES)?;
@@ -159,38 +190,94 @@ impl GpuEngine {
             .map(|l| transfer::storage(ctx, "activation", (rows * l.outputs * 4) as u64))
             .collect::<Result<Vec<_>, _>>()?;
         let dz_bytes = (rows * if train { widest_out } else { classes } * 4) as u64;
-        let dz = [transfer::storage(ctx, "dz ping", dz_bytes)?, transfer::storage(ctx, "dz pong", dz_bytes)?];
+        let dz = [
+            transfer::storage(ctx, "dz ping", dz_bytes)?,
+            transfer::storage(ctx, "dz pong", dz_bytes)?,
+        ];
 
         let mut d = Vec::new();
         for (li, l) in self.layout.iter().enumerate() {
             let a = if li == 0 { &x } else { &acts[li - 1] };
             let p = MatmulParams::new(MatmulForm::AB, rows, l.inputs, l.outputs, 0, l.weight, 0);
-            d.push(k.matmul.dispatch(ctx, "forward", p, a, &self.params, &acts[li]));
-            d.push(k.bias_act.dispatch(ctx, "forward", rows, l.outputs, l.bias, l.activation, &acts[li], &self.params));
+            d.push(
+                k.matmul
+                    .dispatch(ctx, "forward", p, a, &self.params, &acts[li]),
+            );
+            d.push(k.bias_act.dispatch(
+                ctx,
+                "forward",
+                rows,
+                l.outputs,
+                l.bias,
+                l.activation,
+                &acts[li],
+                &self.params,
+            ));
         }
         let logits = &acts[acts.len() - 1];
-        d.push(k.softmax.dispatch(ctx, "loss", rows, classes, train, logits, &labels, &dz[0], &stats));
+        d.push(k.softmax.dispatch(
+            ctx, "loss", rows, classes, train, logits, &labels, &dz[0], &stats,
+        ));
         if train {
             let mut cur = 0;
             for (li, l) in self.layout.iter().enumerate().rev() {
                 if li + 1 < self.layout.len() && l.activation == Activation::Relu {
-                    d.push(k.act_backward.dispatch(ctx, "backward", rows * l.outputs, &dz[cur], &acts[li]));
+                    d.push(k.act_backward.dispatch(
+                        ctx,
+                        "backward",
+                        rows * l.outputs,
+                        &dz[cur],
+                        &acts[li],
+                    ));
                 }
                 let a = if li == 0 { &x } else { &acts[li - 1] };
                 // dW = inputᵀ · dz, straight into the layer's weight slot of the gradient buffer.
-                let p = MatmulParams::new(MatmulForm::AtB, l.inputs, rows, l.outputs, 0, 0, l.weight);
-                d.push(k.matmul.dispatch(ctx, "weight grad", p, a, &dz[cur], &self.grad));
-                d.push(k.col_sum.dispatch(ctx, "bias grad", rows, l.outputs, l.bias, &dz[cur], &self.grad));
+                let p =
+                    MatmulParams::new(MatmulForm::AtB, l.inputs, rows, l.outputs, 0, 0, l.weight);
+                d.push(
+                    k.matmul
+                        .dispatch(ctx, "weight grad", p, a, &dz[cur], &self.grad),
+                );
+                d.push(k.col_sum.dispatch(
+                    ctx,
+                    "bias grad",
+                    rows,
+                    l.outputs,
+                    l.bias,
+                    &dz[cur],
+                    &self.grad,
+                ));
                 if li > 0 {
                     // dx = dz · Wᵀ, into the other half of the ping-pong pair.
-                    let p = MatmulParams::new(MatmulForm::ABt, rows, l.outputs, l.inputs, 0, l.weight, 0);
-                    d.push(k.matmul.dispatch(ctx, "input grad", p, &dz[cur], &self.params, &dz[1 - cur]));
+                    let p = MatmulParams::new(
+                        MatmulForm::ABt,
+                        rows,
+                        l.outputs,
+                        l.inputs,
+                        0,
+                        l.weight,
+                        0,
+                    );
+                    d.push(k.matmul.dispatch(
+                        ctx,
+                        "input grad",
+                        p,
+                        &dz[cur],
+                        &self.params,
+                        &dz[1 - cur],
+                    ));
                     cur = 1 - cur;
                 }
             }
         }
         let mut scratch = acts;
         scratch.extend(dz);
-        Ok(Plan { x, labels, stats, dispatches: d, _scratch: scratch })
+        Ok(Plan {
+            x,
+            labels,
+            stats,
+            dispatches: d,
+            _scratch: scratch,
+        })
     }
 }

@@ -50,20 +50,31 @@ struct Kernel {
 
 impl Kernel {
     fn new(ctx: &GpuContext, label: &'static str, source: &str, constants: &[(&str, f64)]) -> Self {
-        let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(label),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
-            cache: None,
-        });
+        let module = ctx
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = ctx
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
+                cache: None,
+            });
         let layout = pipeline.get_bind_group_layout(0);
-        Self { label, pipeline, layout }
+        Self {
+            label,
+            pipeline,
+            layout,
+        }
     }
 
     /// Records one dispatch of this kernel with its own uniform buffer.
@@ -77,19 +88,29 @@ impl Kernel {
     ) -> Dispatch {
         let label = format!("{} {what}", self.label);
         let uniform = transfer::uniform(ctx, &label, params);
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
         entries.extend(
             buffers
                 .iter()
                 .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() }),
+                .map(|(i, b)| wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: b.as_entire_binding(),
+                }),
         );
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&label),
             layout: &self.layout,
             entries: &entries,
         });
-        Dispatch { pipeline: self.pipeline.clone(), bind_group, groups }
+        Dispatch {
+            pipeline: self.pipeline.clone(),
+            bind_group,
+            groups,
+        }
     }
 }
 
@@ -112,7 +133,15 @@ pub struct MatmulParams {
 
 impl MatmulParams {
     /// Shape, form and element offsets of the three operands.
-    pub fn new(form: MatmulForm, m: usize, k: usize, n: usize, a_off: usize, b_off: usize, c_off: usize) -> Self {
+    pub fn new(
+        form: MatmulForm,
+        m: usize,
+        k: usize,
+        n: usize,
+        a_off: usize,
+        b_off: usize,
+        c_off: usize,
+    ) -> Self {
         let (a_rs, a_cs, b_rs, b_cs) = form.strides(m, k, n);
         Self {
             m: m as u32,
@@ -148,13 +177,22 @@ impl MatmulKernel {
                 ctx,
                 "matmul_tiled",
                 include_str!("../../../shaders/matmul_tiled.wgsl"),
-                &[("WG_X", TILED_WG.0 as f64), ("WG_Y", TILED_WG.1 as f64), ("TK", TILED_WG.2 as f64)],
+                &[
+                    ("WG_X", TILED_WG.0 as f64),
+                    ("WG_Y", TILED_WG.1 as f64),
+                    ("TK", TILED_WG.2 as f64),
+                ],
             ),
             // The checked-in file is exactly `generate(8)` (a test keeps them equal); other sizes are generated.
-            MatmulVariant::Subgroup(8) => {
-                Kernel::new(ctx, "matmul_subgroup", include_str!("../../../shaders/matmul_subgroup.wgsl"), &[])
+            MatmulVariant::Subgroup(8) => Kernel::new(
+                ctx,
+                "matmul_subgroup",
+                include_str!("../../../shaders/matmul_subgroup.wgsl"),
+                &[],
+            ),
+            MatmulVariant::Subgroup(lanes) => {
+                Kernel::new(ctx, "matmul_subgroup", &codegen::generate(lanes), &[])
             }
-            MatmulVariant::Subgroup(lanes) => Kernel::new(ctx, "matmul_subgroup", &codegen::generate(lanes), &[]),
         };
         Self { kernel, variant }
     }
@@ -202,7 +240,14 @@ impl MatmulKernel {
         let a_buf = transfer::storage_init(ctx, "bench A", bytemuck::cast_slice(&a))?;
         let b_buf = transfer::storage_init(ctx, "bench B", bytemuck::cast_slice(&b))?;
         let c_buf = transfer::storage(ctx, "bench C", (m * n * 4) as u64)?;
-        let d = self.dispatch(ctx, "bench", MatmulParams::new(MatmulForm::AB, m, k, n, 0, 0, 0), &a_buf, &b_buf, &c_buf);
+        let d = self.dispatch(
+            ctx,
+            "bench",
+            MatmulParams::new(MatmulForm::AB, m, k, n, 0, 0, 0),
+            &a_buf,
+            &b_buf,
+            &c_buf,
+        );
         transfer::submit_and_wait(ctx, std::slice::from_ref(&d), 1)?;
         let start = std::time::Instant::now();
         transfer::submit_and_wait(ctx, std::slice::from_ref(&d), reps)?;
@@ -227,7 +272,12 @@ pub(crate) struct BiasActKernel(Kernel);
 
 impl BiasActKernel {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "bias_act", include_str!("../../../shaders/bias_act.wgsl"), &[]))
+        Self(Kernel::new(
+            ctx,
+            "bias_act",
+            include_str!("../../../shaders/bias_act.wgsl"),
+            &[],
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -267,11 +317,26 @@ pub(crate) struct ActBackwardKernel(Kernel);
 
 impl ActBackwardKernel {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "act_backward", include_str!("../../../shaders/act_backward.wgsl"), &[]))
+        Self(Kernel::new(
+            ctx,
+            "act_backward",
+            include_str!("../../../shaders/act_backward.wgsl"),
+            &[],
+        ))
     }
 
-    pub fn dispatch(&self, ctx: &GpuContext, what: &str, len: usize, dz: &wgpu::Buffer, a: &wgpu::Buffer) -> Dispatch {
-        let p = ActBackwardParams { len: len as u32, _pad: [0; 3] };
+    pub fn dispatch(
+        &self,
+        ctx: &GpuContext,
+        what: &str,
+        len: usize,
+        dz: &wgpu::Buffer,
+        a: &wgpu::Buffer,
+    ) -> Dispatch {
+        let p = ActBackwardParams {
+            len: len as u32,
+            _pad: [0; 3],
+        };
         let groups = transfer::grid_1d(ctx, (len as u32).div_ceil(64));
         self.0.dispatch(ctx, what, &p, &[dz, a], groups)
     }
@@ -296,7 +361,12 @@ pub(crate) struct SoftmaxXentKernel(Kernel);
 
 impl SoftmaxXentKernel {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "softmax_xent", include_str!("../../../shaders/softmax_xent.wgsl"), &[]))
+        Self(Kernel::new(
+            ctx,
+            "softmax_xent",
+            include_str!("../../../shaders/softmax_xent.wgsl"),
+            &[],
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -312,8 +382,14 @@ impl SoftmaxXentKernel {
         dlogits: &wgpu::Buffer,
         stats: &wgpu::Buffer,
     ) -> Dispatch {
-        let p = SoftmaxParams { rows: rows as u32, classes: classes as u32, write_grad: u32::from(write_grad), _pad: 0 };
-        self.0.dispatch(ctx, what, &p, &[logits, labels, dlogits, stats], [1, 1, 1])
+        let p = SoftmaxParams {
+            rows: rows as u32,
+            classes: classes as u32,
+            write_grad: u32::from(write_grad),
+            _pad: 0,
+        };
+        self.0
+            .dispatch(ctx, what, &p, &[logits, labels, dlogits, stats], [1, 1, 1])
     }
 }
 
@@ -342,7 +418,12 @@ pub(crate) struct ColSumKernel(Kernel);
 
 impl ColSumKernel {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "col_sum", include_str!("../../../shaders/col_sum.wgsl"), &[]))
+        Self(Kernel::new(
+            ctx,
+            "col_sum",
+            include_str!("../../../shaders/col_sum.wgsl"),
+            &[],
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -356,7 +437,18 @@ impl ColSumKernel {
         dz: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) -> Dispatch {
-        let p = ColSumParams { rows: rows as u32, cols: cols as u32, out_off: out_off as u32, _pad: 0 };
-        self.0.dispatch(ctx, what, &p, &[dz, out], [(cols as u32).div_ceil(64), 1, 1])
+        let p = ColSumParams {
+            rows: rows as u32,
+            cols: cols as u32,
+            out_off: out_off as u32,
+            _pad: 0,
+        };
+        self.0.dispatch(
+            ctx,
+            what,
+            &p,
+            &[dz, out],
+            [(cols as u32).div_ceil(64), 1, 1],
+        )
     }
 }

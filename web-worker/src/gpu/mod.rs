@@ -32,12 +32,24 @@ pub enum GpuError {
     Map(String),
     #[error("waiting for the GPU failed: {0}")]
     Poll(String),
-    #[error("a {what} of {bytes} bytes exceeds the adapter's storage-binding limit of {limit} bytes")]
-    TooLarge { what: &'static str, bytes: u64, limit: u64 },
-    #[error("a dispatch needs {groups} workgroups along one axis, over the adapter's limit of {limit}; use smaller batches")]
+    #[error(
+        "a {what} of {bytes} bytes exceeds the adapter's storage-binding limit of {limit} bytes"
+    )]
+    TooLarge {
+        what: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error(
+        "a dispatch needs {groups} workgroups along one axis, over the adapter's limit of {limit}; use smaller batches"
+    )]
     Grid { groups: u32, limit: u32 },
     #[error("operand {name} holds {got} values, expected {expected}")]
-    Operand { name: &'static str, got: usize, expected: usize },
+    Operand {
+        name: &'static str,
+        got: usize,
+        expected: usize,
+    },
 }
 
 /// What the worker reports about its adapter, and which matmul variant it runs there.
@@ -58,7 +70,10 @@ pub struct AdapterSummary {
 impl AdapterSummary {
     /// One line for logs and test output, e.g. `llvmpipe (LLVM 19.1.7, 256 bits) (Vulkan, Cpu, matmul=subgroup8)`.
     pub fn label(&self) -> String {
-        format!("{} ({}, {}, matmul={})", self.name, self.backend, self.device_type, self.matmul_variant)
+        format!(
+            "{} ({}, {}, matmul={})",
+            self.name, self.backend, self.device_type, self.matmul_variant
+        )
     }
 }
 
@@ -76,7 +91,9 @@ pub struct GpuContext {
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext").field("adapter", &self.summary.label()).finish()
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.summary.label())
+            .finish()
     }
 }
 
@@ -84,7 +101,8 @@ impl GpuContext {
     /// Requests a HighPerformance adapter, then a device with the adapter's own limits (software adapters have
     /// far more workgroup storage and binding space than the WebGPU defaults) and `SUBGROUP` when supported.
     pub async fn new() -> Result<Self, GpuError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -105,12 +123,23 @@ impl GpuContext {
             .await
             .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
         let subgroups = features.contains(wgpu::Features::SUBGROUP);
-        let (subgroup_min, subgroup_max) =
-            if subgroups { (info.subgroup_min_size, info.subgroup_max_size) } else { (0, 0) };
+        let (subgroup_min, subgroup_max) = if subgroups {
+            (info.subgroup_min_size, info.subgroup_max_size)
+        } else {
+            (0, 0)
+        };
         let variant = MatmulVariant::choose(subgroups, subgroup_min, subgroup_max);
         let lower = info.name.to_lowercase();
         let is_software = info.device_type == wgpu::DeviceType::Cpu
-            || ["llvmpipe", "lavapipe", "swiftshader", "warp", "basic render"].iter().any(|s| lower.contains(s));
+            || [
+                "llvmpipe",
+                "lavapipe",
+                "swiftshader",
+                "warp",
+                "basic render",
+            ]
+            .iter()
+            .any(|s| lower.contains(s));
         let summary = AdapterSummary {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
@@ -121,7 +150,13 @@ impl GpuContext {
             matmul_variant: variant.to_string(),
         };
         tracing::info!(adapter = %summary.label(), "GPU context ready");
-        Ok(Self { device, queue, limits, variant, summary: Arc::new(summary) })
+        Ok(Self {
+            device,
+            queue,
+            limits,
+            variant,
+            summary: Arc::new(summary),
+        })
     }
 
     pub fn summary(&self) -> &AdapterSummary {
@@ -166,10 +201,18 @@ pub async fn matmul_with(
     b: &[f32],
 ) -> Result<Vec<f32>, GpuError> {
     if a.len() != m * k {
-        return Err(GpuError::Operand { name: "A", got: a.len(), expected: m * k });
+        return Err(GpuError::Operand {
+            name: "A",
+            got: a.len(),
+            expected: m * k,
+        });
     }
     if b.len() != k * n {
-        return Err(GpuError::Operand { name: "B", got: b.len(), expected: k * n });
+        return Err(GpuError::Operand {
+            name: "B",
+            got: b.len(),
+            expected: k * n,
+        });
     }
     if m == 0 || n == 0 {
         return Ok(Vec::new());
@@ -178,7 +221,14 @@ pub async fn matmul_with(
     let a_buf = transfer::storage_init(ctx, "matmul A", bytemuck::cast_slice(a))?;
     let b_buf = transfer::storage_init(ctx, "matmul B", bytemuck::cast_slice(b))?;
     let c_buf = transfer::storage(ctx, "matmul C", (m * n * 4) as u64)?;
-    let dispatch = kernel.dispatch(ctx, "matmul", MatmulParams::new(form, m, k, n, 0, 0, 0), &a_buf, &b_buf, &c_buf);
+    let dispatch = kernel.dispatch(
+        ctx,
+        "matmul",
+        MatmulParams::new(form, m, k, n, 0, 0, 0),
+        &a_buf,
+        &b_buf,
+        &c_buf,
+    );
     let bytes = transfer::run(ctx, "matmul", &[dispatch], &[(&c_buf, (m * n * 4) as u64)]).await?;
     Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
 }
@@ -195,7 +245,8 @@ pub async fn bias_act(
     let rows = z.len() / cols.max(1);
     let z_buf = transfer::storage_init(ctx, "bias_act z", bytemuck::cast_slice(z))?;
     let p_buf = transfer::storage_init(ctx, "bias_act params", bytemuck::cast_slice(params))?;
-    let d = kernels::BiasActKernel::new(ctx).dispatch(ctx, "test", rows, cols, bias_off, act, &z_buf, &p_buf);
+    let d = kernels::BiasActKernel::new(ctx)
+        .dispatch(ctx, "test", rows, cols, bias_off, act, &z_buf, &p_buf);
     let out = transfer::run(ctx, "bias_act", &[d], &[(&z_buf, (z.len() * 4) as u64)]).await?;
     Ok(bytemuck::pod_collect_to_vec(&out[0]))
 }
@@ -205,7 +256,13 @@ pub async fn relu_backward(ctx: &GpuContext, dz: &[f32], a: &[f32]) -> Result<Ve
     let dz_buf = transfer::storage_init(ctx, "act_backward dz", bytemuck::cast_slice(dz))?;
     let a_buf = transfer::storage_init(ctx, "act_backward a", bytemuck::cast_slice(a))?;
     let d = kernels::ActBackwardKernel::new(ctx).dispatch(ctx, "test", dz.len(), &dz_buf, &a_buf);
-    let out = transfer::run(ctx, "act_backward", &[d], &[(&dz_buf, (dz.len() * 4) as u64)]).await?;
+    let out = transfer::run(
+        ctx,
+        "act_backward",
+        &[d],
+        &[(&dz_buf, (dz.len() * 4) as u64)],
+    )
+    .await?;
     Ok(bytemuck::pod_collect_to_vec(&out[0]))
 }
 
@@ -221,13 +278,17 @@ pub async fn softmax_xent(
     let y_buf = transfer::storage_init(ctx, "softmax labels", bytemuck::cast_slice(labels))?;
     let d_buf = transfer::storage(ctx, "softmax dlogits", (logits.len() * 4) as u64)?;
     let s_buf = transfer::storage(ctx, "softmax stats", kernels::STATS_BYTES)?;
-    let d = kernels::SoftmaxXentKernel::new(ctx)
-        .dispatch(ctx, "test", rows, classes, true, &l_buf, &y_buf, &d_buf, &s_buf);
+    let d = kernels::SoftmaxXentKernel::new(ctx).dispatch(
+        ctx, "test", rows, classes, true, &l_buf, &y_buf, &d_buf, &s_buf,
+    );
     let out = transfer::run(
         ctx,
         "softmax_xent",
         &[d],
-        &[(&d_buf, (logits.len() * 4) as u64), (&s_buf, kernels::STATS_BYTES)],
+        &[
+            (&d_buf, (logits.len() * 4) as u64),
+            (&s_buf, kernels::STATS_BYTES),
+        ],
     )
     .await?;
     let (loss, correct) = kernels::decode_stats(&out[1]);

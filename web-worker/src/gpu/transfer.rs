@@ -25,18 +25,28 @@ fn check_size(ctx: &GpuContext, what: &'static str, bytes: u64) -> Result<(), Gp
 }
 
 /// A zero-initialised storage buffer of at least `bytes` bytes (never empty: empty bindings are invalid).
-pub(crate) fn storage(ctx: &GpuContext, label: &'static str, bytes: u64) -> Result<wgpu::Buffer, GpuError> {
+pub(crate) fn storage(
+    ctx: &GpuContext,
+    label: &'static str,
+    bytes: u64,
+) -> Result<wgpu::Buffer, GpuError> {
     check_size(ctx, label, bytes)?;
     Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: bytes.max(16).next_multiple_of(4),
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
     }))
 }
 
 /// A storage buffer holding `data`.
-pub(crate) fn storage_init(ctx: &GpuContext, label: &'static str, data: &[u8]) -> Result<wgpu::Buffer, GpuError> {
+pub(crate) fn storage_init(
+    ctx: &GpuContext,
+    label: &'static str,
+    data: &[u8],
+) -> Result<wgpu::Buffer, GpuError> {
     let buffer = storage(ctx, label, data.len() as u64)?;
     upload(ctx, &buffer, data);
     Ok(buffer)
@@ -51,18 +61,23 @@ pub(crate) fn upload(ctx: &GpuContext, buffer: &wgpu::Buffer, data: &[u8]) {
 
 /// A uniform buffer holding one `Params` struct.
 pub(crate) fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, params: &T) -> wgpu::Buffer {
-    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents: bytemuck::bytes_of(params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    })
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
 }
 
 /// A grid of `groups` workgroups spread over x and y so that neither exceeds the per-dimension limit; kernels
 /// recover the flat index as `(wid.y * num_workgroups.x + wid.x)`.
 pub(crate) fn grid_1d(ctx: &GpuContext, groups: u32) -> [u32; 3] {
     let max_x = ctx.limits.max_compute_workgroups_per_dimension.max(1);
-    if groups <= max_x { [groups.max(1), 1, 1] } else { [max_x, groups.div_ceil(max_x), 1] }
+    if groups <= max_x {
+        [groups.max(1), 1, 1]
+    } else {
+        [max_x, groups.div_ceil(max_x), 1]
+    }
 }
 
 /// Records `dispatches` in one compute pass (wgpu orders them with barriers), copies each `(buffer, bytes)` of
@@ -74,20 +89,31 @@ pub(crate) async fn run(
     reads: &[(&wgpu::Buffer, u64)],
 ) -> Result<Vec<Vec<u8>>, GpuError> {
     let limit = ctx.limits.max_compute_workgroups_per_dimension;
-    if let Some(&groups) = dispatches.iter().flat_map(|d| d.groups.iter()).find(|g| **g > limit) {
+    if let Some(&groups) = dispatches
+        .iter()
+        .flat_map(|d| d.groups.iter())
+        .find(|g| **g > limit)
+    {
         return Err(GpuError::Grid { groups, limit });
     }
-    let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+    let mut encoder = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
     {
-        let mut pass =
-            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: None,
+        });
         for d in dispatches {
             pass.set_pipeline(&d.pipeline);
             pass.set_bind_group(0, &d.bind_group, &[]);
             pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
         }
     }
-    let total: u64 = reads.iter().map(|(_, bytes)| bytes.next_multiple_of(8)).sum();
+    let total: u64 = reads
+        .iter()
+        .map(|(_, bytes)| bytes.next_multiple_of(8))
+        .sum();
     if total == 0 {
         ctx.queue.submit([encoder.finish()]);
         return Ok(Vec::new());
@@ -105,7 +131,10 @@ pub(crate) async fn run(
     }
     ctx.queue.submit([encoder.finish()]);
     map_read(ctx, &staging).await?;
-    let mapped = staging.slice(..).get_mapped_range().map_err(|e| GpuError::Map(e.to_string()))?;
+    let mapped = staging
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| GpuError::Map(e.to_string()))?;
     let mut out = Vec::with_capacity(reads.len());
     let mut offset = 0usize;
     for (_, bytes) in reads {
@@ -119,11 +148,21 @@ pub(crate) async fn run(
 
 /// Submits `dispatches` `times` times in one pass and waits for the GPU to finish: the benchmark's timed body.
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) fn submit_and_wait(ctx: &GpuContext, dispatches: &[Dispatch], times: usize) -> Result<(), GpuError> {
-    let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
+pub(crate) fn submit_and_wait(
+    ctx: &GpuContext,
+    dispatches: &[Dispatch],
+    times: usize,
+) -> Result<(), GpuError> {
+    let mut encoder = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("timed"),
+        });
     {
-        let mut pass =
-            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("timed"), timestamp_writes: None });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("timed"),
+            timestamp_writes: None,
+        });
         for _ in 0..times {
             for d in dispatches {
                 pass.set_pipeline(&d.pipeline);
@@ -139,7 +178,9 @@ pub(crate) fn submit_and_wait(ctx: &GpuContext, dispatches: &[Dispatch], times: 
 /// Blocks until all submitted work has finished (native only: browsers cannot block).
 pub(crate) fn wait_idle(ctx: &GpuContext) -> Result<(), GpuError> {
     #[cfg(not(target_arch = "wasm32"))]
-    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| GpuError::Poll(e.to_string()))?;
     #[cfg(target_arch = "wasm32")]
     let _ = ctx;
     Ok(())
@@ -148,10 +189,12 @@ pub(crate) fn wait_idle(ctx: &GpuContext) -> Result<(), GpuError> {
 /// Maps `buffer` for reading and waits until the mapping is usable.
 async fn map_read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<(), GpuError> {
     let (tx, rx) = futures_channel::oneshot::channel();
-    buffer.slice(..).map_async(wgpu::MapMode::Read, move |result| {
-        // The receiver only disappears if the caller's future was dropped; nothing is waiting then.
-        let _ = tx.send(result);
-    });
+    buffer
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, move |result| {
+            // The receiver only disappears if the caller's future was dropped; nothing is waiting then.
+            let _ = tx.send(result);
+        });
     // Natively nothing happens until the device is polled; in the browser the callback comes from the event loop.
     wait_idle(ctx)?;
     rx.await
