@@ -1,34 +1,15 @@
 //! The owner's path end to end with the real `starling` binary: token → serve → `job submit` → native workers →
 //! `job watch` → `job download` → the safetensors file reloaded in numpy gives the accuracy the coordinator reported.
 
+mod common;
+use common::{BIN, Kill, temp_dir};
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use starling_core::data::{TensorData, encode_safetensors};
-
-const BIN: &str = env!("CARGO_BIN_EXE_starling");
-
-struct Kill(Vec<Child>);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn temp_dir() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let p = std::env::temp_dir().join(format!("starling-cli-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&p).expect("temp dir");
-    p
-}
 
 fn starling(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
     let out = Command::new(BIN)
@@ -89,7 +70,7 @@ fn start_server(dir: &Path, kill: &mut Kill) -> anyhow::Result<String> {
 
 #[test]
 fn owner_submits_watches_downloads_and_numpy_reproduces_the_accuracy() -> anyhow::Result<()> {
-    let dir = temp_dir();
+    let dir = temp_dir("cli");
     let db = dir.join("starling.db");
     let token = starling(
         &[

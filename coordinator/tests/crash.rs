@@ -2,6 +2,8 @@
 //! the same database, native `starling worker` subprocesses reconnecting with their token files; the job resumes
 //! from its checkpoint, `starling ledger verify` passes, and no credit is lost or doubled.
 
+mod common;
+use common::{BIN, Kill, temp_dir};
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,31 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-const BIN: &str = env!("CARGO_BIN_EXE_starling");
 const WORKERS: usize = 2;
-
-/// Kills (SIGKILL) every child still running when dropped, so a failing test leaves no processes behind.
-struct Kill(Vec<Child>);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn temp_dir() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let p = std::env::temp_dir().join(format!("starling-crash-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&p).expect("temp dir");
-    p
 }
 
 /// Starts `starling serve --demo` on port 0 and returns the child and its base URL (read from its log).
@@ -185,7 +166,7 @@ fn ledger_verify(db: &Path) -> anyhow::Result<String> {
 #[test]
 fn kill_9_mid_step_then_restart_resumes_from_the_checkpoint_with_every_credit_once()
 -> anyhow::Result<()> {
-    let dir = temp_dir();
+    let dir = temp_dir("crash");
     let db = dir.join("starling.db");
     let mut kill = Kill(Vec::new());
 
