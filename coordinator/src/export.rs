@@ -80,7 +80,7 @@ pub async fn download(
     let (spec, step, accuracy, params) = match which {
         "latest" => {
             let st = app.state();
-            let j = st.jobs.get(&id).ok_or_else(|| {
+            let j = st.job(id).ok_or_else(|| {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", "job not found")
             })?;
             let acc = j

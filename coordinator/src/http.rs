@@ -169,7 +169,7 @@ impl axum::extract::FromRequestParts<Arc<App>> for Auth {
 /// (so other owners' jobs do not even leak their existence).
 pub fn owned_job(app: &App, auth: &Auth, id: JobId) -> ApiResult<()> {
     let owner = auth.required()?;
-    match app.state().jobs.get(&id) {
+    match app.state().job(id) {
         Some(j) if j.owner == Some(owner.id) => Ok(()),
         _ => Err(ApiError::not_found("job")),
     }
@@ -271,7 +271,7 @@ pub struct JobView {
 /// A job as its owner (`owned`) or the public (volunteers: progress only) sees it.
 pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
     let st = app.state();
-    let j = st.jobs.get(&id)?;
+    let j = st.job(id)?;
     let workers = st
         .connections()
         .map(|c| ConnectedWorker {
@@ -311,8 +311,7 @@ async fn list_jobs(State(app): State<Arc<App>>, auth: Auth) -> Json<Vec<JobView>
     let me = auth.0.as_ref().map(|o| o.id);
     let ids: Vec<(JobId, bool)> = app
         .state()
-        .jobs
-        .values()
+        .jobs()
         .filter(|j| me.is_none() || j.owner == me)
         .map(|j| (j.id, me.is_some()))
         .collect();
@@ -345,7 +344,7 @@ async fn job_metrics(
     State(app): State<Arc<App>>,
     Path(id): Path<u64>,
 ) -> ApiResult<Json<Vec<MetricRow>>> {
-    if !app.state().jobs.contains_key(&JobId(id)) {
+    if app.state().job(JobId(id)).is_none() {
         return Err(ApiError::not_found("job"));
     }
     Ok(Json(app.store.metrics(JobId(id)).await?))

@@ -33,7 +33,7 @@ pub async fn job_events(
             true
         }
         None => {
-            if !app.state().jobs.contains_key(&id) {
+            if app.state().job(id).is_none() {
                 return Err(ApiError::new(
                     axum::http::StatusCode::NOT_FOUND,
                     "not_found",
@@ -137,7 +137,7 @@ pub async fn prometheus(State(app): State<Arc<App>>) -> impl IntoResponse {
     ];
     for (name, help, pick) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for j in st.jobs.values() {
+        for j in st.jobs() {
             let _ = writeln!(out, "{name}{{job=\"{}\"}} {}", j.id, pick(&j.counters));
         }
     }
@@ -145,10 +145,10 @@ pub async fn prometheus(State(app): State<Arc<App>>) -> impl IntoResponse {
         out,
         "# HELP starling_job_step Current step (model version) of each job.\n# TYPE starling_job_step gauge"
     );
-    for j in st.jobs.values() {
+    for j in st.jobs() {
         let _ = writeln!(out, "starling_job_step{{job=\"{}\"}} {}", j.id, j.step);
     }
-    let h = &st.step_hist;
+    let h = st.step_hist();
     let _ = writeln!(
         out,
         "# HELP starling_step_duration_seconds Wall time from one applied step to the next.\n# TYPE starling_step_duration_seconds histogram"

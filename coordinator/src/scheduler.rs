@@ -371,12 +371,12 @@ impl JobRun {
 #[derive(Debug)]
 pub struct State {
     config: SchedulerConfig,
-    pub jobs: BTreeMap<JobId, JobRun>,
-    pub workers: HashMap<WorkerId, WorkerInfo>,
-    pub conns: HashMap<ConnId, Conn>,
+    jobs: BTreeMap<JobId, JobRun>,
+    workers: HashMap<WorkerId, WorkerInfo>,
+    conns: HashMap<ConnId, Conn>,
     leases: HashMap<LeaseId, Lease>,
     /// Wall time per applied step, all jobs, for `/metrics`.
-    pub step_hist: Histogram,
+    step_hist: Histogram,
     next_conn: ConnId,
     next_lease: u64,
     /// Consecutive agreed results per (worker, backend); any disagreement resets all of a worker's to zero.
@@ -483,18 +483,28 @@ impl State {
         self.workers.insert(id, info);
     }
 
-    /// Registers an authenticated connection.
+    /// Registers an authenticated connection of `worker` (known to the store as `stored_name`), unless that worker
+    /// is refused. Returns the connection and the worker's credits (GFLOP) for its welcome.
     #[allow(clippy::too_many_arguments)]
-    pub fn connect(
+    pub fn admit(
         &mut self,
         worker: WorkerId,
+        stored_name: Option<String>,
         addr: IpAddr,
         name: Option<String>,
         backend: Backend,
         adapter: String,
         platform: Platform,
         tx: UnboundedSender<Outbound>,
-    ) -> ConnId {
+    ) -> Option<(ConnId, f64)> {
+        let info = self.workers.entry(worker).or_insert_with(|| WorkerInfo {
+            name: stored_name,
+            ..WorkerInfo::default()
+        });
+        if info.refused {
+            return None;
+        }
+        let credits = info.credits();
         let id = self.next_conn;
         self.next_conn += 1;
         let conn = Conn {
@@ -512,7 +522,7 @@ impl State {
             connected_ms: now_ms(),
         };
         self.conns.insert(id, conn);
-        id
+        Some((id, credits))
     }
 
     /// Sends frames directly (used for the welcome before any effect exists).
@@ -1519,9 +1529,29 @@ impl State {
         fx
     }
 
-    /// Connected workers of a job's model (for status views): `(backend, adapter, platform)` per connection.
+    /// Connected workers (for status views).
     pub fn connections(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
+    }
+
+    /// A job in memory (read-only: views never change scheduler state directly).
+    pub fn job(&self, id: JobId) -> Option<&JobRun> {
+        self.jobs.get(&id)
+    }
+
+    /// Every job in memory, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRun> {
+        self.jobs.values()
+    }
+
+    /// A worker's cached standing.
+    pub fn worker(&self, id: WorkerId) -> Option<&WorkerInfo> {
+        self.workers.get(&id)
+    }
+
+    /// Wall time per applied step, all jobs.
+    pub fn step_hist(&self) -> &Histogram {
+        &self.step_hist
     }
 }
 

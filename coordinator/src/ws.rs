@@ -21,7 +21,7 @@ use starling_core::protocol::{
 };
 
 use crate::App;
-use crate::scheduler::{ConnId, Outbound, WorkerInfo, frame_message};
+use crate::scheduler::{ConnId, Outbound, frame_message};
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -292,35 +292,26 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     tracing::Span::current().record("worker", row.id.0);
     let registered: Option<ConnId> = {
         let mut st = app.state();
-        let info = st
-            .workers
-            .entry(row.id)
-            .or_insert_with(|| WorkerInfo {
-                name: row.name.clone(),
-                ..WorkerInfo::default()
-            })
-            .clone();
-        if info.refused {
-            None
-        } else {
-            let conn = st.connect(
-                row.id,
-                addr.ip(),
-                name,
-                backend,
-                adapter.clone(),
-                platform,
-                tx.clone(),
-            );
+        let admitted = st.admit(
+            row.id,
+            row.name.clone(),
+            addr.ip(),
+            name,
+            backend,
+            adapter.clone(),
+            platform,
+            tx.clone(),
+        );
+        admitted.map(|(conn, credits)| {
             let welcome = CoordinatorMsg::Welcome {
                 protocol: PROTOCOL_VERSION,
                 worker: row.id,
                 token,
-                credits: info.credits(),
+                credits,
             };
             st.send(conn, Outbound::msg(&welcome, &[]));
-            Some(conn)
-        }
+            conn
+        })
     };
     let Some(conn) = registered else {
         close(
