@@ -81,10 +81,13 @@ async fn tokens_scope_jobs_and_the_lifecycle_works() -> anyhow::Result<()> {
 
     // Live events: subscribe before training starts and see the step advance without asking again.
     let client = server.client(Some(&demo));
-    let events = tokio::spawn({
-        let addr = server.addr;
-        let token = demo.clone();
-        async move { read_sse_steps(addr, &token, 3).await }
+    // The token in the query, as a browser's EventSource (which cannot set headers) sends it.
+    let events = tokio::task::spawn_blocking({
+        let (sse, path) = (
+            server.client(None),
+            format!("/api/v1/jobs/1/events?token={demo}"),
+        );
+        move || read_sse_steps(&sse, &path, 3)
     });
     let workers: Vec<_> = (0..2)
         .map(|i| {
@@ -206,29 +209,17 @@ async fn tokens_scope_jobs_and_the_lifecycle_works() -> anyhow::Result<()> {
 }
 
 /// Reads `n` `job` events from the SSE stream and returns their (distinct) steps.
-async fn read_sse_steps(
-    addr: std::net::SocketAddr,
-    token: &str,
-    n: usize,
-) -> anyhow::Result<Vec<u64>> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET /api/v1/jobs/1/events?token={token} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").as_bytes()).await?;
-    // Chunk-size lines of the chunked encoding are skipped along with everything that is not `data:`.
-    let mut lines = tokio::io::BufReader::new(s).lines();
+fn read_sse_steps(client: &Client, path: &str, n: usize) -> anyhow::Result<Vec<u64>> {
     let mut steps = Vec::new();
-    while steps.len() < n {
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("event stream ended"))?;
-        if let Some(data) = line.strip_prefix("data: ") {
-            let v: serde_json::Value = serde_json::from_str(data)?;
-            let step = v["step"].as_u64().unwrap_or(0);
-            if steps.last() != Some(&step) {
-                steps.push(step);
+    for data in client.events(path)? {
+        let v: serde_json::Value = serde_json::from_str(&data?)?;
+        let step = v["step"].as_u64().unwrap_or(0);
+        if steps.last() != Some(&step) {
+            steps.push(step);
+            if steps.len() == n {
+                return Ok(steps);
             }
         }
     }
-    Ok(steps)
+    anyhow::bail!("event stream ended after steps {steps:?}")
 }

@@ -10,7 +10,6 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-use starling_coordinator::client::Client;
 use starling_coordinator::config::ServeConfig;
 use starling_coordinator::job::Hyper;
 use starling_coordinator::store::Store;
@@ -113,8 +112,7 @@ impl Server {
     }
 
     pub fn client(&self, token: Option<&str>) -> Client {
-        Client::new(&format!("http://{}", self.addr), token.map(str::to_string))
-            .expect("valid base URL")
+        Client::new(self.addr, token)
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
@@ -179,6 +177,121 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// An HTTP answer: status and body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON (a JSON string holding the text when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&self.body).into_owned())
+        })
+    }
+}
+
+/// The coordinator's HTTP API as a client sees it, over `ureq` (the owner CLI's client too). `ureq` blocks, so each
+/// request runs on tokio's blocking pool: the coordinator under test shares the test's runtime and keeps serving.
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    /// Sent as `Authorization: Bearer` when set.
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, token: Option<&str>) -> Self {
+        let agent = ureq::Agent::config_builder()
+            // Error statuses are what many tests assert on: answers, not errors.
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        Self {
+            agent,
+            base: format!("http://{addr}"),
+            token: token.map(str::to_string),
+        }
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    /// `GET path` (path and query).
+    pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        let (agent, url, auth) = (
+            self.agent.clone(),
+            format!("{}{path}", self.base),
+            self.auth(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut req = agent.get(&url);
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            read(req.call().with_context(|| format!("GET {url}"))?)
+        })
+        .await?
+    }
+
+    /// `POST path` with a body of the given content type.
+    pub async fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<Reply> {
+        let (agent, url, auth) = (
+            self.agent.clone(),
+            format!("{}{path}", self.base),
+            self.auth(),
+        );
+        let (content_type, body) = (content_type.to_string(), body.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let mut req = agent.post(&url).header("Content-Type", content_type);
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            read(req.send(&body[..]).with_context(|| format!("POST {url}"))?)
+        })
+        .await?
+    }
+
+    /// Opens a server-sent event stream (`GET path`, blocking: call it on a blocking thread) and returns the
+    /// `data:` payloads of its events as they arrive. ureq undoes the chunked transfer encoding; events are lines.
+    pub fn events(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<impl Iterator<Item = anyhow::Result<String>> + use<>> {
+        use std::io::BufRead as _;
+        let url = format!("{}{path}", self.base);
+        let mut req = self.agent.get(&url).header("Accept", "text/event-stream");
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        let resp = req.call().with_context(|| format!("GET {url}"))?;
+        anyhow::ensure!(resp.status() == 200, "GET {url}: HTTP {}", resp.status());
+        let lines = std::io::BufReader::new(resp.into_body().into_reader()).lines();
+        Ok(lines.filter_map(|line| match line {
+            Ok(l) => l
+                .strip_prefix("data:")
+                .map(|d| Ok(d.trim_start().to_string())),
+            Err(e) => Some(Err(e.into())),
+        }))
+    }
+}
+
+fn read(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<Reply> {
+    let status = resp.status().as_u16();
+    // Checkpoints of the test models are far below this; the default (10 MB) would do, but say it.
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(256 * 1024 * 1024)
+        .read_to_vec()?;
+    Ok(Reply { status, body })
 }
 
 /// A result-tampering hook that can cross threads (see `starling_worker::session::Tamper`).
@@ -283,7 +396,7 @@ impl RawClient {
 }
 
 /// The `starling` binary cargo built next to this test executable (`target/<profile>/starling`), if it is there and
-/// current enough to have the `ledger` subcommand. `cargo build -p starling-coordinator` builds it.
+/// current enough to have the `ledger` subcommand. `cargo build -p starling` builds it.
 pub fn starling_bin() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let bin = exe

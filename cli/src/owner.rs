@@ -1,4 +1,5 @@
 //! The owner's command-line client (`starling job ...`): job files, submission, live progress, control, download.
+//! It lives in the binary, not in the coordinator library: the server need not know what its clients look like.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ pub struct JobFile {
 }
 
 /// Runs a `starling job` command, printing to stdout.
-pub async fn run(args: JobArgs) -> anyhow::Result<()> {
+pub fn run(args: JobArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.coordinator, args.token.clone())?;
     let need_token = || {
         if args.token.is_none() {
@@ -36,9 +37,9 @@ pub async fn run(args: JobArgs) -> anyhow::Result<()> {
     };
     need_token()?;
     match args.command {
-        JobCommand::Submit { file } => submit(&client, &file).await,
+        JobCommand::Submit { file } => submit(&client, &file),
         JobCommand::Status { id, json } => {
-            let job = get_job(&client, id).await?;
+            let job = get_job(&client, id)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
@@ -46,41 +47,53 @@ pub async fn run(args: JobArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        JobCommand::Watch { id } => watch(&client, id).await,
-        JobCommand::Pause { id } => control(&client, id, "pause").await,
-        JobCommand::Resume { id } => control(&client, id, "resume").await,
-        JobCommand::Cancel { id } => control(&client, id, "cancel").await,
+        JobCommand::Watch { id } => watch(&client, id),
+        JobCommand::Pause { id } => control(&client, id, "pause"),
+        JobCommand::Resume { id } => control(&client, id, "resume"),
+        JobCommand::Cancel { id } => control(&client, id, "cancel"),
         JobCommand::Download { id, output, which } => {
-            let r = client
-                .get(&format!("/api/v1/jobs/{id}/checkpoint?which={which}"))
-                .await?;
-            if r.status != 200 {
-                bail!("download failed: {}", r.error_message());
-            }
-            std::fs::write(&output, &r.body)
+            // Written under a temporary name and renamed, so a failed download never leaves a truncated file.
+            let partial = output.with_extension("partial");
+            let mut file = std::fs::File::create(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            let got = client.download(
+                &format!("/api/v1/jobs/{id}/checkpoint?which={which}"),
+                &mut file,
+            );
+            drop(file);
+            let bytes = match got {
+                Ok(Ok(n)) => n,
+                Ok(Err(r)) => {
+                    let _ = std::fs::remove_file(&partial);
+                    bail!("download failed: {}", r.error_message());
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            };
+            std::fs::rename(&partial, &output)
                 .with_context(|| format!("writing {}", output.display()))?;
-            println!("wrote {} ({} bytes)", output.display(), r.body.len());
+            println!("wrote {} ({bytes} bytes)", output.display());
             Ok(())
         }
     }
 }
 
-async fn get_job(client: &Client, id: u64) -> anyhow::Result<serde_json::Value> {
-    let r = client.get(&format!("/api/v1/jobs/{id}")).await?;
+fn get_job(client: &Client, id: u64) -> anyhow::Result<serde_json::Value> {
+    let r = client.get(&format!("/api/v1/jobs/{id}"))?;
     if r.status != 200 {
         bail!("job {id}: {}", r.error_message());
     }
     Ok(r.json())
 }
 
-async fn control(client: &Client, id: u64, action: &str) -> anyhow::Result<()> {
-    let r = client
-        .post(
-            &format!("/api/v1/jobs/{id}/{action}"),
-            "application/json",
-            b"",
-        )
-        .await?;
+fn control(client: &Client, id: u64, action: &str) -> anyhow::Result<()> {
+    let r = client.post(
+        &format!("/api/v1/jobs/{id}/{action}"),
+        "application/json",
+        b"",
+    )?;
     if r.status != 200 {
         bail!("{action} job {id}: {}", r.error_message());
     }
@@ -88,7 +101,7 @@ async fn control(client: &Client, id: u64, action: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
+fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let job: JobFile =
@@ -100,7 +113,7 @@ async fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
     if let Some(f) = job.test_fraction {
         q.push_str(&format!("&test_fraction={f}"));
     }
-    let up = client.post(&q, "application/octet-stream", &data).await?;
+    let up = client.post(&q, "application/octet-stream", &data)?;
     if up.status != 201 {
         bail!("dataset upload: {}", up.error_message());
     }
@@ -118,13 +131,11 @@ async fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
         "dataset": ds["id"],
         "hyper": job.hyper.map(serde_json::to_value).transpose()?,
     });
-    let r = client
-        .post(
-            "/api/v1/jobs",
-            "application/json",
-            &serde_json::to_vec(&body)?,
-        )
-        .await?;
+    let r = client.post(
+        "/api/v1/jobs",
+        "application/json",
+        &serde_json::to_vec(&body)?,
+    )?;
     if r.status != 201 {
         bail!("job creation: {}", r.error_message());
     }
@@ -175,12 +186,12 @@ pub fn progress_line(job: &serde_json::Value, eta: Option<Duration>) -> String {
     )
 }
 
-async fn watch(client: &Client, id: u64) -> anyhow::Result<()> {
+fn watch(client: &Client, id: u64) -> anyhow::Result<()> {
     let started = Instant::now();
-    let first = get_job(client, id).await?;
+    let first = get_job(client, id)?;
     let step0 = first["step"].as_u64().unwrap_or(0);
     loop {
-        let job = get_job(client, id).await?;
+        let job = get_job(client, id)?;
         let (step, steps) = (
             job["step"].as_u64().unwrap_or(0),
             job["steps"].as_u64().unwrap_or(0),
@@ -193,6 +204,6 @@ async fn watch(client: &Client, id: u64) -> anyhow::Result<()> {
         if matches!(status, "completed" | "cancelled") {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        std::thread::sleep(Duration::from_secs(1));
     }
 }

@@ -146,9 +146,20 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
         .map(|(i, r)| (*r, spawn(url.clone(), *r, format!("{r:?}{i}"))))
         .collect();
 
-    let client = starling_coordinator::client::Client::new(&format!("http://{addr}"), Some(token))?;
+    let job_url = format!("http://{addr}/api/v1/jobs/1");
     let job = loop {
-        let job = client.get("/api/v1/jobs/1").await?.json();
+        // ureq blocks; off the async threads, which run the coordinator.
+        let job: serde_json::Value = tokio::task::spawn_blocking({
+            let (url, auth) = (job_url.clone(), format!("Bearer {token}"));
+            move || {
+                ureq::get(url)
+                    .header("Authorization", auth)
+                    .call()?
+                    .body_mut()
+                    .read_json()
+            }
+        })
+        .await??;
         if job["status"] == "completed" && job["last_eval"]["step"] == STEPS {
             break job;
         }

@@ -1,4 +1,10 @@
-//! `starling`: the coordinator (`serve`), a native volunteer (`worker`) and the single-process trainer (`train`).
+//! `starling`: the coordinator (`serve`), a native volunteer (`worker`), the single-process trainer (`train`), the
+//! owner client (`job`) and the host tools (`token`, `ledger`). This package is where the parts meet: it links the
+//! coordinator library and the worker engine, which know nothing of each other.
+
+mod client; // The coordinator's HTTP API over ureq, for `starling job`.
+mod config; // Flags and subcommands.
+mod owner; // `starling job ...`.
 
 use std::process::ExitCode;
 
@@ -6,10 +12,12 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use starling_coordinator::config::{
-    Cli, Command, ServeConfig, TokenCommand, TrainArgs, WorkerArgs,
-};
+use starling_coordinator::store::Store;
 use starling_worker::engine::{BackendChoice, Device};
+
+use crate::config::{
+    Cli, Command, LedgerCommand, ServeConfig, TokenCommand, TrainArgs, WorkerArgs,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,24 +28,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,wgpu=warn,naga=warn")),
         )
         .init();
-    let result = tokio::runtime::Runtime::new().context("starting the async runtime").and_then(|rt| {
-        rt.block_on(async {
-            match cli.command {
-                Command::Serve(cfg) => serve(cfg).await,
-                Command::Worker(args) => worker(args).await,
-                Command::Train(args) => train(args).await,
-                Command::Ledger(starling_coordinator::config::LedgerCommand::Verify { db }) => ledger_verify(&db).await,
-                Command::Token(TokenCommand::Create { name, db }) => {
-                    let store = starling_coordinator::store::Store::open(&db).await?;
-                    let token = starling_coordinator::create_owner(&store, &name).await?;
-                    println!("{token}");
-                    eprintln!("owner {name:?} created; keep this token secret (only its hash is stored)");
-                    Ok(())
-                }
-                Command::Job(args) => starling_coordinator::owner::run(args).await,
-            }
-        })
-    });
+    let result = match cli.command {
+        // Blocking HTTP: no async runtime needed.
+        Command::Job(args) => owner::run(args),
+        command => tokio::runtime::Runtime::new()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(command))),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -47,10 +44,27 @@ fn main() -> ExitCode {
     }
 }
 
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(cfg) => serve(cfg).await,
+        Command::Worker(args) => worker(args).await,
+        Command::Train(args) => train(args).await,
+        Command::Ledger(LedgerCommand::Verify { db }) => ledger_verify(&db).await,
+        Command::Token(TokenCommand::Create { name, db }) => {
+            let store = Store::open(&db).await?;
+            let token = starling_coordinator::create_owner(&store, &name).await?;
+            println!("{token}");
+            eprintln!("owner {name:?} created; keep this token secret (only its hash is stored)");
+            Ok(())
+        }
+        Command::Job(args) => owner::run(args),
+    }
+}
+
 /// `starling ledger verify`: the chain and every balance, or an error naming the first break (exit code 1).
 async fn ledger_verify(db: &std::path::Path) -> anyhow::Result<()> {
     anyhow::ensure!(db.exists(), "no database at {}", db.display());
-    let store = starling_coordinator::store::Store::open(db)
+    let store = Store::open(db)
         .await
         .with_context(|| format!("opening {}", db.display()))?;
     let report = store
@@ -71,10 +85,29 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .with_context(|| format!("binding {}", cfg.addr))?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    starling_coordinator::run(listener, cfg, shutdown).await
+    starling_coordinator::run(listener, cfg, stop_signal()).await
+}
+
+/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM, the signal service managers and `kill` send: either stops the
+/// coordinator gracefully (workers are told it is shutting down).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the coordinator")
+            }
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
