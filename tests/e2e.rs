@@ -583,7 +583,7 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
             ("labels", vec![rows], TensorData::U32(&ds.labels)),
         ],
         &Default::default(),
-    );
+    )?;
     let (code, up) = server
         .post_as(
             &token,

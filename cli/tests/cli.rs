@@ -114,7 +114,7 @@ fn owner_submits_watches_downloads_and_numpy_reproduces_the_accuracy() -> anyhow
             ("test_labels", vec![300], TensorData::U32(&ty)),
         ],
         &Default::default(),
-    );
+    )?;
     std::fs::write(dir.join("blobs.safetensors"), data)?;
     std::fs::write(
         dir.join("job.toml"),

@@ -35,7 +35,7 @@ pub fn to_safetensors(
     step: u64,
     accuracy: Option<f32>,
     params: &[f32],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, starling_core::data::DataError> {
     let layout = spec.layout();
     let names: Vec<(String, String)> = (0..layout.len())
         .map(|i| (format!("layers.{i}.weight"), format!("layers.{i}.bias")))
@@ -111,7 +111,15 @@ pub async fn download(
             ));
         }
     };
-    let body = to_safetensors(id, &spec, step, accuracy, &params);
+    let body = to_safetensors(id, &spec, step, accuracy, &params).map_err(|e| {
+        // The layout comes from the spec, so this is a bug, not the client's fault.
+        tracing::error!(job = %id, error = %e, "encoding a checkpoint failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not encode the checkpoint",
+        )
+    })?;
     let name = format!("starling-job{id}-{which}-step{step}.safetensors");
     Ok((
         [

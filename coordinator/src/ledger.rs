@@ -9,8 +9,6 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest as _, Sha256};
-
 use starling_core::protocol::WorkerId;
 
 /// `prev_hash` of the first entry.
@@ -30,13 +28,8 @@ pub struct Entry {
     pub hash: String,
 }
 
-/// Lower-case hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+/// The shared helper, re-exported where the chain is defined.
+pub use starling_core::digest::sha256_hex;
 
 /// The hash an entry with these fields must carry: sha256 over the previous hash's hex, then the fields as
 /// `|id|worker|job|step|micro|flops|at_ms` in decimal (unambiguous: every field is an integer).

@@ -1,20 +1,29 @@
 //! Live views: the job event stream (SSE) the dashboard subscribes to, and `/metrics` in Prometheus text format.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
-use axum::response::IntoResponse;
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric as _, NoLabelSet, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::broadcast::error::RecvError;
 
 use starling_core::protocol::{Backend, JobId};
 
 use crate::App;
 use crate::http::{ApiError, ApiResult, Auth, job_view, owned_job};
+use crate::scheduler::State as Scheduler;
 
 /// Fastest a stream re-sends a job's view, however fast steps are applied.
 const MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -73,107 +82,161 @@ pub async fn job_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-/// `GET /metrics`: Prometheus text exposition.
-pub async fn prometheus(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let st = app.state();
+/// `GET /metrics`: Prometheus text exposition (format 0.0.4), written by `prometheus-client`.
+///
+/// The figures already live in the scheduler (per-job [`crate::scheduler::JobCounters`], the step histogram, the
+/// connections), so instead of a second set of counters to keep in step with them, each scrape takes a snapshot
+/// under the lock and hands it to the encoder as a collector, after the lock is released.
+pub async fn prometheus(State(app): State<Arc<App>>) -> Response {
+    let snapshot = Snapshot::take(&app.state());
+    let mut registry = Registry::with_prefix("starling");
+    registry.register_collector(Box::new(snapshot));
     let mut out = String::new();
-    let (mut gpu, mut cpu) = (0u64, 0u64);
-    for c in st.connections() {
-        match c.backend {
-            Backend::Gpu => gpu += 1,
-            Backend::Cpu => cpu += 1,
+    match prometheus_text::encode(&mut out, &registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding /metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP starling_workers_connected Worker connections by compute backend.\n# TYPE starling_workers_connected gauge"
-    );
-    let _ = writeln!(
-        out,
-        "starling_workers_connected{{backend=\"gpu\"}} {gpu}\nstarling_workers_connected{{backend=\"cpu\"}} {cpu}"
-    );
-    type Pick = fn(&crate::scheduler::JobCounters) -> u64;
-    let counters: [(&str, &str, Pick); 8] = [
-        (
-            "starling_leases_issued_total",
-            "Leases handed to workers.",
-            |c| c.leases_issued,
+}
+
+/// Metric name (after `starling_`, before `_total`) and help of each scheduler counter. The name is the field's,
+/// except where docs/API.md named the metric otherwise. A field missing here is exported all the same, under its
+/// own name with a generic help, so a new counter cannot be left out of `/metrics`.
+fn describe(field: &str) -> (&str, &'static str) {
+    match field {
+        "leases_issued" => (field, "Leases handed to workers"),
+        "leases_expired" => (field, "Leases that passed their deadline"),
+        "speculative_leases" => (field, "Extra replicas leased to cover stragglers"),
+        "results_accepted" => (field, "Results accepted by verification"),
+        "results_rejected" => (field, "Results rejected (lost verification or invalid)"),
+        "results_late" => (field, "Results for expired leases or superseded versions"),
+        "results_failed" => (field, "Leases a worker reported it could not compute"),
+        "disagreements" => (
+            "verification_disagreements",
+            "Micro-batches whose replicas disagreed",
         ),
-        (
-            "starling_leases_expired_total",
-            "Leases that passed their deadline.",
-            |c| c.leases_expired,
+        "micro_batches_abandoned" => (
+            field,
+            "Micro-batches left without a quorum after the most replicas",
         ),
-        (
-            "starling_results_accepted_total",
-            "Results accepted by verification.",
-            |c| c.results_accepted,
+        "spot_checks" => (
+            field,
+            "Trusted results recomputed by the coordinator instead of replicated",
         ),
-        (
-            "starling_results_rejected_total",
-            "Results rejected (lost verification or invalid).",
-            |c| c.results_rejected,
+        "spot_check_failures" => (field, "Spot checks that disagreed with the trusted result"),
+        "arbitrations" => (
+            field,
+            "Disagreements settled by the coordinator's own recomputation",
         ),
-        (
-            "starling_results_late_total",
-            "Results for expired leases or superseded versions.",
-            |c| c.results_late,
-        ),
-        (
-            "starling_verification_disagreements_total",
-            "Micro-batches whose replicas disagreed (a tie-breaker was leased).",
-            |c| c.disagreements,
-        ),
-        (
-            "starling_steps_applied_total",
-            "Optimizer steps applied.",
-            |c| c.steps_applied,
-        ),
-        (
-            "starling_speculative_leases_total",
-            "Extra replicas leased to cover stragglers.",
-            |c| c.speculative_leases,
-        ),
-    ];
-    for (name, help, pick) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for j in st.jobs() {
-            let _ = writeln!(out, "{name}{{job=\"{}\"}} {}", j.id, pick(&j.counters));
+        "steps_applied" => (field, "Optimizer steps applied"),
+        _ => (field, "A scheduler counter (scheduler::JobCounters)"),
+    }
+}
+
+/// What one scrape reports, copied out of the scheduler.
+#[derive(Debug)]
+struct Snapshot {
+    /// Worker connections by backend label.
+    connected: [(&'static str, u64); 2],
+    /// Per job: its id, every counter (field name → value, from the counters' serialisation), its step.
+    jobs: Vec<(String, Vec<(String, u64)>, u64)>,
+    /// Seconds between applied steps: sum, count and cumulative counts per upper bound.
+    step_sum: f64,
+    step_count: u64,
+    step_buckets: Vec<(f64, u64)>,
+}
+
+impl Snapshot {
+    fn take(st: &Scheduler) -> Self {
+        let (mut gpu, mut cpu) = (0u64, 0u64);
+        for c in st.connections() {
+            match c.backend {
+                Backend::Gpu => gpu += 1,
+                Backend::Cpu => cpu += 1,
+            }
+        }
+        let jobs = st
+            .jobs()
+            .map(|j| {
+                let counters = match serde_json::to_value(&j.counters) {
+                    Ok(serde_json::Value::Object(fields)) => fields
+                        .into_iter()
+                        .filter_map(|(k, v)| v.as_u64().map(|v| (k, v)))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                (j.id.to_string(), counters, j.step)
+            })
+            .collect();
+        let h = st.step_hist();
+        Self {
+            connected: [("gpu", gpu), ("cpu", cpu)],
+            jobs,
+            step_sum: h.sum,
+            step_count: h.count,
+            step_buckets: h
+                .bounds
+                .iter()
+                .copied()
+                .zip(h.counts.iter().copied())
+                .collect(),
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP starling_job_step Current step (model version) of each job.\n# TYPE starling_job_step gauge"
-    );
-    for j in st.jobs() {
-        let _ = writeln!(out, "starling_job_step{{job=\"{}\"}} {}", j.id, j.step);
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut m = enc.encode_descriptor(
+            "workers_connected",
+            "Worker connections by compute backend",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (backend, n) in &self.connected {
+            ConstGauge::new(*n as i64).encode(m.encode_family(&[("backend", *backend)])?)?;
+        }
+        // Every counter field, in the order the first job lists them (all jobs have the same fields).
+        let fields: Vec<&str> = self
+            .jobs
+            .first()
+            .map(|(_, c, _)| c.iter().map(|(k, _)| k.as_str()).collect())
+            .unwrap_or_default();
+        for field in &fields {
+            let (name, help) = describe(field);
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (job, counters, _) in &self.jobs {
+                if let Some((_, v)) = counters.iter().find(|(k, _)| k == field) {
+                    ConstCounter::new(*v).encode(m.encode_family(&[("job", job.as_str())])?)?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "job_step",
+            "Current step (model version) of each job",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (job, _, step) in &self.jobs {
+            ConstGauge::new(*step as i64).encode(m.encode_family(&[("job", job.as_str())])?)?;
+        }
+        // The encoder wants per-bucket counts (it accumulates them); the scheduler keeps them cumulative.
+        let per_bucket: Vec<(f64, u64)> = self
+            .step_buckets
+            .iter()
+            .scan(0u64, |below, &(le, cum)| {
+                let n = cum.saturating_sub(*below);
+                *below = cum;
+                Some((le, n))
+            })
+            .collect();
+        let mut m = enc.encode_descriptor(
+            "step_duration",
+            "Wall time from one applied step to the next",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<NoLabelSet>(self.step_sum, self.step_count, &per_bucket, None)
     }
-    let h = st.step_hist();
-    let _ = writeln!(
-        out,
-        "# HELP starling_step_duration_seconds Wall time from one applied step to the next.\n# TYPE starling_step_duration_seconds histogram"
-    );
-    for (b, c) in h.bounds.iter().zip(&h.counts) {
-        let _ = writeln!(
-            out,
-            "starling_step_duration_seconds_bucket{{le=\"{b}\"}} {c}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "starling_step_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count
-    );
-    let _ = writeln!(
-        out,
-        "starling_step_duration_seconds_sum {}\nstarling_step_duration_seconds_count {}",
-        h.sum, h.count
-    );
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
 }

@@ -7,7 +7,10 @@
 
 use std::path::Path;
 
+use futures_util::future::BoxFuture;
 use sqlx::Row as _;
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -20,98 +23,43 @@ use starling_core::protocol::{JobId, WorkerId, f32_bytes, f32s};
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("schema migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS datasets (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    dim INTEGER NOT NULL,
-    train BLOB NOT NULL,
-    test BLOB NOT NULL,
-    owner_id INTEGER,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    hyper TEXT NOT NULL,
-    dataset_id INTEGER NOT NULL REFERENCES datasets(id),
-    owner_id INTEGER,
-    status TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
-    step INTEGER NOT NULL,
-    params BLOB NOT NULL,
-    optim BLOB NOT NULL,
-    updated_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS accepted (
-    job_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    micro INTEGER NOT NULL,
-    rows INTEGER NOT NULL,
-    loss REAL NOT NULL,
-    correct INTEGER NOT NULL,
-    agreeing INTEGER NOT NULL,
-    grad BLOB NOT NULL,
-    PRIMARY KEY (job_id, step, micro)
-);
-CREATE TABLE IF NOT EXISTS workers (
-    id INTEGER PRIMARY KEY,
-    token_hash TEXT NOT NULL UNIQUE,
-    name TEXT,
-    credits_flops INTEGER NOT NULL DEFAULT 0,
-    accepted INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    strikes INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS credits (
-    id INTEGER PRIMARY KEY,
-    worker_id INTEGER NOT NULL REFERENCES workers(id),
-    job_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    micro INTEGER NOT NULL,
-    flops INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL,
-    -- Hash chain (ledger.rs): hash = sha256(prev_hash | id | worker | job | step | micro | flops | at_ms).
-    prev_hash TEXT NOT NULL DEFAULT '',
-    hash TEXT NOT NULL DEFAULT '',
-    UNIQUE (worker_id, job_id, step, micro)
-);
-CREATE TABLE IF NOT EXISTS owners (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    token_hash TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS best_checkpoints (
-    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
-    step INTEGER NOT NULL,
-    accuracy REAL NOT NULL,
-    params BLOB NOT NULL,
-    updated_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    job_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    loss REAL NOT NULL,
-    accuracy REAL NOT NULL,
-    min_agreeing INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL,
-    PRIMARY KEY (job_id, step, kind)
-);
-"#;
+/// The versioned schema: `migrations/NNNN_description.sql`, embedded in the binary and applied in order by sqlx's
+/// migrator, which records each in `_sqlx_migrations` (with a checksum) and runs only the new ones. Listed here by
+/// hand rather than with `sqlx::migrate!`: that macro needs sqlx's `macros` feature, which compiles sqlx-sqlite and
+/// the bundled SQLite C library a second time, for the proc-macro; a list of `include_str!`s costs nothing.
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
+
+/// The embedded migrations as sqlx's migrator takes them.
+#[derive(Debug)]
+struct Embedded;
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(self) -> BoxFuture<'s, std::result::Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|&(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        description.into(),
+                        MigrationType::Simple,
+                        sql.into(),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -205,14 +153,15 @@ impl Store {
             .max_connections(1)
             .connect_with(options)
             .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Migrator::new(Embedded).await?.run(&pool).await?;
         let store = Self { pool };
         store.migrate_ledger().await?;
         Ok(store)
     }
 
     /// Databases from before the hash-chained ledger lack its columns: add them and chain the existing entries in
-    /// id order, so `ledger verify` covers them from now on.
+    /// id order, so `ledger verify` covers them from now on. Rust, not a migration file: chaining needs SHA-256,
+    /// which SQLite does not have, and such databases predate the migrations table, so it is decided by the columns.
     async fn migrate_ledger(&self) -> Result<()> {
         let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('credits')")
             .fetch_all(&self.pool)

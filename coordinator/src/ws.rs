@@ -12,7 +12,6 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use futures_util::{SinkExt as _, StreamExt as _};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
@@ -56,10 +55,7 @@ pub async fn upgrade(
 
 /// Hex SHA-256 of a token: tokens are stored only as hashes.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    starling_core::digest::sha256_hex(token.as_bytes())
 }
 
 /// 128 random bits as hex.
@@ -69,7 +65,7 @@ pub fn new_token() -> String {
     if getrandom::fill(&mut bytes).is_err() {
         bytes = (crate::store::now_ms() as u128 ^ (std::process::id() as u128) << 64).to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    starling_core::digest::hex(&bytes)
 }
 
 fn close_code_for(code: ErrorCode) -> u16 {
@@ -385,9 +381,9 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
                 commit,
             } => {
                 // Commit before reveal: a result that names the hash of its payload must carry exactly that payload.
-                if commit
-                    .is_some_and(|c| !c.eq_ignore_ascii_case(&crate::ledger::sha256_hex(payload)))
-                {
+                if commit.is_some_and(|c| {
+                    !c.eq_ignore_ascii_case(&starling_core::digest::sha256_hex(payload))
+                }) {
                     app.state().result_mismatch(conn, lease)
                 } else {
                     let grad = f32s(payload);

