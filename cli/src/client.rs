@@ -92,10 +92,24 @@ impl Client {
 
     /// `POST path` with a body of the given content type.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<Reply> {
+        self.post_with_query(path, &[], content_type, body)
+    }
+
+    /// `POST path?query` (ureq percent-encodes the pairs) with a body of the given content type.
+    pub fn post_with_query(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Reply> {
         let mut req = self
             .agent
             .post(format!("{}{path}", self.base))
             .header("Content-Type", content_type);
+        for (k, v) in query {
+            req = req.query(*k, v);
+        }
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }

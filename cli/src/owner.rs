@@ -109,11 +109,16 @@ fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
     let data_path = file.parent().unwrap_or(Path::new(".")).join(&job.dataset);
     let data = std::fs::read(&data_path)
         .with_context(|| format!("reading dataset {}", data_path.display()))?;
-    let mut q = format!("/api/v1/datasets?name={}", url_encode(&job.name));
+    let mut query = vec![("name", job.name.clone())];
     if let Some(f) = job.test_fraction {
-        q.push_str(&format!("&test_fraction={f}"));
+        query.push(("test_fraction", f.to_string()));
     }
-    let up = client.post(&q, "application/octet-stream", &data)?;
+    let up = client.post_with_query(
+        "/api/v1/datasets",
+        &query,
+        "application/octet-stream",
+        &data,
+    )?;
     if up.status != 201 {
         bail!("dataset upload: {}", up.error_message());
     }
@@ -146,18 +151,6 @@ fn submit(client: &Client, file: &Path) -> anyhow::Result<()> {
         client.base
     );
     Ok(())
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// One line of progress: step, loss, accuracy, workers, rate, ETA.
