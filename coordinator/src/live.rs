@@ -135,13 +135,22 @@ fn describe(field: &str) -> (&str, &'static str) {
     }
 }
 
+/// One job's figures in a scrape.
+#[derive(Debug)]
+struct JobFigures {
+    /// The `job` label.
+    id: String,
+    /// Every counter: field name → value, from the counters' serialisation (so a new field is included).
+    counters: Vec<(String, u64)>,
+    step: u64,
+}
+
 /// What one scrape reports, copied out of the scheduler.
 #[derive(Debug)]
 struct Snapshot {
     /// Worker connections by backend label.
     connected: [(&'static str, u64); 2],
-    /// Per job: its id, every counter (field name → value, from the counters' serialisation), its step.
-    jobs: Vec<(String, Vec<(String, u64)>, u64)>,
+    jobs: Vec<JobFigures>,
     /// Seconds between applied steps: sum, count and cumulative counts per upper bound.
     step_sum: f64,
     step_count: u64,
@@ -167,7 +176,11 @@ impl Snapshot {
                         .collect(),
                     _ => Vec::new(),
                 };
-                (j.id.to_string(), counters, j.step)
+                JobFigures {
+                    id: j.id.to_string(),
+                    counters,
+                    step: j.step,
+                }
             })
             .collect();
         let h = st.step_hist();
@@ -201,14 +214,14 @@ impl Collector for Snapshot {
         let fields: Vec<&str> = self
             .jobs
             .first()
-            .map(|(_, c, _)| c.iter().map(|(k, _)| k.as_str()).collect())
+            .map(|j| j.counters.iter().map(|(k, _)| k.as_str()).collect())
             .unwrap_or_default();
         for field in &fields {
             let (name, help) = describe(field);
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (job, counters, _) in &self.jobs {
-                if let Some((_, v)) = counters.iter().find(|(k, _)| k == field) {
-                    ConstCounter::new(*v).encode(m.encode_family(&[("job", job.as_str())])?)?;
+            for job in &self.jobs {
+                if let Some((_, v)) = job.counters.iter().find(|(k, _)| k == field) {
+                    ConstCounter::new(*v).encode(m.encode_family(&[("job", job.id.as_str())])?)?;
                 }
             }
         }
@@ -218,8 +231,9 @@ impl Collector for Snapshot {
             None,
             MetricType::Gauge,
         )?;
-        for (job, _, step) in &self.jobs {
-            ConstGauge::new(*step as i64).encode(m.encode_family(&[("job", job.as_str())])?)?;
+        for job in &self.jobs {
+            ConstGauge::new(job.step as i64)
+                .encode(m.encode_family(&[("job", job.id.as_str())])?)?;
         }
         // The encoder wants per-bucket counts (it accumulates them); the scheduler keeps them cumulative.
         let per_bucket: Vec<(f64, u64)> = self
