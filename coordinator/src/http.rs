@@ -436,7 +436,7 @@ async fn create_job(
             checkpoint: None,
             accepted: Vec::new(),
         });
-        st.tick(std::time::Instant::now())
+        st.tick()
     };
     app.apply(fx).await;
     let view = job_view(&app, id, true).ok_or_else(|| ApiError::not_found("job"))?;
