@@ -245,6 +245,8 @@ pub struct JobView {
     pub id: JobId,
     pub name: String,
     pub status: &'static str,
+    /// Why the coordinator paused the job itself (a durable write failed); `null` otherwise.
+    pub error: Option<String>,
     pub step: u64,
     pub steps: u64,
     /// Whether the requester owns the job (and so sees `spec`, `hyper` and may control it).
@@ -287,6 +289,7 @@ pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
         id: j.id,
         name: j.name.clone(),
         status: j.status.as_str(),
+        error: j.error.clone(),
         step: j.step,
         steps: j.hyper.steps,
         owned,

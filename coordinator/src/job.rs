@@ -42,8 +42,8 @@ pub struct Hyper {
     pub lr_schedule: LrSchedule,
     /// Decoupled (AdamW-style) weight decay per step, relative to the learning rate.
     pub weight_decay: f32,
-    /// Early stopping: complete the job after this many evaluations without a better held-out accuracy (the best
-    /// version stays downloadable).
+    /// Early stopping: complete the job after this many evaluations without a lower held-out loss (the best
+    /// version by accuracy stays downloadable).
     pub patience: Option<u32>,
 }
 

@@ -190,13 +190,75 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
     })
 }
 
-/// The demo job's schedule: the default one (95% held-out accuracy around step 450–600) run for 20,000 steps, so the
-/// job is still training — and a volunteer who opens the page gets work — minutes after `cargo xtask demo` starts.
+/// The demo job's schedule: Adam with a short warm-up and cosine decay, decoupled weight decay, and early stopping
+/// once the held-out loss has not improved for 12 evaluations (300 steps). On the 8,000-row MNIST split plain Adam
+/// overfits visibly (held-out loss lowest at 0.20 around step 600, then climbing to 0.30 while the train loss falls
+/// to 5e-5). With this schedule the held-out loss reaches 0.173 at step ~1,225 and the run stops at ~1,525 with
+/// 95.5% held-out accuracy (`tests/e2e.rs` measures it; weight decay 0.05 or 1.0 and patience 8 were tried and
+/// did worse); `serve --demo` then starts a fresh run with the next seed, so a volunteer always finds work.
 pub fn demo_hyper() -> Hyper {
     Hyper {
-        steps: 20_000,
+        steps: 3_000,
+        lr_schedule: starling_core::optim::LrSchedule::Cosine {
+            warmup_steps: 50,
+            min_ratio: 0.05,
+        },
+        weight_decay: 0.3,
+        patience: Some(12),
         ..Hyper::default()
     }
+}
+
+/// Starts the next run of the demo job (same dataset, next seed) once no run of it is left unfinished.
+async fn rerun_demo(app: &Arc<App>) -> anyhow::Result<()> {
+    let last = {
+        let st = app.state();
+        if st
+            .jobs()
+            .any(|j| j.name == DEMO_JOB && !j.status.is_terminal())
+        {
+            return Ok(());
+        }
+        match st.jobs().filter(|j| j.name == DEMO_JOB).last() {
+            Some(j) => (j.id, j.hyper.clone(), j.spec.clone(), j.owner),
+            None => return Ok(()),
+        }
+    };
+    let (prev, hyper, spec, owner) = last;
+    let dataset = app
+        .store
+        .jobs()
+        .await?
+        .into_iter()
+        .find(|r| r.id == prev)
+        .map(|r| r.dataset_id)
+        .context("the demo job vanished from the store")?;
+    let hyper = Hyper {
+        seed: hyper.seed + 1,
+        ..hyper
+    };
+    let id = app
+        .store
+        .insert_job(
+            DEMO_JOB,
+            &serde_json::to_string(&spec)?,
+            &serde_json::to_string(&hyper)?,
+            dataset,
+            owner,
+        )
+        .await?;
+    let load = load_job(&app.store, id)
+        .await?
+        .context("the new demo run vanished from the store")?;
+    tracing::info!(job = %id, previous = %prev, seed = hyper.seed, "demo run completed; started a fresh run");
+    let fx = {
+        let mut st = app.state();
+        st.load_job(load);
+        st.tick()
+    };
+    app.apply(fx).await;
+    let _ = app.events.send(id);
+    Ok(())
 }
 
 /// Name of the owner of the demo job.
@@ -425,6 +487,28 @@ pub async fn run(
         })
     };
 
+    // The demo keeps volunteers busy: when its run completes (early stopping included), a fresh run starts.
+    let rerun = app.config.demo.then(|| {
+        let app = app.clone();
+        let mut stop = app.shutdown.clone();
+        let mut events = app.events.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = events.recv() => {
+                        if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            break;
+                        }
+                        if let Err(e) = rerun_demo(&app).await {
+                            tracing::error!(error = %e, "starting a fresh demo run failed");
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    });
+
     let router = http::router(app.clone());
     let serve = axum::serve(
         listener,
@@ -436,6 +520,9 @@ pub async fn run(
     });
     serve.await?;
     reaper.abort();
+    if let Some(r) = rerun {
+        r.abort();
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

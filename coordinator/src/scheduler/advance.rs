@@ -104,8 +104,9 @@ impl State {
         fx.notify(job_id);
     }
 
-    /// An evaluation finished: record it, and complete the job if it reached its target accuracy or has not
-    /// improved for `hyper.patience` evaluations (early stopping: the best version stays downloadable).
+    /// An evaluation finished: record it, and complete the job if it reached its target accuracy or its held-out
+    /// loss has not improved for `hyper.patience` evaluations (early stopping: the best version stays
+    /// downloadable).
     pub fn evaluated(&mut self, job_id: JobId, step: u64, eval: Evaluation) -> Effects {
         let mut fx = Effects::default();
         let Some(job) = self.jobs.get_mut(&job_id) else {
@@ -120,12 +121,8 @@ impl State {
             at_ms: now_ms(),
         };
         tracing::info!(job = %job_id, step, test_loss = m.loss, test_accuracy = m.accuracy, "evaluated on held-out set");
-        if job.best_accuracy.is_none_or(|b| m.accuracy > b) {
-            job.best_accuracy = Some(m.accuracy);
-            job.evals_since_best = 0;
-        } else {
-            job.evals_since_best += 1;
-        }
+        job.best_accuracy = Some(job.best_accuracy.map_or(m.accuracy, |b| b.max(m.accuracy)));
+        job.note_eval_loss(m.loss);
         if job.last_eval.as_ref().is_none_or(|l| l.step <= step) {
             job.last_eval = Some(m.clone());
         }

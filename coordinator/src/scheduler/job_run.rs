@@ -45,7 +45,8 @@ pub struct JobRun {
     pub last_train: Option<MetricRow>,
     pub last_eval: Option<MetricRow>,
     pub best_accuracy: Option<f32>,
-    /// Evaluations since the best one (early stopping, `hyper.patience`).
+    /// Lowest held-out loss so far, and evaluations since it (early stopping, `hyper.patience`).
+    pub(super) best_loss: Option<f32>,
     pub(super) evals_since_best: u32,
     pub(super) step_started: Instant,
     /// Exponential moving averages: wall time per applied step, and lease issue → result latency.
@@ -113,6 +114,16 @@ impl JobRun {
         self.train.rows()
     }
 
+    /// Early stopping's bookkeeping: a lower held-out loss resets the count of evaluations without progress.
+    pub(super) fn note_eval_loss(&mut self, loss: f32) {
+        if self.best_loss.is_none_or(|b| loss < b) {
+            self.best_loss = Some(loss);
+            self.evals_since_best = 0;
+        } else {
+            self.evals_since_best += 1;
+        }
+    }
+
     /// Builds a job from its durable state.
     fn from_load(load: JobLoad, now: Instant) -> Self {
         let n = load.spec.param_count();
@@ -150,6 +161,7 @@ impl JobRun {
             last_train: None,
             last_eval: None,
             best_accuracy: None,
+            best_loss: None,
             evals_since_best: 0,
             step_started: now,
             step_ms: 0.0,
@@ -200,6 +212,8 @@ impl State {
             job.last_train = old.last_train;
             job.last_eval = old.last_eval;
             job.best_accuracy = old.best_accuracy;
+            job.best_loss = old.best_loss;
+            job.evals_since_best = old.evals_since_best;
             job.pass = old.pass;
             job.error = old.error;
             if !job.status.is_terminal() {
@@ -214,12 +228,8 @@ impl State {
     pub fn restore_metric(&mut self, job: JobId, m: MetricRow) {
         if let Some(j) = self.jobs.get_mut(&job) {
             if m.kind == "eval" {
-                if j.best_accuracy.is_none_or(|b| m.accuracy > b) {
-                    j.best_accuracy = Some(m.accuracy);
-                    j.evals_since_best = 0;
-                } else {
-                    j.evals_since_best += 1;
-                }
+                j.best_accuracy = Some(j.best_accuracy.map_or(m.accuracy, |b| b.max(m.accuracy)));
+                j.note_eval_loss(m.loss);
                 j.last_eval = Some(m);
             } else {
                 j.last_train = Some(m);
