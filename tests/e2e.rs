@@ -944,3 +944,117 @@ fn the_demo_schedule_stops_before_its_held_out_loss_climbs() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Fair scheduling with real workers: 16 native workers on one job whose steps have only 8 leases each — every
+/// worker gets accepted results and the least-served gets at least half the mean; then two jobs with weights 1 and
+/// 3 share 4 workers in a 1:3 ratio of leases (±20%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_jobs_share_leases_fairly() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = TempDir::new("fair");
+    create_demo_job(
+        &dir.db(),
+        Hyper {
+            steps: 150,
+            eval_every: 1_000,
+            ..Hyper::default()
+        },
+    )
+    .await?;
+    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
+    let workers: Vec<_> = (0..16)
+        .map(|i| {
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("w{i}"),
+                None,
+                None,
+                None,
+            )
+        })
+        .collect();
+    server
+        .wait_job(1, Duration::from_secs(120), |j| j["status"] == "completed")
+        .await?;
+    server.stop().await?;
+    for w in workers {
+        join(w)?;
+    }
+    let store = starling_coordinator::store::Store::open(&dir.db()).await?;
+    let mut per_worker: std::collections::BTreeMap<u64, usize> = Default::default();
+    for w in store.workers().await? {
+        per_worker.insert(w.id.0, 0);
+    }
+    for e in store.ledger(None).await? {
+        *per_worker.entry(e.worker).or_default() += 1;
+    }
+    let counts: Vec<usize> = per_worker.values().copied().collect();
+    assert_eq!(counts.len(), 16);
+    let mean = counts.iter().sum::<usize>() as f64 / 16.0;
+    let least = *counts.iter().min().context("workers")? as f64;
+    println!("accepted results per worker over 150 steps: {counts:?} (mean {mean:.1})");
+    assert!(least > 0.0 && least >= mean / 2.0, "least-served {least} vs mean {mean}: {counts:?}");
+
+    // Two jobs, weights 1 and 3, on 4 workers.
+    let dir = TempDir::new("weights");
+    create_demo_job(
+        &dir.db(),
+        Hyper {
+            steps: 10_000,
+            eval_every: 10_000,
+            weight: 1.0,
+            ..Hyper::default()
+        },
+    )
+    .await?;
+    {
+        let store = starling_coordinator::store::Store::open(&dir.db()).await?;
+        let first = store.jobs().await?.into_iter().next().context("demo job")?;
+        let hyper = Hyper {
+            steps: 10_000,
+            eval_every: 10_000,
+            weight: 3.0,
+            ..Hyper::default()
+        };
+        store
+            .insert_job(
+                "heavy",
+                &first.spec,
+                &serde_json::to_string(&hyper)?,
+                first.dataset_id,
+                first.owner,
+            )
+            .await?;
+    }
+    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("v{i}"),
+                None,
+                None,
+                None,
+            )
+        })
+        .collect();
+    let heavy = server
+        .wait_job(2, Duration::from_secs(120), |j| {
+            j["counters"]["leases_issued"].as_u64().unwrap_or(0) >= 1_200
+        })
+        .await?;
+    let (_, light) = server.get("/api/v1/jobs/1").await?;
+    server.stop().await?;
+    for w in workers {
+        join(w)?;
+    }
+    let (a, b) = (
+        light["counters"]["leases_issued"].as_f64().context("leases")?,
+        heavy["counters"]["leases_issued"].as_f64().context("leases")?,
+    );
+    println!("leases issued, weight 1 : weight 3 = {a} : {b} ({:.2})", b / a);
+    assert!((2.4..=3.6).contains(&(b / a)), "lease shares {a}:{b}, want 1:3 ± 20%");
+    Ok(())
+}
