@@ -994,7 +994,10 @@ async fn workers_and_jobs_share_leases_fairly() -> anyhow::Result<()> {
     let mean = counts.iter().sum::<usize>() as f64 / 16.0;
     let least = *counts.iter().min().context("workers")? as f64;
     println!("accepted results per worker over 150 steps: {counts:?} (mean {mean:.1})");
-    assert!(least > 0.0 && least >= mean / 2.0, "least-served {least} vs mean {mean}: {counts:?}");
+    assert!(
+        least > 0.0 && least >= mean / 2.0,
+        "least-served {least} vs mean {mean}: {counts:?}"
+    );
 
     // Two jobs, weights 1 and 3, on 4 workers.
     let dir = TempDir::new("weights");
@@ -1051,10 +1054,20 @@ async fn workers_and_jobs_share_leases_fairly() -> anyhow::Result<()> {
         join(w)?;
     }
     let (a, b) = (
-        light["counters"]["leases_issued"].as_f64().context("leases")?,
-        heavy["counters"]["leases_issued"].as_f64().context("leases")?,
+        light["counters"]["leases_issued"]
+            .as_f64()
+            .context("leases")?,
+        heavy["counters"]["leases_issued"]
+            .as_f64()
+            .context("leases")?,
     );
-    println!("leases issued, weight 1 : weight 3 = {a} : {b} ({:.2})", b / a);
-    assert!((2.4..=3.6).contains(&(b / a)), "lease shares {a}:{b}, want 1:3 ± 20%");
+    println!(
+        "leases issued, weight 1 : weight 3 = {a} : {b} ({:.2})",
+        b / a
+    );
+    assert!(
+        (2.4..=3.6).contains(&(b / a)),
+        "lease shares {a}:{b}, want 1:3 ± 20%"
+    );
     Ok(())
 }

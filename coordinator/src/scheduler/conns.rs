@@ -187,7 +187,7 @@ impl State {
                 }
             }
         }
-        let mut fx = Effects::default();
+        let mut fx = std::mem::take(&mut self.pending);
         self.assign_all(&mut fx);
         fx
     }

@@ -199,7 +199,17 @@ impl State {
         let mut job = JobRun::from_load(load, now);
         job.pass = self.min_pass();
         tracing::info!(job = %job.id, step = job.step, status = job.status.as_str(), "job loaded");
-        self.jobs.insert(job.id, job);
+        let id = job.id;
+        self.jobs.insert(id, job);
+        self.advance_loaded(id);
+    }
+
+    /// A crash between the last accepted micro-batch of a step and that step's checkpoint leaves every
+    /// micro-batch accepted on load: apply the step now (its effects go out with the next tick).
+    fn advance_loaded(&mut self, id: JobId) {
+        let mut fx = std::mem::take(&mut self.pending);
+        self.maybe_advance(id, &mut fx);
+        self.pending = fx;
     }
 
     /// Replaces a halted job with its durable state after a failed write ([`State::halt`]), keeping it paused
@@ -221,7 +231,9 @@ impl State {
             }
         }
         tracing::info!(job = %job.id, step = job.step, "job reloaded from its durable state");
-        self.jobs.insert(job.id, job);
+        let id = job.id;
+        self.jobs.insert(id, job);
+        self.advance_loaded(id);
     }
 
     /// Restores a metric seen before a restart (for status views).

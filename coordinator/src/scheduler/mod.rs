@@ -119,6 +119,9 @@ pub struct State {
     trust: HashMap<(WorkerId, Backend), u32>,
     /// Randomises which open micro-batch a worker gets and the replication rolls.
     rng: starling_core::rng::SplitMix64,
+    /// Effects of loading jobs (a step whose micro-batches were all accepted before a restart advances on load),
+    /// carried out with the next [`State::tick`].
+    pending: Effects,
 }
 
 impl State {
@@ -136,6 +139,7 @@ impl State {
             next_ticket: 1,
             trust: HashMap::new(),
             rng: starling_core::rng::SplitMix64::new(seed),
+            pending: Effects::default(),
         }
     }
 
