@@ -451,7 +451,7 @@ async fn limit_message_flood() -> anyhow::Result<()> {
     let Env { server, .. } = &start("flood", |c| (c.msg_rate, c.msg_burst) = (1, 4)).await?;
     let (mut ws, ..) = join(&server, None).await?;
     // The first `ready` is the paced flow; the ones after it (already asked, no lease) are unsolicited.
-    for _ in 0..50 {
+    for _ in 0..5_000 {
         if send(&mut ws, &WorkerMsg::Ready, &[]).await.is_err() {
             break;
         }
@@ -465,7 +465,7 @@ async fn limit_message_flood() -> anyhow::Result<()> {
 async fn limit_ping_flood() -> anyhow::Result<()> {
     let Env { server, .. } = &start("pings", |c| (c.msg_rate, c.msg_burst) = (1, 4)).await?;
     let (mut ws, ..) = join(&server, None).await?;
-    for _ in 0..50 {
+    for _ in 0..5_000 {
         if ws.send(Message::Ping(vec![1, 2, 3].into())).await.is_err() {
             break;
         }
