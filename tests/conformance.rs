@@ -436,9 +436,9 @@ fn one_micro(redundancy: u32) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_connections_per_address() -> anyhow::Result<()> {
     let Env { server, .. } = &start("conns", |c| c.max_conns_per_addr = 2).await?;
-    let _a = join(&server, None).await?;
-    let _b = join(&server, None).await?;
-    let mut c = connect(&server).await?;
+    let _a = join(server, None).await?;
+    let _b = join(server, None).await?;
+    let mut c = connect(server).await?;
     // A client that says hello at once, before reading, must still learn why it was turned away.
     send(&mut c, &hello(1, None), &[]).await?;
     let m = expect_error_then_close(&mut c, ErrorCode::Limit, 1009).await?;
@@ -449,7 +449,7 @@ async fn limit_connections_per_address() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_message_flood() -> anyhow::Result<()> {
     let Env { server, .. } = &start("flood", |c| (c.msg_rate, c.msg_burst) = (1, 4)).await?;
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     // The first `ready` is the paced flow; the ones after it (already asked, no lease) are unsolicited.
     for _ in 0..5_000 {
         if send(&mut ws, &WorkerMsg::Ready, &[]).await.is_err() {
@@ -464,7 +464,7 @@ async fn limit_message_flood() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_ping_flood() -> anyhow::Result<()> {
     let Env { server, .. } = &start("pings", |c| (c.msg_rate, c.msg_burst) = (1, 4)).await?;
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     for _ in 0..5_000 {
         if ws.send(Message::Ping(vec![1, 2, 3].into())).await.is_err() {
             break;
@@ -478,7 +478,7 @@ async fn limit_ping_flood() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_message_size() -> anyhow::Result<()> {
     let Env { server, .. } = &start("size", |c| c.max_frame_bytes = 64 * 1024).await?;
-    let (ws, ..) = join(&server, None).await?;
+    let (ws, ..) = join(server, None).await?;
     let (mut sink, mut stream) = ws.split();
     // The coordinator stops reading at the frame header; the client may still be writing the rest when the answer
     // comes, so it writes on its own task.
@@ -513,13 +513,13 @@ async fn limit_message_size() -> anyhow::Result<()> {
 async fn limit_header_size() -> anyhow::Result<()> {
     let Env { server, .. } = &start("header", |_| ()).await?;
     // Binary: a header length over 16 KiB (the bytes are there; it is the length that is refused).
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     let h = 16 * 1024 + 4;
     ws.send(binary(h, &vec![b' '; h as usize], &[0; 4])).await?;
     let m = expect_error_then_close(&mut ws, ErrorCode::Limit, 1009).await?;
     assert!(m.contains("over the limit of 16384"), "{m}");
     // Text: a JSON message over 16 KiB, here as the first frame.
-    let mut ws = connect(&server).await?;
+    let mut ws = connect(server).await?;
     let long = format!(r#"{{"type":"ready","pad":"{}"}}"#, "x".repeat(16 * 1024));
     ws.send(Message::text(long)).await?;
     let m = expect_error_then_close(&mut ws, ErrorCode::Limit, 1009).await?;
@@ -530,9 +530,9 @@ async fn limit_header_size() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frame_payload_not_whole_4_byte_values() -> anyhow::Result<()> {
     let Env { server, .. } = &start("align", |_| ()).await?;
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     let mut header = br#"{"type":"result","lease":1,"loss":0.5,"correct":0}"#.to_vec();
-    while header.len() % 4 != 0 {
+    while !header.len().is_multiple_of(4) {
         header.push(b' ');
     }
     ws.send(binary(header.len() as u32, &header, &[0; 6]))
@@ -545,9 +545,9 @@ async fn bad_frame_payload_not_whole_4_byte_values() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frame_header_not_padded_to_4() -> anyhow::Result<()> {
     let Env { server, .. } = &start("pad", |_| ()).await?;
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     let mut header = br#"{"type":"result","lease":1,"loss":0.5,"correct":0}"#.to_vec();
-    if header.len() % 4 == 0 {
+    if header.len().is_multiple_of(4) {
         header.push(b' ');
     }
     ws.send(binary(header.len() as u32, &header, &[0; 8]))
@@ -588,7 +588,7 @@ async fn bad_frame_undecodable_messages() -> anyhow::Result<()> {
         }),
     ];
     for (what, frame) in cases {
-        let (mut ws, ..) = join(&server, None).await?;
+        let (mut ws, ..) = join(server, None).await?;
         ws.send(frame).await?;
         expect_error_then_close(&mut ws, ErrorCode::BadFrame, 1007)
             .await
@@ -600,7 +600,7 @@ async fn bad_frame_undecodable_messages() -> anyhow::Result<()> {
 /// JSON bytes padded with spaces to a multiple of 4, as a binary frame's header must be.
 fn padded(json: &str) -> Vec<u8> {
     let mut h = json.as_bytes().to_vec();
-    while h.len() % 4 != 0 {
+    while !h.len().is_multiple_of(4) {
         h.push(b' ');
     }
     h
@@ -609,7 +609,7 @@ fn padded(json: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frame_text_not_utf8() -> anyhow::Result<()> {
     let Env { server, .. } = &start("utf8", |_| ()).await?;
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     ws.send(Message::Frame(Frame::message(
         vec![b'{', 0xff, 0xfe, b'}'],
         OpCode::Data(Data::Text),
@@ -624,7 +624,7 @@ async fn bad_frame_text_not_utf8() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_protocol_no_hello_in_time() -> anyhow::Result<()> {
     let Env { server, .. } = &start("nohello", |c| c.hello_timeout_ms = 200).await?;
-    let mut ws = connect(&server).await?;
+    let mut ws = connect(server).await?;
     let m = expect_error_then_close(&mut ws, ErrorCode::OutOfProtocol, 1008).await?;
     assert!(m.contains("no hello within 200 ms"), "{m}");
     Ok(())
@@ -633,7 +633,7 @@ async fn out_of_protocol_no_hello_in_time() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_protocol_first_message_not_hello() -> anyhow::Result<()> {
     let Env { server, .. } = &start("first", |_| ()).await?;
-    let mut ws = connect(&server).await?;
+    let mut ws = connect(server).await?;
     send(&mut ws, &WorkerMsg::Ready, &[]).await?;
     let m = expect_error_then_close(&mut ws, ErrorCode::OutOfProtocol, 1008).await?;
     assert!(m.contains("must be hello, not ready"), "{m}");
@@ -643,7 +643,7 @@ async fn out_of_protocol_first_message_not_hello() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_protocol_hello_twice() -> anyhow::Result<()> {
     let Env { server, .. } = &start("twice", |_| ()).await?;
-    let (mut ws, ..) = join(&server, None).await?;
+    let (mut ws, ..) = join(server, None).await?;
     send(&mut ws, &hello(1, None), &[]).await?;
     let m = expect_error_then_close(&mut ws, ErrorCode::OutOfProtocol, 1008).await?;
     assert!(m.contains("hello sent twice"), "{m}");
@@ -653,7 +653,7 @@ async fn out_of_protocol_hello_twice() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_version_mismatch() -> anyhow::Result<()> {
     let Env { server, .. } = &start("version", |_| ()).await?;
-    let mut ws = connect(&server).await?;
+    let mut ws = connect(server).await?;
     send(&mut ws, &hello(2, None), &[]).await?;
     let m = expect_error_then_close(&mut ws, ErrorCode::ProtocolVersion, 1008).await?;
     assert!(m.contains("speaks protocol 1, not 2"), "{m}");
@@ -665,9 +665,9 @@ async fn protocol_version_mismatch() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("refused", |c| c.strike_limit = 1).await?;
-    let http = Http::new(&server);
-    create_job(&http, &alice, one_micro(2)).await?;
-    let (ws, _, token) = join(&server, None).await?;
+    let http = Http::new(server);
+    create_job(&http, alice, one_micro(2)).await?;
+    let (ws, _, token) = join(server, None).await?;
     let mut peer = Peer {
         ws,
         spec: ModelSpec::from_json(SPEC)?,
@@ -678,7 +678,7 @@ async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     peer.submit(lease.id, 1.0, 0, &[0.5; 3]).await?; // the wrong length: rejected, a strike
     let m = expect_error_then_close(&mut peer.ws, ErrorCode::Refused, 1008).await?;
     assert!(m.contains("refused after 1 rejected results"), "{m}");
-    let mut again = connect(&server).await?;
+    let mut again = connect(server).await?;
     send(&mut again, &hello(1, Some(&token)), &[]).await?;
     expect_error_then_close(&mut again, ErrorCode::Refused, 1008).await?;
     Ok(())
@@ -712,8 +712,8 @@ async fn two_replicas(server: &Server) -> anyhow::Result<((Peer, Lease), (Peer, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_accepted_when_replicas_agree() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("accepted", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
     a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
     b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
@@ -725,8 +725,8 @@ async fn result_accepted_when_replicas_agree() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_rejected_when_it_loses_arbitration() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("arbitrated", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
     a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
     let flipped: Vec<f32> = rb.grad.iter().map(|g| -g).collect();
@@ -743,8 +743,8 @@ async fn result_rejected_when_it_loses_arbitration() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_rejected_when_invalid() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("invalid", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     a.submit(la.id, 1.0, 0, &[0.0; 3]).await?; // wrong length
     assert_eq!(a.verdict(la.id).await?, Outcome::Rejected, "wrong length");
     let mut nan = b.compute(&lb)?;
@@ -755,7 +755,7 @@ async fn result_rejected_when_invalid() -> anyhow::Result<()> {
         Outcome::Rejected,
         "NaN in the gradient"
     );
-    let mut c = Peer::join(&server, None).await?;
+    let mut c = Peer::join(server, None).await?;
     c.ready().await?;
     let lc = c.lease().await?;
     let rc = c.compute(&lc)?;
@@ -767,8 +767,8 @@ async fn result_rejected_when_invalid() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_rejected_when_the_commit_does_not_match() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("commit", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), _) = two_replicas(&server).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), _) = two_replicas(server).await?;
     let r = a.compute(&la)?;
     let msg = WorkerMsg::Result {
         lease: la.id,
@@ -784,8 +784,8 @@ async fn result_rejected_when_the_commit_does_not_match() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_late_for_a_lease_the_connection_does_not_hold() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("foreign", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     let r = a.compute(&la)?;
     // b answers a's lease, and a lease that never existed: both late, and b's own lease is unaffected.
     b.submit(la.id, r.loss, r.correct, &r.grad).await?;
@@ -804,11 +804,11 @@ async fn result_late_for_a_lease_the_connection_does_not_hold() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_late_after_the_lease_expired() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("expired", |_| ()).await?;
-    let http = Http::new(&server);
+    let http = Http::new(server);
     let mut hyper = one_micro(2);
     hyper["lease_timeout_ms"] = 1000.into();
-    let (_, job) = create_job(&http, &alice, hyper).await?;
-    let mut a = Peer::join(&server, None).await?;
+    let (_, job) = create_job(&http, alice, hyper).await?;
+    let mut a = Peer::join(server, None).await?;
     a.ready().await?;
     let la = a.lease().await?;
     let r = a.compute(&la)?;
@@ -830,8 +830,8 @@ async fn result_late_after_the_lease_expired() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_late_for_a_near_miss() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("nearmiss", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
     a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
     // Same loss and correct count, gradient 1% off: outside the tolerance, inside the near-miss band (0.05).
@@ -845,9 +845,9 @@ async fn result_late_for_a_near_miss() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_late_for_a_replica_after_the_quorum_settled_the_step() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("quorum", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(3)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
-    let mut c = Peer::join(&server, None).await?;
+    create_job(&Http::new(server), alice, one_micro(3)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
+    let mut c = Peer::join(server, None).await?;
     c.ready().await?;
     let lc = c.lease().await?;
     let (ra, rb, rc) = (a.compute(&la)?, b.compute(&lb)?, c.compute(&lc)?);
@@ -864,9 +864,9 @@ async fn result_late_for_a_replica_after_the_quorum_settled_the_step() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_still_stands_after_waiting() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("waiting", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
-    let mut c = Peer::join(&server, None).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
+    let mut c = Peer::join(server, None).await?;
     c.ready().await?;
     match c.next().await? {
         (CoordinatorMsg::Waiting { .. }, _) => {}
@@ -884,9 +884,9 @@ async fn ready_still_stands_after_waiting() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_releases_the_lease_without_a_verdict() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("failed", |_| ()).await?;
-    create_job(&Http::new(&server), &alice, one_micro(2)).await?;
-    let ((mut a, la), (mut b, lb)) = two_replicas(&server).await?;
-    let mut c = Peer::join(&server, None).await?;
+    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
+    let mut c = Peer::join(server, None).await?;
     c.ready().await?;
     match c.next().await? {
         (CoordinatorMsg::Waiting { .. }, _) => {}
