@@ -1,8 +1,11 @@
 //! The worker WebSocket endpoint (`/ws`): authentication by hello, then frames to scheduler calls.
 //!
 //! Each connection is a reader (this task) and a writer task fed by an unbounded channel; the scheduler never
-//! awaits a socket. A frame that cannot be decoded, or is not valid at this point of the protocol, gets an
-//! `error` message and closes that connection only.
+//! awaits a socket. A frame that cannot be decoded, is not valid at this point of the protocol, or breaks a limit
+//! gets an `error` message and a close frame (docs/PROTOCOL.md, "Errors and limits": one code and one close code per
+//! case) and closes that connection only. Closing is a handshake, not a drop: after the writer has flushed both
+//! frames the reader keeps draining the peer's input until its close frame ([`LINGER`]), because a socket dropped
+//! with unread input is reset by the kernel and the peer would lose the very `error` that tells it why.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
