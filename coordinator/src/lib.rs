@@ -510,6 +510,10 @@ pub async fn run(
     });
 
     let router = http::router(app.clone());
+    // No Nagle delay: an `error` and the close frame written right after it must both leave before the socket closes.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let serve = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

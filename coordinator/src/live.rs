@@ -5,16 +5,17 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::Extension;
+use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 
-use starling_core::protocol::{Backend, JobId};
+use starling_core::protocol::Backend;
 
 use crate::App;
-use crate::http::{ApiError, ApiResult, Auth, job_view, owned_job};
+use crate::http::{ApiResult, JobAccess, job_view};
 
 /// Fastest a stream re-sends a job's view, however fast steps are applied.
 const MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -23,26 +24,9 @@ const MIN_INTERVAL: Duration = Duration::from_millis(250);
 /// second). The owner's token (header or `?token=`) gives the full view; without one, public progress.
 pub async fn job_events(
     State(app): State<Arc<App>>,
-    auth: Auth,
-    Path(id): Path<u64>,
+    Extension(access): Extension<JobAccess>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let id = JobId(id);
-    let owned = match &auth.0 {
-        Some(_) => {
-            owned_job(&app, &auth, id)?;
-            true
-        }
-        None => {
-            if app.state().job(id).is_none() {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "not_found",
-                    "job not found",
-                ));
-            }
-            false
-        }
-    };
+    let (id, owned) = (access.id, access.owned);
     let rx = app.events.subscribe();
     let stream = futures_util::stream::unfold(
         (app, rx, None::<Instant>),
