@@ -53,6 +53,9 @@ pub struct ServeConfig {
     /// Open WebSocket connections allowed from one remote address (a NAT may hide several volunteers).
     #[arg(long, default_value_t = 16)]
     pub max_conns_per_addr: u32,
+    /// Milliseconds a new worker connection has to send its `hello` before it gets `error out_of_protocol`.
+    #[arg(long, default_value_t = 10_000)]
+    pub hello_timeout_ms: u64,
     /// Adaptive replication: consecutive agreed results after which a worker (per backend) is trusted.
     #[arg(long, default_value_t = 10)]
     pub trust_threshold: u32,
@@ -85,6 +88,7 @@ impl ServeConfig {
             msg_rate: 200,
             msg_burst: 400,
             max_conns_per_addr: 64,
+            hello_timeout_ms: 10_000,
             trust_threshold: 10,
             spot_check_max_params: 2_000_000,
             allow_origin: Vec::new(),

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::Extension;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -18,7 +19,7 @@ use starling_core::data::{TensorData, encode_safetensors};
 use starling_core::protocol::JobId;
 
 use crate::App;
-use crate::http::{ApiError, ApiResult, Auth, owned_job};
+use crate::http::{ApiError, ApiResult, JobAccess};
 
 #[derive(Debug, Deserialize)]
 pub struct Which {
@@ -70,12 +71,10 @@ pub fn to_safetensors(
 /// `GET /api/v1/jobs/{id}/checkpoint?which=latest|best` (owner only).
 pub async fn download(
     State(app): State<Arc<App>>,
-    auth: Auth,
-    Path(id): Path<u64>,
+    Extension(access): Extension<JobAccess>,
     Query(q): Query<Which>,
 ) -> ApiResult<Response> {
-    let id = JobId(id);
-    owned_job(&app, &auth, id)?;
+    let id = access.id;
     let which = q.which.as_deref().unwrap_or("latest");
     let (spec, step, accuracy, params) = match which {
         "latest" => {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use starling_core::optim::OptimizerSpec;
+use starling_core::optim::{LrSchedule, OptimizerSpec};
 
 /// Training hyperparameters of a job. Every field has a default, so `{}` is a valid (demo-like) request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,16 @@ pub struct Hyper {
     /// Adaptive replication (docs/PROTOCOL.md, Verification): a worker with a long record of agreed results gets
     /// unreplicated micro-batches that the coordinator spot-checks by recomputation. Off by default.
     pub adaptive: bool,
+    /// This job's share of workers relative to other running jobs (like BOINC's resource share): with weights 1
+    /// and 3, the second job gets three leases for every one of the first while both have work.
+    pub weight: f32,
+    /// Learning-rate schedule over `steps` (a factor on the optimizer's `lr`).
+    pub lr_schedule: LrSchedule,
+    /// Decoupled (AdamW-style) weight decay per step, relative to the learning rate.
+    pub weight_decay: f32,
+    /// Early stopping: complete the job after this many evaluations without a lower held-out loss (the best
+    /// version by accuracy stays downloadable).
+    pub patience: Option<u32>,
 }
 
 impl Default for Hyper {
@@ -60,6 +70,10 @@ impl Default for Hyper {
             aggregate: crate::aggregate::Rule::Mean,
             clip_norm: None,
             adaptive: false,
+            weight: 1.0,
+            lr_schedule: LrSchedule::Constant,
+            weight_decay: 0.0,
+            patience: None,
         }
     }
 }
@@ -126,6 +140,19 @@ impl Hyper {
             return Err(format!(
                 "clip_norm must be a positive finite number, got {c}"
             ));
+        }
+        if !(self.weight.is_finite() && self.weight > 0.0 && self.weight <= 1000.0) {
+            return Err(format!("weight must be in (0, 1000], got {}", self.weight));
+        }
+        self.lr_schedule.validate()?;
+        if !(self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay)) {
+            return Err(format!(
+                "weight_decay must be in [0, 1], got {}",
+                self.weight_decay
+            ));
+        }
+        if self.patience == Some(0) {
+            return Err("patience must be at least 1 evaluation".into());
         }
         Ok(())
     }

@@ -15,11 +15,12 @@ pub mod store; // SQLite persistence (the only module that writes SQL).
 pub mod verify; // When two results agree; which result wins.
 pub mod ws; // The worker WebSocket endpoint.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -32,7 +33,9 @@ use starling_core::protocol::JobId;
 
 use crate::config::ServeConfig;
 use crate::job::{Hyper, JobStatus};
-use crate::scheduler::{Effects, EvalTask, JobLoad, SchedulerConfig, State, StoreOp, WorkerInfo};
+use crate::scheduler::{
+    Action, Deferred, Effects, EvalTask, JobLoad, SchedulerConfig, State, StoreOp, WorkerInfo,
+};
 use crate::store::Store;
 
 /// Name of the built-in demo job.
@@ -59,47 +62,91 @@ impl App {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Carries out effects in order: persist, then send, then start evaluations.
+    /// Carries out effects: the store operations in order, then every action whose preceding writes are all
+    /// durable. If a write fails, the rest are not attempted, nothing that reports on them is sent (no verdict,
+    /// credit, lease or step), and the jobs concerned are paused with the error and reloaded from the store.
     pub async fn apply(self: &Arc<Self>, fx: Effects) {
-        for op in fx.store {
-            let res = match &op {
-                StoreOp::Accepted {
-                    job,
-                    step,
-                    row,
-                    credits,
-                } => self.store.save_accepted(*job, *step, row, credits).await,
-                StoreOp::Credit {
-                    job,
-                    step,
-                    micro,
-                    credit,
-                } => self.store.save_credit(*job, *step, *micro, *credit).await,
-                StoreOp::Rejection { worker, refused } => {
-                    self.store.record_rejection(*worker, *refused).await
-                }
-                StoreOp::Checkpoint { job, ckpt, train } => {
-                    self.store.save_checkpoint(*job, ckpt, train).await
-                }
-                StoreOp::Status { job, status } => {
-                    self.store.set_job_status(*job, status.as_str()).await
-                }
-                StoreOp::Eval { job, metric } => self.store.insert_eval(*job, metric).await,
-            };
-            if let Err(e) = res {
-                tracing::error!(error = %e, "persisting scheduler effect failed");
+        let Effects { store, later } = fx;
+        let mut failure = None;
+        for (i, op) in store.iter().enumerate() {
+            if let Err(e) = self.write(op).await {
+                failure = Some((i, e));
+                break;
             }
         }
-        self.state().deliver(fx.sends);
-        for job in fx.notify {
-            // No subscribers is normal.
-            let _ = self.events.send(job);
+        let durable = failure.as_ref().map_or(store.len(), |(i, _)| *i);
+        let (go, withheld) = Effects::split(later, durable);
+        if let Some((i, e)) = failure {
+            self.recover(&store[i..], &withheld, &e).await;
         }
-        for task in fx.evals {
-            tokio::spawn(evaluate(self.clone(), task));
+        for action in go {
+            match action {
+                Action::Send { conn, out, .. } => self.state().send(conn, out),
+                // No subscribers is normal.
+                Action::Notify(job) => drop(self.events.send(job)),
+                Action::Eval(task) => drop(tokio::spawn(evaluate(self.clone(), task))),
+                Action::Recompute(r) => drop(tokio::spawn(recompute(self.clone(), r))),
+            }
         }
-        for check in fx.spot_checks {
-            tokio::spawn(spot_check(self.clone(), check));
+    }
+
+    async fn write(&self, op: &StoreOp) -> Result<(), store::StoreError> {
+        match op {
+            StoreOp::Accepted {
+                job,
+                step,
+                row,
+                credits,
+            } => self.store.save_accepted(*job, *step, row, credits).await,
+            StoreOp::Credit {
+                job,
+                step,
+                micro,
+                credit,
+            } => self.store.save_credit(*job, *step, *micro, *credit).await,
+            StoreOp::Rejection { worker, refused } => {
+                self.store.record_rejection(*worker, *refused).await
+            }
+            StoreOp::Checkpoint { job, ckpt, train } => {
+                self.store.save_checkpoint(*job, ckpt, train).await
+            }
+            StoreOp::Status { job, status } => {
+                self.store.set_job_status(*job, status.as_str()).await
+            }
+            StoreOp::Eval { job, metric } => self.store.insert_eval(*job, metric).await,
+        }
+    }
+
+    /// After a failed write: halts the jobs whose writes or announcements were lost, then brings them and every
+    /// worker's standing back from the store, so memory again equals what is durable.
+    async fn recover(&self, lost: &[StoreOp], withheld: &[Deferred], error: &store::StoreError) {
+        let jobs: BTreeSet<JobId> = lost
+            .iter()
+            .filter_map(StoreOp::job)
+            .chain(withheld.iter().filter_map(|d| d.job))
+            .collect();
+        let message = format!(
+            "a durable write failed ({error}); the job is paused until its owner resumes it"
+        );
+        tracing::error!(%error, jobs = ?jobs, "persisting scheduler effects failed; nothing they report was sent");
+        self.state().halt(&jobs, withheld, &message);
+        for id in jobs {
+            match load_job(&self.store, id).await {
+                Ok(Some(load)) => self.state().reload_job(load),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "reloading the job after a failed write failed; it stays paused")
+                }
+            }
+        }
+        match self.store.workers().await {
+            Ok(rows) => {
+                let mut st = self.state();
+                for w in rows {
+                    st.set_worker(w.id, worker_info(&w));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reloading workers after a failed write failed"),
         }
     }
 }
@@ -141,13 +188,75 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
     })
 }
 
-/// The demo job's schedule: the default one (95% held-out accuracy around step 450–600) run for 20,000 steps, so the
-/// job is still training — and a volunteer who opens the page gets work — minutes after `cargo xtask demo` starts.
+/// The demo job's schedule: Adam with a short warm-up and cosine decay, decoupled weight decay, and early stopping
+/// once the held-out loss has not improved for 12 evaluations (300 steps). On the 8,000-row MNIST split plain Adam
+/// overfits visibly (held-out loss lowest at 0.20 around step 600, then climbing to 0.30 while the train loss falls
+/// to 5e-5). With this schedule the held-out loss reaches 0.173 at step ~1,225 and the run stops at ~1,525 with
+/// 95.5% held-out accuracy (`tests/e2e.rs` measures it; weight decay 0.05 or 1.0 and patience 8 were tried and
+/// did worse); `serve --demo` then starts a fresh run with the next seed, so a volunteer always finds work.
 pub fn demo_hyper() -> Hyper {
     Hyper {
-        steps: 20_000,
+        steps: 3_000,
+        lr_schedule: starling_core::optim::LrSchedule::Cosine {
+            warmup_steps: 50,
+            min_ratio: 0.05,
+        },
+        weight_decay: 0.3,
+        patience: Some(12),
         ..Hyper::default()
     }
+}
+
+/// Starts the next run of the demo job (same dataset, next seed) once no run of it is left unfinished.
+async fn rerun_demo(app: &Arc<App>) -> anyhow::Result<()> {
+    let last = {
+        let st = app.state();
+        if st
+            .jobs()
+            .any(|j| j.name == DEMO_JOB && !j.status.is_terminal())
+        {
+            return Ok(());
+        }
+        match st.jobs().filter(|j| j.name == DEMO_JOB).last() {
+            Some(j) => (j.id, j.hyper.clone(), j.spec.clone(), j.owner),
+            None => return Ok(()),
+        }
+    };
+    let (prev, hyper, spec, owner) = last;
+    let dataset = app
+        .store
+        .jobs()
+        .await?
+        .into_iter()
+        .find(|r| r.id == prev)
+        .map(|r| r.dataset_id)
+        .context("the demo job vanished from the store")?;
+    let hyper = Hyper {
+        seed: hyper.seed + 1,
+        ..hyper
+    };
+    let id = app
+        .store
+        .insert_job(
+            DEMO_JOB,
+            &serde_json::to_string(&spec)?,
+            &serde_json::to_string(&hyper)?,
+            dataset,
+            owner,
+        )
+        .await?;
+    let load = load_job(&app.store, id)
+        .await?
+        .context("the new demo run vanished from the store")?;
+    tracing::info!(job = %id, previous = %prev, seed = hyper.seed, "demo run completed; started a fresh run");
+    let fx = {
+        let mut st = app.state();
+        st.load_job(load);
+        st.tick()
+    };
+    app.apply(fx).await;
+    let _ = app.events.send(id);
+    Ok(())
 }
 
 /// Name of the owner of the demo job.
@@ -169,24 +278,20 @@ pub async fn create_owner(store: &Store, name: &str) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// Recomputes a trusted worker's micro-batch with the CPU backend, off the async threads and the scheduler lock,
-/// and hands the reference to the scheduler. Boxed for the same reason as [`evaluate`].
-fn spot_check(
-    app: Arc<App>,
-    check: scheduler::SpotCheck,
-) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+/// Recomputes a micro-batch with the CPU backend (a spot check or an arbitration), off the async threads and the
+/// scheduler lock, and hands the reference to the scheduler. Boxed for the same reason as [`evaluate`].
+fn recompute(app: Arc<App>, r: scheduler::Recompute) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
-        let scheduler::SpotCheck {
-            arbitrate,
+        let scheduler::Recompute {
+            kind,
             job,
             step,
             micro,
-            lease,
             spec,
             params,
             x,
             labels,
-        } = check;
+        } = r;
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
             engine.load(&params)?;
@@ -196,19 +301,15 @@ fn spot_check(
         let reference = match out {
             Ok(Ok(r)) => Some(r),
             Ok(Err(e)) => {
-                tracing::error!(%job, error = %e, "spot-check recomputation failed; falling back to replication");
+                tracing::error!(%job, ?kind, error = %e, "recomputation failed; falling back to replication");
                 None
             }
             Err(e) => {
-                tracing::error!(%job, error = %e, "spot-check task panicked; falling back to replication");
+                tracing::error!(%job, ?kind, error = %e, "recomputation task panicked; falling back to replication");
                 None
             }
         };
-        let fx = if arbitrate {
-            app.state().arbitrated(job, step, micro, reference)
-        } else {
-            app.state().spot_checked(job, step, micro, lease, reference)
-        };
+        let fx = app.state().recomputed(job, step, micro, reference);
         app.apply(fx).await;
     })
 }
@@ -264,56 +365,74 @@ pub async fn ensure_demo_job(
     Ok(())
 }
 
-/// Loads every job and worker from the store into a fresh scheduler state.
-async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State> {
-    let mut state = State::new(SchedulerConfig {
+/// A worker's standing as the store has it.
+fn worker_info(w: &store::WorkerRow) -> WorkerInfo {
+    WorkerInfo {
+        name: w.name.clone(),
+        credits_flops: w.credits_flops as u64,
+        accepted: w.accepted as u64,
+        rejected: w.rejected as u64,
+        strikes: w.strikes as u32,
+        refused: w.refused,
+        near_misses: 0,
+    }
+}
+
+/// Everything the scheduler needs to bring job `id` into memory from the store (`None`: no such job).
+pub async fn load_job(store: &Store, id: JobId) -> anyhow::Result<Option<JobLoad>> {
+    let Some(row) = store.jobs().await?.into_iter().find(|r| r.id == id) else {
+        return Ok(None);
+    };
+    let spec: ModelSpec =
+        serde_json::from_str(&row.spec).with_context(|| format!("job {} spec", row.id))?;
+    let hyper: Hyper = serde_json::from_str(&row.hyper)
+        .with_context(|| format!("job {} hyperparameters", row.id))?;
+    let (train, test) = store.load_dataset(row.dataset_id).await?;
+    let checkpoint = store.load_checkpoint(row.id).await?;
+    let step = checkpoint.as_ref().map_or(0, |c| c.step);
+    let accepted = store.load_accepted(row.id, step).await?;
+    Ok(Some(JobLoad {
+        id: row.id,
+        owner: row.owner,
+        owner_name: match row.owner {
+            Some(id) => store.owner_name(id).await?,
+            None => None,
+        },
+        name: row.name,
+        spec,
+        hyper,
+        status: JobStatus::parse(&row.status),
+        created_ms: row.created_ms,
+        train,
+        test,
+        checkpoint,
+        accepted,
+    }))
+}
+
+/// The scheduler settings of a coordinator configuration, with the system clock and a per-start seed.
+pub fn scheduler_config(config: &ServeConfig) -> SchedulerConfig {
+    SchedulerConfig {
         strike_limit: config.strike_limit,
         speculate_after: Duration::from_millis(config.speculate_after_ms),
         trust_threshold: config.trust_threshold,
         spot_check_max_params: config.spot_check_max_params,
-    });
+        clock: scheduler::Clock::system(),
+        seed: None,
+    }
+}
+
+/// Loads every job and worker from the store into a fresh scheduler state.
+async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State> {
+    let mut state = State::new(scheduler_config(config));
     for w in store.workers().await? {
-        state.set_worker(
-            w.id,
-            WorkerInfo {
-                name: w.name,
-                credits_flops: w.credits_flops as u64,
-                accepted: w.accepted as u64,
-                rejected: w.rejected as u64,
-                strikes: w.strikes as u32,
-                refused: w.refused,
-                near_misses: 0,
-            },
-        );
+        state.set_worker(w.id, worker_info(&w));
     }
     for row in store.jobs().await? {
-        let spec: ModelSpec =
-            serde_json::from_str(&row.spec).with_context(|| format!("job {} spec", row.id))?;
-        let hyper: Hyper = serde_json::from_str(&row.hyper)
-            .with_context(|| format!("job {} hyperparameters", row.id))?;
-        let (train, test) = store.load_dataset(row.dataset_id).await?;
-        let checkpoint = store.load_checkpoint(row.id).await?;
-        let step = checkpoint.as_ref().map_or(0, |c| c.step);
-        let accepted = store.load_accepted(row.id, step).await?;
-        let metrics = store.metrics(row.id).await?;
-        state.load_job(JobLoad {
-            id: row.id,
-            owner: row.owner,
-            owner_name: match row.owner {
-                Some(id) => store.owner_name(id).await?,
-                None => None,
-            },
-            name: row.name,
-            spec,
-            hyper,
-            status: JobStatus::parse(&row.status),
-            created_ms: row.created_ms,
-            train,
-            test,
-            checkpoint,
-            accepted,
-        });
-        for m in metrics {
+        if let Some(load) = load_job(store, row.id).await? {
+            state.load_job(load);
+        }
+        for m in store.metrics(row.id).await? {
             state.restore_metric(row.id, m);
         }
     }
@@ -357,7 +476,7 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        let fx = app.state().tick(Instant::now());
+                        let fx = app.state().tick();
                         app.apply(fx).await;
                     }
                     _ = stop.changed() => break,
@@ -366,7 +485,33 @@ pub async fn run(
         })
     };
 
+    // The demo keeps volunteers busy: when its run completes (early stopping included), a fresh run starts.
+    let rerun = app.config.demo.then(|| {
+        let app = app.clone();
+        let mut stop = app.shutdown.clone();
+        let mut events = app.events.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = events.recv() => {
+                        if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            break;
+                        }
+                        if let Err(e) = rerun_demo(&app).await {
+                            tracing::error!(error = %e, "starting a fresh demo run failed");
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    });
+
     let router = http::router(app.clone());
+    // No Nagle delay: an `error` and the close frame written right after it must both leave before the socket closes.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let serve = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -377,6 +522,9 @@ pub async fn run(
     });
     serve.await?;
     reaper.abort();
+    if let Some(r) = rerun {
+        r.abort();
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -4,7 +4,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::Extension;
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,10 +20,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::broadcast::error::RecvError;
 
-use starling_core::protocol::{Backend, JobId};
+use starling_core::protocol::Backend;
 
 use crate::App;
-use crate::http::{ApiError, ApiResult, Auth, job_view, owned_job};
+use crate::http::{ApiResult, JobAccess, job_view};
 use crate::scheduler::State as Scheduler;
 
 /// Fastest a stream re-sends a job's view, however fast steps are applied.
@@ -32,26 +33,9 @@ const MIN_INTERVAL: Duration = Duration::from_millis(250);
 /// second). The owner's token (header or `?token=`) gives the full view; without one, public progress.
 pub async fn job_events(
     State(app): State<Arc<App>>,
-    auth: Auth,
-    Path(id): Path<u64>,
+    Extension(access): Extension<JobAccess>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let id = JobId(id);
-    let owned = match &auth.0 {
-        Some(_) => {
-            owned_job(&app, &auth, id)?;
-            true
-        }
-        None => {
-            if app.state().job(id).is_none() {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "not_found",
-                    "job not found",
-                ));
-            }
-            false
-        }
-    };
+    let (id, owned) = (access.id, access.owned);
     let rx = app.events.subscribe();
     let stream = futures_util::stream::unfold(
         (app, rx, None::<Instant>),

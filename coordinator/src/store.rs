@@ -104,6 +104,18 @@ pub struct AcceptedRow {
     pub grad: Vec<f32>,
 }
 
+/// A dataset as its owner lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DatasetRow {
+    pub id: i64,
+    pub name: String,
+    /// Features per row.
+    pub dim: usize,
+    pub train_rows: usize,
+    pub test_rows: usize,
+    pub created_ms: i64,
+}
+
 /// A metric point.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MetricRow {
@@ -248,6 +260,30 @@ impl Store {
                 |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
             (dim as usize, rows(r.get(1)), rows(r.get(2)))
         }))
+    }
+
+    /// The datasets `owner` uploaded, oldest first (`GET /api/v1/datasets`); row counts come from the stored lengths.
+    pub async fn owner_datasets(&self, owner: i64) -> Result<Vec<DatasetRow>> {
+        let rows = sqlx::query("SELECT id, name, dim, length(train), length(test), created_ms FROM datasets WHERE owner_id = ? ORDER BY id")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let dim: i64 = r.get(2);
+                let rows =
+                    |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
+                DatasetRow {
+                    id: r.get(0),
+                    name: r.get(1),
+                    dim: dim as usize,
+                    train_rows: rows(r.get(3)),
+                    test_rows: rows(r.get(4)),
+                    created_ms: r.get(5),
+                }
+            })
+            .collect())
     }
 
     pub async fn load_dataset(&self, id: i64) -> Result<(Dataset, Dataset)> {

@@ -1,8 +1,11 @@
 //! The worker WebSocket endpoint (`/ws`): authentication by hello, then frames to scheduler calls.
 //!
 //! Each connection is a reader (this task) and a writer task fed by an unbounded channel; the scheduler never
-//! awaits a socket. A frame that cannot be decoded, or is not valid at this point of the protocol, gets an
-//! `error` message and closes that connection only.
+//! awaits a socket. A frame that cannot be decoded, is not valid at this point of the protocol, or breaks a limit
+//! gets an `error` message and a close frame (docs/PROTOCOL.md, "Errors and limits": one code and one close code per
+//! case) and closes that connection only. Closing is a handshake, not a drop: after the writer has flushed both
+//! frames the reader keeps draining the peer's input until its close frame ([`LINGER`]), because a socket dropped
+//! with unread input is reset by the kernel and the peer would lose the very `error` that tells it why.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,19 +14,19 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use starling_core::protocol::{
-    CoordinatorMsg, ErrorCode, PROTOCOL_VERSION, WorkerMsg, encode, f32s,
+    CoordinatorMsg, ErrorCode, MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError, WorkerMsg,
+    encode, f32s,
 };
 
 use crate::App;
 use crate::scheduler::{ConnId, Outbound, frame_message};
 
-/// How long a new connection has to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite's default 128 KiB read buffer stays resident per idle socket; 4 KiB keeps ~6 KiB per connection.
 const READ_BUFFER: usize = 4 * 1024;
 
@@ -142,79 +145,184 @@ impl Bucket {
     }
 }
 
-async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
-    let writer = tokio::spawn(
-        async move {
-            while let Some(out) = rx.recv().await {
-                match out {
-                    Outbound::Frame(m) => {
-                        if sink.send(m).await.is_err() {
-                            break;
-                        }
-                    }
-                    Outbound::Close(code, message) => {
-                        let err = frame_message(encode(
-                            &CoordinatorMsg::Error {
-                                code,
-                                message: message.clone(),
-                            },
-                            &[],
-                        ));
-                        let _ = sink.send(err).await;
-                        let reason: String = message.chars().take(120).collect();
-                        let _ = sink
-                            .send(Message::Close(Some(CloseFrame {
-                                code: close_code_for(code),
-                                reason: reason.into(),
-                            })))
-                            .await;
-                        break;
-                    }
+/// How long a closing connection is kept for the closing handshake: the writer flushes our `error` and close frames,
+/// then the reader discards whatever the peer still sends until its close frame (or EOF). Dropping a socket with
+/// unread input makes the kernel answer with a TCP reset that also discards what we sent and the peer has not yet
+/// received, so a client still writing (a flood) would see close 1006 and never learn which limit it broke.
+const LINGER: Duration = Duration::from_secs(2);
+/// After a read error (an over-size message) the peer's remaining bytes cannot be drained through the WebSocket, so
+/// the socket is held this long for our `error` and close frames to reach the peer before the reset.
+const GRACE: Duration = Duration::from_millis(250);
+/// Longest close-frame reason: a control frame's payload is at most 125 bytes, 2 of them the code.
+const MAX_REASON_BYTES: usize = 123;
+
+/// The answer to a frame that breaks the framing rules (docs/PROTOCOL.md, "Errors and limits"): a header over
+/// 16 KiB is a limit; anything else that cannot be decoded is a bad frame.
+fn decode_refusal(e: &ProtocolError) -> (ErrorCode, String) {
+    match e {
+        ProtocolError::HeaderLength(h) if *h > MAX_HEADER_BYTES => (
+            ErrorCode::Limit,
+            format!("header of {h} bytes is over the limit of {MAX_HEADER_BYTES}"),
+        ),
+        other => (ErrorCode::BadFrame, other.to_string()),
+    }
+}
+
+/// The answer to a WebSocket read error, or `None` when the peer is gone and nothing can be said.
+fn read_refusal(e: axum::Error) -> Option<(ErrorCode, String)> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    let e = e.into_inner().downcast::<WsError>().ok()?;
+    match *e {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some((
+            ErrorCode::Limit,
+            format!("message of {size} bytes is over the limit of {max_size} (--max-frame-bytes)"),
+        )),
+        WsError::Capacity(c) => Some((ErrorCode::Limit, c.to_string())),
+        WsError::Utf8(_) => Some((ErrorCode::BadFrame, "text frame is not valid UTF-8".into())),
+        WsError::Protocol(p) => Some((
+            ErrorCode::BadFrame,
+            format!("WebSocket protocol error: {p}"),
+        )),
+        _ => None,
+    }
+}
+
+/// A close-frame reason: the message, cut at a character boundary to fit a control frame.
+fn close_reason(message: &str) -> String {
+    let mut end = message.len().min(MAX_REASON_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_string()
+}
+
+/// The writer task: sends frames in order; `Outbound::Close` sends the `error` message and the close frame (each
+/// flushed) and ends the task, so nothing queued after it goes out.
+async fn write(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outbound::Frame(m) => {
+                if sink.send(m).await.is_err() {
+                    return;
                 }
             }
+            Outbound::Close(code, message) => {
+                let reason = close_reason(&message);
+                let err = frame_message(encode(&CoordinatorMsg::Error { code, message }, &[]));
+                if sink.send(err).await.is_ok() {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: close_code_for(code),
+                            reason: reason.into(),
+                        })))
+                        .await;
+                }
+                return;
+            }
         }
-        .in_current_span(),
-    );
-    let close = |code: ErrorCode, msg: String| {
-        tracing::info!(?code, %msg, "closing connection");
-        let _ = tx.send(Outbound::Close(code, msg));
-    };
-    let Some(_slot) = app
-        .per_addr
-        .acquire(addr.ip(), app.config.max_conns_per_addr)
-    else {
-        close(
-            ErrorCode::Limit,
-            format!(
-                "too many connections from {} (limit {})",
-                addr.ip(),
-                app.config.max_conns_per_addr
-            ),
-        );
-        return finish(writer).await;
-    };
+    }
+}
 
+async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
+    let writer = tokio::spawn(write(sink, rx).in_current_span());
+    // The slot is held until the connection is fully closed (after the linger), so a closing flood still counts.
+    let slot = app
+        .per_addr
+        .acquire(addr.ip(), app.config.max_conns_per_addr);
+    let read_failed = match &slot {
+        None => {
+            close(
+                &tx,
+                ErrorCode::Limit,
+                format!(
+                    "too many connections from {} (limit {}, --max-conns-per-addr)",
+                    addr.ip(),
+                    app.config.max_conns_per_addr
+                ),
+            );
+            false
+        }
+        Some(_) => session(&mut stream, &tx, addr, &app).await,
+    };
+    drop(tx);
+    linger(&mut stream, writer, read_failed).await;
+    drop(slot);
+}
+
+/// Asks the writer to send `error` with `code` and close the connection.
+fn close(tx: &mpsc::UnboundedSender<Outbound>, code: ErrorCode, message: String) {
+    tracing::info!(?code, %message, "closing connection");
+    let _ = tx.send(Outbound::Close(code, message));
+}
+
+/// Finishes a connection: waits for the writer to flush (bounded), then completes the closing handshake by reading
+/// and discarding until the peer's close frame or EOF, so the socket is not dropped with unread input (see
+/// [`LINGER`]).
+async fn linger(
+    stream: &mut SplitStream<WebSocket>,
+    mut writer: tokio::task::JoinHandle<()>,
+    read_failed: bool,
+) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    if tokio::time::timeout_at(deadline, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    if read_failed {
+        tokio::time::sleep(GRACE).await;
+        return;
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
+
+/// Hello, then messages until the connection ends. Returns whether reading failed (after which the stream yields
+/// nothing more).
+async fn session(
+    stream: &mut SplitStream<WebSocket>,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    addr: SocketAddr,
+    app: &Arc<App>,
+) -> bool {
     // Hello first, within a deadline.
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+    let hello_timeout = Duration::from_millis(app.config.hello_timeout_ms);
+    let first = match tokio::time::timeout(hello_timeout, stream.next()).await {
         Ok(Some(Ok(m))) => m,
         Ok(Some(Err(e))) => {
-            close(ErrorCode::Limit, format!("unreadable first frame: {e}"));
-            return finish(writer).await;
+            if let Some((code, message)) = read_refusal(e) {
+                close(tx, code, message);
+            }
+            return true;
         }
-        Ok(None) => return finish(writer).await,
+        Ok(None) => return false,
         Err(_) => {
-            close(ErrorCode::OutOfProtocol, "no hello within 10 s".into());
-            return finish(writer).await;
+            close(
+                tx,
+                ErrorCode::OutOfProtocol,
+                format!("no hello within {} ms", app.config.hello_timeout_ms),
+            );
+            return false;
         }
     };
     let hello = match &first {
-        Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map_err(|e| e.to_string()),
-        Message::Binary(b) => WorkerMsg::decode_binary(b)
-            .map(|(m, _)| m)
-            .map_err(|e| e.to_string()),
-        _ => Err("expected a hello message".into()),
+        Message::Text(t) => WorkerMsg::decode_text(t.as_str()),
+        Message::Binary(b) => WorkerMsg::decode_binary(b).map(|(m, _)| m),
+        Message::Close(_) => return false,
+        Message::Ping(_) | Message::Pong(_) => {
+            close(
+                tx,
+                ErrorCode::OutOfProtocol,
+                "the first message must be hello, not a ping".into(),
+            );
+            return false;
+        }
     };
     let (token, name, backend, adapter, platform) = match hello {
         Ok(WorkerMsg::Hello {
@@ -227,27 +335,33 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
         }) => {
             if protocol != PROTOCOL_VERSION {
                 close(
+                    tx,
                     ErrorCode::ProtocolVersion,
                     format!("this coordinator speaks protocol {PROTOCOL_VERSION}, not {protocol}"),
                 );
-                return finish(writer).await;
+                return false;
             }
             let trim = |s: String| s.chars().take(200).collect::<String>();
             (token, name.map(trim), backend, trim(adapter), platform)
         }
         Ok(other) => {
+            let kind = match other {
+                WorkerMsg::Hello { .. } => "hello",
+                WorkerMsg::Ready => "ready",
+                WorkerMsg::Result { .. } => "result",
+                WorkerMsg::Failed { .. } => "failed",
+            };
             close(
+                tx,
                 ErrorCode::OutOfProtocol,
-                format!("first message must be hello, got {other:?}")
-                    .chars()
-                    .take(200)
-                    .collect(),
+                format!("the first message must be hello, not {kind}"),
             );
-            return finish(writer).await;
+            return false;
         }
         Err(e) => {
-            close(ErrorCode::BadFrame, format!("cannot decode hello: {e}"));
-            return finish(writer).await;
+            let (code, message) = decode_refusal(&e);
+            close(tx, code, format!("cannot decode hello: {message}"));
+            return false;
         }
     };
 
@@ -269,20 +383,22 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
                 Err(e) => {
                     tracing::error!(error = %e, "cannot create worker");
                     close(
+                        tx,
                         ErrorCode::ShuttingDown,
                         "internal error; try again later".into(),
                     );
-                    return finish(writer).await;
+                    return false;
                 }
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot look up worker");
             close(
+                tx,
                 ErrorCode::ShuttingDown,
                 "internal error; try again later".into(),
             );
-            return finish(writer).await;
+            return false;
         }
     };
     tracing::Span::current().record("worker", row.id.0);
@@ -311,46 +427,65 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
     };
     let Some(conn) = registered else {
         close(
+            tx,
             ErrorCode::Refused,
             "this worker was refused after repeated rejected results".into(),
         );
-        return finish(writer).await;
+        return false;
     };
     tracing::info!(?backend, %adapter, ?platform, "worker connected");
+    let read_failed = serve(stream, tx, conn, app).await;
+    let fx = app.state().disconnect(conn);
+    app.apply(fx).await;
+    tracing::info!("worker disconnected");
+    read_failed
+}
 
+/// The admitted worker's messages, until it leaves, breaks a rule, is closed by the scheduler (`error refused`) or
+/// the coordinator shuts down. Returns whether reading failed.
+async fn serve(
+    stream: &mut SplitStream<WebSocket>,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    conn: ConnId,
+    app: &Arc<App>,
+) -> bool {
     let mut bucket = Bucket::new(app.config.msg_rate, app.config.msg_burst);
     let mut stop = app.shutdown.clone();
+    let flood = || {
+        format!(
+            "more than {} unsolicited messages per second (burst {}, --msg-rate/--msg-burst)",
+            app.config.msg_rate, app.config.msg_burst
+        )
+    };
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
+            // The writer ended: the scheduler closed this connection (e.g. `error refused`) or the socket failed.
+            () = tx.closed() => return false,
             _ = stop.changed() => {
-                close(ErrorCode::ShuttingDown, "coordinator is shutting down".into());
-                break;
+                close(tx, ErrorCode::ShuttingDown, "coordinator is shutting down".into());
+                return false;
             }
         };
         let msg = match msg {
-            None => break,
+            None => return false,
             Some(Err(e)) => {
-                // tungstenite reports size-limit breaches as read errors.
-                close(ErrorCode::Limit, format!("connection error: {e}"));
-                break;
+                if let Some((code, message)) = read_refusal(e) {
+                    close(tx, code, message);
+                }
+                return true;
             }
             Some(Ok(m)) => m,
-        };
-        let flood = || {
-            format!(
-                "more than {} unsolicited messages per second (burst {})",
-                app.config.msg_rate, app.config.msg_burst
-            )
         };
         let decoded = match &msg {
             Message::Text(t) => WorkerMsg::decode_text(t.as_str()).map(|m| (m, &[][..])),
             Message::Binary(b) => WorkerMsg::decode_binary(b),
-            Message::Close(_) => break,
+            Message::Close(_) => return false,
+            // WebSocket control frames are messages too: a ping flood costs us a pong each.
             Message::Ping(_) | Message::Pong(_) => {
                 if !bucket.take() {
-                    close(ErrorCode::Limit, flood());
-                    break;
+                    close(tx, ErrorCode::Limit, flood());
+                    return false;
                 }
                 continue;
             }
@@ -358,20 +493,21 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
         let (msg, payload) = match decoded {
             Ok(x) => x,
             Err(e) => {
-                close(ErrorCode::BadFrame, e.to_string());
-                break;
+                let (code, message) = decode_refusal(&e);
+                close(tx, code, message);
+                return false;
             }
         };
         // The protocol's own flow (one `result` per lease held, one `ready` when idle) is paced by the leases we hand
         // out, so only messages outside it are rate-limited: an honest worker is never cut off however fast it is.
         if !app.state().solicited(conn, &msg) && !bucket.take() {
-            close(ErrorCode::Limit, flood());
-            break;
+            close(tx, ErrorCode::Limit, flood());
+            return false;
         }
         let fx = match msg {
             WorkerMsg::Hello { .. } => {
-                close(ErrorCode::OutOfProtocol, "hello sent twice".into());
-                break;
+                close(tx, ErrorCode::OutOfProtocol, "hello sent twice".into());
+                return false;
             }
             WorkerMsg::Ready => app.state().ready(conn),
             WorkerMsg::Result {
@@ -397,14 +533,4 @@ async fn connection(socket: WebSocket, addr: SocketAddr, app: Arc<App>) {
         };
         app.apply(fx).await;
     }
-    let fx = app.state().disconnect(conn);
-    app.apply(fx).await;
-    tracing::info!("worker disconnected");
-    drop(tx);
-    finish(writer).await;
-}
-
-async fn finish(writer: tokio::task::JoinHandle<()>) {
-    // The writer ends once every sender is dropped or after sending a close; give it a moment to flush.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }

@@ -79,6 +79,58 @@ impl OptimizerSpec {
     }
 }
 
+/// How the learning rate changes over a job's steps: a factor applied to the optimizer's `lr`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// The optimizer's `lr` throughout.
+    #[default]
+    Constant,
+    /// Linear warm-up over `warmup_steps`, then cosine decay to `min_ratio × lr` at the job's last step.
+    Cosine {
+        #[serde(default)]
+        warmup_steps: u64,
+        #[serde(default = "default_min_ratio")]
+        min_ratio: f32,
+    },
+}
+
+fn default_min_ratio() -> f32 {
+    0.1
+}
+
+impl LrSchedule {
+    /// The factor for the update that takes the model from step `step` to `step + 1` of `total`.
+    pub fn factor(&self, step: u64, total: u64) -> f32 {
+        match *self {
+            Self::Constant => 1.0,
+            Self::Cosine {
+                warmup_steps,
+                min_ratio,
+            } => {
+                if step < warmup_steps {
+                    return (step + 1) as f32 / warmup_steps as f32;
+                }
+                let span = total.saturating_sub(warmup_steps).max(1) as f64;
+                let t = ((step - warmup_steps) as f64 / span).min(1.0);
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                (min_ratio as f64 + (1.0 - min_ratio as f64) * cos) as f32
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if let Self::Cosine { min_ratio, .. } = *self
+            && !(0.0..=1.0).contains(&min_ratio)
+        {
+            return Err(format!(
+                "lr_schedule min_ratio must be in [0, 1], got {min_ratio}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Optimizer state for one model: moments and the step count. Serialised into checkpoints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Optimizer {
@@ -108,7 +160,26 @@ impl Optimizer {
 
     /// Applies one update in place: `params -= f(grad)`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
+        self.step_scaled(params, grad, 1.0, 0.0);
+    }
+
+    /// One update with the learning rate scaled by `lr_scale` (a schedule) and decoupled weight decay
+    /// (AdamW-style: `params -= lr × lr_scale × weight_decay × params` before the gradient step).
+    pub fn step_scaled(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        lr_scale: f32,
+        weight_decay: f32,
+    ) {
         self.t += 1;
+        let base = match self.spec {
+            OptimizerSpec::Adam { lr, .. } | OptimizerSpec::Sgd { lr, .. } => lr,
+        };
+        if weight_decay > 0.0 {
+            let keep = 1.0 - base * lr_scale * weight_decay;
+            params.iter_mut().for_each(|p| *p *= keep);
+        }
         match self.spec {
             OptimizerSpec::Adam {
                 lr,
@@ -118,7 +189,7 @@ impl Optimizer {
             } => {
                 let c1 = 1.0 - beta1.powi(self.t.min(i32::MAX as u64) as i32);
                 let c2 = 1.0 - beta2.powi(self.t.min(i32::MAX as u64) as i32);
-                let step = lr * c2.sqrt() / c1;
+                let step = lr * lr_scale * c2.sqrt() / c1;
                 for i in 0..params.len() {
                     let g = grad[i];
                     self.m[i] = beta1 * self.m[i] + (1.0 - beta1) * g;
@@ -129,7 +200,7 @@ impl Optimizer {
             OptimizerSpec::Sgd { lr, momentum } => {
                 for i in 0..params.len() {
                     self.m[i] = momentum * self.m[i] + grad[i];
-                    params[i] -= lr * self.m[i];
+                    params[i] -= lr * lr_scale * self.m[i];
                 }
             }
         }
@@ -184,6 +255,34 @@ mod tests {
         assert!(p.iter().all(|v| v.abs() < 1e-2), "{p:?}");
         let back = Optimizer::from_bytes(opt.spec, 2, &opt.to_bytes()).unwrap();
         assert_eq!(back, opt);
+    }
+
+    #[test]
+    fn cosine_schedule_warms_up_and_decays_to_its_floor() {
+        let s = LrSchedule::Cosine {
+            warmup_steps: 10,
+            min_ratio: 0.1,
+        };
+        assert!((s.factor(0, 110) - 0.1).abs() < 1e-6);
+        assert!((s.factor(9, 110) - 1.0).abs() < 1e-6);
+        assert!((s.factor(10, 110) - 1.0).abs() < 1e-6);
+        assert!((s.factor(60, 110) - 0.55).abs() < 1e-4);
+        assert!((s.factor(110, 110) - 0.1).abs() < 1e-6);
+        assert_eq!(LrSchedule::Constant.factor(5, 10), 1.0);
+    }
+
+    #[test]
+    fn weight_decay_shrinks_parameters_without_a_gradient() {
+        let mut opt = Optimizer::new(
+            OptimizerSpec::Sgd {
+                lr: 0.1,
+                momentum: 0.0,
+            },
+            1,
+        );
+        let mut p = vec![2.0f32];
+        opt.step_scaled(&mut p, &[0.0], 0.5, 0.2);
+        assert!((p[0] - 2.0 * (1.0 - 0.1 * 0.5 * 0.2)).abs() < 1e-6);
     }
 
     #[test]

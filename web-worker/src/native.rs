@@ -78,7 +78,17 @@ pub async fn run_on(
             }
         };
         let replies = match &msg {
-            Message::Text(t) => session.handle(Incoming::Text(t.as_str())).await,
+            Message::Text(t) => {
+                let before = session.stats().waiting.clone();
+                let replies = session.handle(Incoming::Text(t.as_str())).await;
+                // An idle worker says why it has no work (fair scheduling tells it its place in line).
+                if let Some(reason) = &session.stats().waiting
+                    && before.as_ref() != Some(reason)
+                {
+                    tracing::info!(%reason, "waiting for work");
+                }
+                replies
+            }
             Message::Binary(b) => session.handle(Incoming::Binary(b)).await,
             Message::Close(frame) => {
                 closed_by = Some(

@@ -1,0 +1,290 @@
+//! Who gets which lease. Fair among workers: idle workers are served longest-waiting first, so when a step has
+//! fewer open leases than idle workers the same fast connections cannot win them every time. Fair among jobs:
+//! stride scheduling by `hyper.weight` (like BOINC's resource share): each lease advances its job's pass by
+//! `1 / weight`, and the running job with the lowest pass that has work for this worker goes first. Replica
+//! placement: never two replicas of a micro-batch to one worker, preferably not from one address; speculative
+//! replicas of stragglers only once no fresh work is left; adaptive replication rolls here.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Message;
+
+use starling_core::protocol::{CoordinatorMsg, JobId, LeaseId, WorkerId, lease_payload};
+
+use super::conns::Lease;
+use super::effects::{ConnId, Effects, Outbound};
+use super::job_run::JobRun;
+use super::micro::{Micro, Phase};
+use super::{SPOT_P_MIN, State};
+use crate::job::JobStatus;
+
+/// Why an idle worker has no lease (sent once per idle period as `waiting`).
+fn waiting_reason(running: usize, position: usize, idle: usize) -> String {
+    if running == 0 {
+        "no job is running".into()
+    } else {
+        format!(
+            "every open micro-batch is leased; you are {} of {idle} idle workers in line (longest-waiting first)",
+            position + 1
+        )
+    }
+}
+
+impl State {
+    /// Hands out leases to every idle worker that can get one, longest-waiting first; the rest are told why not.
+    pub(super) fn assign_all(&mut self, fx: &mut Effects) {
+        let now = self.now();
+        let work = self
+            .jobs
+            .values()
+            .any(|j| j.status == JobStatus::Running && j.micros.iter().any(Micro::unsettled));
+        let mut idle: Vec<(u64, ConnId)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| match (c.ready, c.lease) {
+                (Some(since), None) => Some((since, *id)),
+                _ => None,
+            })
+            .collect();
+        idle.sort_unstable();
+        let mut left: Vec<ConnId> = Vec::new();
+        for &(_, conn) in &idle {
+            if !work || !self.assign(conn, now, false, fx) {
+                left.push(conn);
+            }
+        }
+        // Speculative replicas of stragglers only after every fresh micro-batch found a worker.
+        let mut still: Vec<ConnId> = Vec::new();
+        for conn in left {
+            if !work || !self.assign(conn, now, true, fx) {
+                still.push(conn);
+            }
+        }
+        let running = self
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Running)
+            .count();
+        let waiting = still.len();
+        for (position, conn) in still.into_iter().enumerate() {
+            if let Some(c) = self.conns.get_mut(&conn)
+                && !c.waiting_sent
+            {
+                c.waiting_sent = true;
+                let reason = waiting_reason(running, position, waiting);
+                fx.send_msg(conn, None, &CoordinatorMsg::Waiting { reason });
+            }
+        }
+    }
+
+    /// Serves one worker that just asked: everyone idle longer was already offered all there is (every handler
+    /// ends by serving the idle), so only this worker needs a look.
+    pub(super) fn assign_one(&mut self, conn: ConnId, fx: &mut Effects) {
+        let now = self.now();
+        if self.assign(conn, now, false, fx) || self.assign(conn, now, true, fx) {
+            return;
+        }
+        let running = self
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Running)
+            .count();
+        let idle = self
+            .conns
+            .values()
+            .filter(|c| c.ready.is_some() && c.lease.is_none())
+            .count();
+        if let Some(c) = self.conns.get_mut(&conn)
+            && c.ready.is_some()
+            && !c.waiting_sent
+        {
+            c.waiting_sent = true;
+            let reason = waiting_reason(running, idle.saturating_sub(1), idle);
+            fx.send_msg(conn, None, &CoordinatorMsg::Waiting { reason });
+        }
+    }
+
+    /// Gives `conn` a lease (a speculative replica when `speculative`) if a running job has one it may take.
+    fn assign(
+        &mut self,
+        conn_id: ConnId,
+        now: Instant,
+        speculative: bool,
+        fx: &mut Effects,
+    ) -> bool {
+        let Some(conn) = self.conns.get(&conn_id) else {
+            return false;
+        };
+        if conn.ready.is_none() || conn.lease.is_some() {
+            return false;
+        }
+        let (worker, addr) = (conn.worker, conn.addr);
+        if self.workers.get(&worker).is_some_and(|w| w.refused) {
+            return false;
+        }
+        let mut order: Vec<(f64, JobId)> = self
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Running)
+            .map(|j| (j.pass, j.id))
+            .collect();
+        order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let speculate_after = self.config.speculate_after;
+        let salt = self.rng.next_u64();
+        let choice = order.into_iter().find_map(|(_, id)| {
+            let job = &self.jobs[&id];
+            let micro = if speculative {
+                pick_straggler(job, worker, now, speculate_after, &self.leases)
+            } else {
+                pick_fresh(job, worker, addr, salt)
+            };
+            micro.map(|m| (id, m))
+        });
+        let Some((job_id, micro)) = choice else {
+            return false;
+        };
+        self.lease(conn_id, job_id, micro, speculative, now, fx);
+        true
+    }
+
+    /// Issues a lease of `micro` of `job_id` to `conn_id` (the model first if the connection lacks this version).
+    fn lease(
+        &mut self,
+        conn_id: ConnId,
+        job_id: JobId,
+        micro: usize,
+        speculative: bool,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
+        let lease_id = LeaseId(self.next_lease);
+        self.next_lease += 1;
+        let Some(worker) = self.conns.get(&conn_id).map(|c| c.worker) else {
+            return;
+        };
+        let addr = self.conns[&conn_id].addr;
+        let record = self.trust_record(conn_id, worker);
+        let roll = self.rng.next_f64();
+        let (threshold, max_params) = (
+            self.config.trust_threshold,
+            self.config.spot_check_max_params,
+        );
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        job.pass += 1.0 / job.hyper.weight as f64;
+        let deadline = now + Duration::from_millis(job.hyper.lease_timeout_ms);
+        let adaptive = job.hyper.adaptive && job.spec.param_count() <= max_params;
+        let m = &mut job.micros[micro];
+        // Adaptive replication: a trusted worker's fresh micro-batch is replicated only with probability
+        // max(P_MIN, 1 / record); otherwise it is leased to that worker alone and spot-checked by recomputation.
+        if adaptive
+            && !speculative
+            && m.involved.is_empty()
+            && record >= threshold
+            && roll >= SPOT_P_MIN.max(1.0 / record as f64)
+        {
+            m.phase = Phase::Open {
+                wanted: 1,
+                solo: true,
+            };
+        }
+        m.active.push(lease_id);
+        m.involved.push((worker, addr));
+        let (x, labels) = job.train.gather(&m.rows);
+        job.counters.leases_issued += 1;
+        if speculative {
+            job.counters.speculative_leases += 1;
+        }
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        if conn.model != Some((job.id, job.step)) {
+            fx.send_lease(
+                conn_id,
+                job.id,
+                lease_id,
+                Outbound::Frame(Message::Binary(job.model_frame.clone())),
+            );
+            conn.model = Some((job.id, job.step));
+        }
+        let msg = CoordinatorMsg::Lease {
+            lease: lease_id,
+            job: job.id,
+            version: job.step,
+            step: job.step,
+            micro_batch: micro as u32,
+            rows: labels.len() as u32,
+            deadline_ms: job.hyper.lease_timeout_ms,
+        };
+        fx.send_lease(
+            conn_id,
+            job.id,
+            lease_id,
+            Outbound::msg(&msg, &lease_payload(&x, &labels)),
+        );
+        conn.ready = None;
+        conn.lease = Some(lease_id);
+        conn.waiting_sent = false;
+        self.leases.insert(
+            lease_id,
+            Lease {
+                job: job.id,
+                step: job.step,
+                micro: micro as u32,
+                conn: conn_id,
+                worker,
+                issued: now,
+                deadline,
+            },
+        );
+    }
+}
+
+/// Whether `worker` may take a replica of `m` at all.
+fn open_to(m: &Micro, worker: WorkerId) -> bool {
+    matches!(m.phase, Phase::Open { .. }) && !m.involved.iter().any(|(w, _)| *w == worker)
+}
+
+/// A micro-batch of `job` still short of its wanted replicas that `worker` has not touched, preferring those none
+/// of whose replicas came from the same address, then the least replicated, then a random one (salted per call,
+/// so colluders cannot choose to meet).
+fn pick_fresh(job: &JobRun, worker: WorkerId, addr: std::net::IpAddr, salt: u64) -> Option<usize> {
+    let mut best: Option<(bool, u32, u64, usize)> = None;
+    for (i, m) in job.micros.iter().enumerate() {
+        if !open_to(m, worker) || m.wanted().is_none_or(|w| m.replicas() >= w) {
+            continue;
+        }
+        let key = (
+            m.involved.iter().any(|(_, a)| *a == addr),
+            m.replicas(),
+            starling_core::rng::SplitMix64::new(salt ^ i as u64).next_u64(),
+            i,
+        );
+        if best.is_none_or(|b| key < b) {
+            best = Some(key);
+        }
+    }
+    best.map(|(_, _, _, i)| i)
+}
+
+/// A speculative extra replica of a micro-batch of `job` whose lease has been out for a while (at least
+/// `speculate_after`, and three times the job's typical result latency).
+fn pick_straggler(
+    job: &JobRun,
+    worker: WorkerId,
+    now: Instant,
+    speculate_after: Duration,
+    leases: &std::collections::HashMap<LeaseId, Lease>,
+) -> Option<usize> {
+    let threshold = speculate_after.max(Duration::from_secs_f64(3.0 * job.result_ms / 1000.0));
+    job.micros.iter().enumerate().find_map(|(i, m)| {
+        let straggling = m.active.iter().any(|l| {
+            leases
+                .get(l)
+                .is_some_and(|l| now.duration_since(l.issued) >= threshold)
+        });
+        let room = m.wanted().is_some_and(|w| m.replicas() < w + 1);
+        (open_to(m, worker) && straggling && room).then_some(i)
+    })
+}

@@ -1,0 +1,67 @@
+//! Per-job counters since the coordinator started, and the step-duration histogram (persistent figures come from
+//! the database).
+
+/// Counters of one job since the coordinator started. Every field is served by `/metrics` and the job view.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JobCounters {
+    pub leases_issued: u64,
+    pub leases_expired: u64,
+    pub speculative_leases: u64,
+    pub results_accepted: u64,
+    pub results_rejected: u64,
+    /// Results answered `late`: expired, foreign or superseded leases, micro-batches already abandoned, and near
+    /// misses (also counted in `near_misses`).
+    pub results_late: u64,
+    pub results_failed: u64,
+    /// Results within the near-miss band of a recomputation: not used, not credited, not struck (three in a row
+    /// are a strike).
+    pub near_misses: u64,
+    pub disagreements: u64,
+    /// Micro-batches that reached their step's model, and those of them whose accepted result is the
+    /// coordinator's own recomputation (only near misses agreed with it; nobody was credited).
+    pub micro_batches_accepted: u64,
+    pub micro_batches_by_coordinator: u64,
+    pub micro_batches_abandoned: u64,
+    /// Trusted results recomputed by the coordinator instead of replicated, and how many of those disagreed.
+    pub spot_checks: u64,
+    pub spot_check_failures: u64,
+    /// Disagreements settled by the coordinator's own recomputation.
+    pub arbitrations: u64,
+    pub steps_applied: u64,
+}
+
+/// A Prometheus-style cumulative histogram of seconds.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// Observations ≤ each bound (cumulative), then the total count and sum.
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        Self {
+            counts: vec![0; bounds.len()],
+            bounds,
+            count: 0,
+            sum: 0.0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+}

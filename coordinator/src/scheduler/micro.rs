@@ -1,0 +1,149 @@
+//! One micro-batch of one step: its rows, the replicas leased and submitted, and where it is in its lifecycle.
+//!
+//! ```text
+//!             ┌─────────── result (replicas agree: quorum) ──────────────┐
+//!             │                                                           ▼
+//!  Open{wanted} ── wanted replicas in, no quorum ──► Checking ── reference ──► Accepted
+//!     ▲   │                (model small enough)          │  (a replica or near misses agree with it)
+//!     │   │ solo (adaptive) first result ───────────────►│
+//!     │   └─ no quorum, model too large: wanted += 1     │
+//!     │      (tie-breaker) ... wanted = MAX ─► Abandoned │
+//!     └──────────── no replica agrees with the reference ┘  (or the recomputation could not run)
+//! ```
+//!
+//! `Open`: leases may be issued while `active + subs < wanted` (one more as a speculative replica of a straggler).
+//! `Checking`: the coordinator is recomputing the micro-batch; no new leases; results still arriving from active
+//! leases join `subs` and are judged against the reference too. `Accepted` and `Abandoned` are final for the step:
+//! a later replica of an accepted micro-batch is compared with the accepted result (credited if it agrees); one
+//! of an abandoned micro-batch is late. Transitions: [`Micro::check`], [`Micro::reopen`], [`Micro::accept`],
+//! [`Micro::abandon`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use starling_core::protocol::{LeaseId, WorkerId};
+
+use super::effects::{CheckKind, ConnId};
+
+/// A validated result waiting for its micro-batch to settle.
+#[derive(Debug)]
+pub(super) struct Submission {
+    pub worker: WorkerId,
+    pub conn: ConnId,
+    pub lease: LeaseId,
+    pub loss: f32,
+    pub correct: u32,
+    pub grad: Vec<f32>,
+}
+
+impl Submission {
+    pub fn candidate(&self) -> crate::verify::Candidate<'_> {
+        crate::verify::Candidate {
+            loss: self.loss,
+            correct: self.correct,
+            grad: &self.grad,
+        }
+    }
+}
+
+/// The result a micro-batch contributes to its step.
+#[derive(Debug, Clone)]
+pub(super) struct Outcome {
+    pub loss: f32,
+    pub correct: u32,
+    pub grad: Arc<Vec<f32>>,
+    /// Independent computations that agreed on it (the coordinator's recomputation counts as one).
+    pub agreeing: u32,
+}
+
+#[derive(Debug)]
+pub(super) enum Phase {
+    Open {
+        /// Replicas wanted now: R, plus one per tie-breaker; 1 for a trusted worker's solo lease.
+        wanted: u32,
+        /// Leased to one trusted worker only (adaptive replication): its result goes to a spot check.
+        solo: bool,
+    },
+    Checking {
+        kind: CheckKind,
+        /// Replicas wanted if the recomputation cannot run and the micro-batch goes back to replication.
+        fallback: u32,
+    },
+    Accepted(Outcome),
+    /// No quorum within `MAX_REPLICAS` (models too large to recompute): the step goes on without it.
+    Abandoned,
+}
+
+#[derive(Debug)]
+pub(super) struct Micro {
+    pub rows: Vec<u32>,
+    pub phase: Phase,
+    /// Outstanding leases of this micro-batch.
+    pub active: Vec<LeaseId>,
+    /// Validated results not yet settled.
+    pub subs: Vec<Submission>,
+    /// Workers (and their addresses) ever leased this micro-batch in this step: none gets it twice.
+    pub involved: Vec<(WorkerId, IpAddr)>,
+}
+
+impl Micro {
+    pub fn new(rows: Vec<u32>, wanted: u32) -> Self {
+        Self {
+            rows,
+            phase: Phase::Open {
+                wanted,
+                solo: false,
+            },
+            active: Vec::new(),
+            subs: Vec::new(),
+            involved: Vec::new(),
+        }
+    }
+
+    /// Replicas leased or submitted so far.
+    pub fn replicas(&self) -> u32 {
+        (self.active.len() + self.subs.len()) as u32
+    }
+
+    /// Whether the step still waits for this micro-batch.
+    pub fn unsettled(&self) -> bool {
+        matches!(self.phase, Phase::Open { .. } | Phase::Checking { .. })
+    }
+
+    /// Replicas wanted while open (`None` once it is being checked or is settled).
+    pub fn wanted(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Open { wanted, .. } => Some(wanted),
+            _ => None,
+        }
+    }
+
+    /// Open → Checking: the coordinator recomputes it.
+    pub fn check(&mut self, kind: CheckKind, fallback: u32) {
+        debug_assert!(matches!(self.phase, Phase::Open { .. }));
+        self.phase = Phase::Checking { kind, fallback };
+    }
+
+    /// Checking/Open → Open with `wanted` replicas (a failed check, or a tie-breaker).
+    pub fn reopen(&mut self, wanted: u32) {
+        debug_assert!(self.unsettled());
+        self.phase = Phase::Open {
+            wanted,
+            solo: false,
+        };
+    }
+
+    /// Open/Checking → Accepted.
+    pub fn accept(&mut self, outcome: Outcome) {
+        debug_assert!(self.unsettled());
+        self.subs.clear();
+        self.phase = Phase::Accepted(outcome);
+    }
+
+    /// Open → Abandoned.
+    pub fn abandon(&mut self) {
+        debug_assert!(matches!(self.phase, Phase::Open { .. }));
+        self.subs.clear();
+        self.phase = Phase::Abandoned;
+    }
+}

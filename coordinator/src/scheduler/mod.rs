@@ -1,0 +1,198 @@
+//! The scheduler: jobs in memory, leases, verification of redundant results, aggregation and model advance, as a
+//! sans-IO state machine. Every handler is a short synchronous method of [`State`] that returns [`Effects`] —
+//! durable writes, then the frames and tasks that report on them — which the caller carries out in that order.
+//! The clock and the random number generator are injected ([`SchedulerConfig`]), so the unit tests drive every
+//! transition deterministically in milliseconds.
+//!
+//! Invariants: a micro-batch is accepted only when `quorum` (a strict majority of R ≥ 2) independent workers
+//! agree, or when the coordinator's own recomputation agrees with a replica; a worker never holds two leases of
+//! the same micro-batch; results are compared only within one micro-batch of one model version; a result for a
+//! superseded version or an expired lease is `late`.
+//!
+//! Modules, by concern:
+//! - `conns`: connections and the leases they hold (admit, ready, disconnect, expiry, claiming a lease back);
+//! - `assign`: who gets which lease (fair among workers and among jobs, replica placement, speculation, adaptive
+//!   replication rolls);
+//! - `settle`: results to verdicts (the one accept path, the one reject path, recomputation outcomes);
+//! - `advance`: applying a step, evaluations and early stopping, owner control, halting after a failed write;
+//! - `trust`: credits, strikes, refusal, near misses, trust records;
+//! - `micro`: a micro-batch's lifecycle (the state enum and its legal transitions);
+//! - `job_run`: a job in memory and how it is loaded;
+//! - `effects`: what handlers ask the transport to do; `counters`: per-job counters and the step histogram.
+
+mod advance;
+mod assign;
+mod conns;
+mod counters;
+mod effects;
+mod job_run;
+mod micro;
+mod settle;
+mod trust;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use starling_core::protocol::{Backend, JobId, LeaseId, WorkerId};
+
+pub use conns::Conn;
+pub use counters::{Histogram, JobCounters};
+pub use effects::{
+    Action, CheckKind, ConnId, Deferred, Effects, EvalTask, Outbound, Recompute, StoreOp,
+    frame_message,
+};
+pub use job_run::{JobLoad, JobRun};
+pub use trust::{NEAR_MISS_STRIKE, WorkerInfo};
+
+/// Least probability that a trusted worker's micro-batch is still replicated (adaptive replication).
+pub const SPOT_P_MIN: f64 = 0.05;
+
+/// The scheduler's clock: `Instant::now` in production, a hand-moved instant in tests.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> Instant + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Self(Arc::new(Instant::now))
+    }
+
+    pub fn from_fn(f: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    pub fn now(&self) -> Instant {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// Scheduler-wide settings (from the command line), plus the injected clock and seed.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Losing or invalid results after which a worker is refused further work.
+    pub strike_limit: u32,
+    /// Shortest time a lease must be outstanding before an idle worker may get a speculative replica of it.
+    pub speculate_after: Duration,
+    /// Consecutive agreed results after which a worker (per backend) is trusted under adaptive replication.
+    pub trust_threshold: u32,
+    /// Largest model (parameters) the coordinator recomputes (spot checks and arbitration).
+    pub spot_check_max_params: usize,
+    pub clock: Clock,
+    /// Seed of the placement and replication rolls (`None`: different on every start, so colluders can neither
+    /// choose to meet nor predict when they are unreplicated).
+    pub seed: Option<u64>,
+}
+
+/// A seed that differs per coordinator start.
+fn start_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ ((std::process::id() as u64) << 32)
+}
+
+/// The scheduler's whole state.
+#[derive(Debug)]
+pub struct State {
+    config: SchedulerConfig,
+    jobs: BTreeMap<JobId, JobRun>,
+    workers: HashMap<WorkerId, WorkerInfo>,
+    conns: HashMap<ConnId, Conn>,
+    leases: HashMap<LeaseId, conns::Lease>,
+    /// Wall time per applied step, all jobs, for `/metrics`.
+    step_hist: Histogram,
+    next_conn: ConnId,
+    next_lease: u64,
+    /// Tickets of `ready` requests, in arrival order.
+    next_ticket: u64,
+    /// Consecutive agreed results per (worker, backend); any strike resets all of a worker's to zero.
+    /// In memory only: after a restart every worker earns trust again.
+    trust: HashMap<(WorkerId, Backend), u32>,
+    /// Randomises which open micro-batch a worker gets and the replication rolls.
+    rng: starling_core::rng::SplitMix64,
+    /// Effects of loading jobs (a step whose micro-batches were all accepted before a restart advances on load),
+    /// carried out with the next [`State::tick`].
+    pending: Effects,
+}
+
+impl State {
+    pub fn new(config: SchedulerConfig) -> Self {
+        let seed = config.seed.unwrap_or_else(start_seed);
+        Self {
+            config,
+            jobs: BTreeMap::new(),
+            workers: HashMap::new(),
+            conns: HashMap::new(),
+            leases: HashMap::new(),
+            step_hist: Histogram::default(),
+            next_conn: 1,
+            next_lease: 1,
+            next_ticket: 1,
+            trust: HashMap::new(),
+            rng: starling_core::rng::SplitMix64::new(seed),
+            pending: Effects::default(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.config.clock.now()
+    }
+
+    fn ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.next_ticket
+    }
+
+    /// Sets a worker's cached standing (from the store, at start and after a failed write).
+    pub fn set_worker(&mut self, id: WorkerId, info: WorkerInfo) {
+        let near = self.workers.get(&id).map_or(0, |w| w.near_misses);
+        self.workers.insert(
+            id,
+            WorkerInfo {
+                near_misses: near,
+                ..info
+            },
+        );
+    }
+
+    /// Delivers frames to their connections (those already gone are skipped).
+    pub fn deliver(&self, sends: impl IntoIterator<Item = (ConnId, Outbound)>) {
+        for (conn, out) in sends {
+            self.send(conn, out);
+        }
+    }
+
+    /// Connected workers (for status views).
+    pub fn connections(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.values()
+    }
+
+    /// A job in memory (read-only: views never change scheduler state directly).
+    pub fn job(&self, id: JobId) -> Option<&JobRun> {
+        self.jobs.get(&id)
+    }
+
+    /// Every job in memory, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRun> {
+        self.jobs.values()
+    }
+
+    /// A worker's cached standing.
+    pub fn worker(&self, id: WorkerId) -> Option<&WorkerInfo> {
+        self.workers.get(&id)
+    }
+
+    /// Wall time per applied step, all jobs.
+    pub fn step_hist(&self) -> &Histogram {
+        &self.step_hist
+    }
+}

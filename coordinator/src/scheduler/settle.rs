@@ -1,0 +1,473 @@
+//! From results to verdicts: validation, quorum, disagreement, recomputation outcomes, and extra replicas of
+//! accepted micro-batches. There is one accept path ([`State::accept`]) and one reject path ([`State::reject`]);
+//! `late` ([`State::late`]) answers results that are neither (including near misses, which are never used).
+
+use std::sync::Arc;
+
+use starling_core::StepOutput;
+use starling_core::protocol::{JobId, LeaseId, Outcome as Verdict};
+
+use super::State;
+use super::conns::Claim;
+use super::effects::{CheckKind, ConnId, Effects, Recompute, StoreOp};
+use super::micro::{Outcome, Phase, Submission};
+use crate::job::MAX_REPLICAS;
+use crate::store::AcceptedRow;
+use crate::verify::{self, Candidate};
+
+/// How one result compares with a reference (an accepted result or the coordinator's recomputation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    Agrees,
+    /// Loss and correct count agree, the gradient is within [`verify::NEAR_MISS`] but outside the tolerance.
+    NearMiss,
+    Disagrees,
+}
+
+fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32) -> Judged {
+    if verify::agree(sub, reference, tolerance) {
+        Judged::Agrees
+    } else if verify::near_miss(sub, reference, tolerance) {
+        Judged::NearMiss
+    } else {
+        Judged::Disagrees
+    }
+}
+
+/// Who submitted a result, for its verdict.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Author {
+    pub worker: starling_core::protocol::WorkerId,
+    pub conn: ConnId,
+    pub lease: LeaseId,
+}
+
+impl From<&Submission> for Author {
+    fn from(s: &Submission) -> Self {
+        Self {
+            worker: s.worker,
+            conn: s.conn,
+            lease: s.lease,
+        }
+    }
+}
+
+impl State {
+    /// A result arrived for `lease_id` on `conn`.
+    pub fn result(
+        &mut self,
+        conn: ConnId,
+        lease_id: LeaseId,
+        loss: f32,
+        correct: u32,
+        grad: Vec<f32>,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(claim) = self.claim(conn, lease_id, &mut fx) {
+            self.submit(claim, loss, correct, grad, &mut fx);
+        }
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    /// A result arrived whose payload does not match the `commit` it was sent with: rejected like any invalid
+    /// result (or `late` when the lease is no longer this connection's).
+    pub fn result_mismatch(&mut self, conn: ConnId, lease_id: LeaseId) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(c) = self.claim(conn, lease_id, &mut fx) {
+            let author = Author {
+                worker: c.worker,
+                conn: c.conn,
+                lease: c.lease,
+            };
+            self.reject(c.job, author, "payload does not match its commit", &mut fx);
+        }
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    fn submit(&mut self, c: Claim, loss: f32, correct: u32, grad: Vec<f32>, fx: &mut Effects) {
+        let now = self.now();
+        let max_params = self.config.spot_check_max_params;
+        let Some(job) = self.jobs.get_mut(&c.job) else {
+            return;
+        };
+        let elapsed = now.duration_since(c.issued).as_secs_f64() * 1000.0;
+        job.result_ms = if job.result_ms == 0.0 {
+            elapsed
+        } else {
+            0.9 * job.result_ms + 0.1 * elapsed
+        };
+        let author = Author {
+            worker: c.worker,
+            conn: c.conn,
+            lease: c.lease,
+        };
+        let rows = job.micros[c.micro as usize].rows.len() as u32;
+        if let Err(why) = verify::validate(loss, correct, rows, &grad, job.spec.param_count()) {
+            self.reject(c.job, author, &why.to_string(), fx);
+            return;
+        }
+        let sub = Submission {
+            worker: c.worker,
+            conn: c.conn,
+            lease: c.lease,
+            loss,
+            correct,
+            grad,
+        };
+        let (tolerance, quorum, redundancy) = (
+            job.hyper.tolerance,
+            job.hyper.quorum() as usize,
+            job.hyper.redundancy,
+        );
+        let recomputable = job.spec.param_count() <= max_params;
+        let m = &mut job.micros[c.micro as usize];
+        match &m.phase {
+            Phase::Accepted(o) => {
+                // An extra (speculative or late) replica of a micro-batch already accepted: credited if it agrees.
+                let accepted = Candidate {
+                    loss: o.loss,
+                    correct: o.correct,
+                    grad: &o.grad,
+                };
+                match judge(&sub.candidate(), &accepted, tolerance) {
+                    Judged::Agrees => self.credit_extra(c.job, c.micro, author, fx),
+                    Judged::NearMiss => self.near_miss_verdict(c.job, author, fx),
+                    Judged::Disagrees => {
+                        self.reject(c.job, author, "disagrees with the accepted result", fx)
+                    }
+                }
+            }
+            Phase::Abandoned => self.late(c.job, author, fx),
+            Phase::Checking { .. } => m.subs.push(sub),
+            Phase::Open { wanted, solo } => {
+                let (wanted, solo) = (*wanted, *solo);
+                m.subs.push(sub);
+                if solo {
+                    // A trusted worker's unreplicated result reaches the model only if the coordinator's own
+                    // recomputation agrees.
+                    m.check(CheckKind::Spot, redundancy);
+                    job.counters.spot_checks += 1;
+                    self.request_recompute(c.job, c.micro, CheckKind::Spot, fx);
+                    return;
+                }
+                let settled = {
+                    let candidates: Vec<Candidate<'_>> =
+                        m.subs.iter().map(Submission::candidate).collect();
+                    verify::settle(&candidates, quorum, tolerance)
+                };
+                match settled {
+                    Some((winners, losers)) => {
+                        let subs = std::mem::take(&mut m.subs);
+                        let (won, lost) = pick(subs, &winners, &losers);
+                        let outcome = mean_outcome(&won, won.len() as u32);
+                        self.accept(c.job, c.micro, outcome, &won, fx);
+                        for l in &lost {
+                            self.reject(c.job, l.into(), "outvoted by agreeing replicas", fx);
+                        }
+                    }
+                    None if m.subs.len() as u32 >= wanted => {
+                        job.counters.disagreements += 1;
+                        if recomputable {
+                            // Settle it with our own recomputation: a volunteer tie-breaker could be a colluder's
+                            // partner, who would then outvote (and get struck) the honest replica.
+                            m.check(CheckKind::Arbitrate, (wanted + 1).min(MAX_REPLICAS));
+                            job.counters.arbitrations += 1;
+                            tracing::info!(job = %c.job, step = job.step, micro = c.micro, "results disagree; the coordinator recomputes the micro-batch to settle it");
+                            self.request_recompute(c.job, c.micro, CheckKind::Arbitrate, fx);
+                        } else if wanted >= MAX_REPLICAS {
+                            tracing::warn!(job = %c.job, step = job.step, micro = c.micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
+                            job.counters.micro_batches_abandoned += 1;
+                            m.abandon();
+                            self.maybe_advance(c.job, fx);
+                        } else {
+                            m.reopen(wanted + 1);
+                            tracing::info!(job = %c.job, step = job.step, micro = c.micro, replicas = wanted + 1, "results disagree; leasing a tie-breaker");
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn request_recompute(&mut self, job_id: JobId, micro: u32, kind: CheckKind, fx: &mut Effects) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let (x, labels) = job.train.gather(&job.micros[micro as usize].rows);
+        fx.recompute(Recompute {
+            kind,
+            job: job_id,
+            step: job.step,
+            micro,
+            spec: job.spec.clone(),
+            params: job.params.clone(),
+            x,
+            labels,
+        });
+    }
+
+    /// The coordinator's recomputation of a micro-batch finished (`None`: it could not run, so the micro-batch
+    /// goes back to replication). Every waiting replica is judged against it: those that agree are accepted and
+    /// credited (`agreeing` counts the coordinator too); near misses are `late` (never used, not struck; the
+    /// [`super::NEAR_MISS_STRIKE`]th in a row is a strike); the rest are rejected. With no agreeing replica but a near
+    /// miss, the coordinator's own result is the micro-batch's (nobody is credited); with neither, it is leased
+    /// afresh.
+    pub fn recomputed(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        reference: Option<StepOutput>,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        self.judge_recomputation(job_id, step, micro, reference, &mut fx);
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    fn judge_recomputation(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        reference: Option<StepOutput>,
+        fx: &mut Effects,
+    ) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        if job.step != step || job.status.is_terminal() {
+            return;
+        }
+        let (tolerance, redundancy) = (job.hyper.tolerance, job.hyper.redundancy);
+        let Some(m) = job.micros.get_mut(micro as usize) else {
+            return;
+        };
+        let Phase::Checking { kind, fallback } = m.phase else {
+            return;
+        };
+        let Some(reference) = reference else {
+            m.reopen(fallback);
+            return;
+        };
+        let ours = Candidate {
+            loss: reference.loss,
+            correct: reference.correct,
+            grad: &reference.grad,
+        };
+        let mut won = Vec::new();
+        let mut near = Vec::new();
+        let mut lost = Vec::new();
+        for s in std::mem::take(&mut m.subs) {
+            match judge(&s.candidate(), &ours, tolerance) {
+                Judged::Agrees => won.push(s),
+                Judged::NearMiss => near.push(s),
+                Judged::Disagrees => lost.push(s),
+            }
+        }
+        if kind == CheckKind::Spot && won.is_empty() && near.is_empty() {
+            job.counters.spot_check_failures += 1;
+        }
+        if !won.is_empty() {
+            let outcome = mean_outcome(&won, won.len() as u32 + 1);
+            self.accept(job_id, micro, outcome, &won, fx);
+        } else if !near.is_empty() {
+            let outcome = Outcome {
+                loss: reference.loss,
+                correct: reference.correct,
+                grad: Arc::new(reference.grad.clone()),
+                agreeing: near.len() as u32 + 1,
+            };
+            self.accept(job_id, micro, outcome, &[], fx);
+        } else {
+            tracing::warn!(job = %job_id, step, micro, replicas = lost.len(), "no replica agrees with the coordinator's recomputation");
+            m.reopen(redundancy);
+        }
+        for s in &near {
+            tracing::info!(
+                worker = %s.worker, job = %job_id, step, micro, rel_l2 = verify::relative_l2(&s.grad, &reference.grad),
+                "result is a near miss of the coordinator's recomputation: not used, no strike"
+            );
+            self.near_miss_verdict(job_id, s.into(), fx);
+        }
+        for s in &lost {
+            tracing::warn!(
+                worker = %s.worker, job = %job_id, step, micro,
+                rel_l2 = verify::relative_l2(&s.grad, &reference.grad),
+                loss = s.loss, reference_loss = reference.loss, correct = s.correct, reference_correct = reference.correct,
+                "result disagrees with the coordinator's recomputation"
+            );
+            self.reject(
+                job_id,
+                s.into(),
+                "disagrees with the coordinator's recomputation",
+                fx,
+            );
+        }
+        self.maybe_advance(job_id, fx);
+    }
+
+    /// The one accept path: `outcome` becomes micro-batch `micro`'s result; the `credited` replicas are credited,
+    /// persisted with it in one write, and told `accepted` once that write is durable.
+    fn accept(
+        &mut self,
+        job_id: JobId,
+        micro: u32,
+        outcome: Outcome,
+        credited: &[Submission],
+        fx: &mut Effects,
+    ) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let (step, rows) = (job.step, job.micros[micro as usize].rows.len() as u32);
+        let flops = job.spec.train_flops(rows as u64);
+        let credits = credited
+            .iter()
+            .map(|s| self.credit(s.worker, flops))
+            .collect();
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        job.counters.results_accepted += credited.len() as u64;
+        job.counters.micro_batches_accepted += 1;
+        if credited.is_empty() {
+            job.counters.micro_batches_by_coordinator += 1;
+        }
+        fx.persist(StoreOp::Accepted {
+            job: job_id,
+            step,
+            row: AcceptedRow {
+                micro,
+                rows,
+                loss: outcome.loss,
+                correct: outcome.correct,
+                agreeing: outcome.agreeing,
+                grad: outcome.grad.to_vec(),
+            },
+            credits,
+        });
+        job.micros[micro as usize].accept(outcome);
+        for s in credited {
+            self.verdict(
+                s.conn,
+                s.worker,
+                Some(job_id),
+                s.lease,
+                Verdict::Accepted,
+                fx,
+            );
+        }
+        self.maybe_advance(job_id, fx);
+    }
+
+    /// An extra replica agreed with the accepted result: credited, not used again.
+    fn credit_extra(&mut self, job_id: JobId, micro: u32, a: Author, fx: &mut Effects) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let (step, flops) = (
+            job.step,
+            job.spec
+                .train_flops(job.micros[micro as usize].rows.len() as u64),
+        );
+        let credit = self.credit(a.worker, flops);
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.counters.results_accepted += 1;
+        }
+        fx.persist(StoreOp::Credit {
+            job: job_id,
+            step,
+            micro,
+            credit,
+        });
+        self.verdict(
+            a.conn,
+            a.worker,
+            Some(job_id),
+            a.lease,
+            Verdict::Accepted,
+            fx,
+        );
+    }
+
+    /// The one reject path: a strike (persisted), then the `rejected` verdict, then — if this strike refused the
+    /// worker — `error refused` and a close on each of its connections.
+    pub(super) fn reject(&mut self, job_id: JobId, a: Author, why: &str, fx: &mut Effects) {
+        tracing::warn!(worker = %a.worker, job = %job_id, lease = %a.lease, %why, "result rejected");
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.counters.results_rejected += 1;
+        }
+        let struck = self.strike(a.worker, fx);
+        self.verdict(
+            a.conn,
+            a.worker,
+            Some(job_id),
+            a.lease,
+            Verdict::Rejected,
+            fx,
+        );
+        if struck == super::trust::Struck::Refused {
+            self.close_refused(a.worker, fx);
+        }
+    }
+
+    /// Neither accepted nor rejected: no credit, no strike.
+    fn late(&mut self, job_id: JobId, a: Author, fx: &mut Effects) {
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.counters.results_late += 1;
+        }
+        self.verdict(a.conn, a.worker, Some(job_id), a.lease, Verdict::Late, fx);
+    }
+
+    /// A near miss is answered `late`; the [`super::NEAR_MISS_STRIKE`]th in a row is rejected instead (a worker
+    /// adding small noise to every result lands here every time).
+    fn near_miss_verdict(&mut self, job_id: JobId, a: Author, fx: &mut Effects) {
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.counters.near_misses += 1;
+        }
+        if self.near_miss(a.worker) {
+            self.reject(job_id, a, "near misses in a row", fx);
+        } else {
+            self.late(job_id, a, fx);
+        }
+    }
+}
+
+/// Splits `subs` into the winners and losers named by index.
+fn pick(
+    subs: Vec<Submission>,
+    winners: &[usize],
+    losers: &[usize],
+) -> (Vec<Submission>, Vec<Submission>) {
+    let mut won = Vec::with_capacity(winners.len());
+    let mut lost = Vec::with_capacity(losers.len());
+    for (i, s) in subs.into_iter().enumerate() {
+        if winners.contains(&i) {
+            won.push(s);
+        } else {
+            lost.push(s);
+        }
+    }
+    (won, lost)
+}
+
+/// The mean of agreeing replicas (loss and gradient; the first replica's correct count).
+fn mean_outcome(won: &[Submission], agreeing: u32) -> Outcome {
+    let n = won.len() as f32;
+    let mut grad = vec![0.0f32; won[0].grad.len()];
+    for w in won {
+        for (o, v) in grad.iter_mut().zip(&w.grad) {
+            *o += v / n;
+        }
+    }
+    Outcome {
+        loss: won.iter().map(|w| w.loss).sum::<f32>() / n,
+        correct: won[0].correct,
+        grad: Arc::new(grad),
+        agreeing,
+    }
+}
