@@ -660,8 +660,8 @@ async fn protocol_version_mismatch() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Both refusal rows: the result that reaches the strike limit gets `error refused` in place of its verdict, and the
-/// refused token is turned away at hello from then on.
+/// Both refusal rows: the result that reaches the strike limit gets its `rejected` verdict, then `error refused`
+/// and the close; the refused token is turned away at hello from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("refused", |c| c.strike_limit = 1).await?;
@@ -676,6 +676,24 @@ async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     peer.ready().await?;
     let lease = peer.lease().await?;
     peer.submit(lease.id, 1.0, 0, &[0.5; 3]).await?; // the wrong length: rejected, a strike
+    let verdict = tokio::time::timeout(WAIT, peer.ws.next())
+        .await
+        .context("no verdict in time")?;
+    match verdict {
+        Some(Ok(Message::Text(t))) => match CoordinatorMsg::decode_text(t.as_str())? {
+            CoordinatorMsg::Verdict {
+                outcome, lease: l, ..
+            } => {
+                assert_eq!(
+                    (outcome, l),
+                    (Outcome::Rejected, lease.id),
+                    "the verdict comes first"
+                );
+            }
+            other => bail!("expected the rejected verdict first, got {other:?}"),
+        },
+        other => bail!("expected the rejected verdict first, got {other:?}"),
+    }
     let m = expect_error_then_close(&mut peer.ws, ErrorCode::Refused, 1008).await?;
     assert!(m.contains("refused after 1 rejected results"), "{m}");
     let mut again = connect(server).await?;
