@@ -33,8 +33,10 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// The versioned schema: `migrations/NNNN_description.sql`, embedded in the binary and applied in order by sqlx's
 /// migrator, which records each in `_sqlx_migrations` (with a checksum) and runs only the new ones. Listed here by
-/// hand rather than with `sqlx::migrate!`: that macro needs sqlx's `macros` feature, which compiles sqlx-sqlite and
-/// the bundled SQLite C library a second time, for the proc-macro; a list of `include_str!`s costs nothing.
+/// hand rather than with `sqlx::migrate!`: that macro needs sqlx's `macros` feature, whose proc-macro brings
+/// sqlx-macros-core and, as its own dependencies, sqlx-sqlite and the bundled SQLite C library again (`cargo tree
+/// -e normal,build --features sqlx/macros`); a list of `include_str!`s costs nothing. Refinery has no sqlx driver
+/// (it would add rusqlite, a second SQLite binding).
 const MIGRATIONS: &[(i64, &str, &str)] =
     &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
 
