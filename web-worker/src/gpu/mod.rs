@@ -15,7 +15,7 @@ mod transfer; // The shared upload / dispatch / read-back helper.
 use std::sync::Arc;
 
 pub use engine::GpuEngine;
-pub use kernels::{MatmulKernel, MatmulParams, MatmulVariant};
+pub use kernels::{AdapterTraits, BlockTile, MatmulKernel, MatmulParams, MatmulVariant};
 use starling_core::Activation;
 use starling_core::reference::MatmulForm;
 
@@ -63,16 +63,19 @@ pub struct AdapterSummary {
     /// Subgroup size range the adapter reports (0 when it does not support subgroups).
     pub subgroup_min: u32,
     pub subgroup_max: u32,
-    /// `"tiled"` or `"subgroup<N>"`, see [`MatmulVariant::choose`].
+    /// `"tiled"`, `"subgroup<N>"`, `"blocked(<=<tile>)"` or `"blocked<tile>"`, see [`MatmulVariant::choose`].
     pub matmul_variant: String,
+    /// Why this adapter runs that variant, in words.
+    pub matmul_reason: String,
 }
 
 impl AdapterSummary {
-    /// One line for logs and test output, e.g. `llvmpipe (LLVM 19.1.7, 256 bits) (Vulkan, Cpu, matmul=subgroup8)`.
+    /// One line for logs, test output and the coordinator, e.g. `llvmpipe (LLVM 19.1.7, 256 bits) (Vulkan, Cpu,
+    /// matmul=subgroup8: subgroups fixed at 8 lanes: a CPU SIMD emulation, the unrolled subgroup kernel)`.
     pub fn label(&self) -> String {
         format!(
-            "{} ({}, {}, matmul={})",
-            self.name, self.backend, self.device_type, self.matmul_variant
+            "{} ({}, {}, matmul={}: {})",
+            self.name, self.backend, self.device_type, self.matmul_variant, self.matmul_reason
         )
     }
 }
@@ -128,7 +131,6 @@ impl GpuContext {
         } else {
             (0, 0)
         };
-        let variant = MatmulVariant::choose(subgroups, subgroup_min, subgroup_max);
         let lower = info.name.to_lowercase();
         let is_software = info.device_type == wgpu::DeviceType::Cpu
             || [
@@ -140,6 +142,14 @@ impl GpuContext {
             ]
             .iter()
             .any(|s| lower.contains(s));
+        let (variant, reason) = MatmulVariant::choose(&AdapterTraits {
+            vendor: info.vendor,
+            device_type: info.device_type,
+            software: is_software,
+            subgroup_min,
+            subgroup_max,
+            limits: limits.clone(),
+        });
         let summary = AdapterSummary {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
@@ -148,6 +158,7 @@ impl GpuContext {
             subgroup_min,
             subgroup_max,
             matmul_variant: variant.to_string(),
+            matmul_reason: reason,
         };
         tracing::info!(adapter = %summary.label(), "GPU context ready");
         Ok(Self {
@@ -172,6 +183,22 @@ impl GpuContext {
     /// The matmul variant this adapter runs.
     pub fn matmul_variant(&self) -> MatmulVariant {
         self.variant
+    }
+
+    /// This context with another matmul variant (tests, benchmarks, the browser self-test); the label says so.
+    /// The variant must be one the adapter can run: `Subgroup` only where subgroups are fixed at that size.
+    pub fn with_matmul_variant(&self, variant: MatmulVariant) -> Self {
+        let mut ctx = self.clone();
+        ctx.variant = variant;
+        let summary = Arc::make_mut(&mut ctx.summary);
+        summary.matmul_variant = variant.to_string();
+        summary.matmul_reason = "forced".to_string();
+        ctx
+    }
+
+    /// The limits the device was created with.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
     }
 }
 
