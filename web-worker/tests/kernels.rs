@@ -464,6 +464,19 @@ fn blocked_engine_gradient_matches_reference() {
     }
 }
 
+/// The self-test the browser runs on SwiftShader (`tests/browser/kernels.test.mjs`) passes here on lavapipe too,
+/// and covers every variant: tiled, each blocked tile, the shape table and the adapter's own choice.
+#[test]
+fn selftest_passes_on_this_adapter() {
+    let report = pollster::block_on(gpu::selftest::run(ctx())).expect("self-test ran");
+    eprintln!(
+        "self-test: {} checks over {:?}, worst |gpu-cpu|/tol {:.3}, step rel L2 {:.2e}",
+        report.checks, report.variants, report.worst_ratio, report.step_rel_l2
+    );
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert!(report.variants.len() >= 5 && report.checks == report.variants.len() * 3 * 7);
+}
+
 fn odd_spec() -> ModelSpec {
     ModelSpec {
         input: 13,

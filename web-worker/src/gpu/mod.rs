@@ -10,6 +10,7 @@
 pub mod codegen; // Generator of the unrolled subgroup matmul for CPU-emulated adapters.
 mod engine; // The resident-model engine: buffers, cached dispatch plans, step and evaluate.
 mod kernels; // One struct per WGSL kernel with its mirrored `Params`.
+pub mod selftest; // Every matmul variant and one full step against the CPU backend, natively and in the browser.
 mod transfer; // The shared upload / dispatch / read-back helper.
 
 use std::sync::Arc;
