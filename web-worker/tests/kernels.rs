@@ -101,7 +101,12 @@ fn traits(vendor: u32, device_type: wgpu::DeviceType, subgroups: (u32, u32)) -> 
 #[test]
 fn variant_choice_follows_the_adapter_report() {
     use wgpu::DeviceType::{Cpu, DiscreteGpu, IntegratedGpu};
-    let choose = |t: AdapterTraits| MatmulVariant::choose(&t).0;
+    // The reason travels in the adapter label, which the coordinator cuts at 200 characters: keep it short.
+    let choose = |t: AdapterTraits| {
+        let (variant, reason) = MatmulVariant::choose(&t);
+        assert!(reason.len() <= 60, "{reason}");
+        variant
+    };
     let large = MatmulVariant::Blocked {
         largest: BlockTile::LARGE,
     };

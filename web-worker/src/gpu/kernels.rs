@@ -79,16 +79,13 @@ impl MatmulVariant {
             );
         };
         let kind = if t.software {
-            "software adapter without fixed subgroups".to_string()
+            "software adapter, no fixed subgroups".to_string()
         } else if mobile {
-            format!("mobile GPU (vendor {:#06x}), 4x4 register blocks", t.vendor)
+            format!("mobile GPU vendor {:#06x}: 4x4 blocks", t.vendor)
         } else {
-            format!("{:?} GPU", t.device_type)
+            "hardware GPU".to_string()
         };
-        (
-            Self::Blocked { largest },
-            format!("{kind}: register-blocked, tile per shape up to {largest}"),
-        )
+        (Self::Blocked { largest }, format!("{kind}: tile per shape"))
     }
 }
 

@@ -71,8 +71,8 @@ pub struct AdapterSummary {
 }
 
 impl AdapterSummary {
-    /// One line for logs, test output and the coordinator, e.g. `llvmpipe (LLVM 19.1.7, 256 bits) (Vulkan, Cpu,
-    /// matmul=subgroup8: subgroups fixed at 8 lanes: a CPU SIMD emulation, the unrolled subgroup kernel)`.
+    /// One line for logs, test output and the coordinator (which keeps 200 characters), e.g. `llvmpipe (LLVM
+    /// 19.1.7, 256 bits) (Vulkan, Cpu, matmul=subgroup8: fixed 8-lane subgroups: CPU SIMD emulation)`.
     pub fn label(&self) -> String {
         format!(
             "{} ({}, {}, matmul={}: {})",
@@ -228,6 +228,22 @@ pub async fn matmul_with(
     a: &[f32],
     b: &[f32],
 ) -> Result<Vec<f32>, GpuError> {
+    matmul_on(ctx, &MatmulKernel::new(ctx, variant), form, m, k, n, a, b).await
+}
+
+/// [`matmul`] on an already built kernel: many products without rebuilding pipelines (the self-test; building a
+/// pipeline costs seconds on SwiftShader).
+#[allow(clippy::too_many_arguments)]
+pub async fn matmul_on(
+    ctx: &GpuContext,
+    kernel: &MatmulKernel,
+    form: MatmulForm,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+) -> Result<Vec<f32>, GpuError> {
     if a.len() != m * k {
         return Err(GpuError::Operand {
             name: "A",
@@ -245,7 +261,6 @@ pub async fn matmul_with(
     if m == 0 || n == 0 {
         return Ok(Vec::new());
     }
-    let kernel = MatmulKernel::new(ctx, variant);
     let a_buf = transfer::storage_init(ctx, "matmul A", bytemuck::cast_slice(a))?;
     let b_buf = transfer::storage_init(ctx, "matmul B", bytemuck::cast_slice(b))?;
     let c_buf = transfer::storage(ctx, "matmul C", (m * n * 4) as u64)?;

@@ -9,7 +9,7 @@ use starling_core::reference::MatmulForm;
 use starling_core::rng::SplitMix64;
 use starling_core::{ModelSpec, StepOutput};
 
-use super::{BlockTile, GpuContext, GpuEngine, GpuError, MatmulVariant, matmul_with};
+use super::{BlockTile, GpuContext, GpuEngine, GpuError, MatmulKernel, MatmulVariant, matmul_on};
 
 /// Shapes of the matmul checks: tiny, prime-ish, several tiles with ragged edges, and the MLP's first layer at
 /// batch 37 in its three backprop orientations.
@@ -73,11 +73,12 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
     };
     for variant in variants(ctx) {
         report.variants.push(variant.to_string());
+        let kernel = MatmulKernel::new(ctx, variant);
         for form in [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt] {
             for (m, k, n) in SHAPES {
                 let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
                 let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
-                let gpu = matmul_with(ctx, variant, form, m, k, n, &a, &b).await?;
+                let gpu = matmul_on(ctx, &kernel, form, m, k, n, &a, &b).await?;
                 let mut cpu = vec![0.0; m * n];
                 sgemm(form, m, k, n, &a, &b, 0.0, &mut cpu);
                 // Tolerance: each side is an f32 dot product within k·ε·Σ|a·b| of the exact value, so they are
@@ -98,7 +99,8 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
                 }
                 report.checks += 1;
                 report.worst_ratio = report.worst_ratio.max(worst.0);
-                if !(worst.0 <= 1.0) {
+                let within = worst.0 <= 1.0; // false for NaN too
+                if !within {
                     let e = worst.1;
                     report.failures.push(format!(
                         "{variant} {form:?} {m}x{k}x{n} at ({}, {}): gpu {} vs cpu {}",
@@ -134,7 +136,8 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
         .and_then(|()| cpu_engine.step(&x, &labels))
         .map_err(GpuError::Batch)?;
     report.step_rel_l2 = rel_l2(&gpu, &cpu);
-    if !(report.step_rel_l2 < STEP_TOLERANCE) || gpu.correct != cpu.correct {
+    let within = report.step_rel_l2 < STEP_TOLERANCE; // false for NaN too
+    if !within || gpu.correct != cpu.correct {
         report.failures.push(format!(
             "blocked training step: gradient rel L2 {:e} (tolerance {STEP_TOLERANCE:e}), correct {} vs {}",
             report.step_rel_l2, gpu.correct, cpu.correct
