@@ -54,9 +54,7 @@ impl MatmulVariant {
         if min > 0 && min == max && min <= 8 && codegen::SUPPORTED_SUBGROUP_SIZES.contains(&min) {
             return (
                 Self::Subgroup(min),
-                format!(
-                    "subgroups fixed at {min} lanes: a CPU SIMD emulation, the unrolled subgroup kernel"
-                ),
+                format!("fixed {min}-lane subgroups: CPU SIMD emulation"),
             );
         }
         let mobile = MOBILE_VENDORS.contains(&t.vendor);
