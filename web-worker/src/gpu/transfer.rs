@@ -32,10 +32,12 @@ pub(crate) fn storage(
     label: &'static str,
     bytes: u64,
 ) -> Result<wgpu::Buffer, GpuError> {
-    check_size(ctx, label, bytes)?;
+    // The rounded size is what gets bound, so it is what must fit the binding limit.
+    let size = bytes.max(16).next_multiple_of(16);
+    check_size(ctx, label, size)?;
     Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: bytes.max(16).next_multiple_of(16),
+        size,
         usage: wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC,
