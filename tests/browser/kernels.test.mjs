@@ -51,7 +51,7 @@ test('every matmul variant and the blocked training step agree with the CPU path
       await wasm.default();
       return JSON.parse(await wasm.kernel_selftest());
     });
-    console.log(`# ${report.adapter}: ${report.checks} matmul checks over ${report.variants.join(', ')}; worst |gpu-cpu|/tol ${report.worst_ratio.toFixed(3)}; step rel L2 ${report.step_rel_l2.toExponential(2)}; ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    console.log(`# ${report.adapter}: ${report.checks} matmul checks over ${report.variants.join(', ')}; worst |gpu-cpu|/tol ${report.worst_ratio.toFixed(3)}; step rel L2 ${report.step_rel_l2.toExponential(2)}; 784-128-10 step at batch 64 ${report.step_ms.map(([v, ms]) => `${v} ${ms} ms`).join(', ')}; ${((Date.now() - started) / 1000).toFixed(1)} s`);
     assert.deepEqual(report.failures, [], 'every check within tolerance');
     assert.deepEqual(errors, [], 'no page errors');
     for (const v of ['tiled', 'blocked32x32k16r4x4', 'blocked64x64k16r4x4', 'blocked128x128k16r8x8', 'blocked(<=128x128k16r8x8)']) {

@@ -475,8 +475,8 @@ fn blocked_engine_gradient_matches_reference() {
 fn selftest_passes_on_this_adapter() {
     let report = pollster::block_on(gpu::selftest::run(ctx())).expect("self-test ran");
     eprintln!(
-        "self-test: {} checks over {:?}, worst |gpu-cpu|/tol {:.3}, step rel L2 {:.2e}",
-        report.checks, report.variants, report.worst_ratio, report.step_rel_l2
+        "self-test: {} checks over {:?}, worst |gpu-cpu|/tol {:.3}, step rel L2 {:.2e}, step ms {:?}",
+        report.checks, report.variants, report.worst_ratio, report.step_rel_l2, report.step_ms
     );
     assert!(report.failures.is_empty(), "{:#?}", report.failures);
     assert!(report.variants.len() >= 5 && report.checks == report.variants.len() * 3 * 7);

@@ -38,6 +38,9 @@ pub struct SelfTestReport {
     pub worst_ratio: f64,
     /// The blocked engine's full-step gradient vs the CPU engine: relative L2 distance.
     pub step_rel_l2: f64,
+    /// Milliseconds per 784-128-10 training step at batch 64 (mean of 3 after a warm-up), per matmul variant:
+    /// informative only (this is a test, not a benchmark), so the browser log shows what SwiftShader runs at.
+    pub step_ms: Vec<(String, f64)>,
     pub failures: Vec<String>,
 }
 
@@ -69,6 +72,7 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
         checks: 0,
         worst_ratio: 0.0,
         step_rel_l2: 0.0,
+        step_ms: Vec::new(),
         failures: Vec::new(),
     };
     for variant in variants(ctx) {
@@ -130,12 +134,30 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
     let mut engine = GpuEngine::new(&blocked, spec.clone())?;
     engine.load(&params).await?;
     let gpu = engine.step(&x, &labels).await?;
-    let mut cpu_engine = CpuEngine::new(spec);
+    let mut cpu_engine = CpuEngine::new(spec.clone());
     let cpu = cpu_engine
         .load(&params)
         .and_then(|()| cpu_engine.step(&x, &labels))
         .map_err(GpuError::Batch)?;
     report.step_rel_l2 = rel_l2(&gpu, &cpu);
+    let rows = 64;
+    let x: Vec<f32> = (0..rows * spec.input as usize)
+        .map(|_| rng.next_f64() as f32)
+        .collect();
+    let labels: Vec<u32> = (0..rows).map(|i| (i % 10) as u32).collect();
+    for variant in [MatmulVariant::Tiled, blocked.variant] {
+        let mut engine = GpuEngine::new(&ctx.with_matmul_variant(variant), spec.clone())?;
+        engine.load(&params).await?;
+        engine.step(&x, &labels).await?;
+        let start = crate::session::now_ms();
+        for _ in 0..3 {
+            engine.step(&x, &labels).await?;
+        }
+        let ms = (crate::session::now_ms() - start) / 3.0;
+        report
+            .step_ms
+            .push((variant.to_string(), (ms * 10.0).round() / 10.0));
+    }
     let within = report.step_rel_l2 < STEP_TOLERANCE; // false for NaN too
     if !within || gpu.correct != cpu.correct {
         report.failures.push(format!(
