@@ -47,8 +47,8 @@ impl MatmulVariant {
     ///    dominate and 256 accumulators per lane are cheap: the generated subgroup kernel (measured fastest on
     ///    lavapipe at every benchmarked shape, see `examples/matmul_bench.rs`);
     /// 2. other software adapters (SwiftShader in Chromium, which exposes no subgroups): the tiled kernel, measured
-    ///    1.5–1.7× faster than the blocked one there for the 784-128-10 step at batch 64 (`kernels.test.mjs` logs
-    ///    both: 413 vs 636 ms and 246 vs 419 ms in two runs);
+    ///    1.3–1.7× faster than the blocked one there for the 784-128-10 step at batch 64 (`kernels.test.mjs` logs
+    ///    both: 413 vs 636, 246 vs 419 and 433 vs 553 ms in three runs on a loaded 2-core machine);
     /// 3. hardware GPUs: the register-blocked kernel, per shape up to the largest tile the adapter's limits allow:
     ///    128 × 128 (8 × 8 per invocation), or 64 × 64 (4 × 4) on mobile vendors; the tiled kernel only where not
     ///    even the smallest tile fits the limits.
