@@ -812,19 +812,17 @@ async fn a_store_that_refuses_writes_pauses_the_job_and_sends_nothing_unwritten(
 -> anyhow::Result<()> {
     use sqlx::Connection as _;
     init_tracing();
-    let dir = TempDir::new("store-fails");
-    let token = create_demo_job(
-        &dir.db(),
-        Hyper {
+    let cluster = Cluster::builder("store-fails")
+        .hyper(Hyper {
             steps: 100,
             eval_every: 50,
             ..Hyper::default()
-        },
-    )
-    .await?;
-    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
-    let a = spawn_worker(server.ws_url(), BackendChoice::Cpu, "a", None, None, None);
-    let b = spawn_worker(server.ws_url(), BackendChoice::Cpu, "b", None, None, None);
+        })
+        .worker("a", BackendChoice::Cpu, None)
+        .worker("b", BackendChoice::Cpu, None)
+        .start()
+        .await?;
+    let (server, token) = (&cluster.server, &cluster.token);
     server
         .wait_job(1, Duration::from_secs(60), |j| {
             j["step"].as_u64().unwrap() >= 10
@@ -832,7 +830,8 @@ async fn a_store_that_refuses_writes_pauses_the_job_and_sends_nothing_unwritten(
         .await?;
     // Another connection takes the write lock and holds it: every write of the coordinator times out and fails.
     let mut locker =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.db().display())).await?;
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", cluster.dir.db().display()))
+            .await?;
     sqlx::query("BEGIN IMMEDIATE").execute(&mut locker).await?;
     let paused = server
         .wait_job(1, Duration::from_secs(60), |j| j["status"] == "paused")
@@ -846,7 +845,7 @@ async fn a_store_that_refuses_writes_pauses_the_job_and_sends_nothing_unwritten(
     sqlx::query("ROLLBACK").execute(&mut locker).await?;
     drop(locker);
     let (status, _) = server
-        .post_as(&token, "/api/v1/jobs/1/resume", "application/json", b"")
+        .post_as(token, "/api/v1/jobs/1/resume", "application/json", b"")
         .await?;
     assert_eq!(
         status, 200,
@@ -857,8 +856,8 @@ async fn a_store_that_refuses_writes_pauses_the_job_and_sends_nothing_unwritten(
         .await?;
     assert!(job["error"].is_null(), "resuming clears the error: {job}");
     assert_eq!(job["step"], 100);
-    server.stop().await?;
-    let (a, b) = (join(a)?, join(b)?);
+    let (dir, reports) = cluster.finish().await?;
+    let (a, b) = (&reports[0], &reports[1]);
     let store = starling_coordinator::store::Store::open(&dir.db()).await?;
     store
         .verify_ledger()
@@ -866,7 +865,7 @@ async fn a_store_that_refuses_writes_pauses_the_job_and_sends_nothing_unwritten(
         .map_err(|e| anyhow::anyhow!("ledger: {e}"))?;
     let ledger = store.ledger(None).await?;
     let workers = store.workers().await?;
-    for (name, r) in [("a", &a), ("b", &b)] {
+    for (name, r) in [("a", a), ("b", b)] {
         let id = workers
             .iter()
             .find(|w| w.name.as_deref() == Some(name))
@@ -951,36 +950,20 @@ fn the_demo_schedule_stops_before_its_held_out_loss_climbs() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_jobs_share_leases_fairly() -> anyhow::Result<()> {
     init_tracing();
-    let dir = TempDir::new("fair");
-    create_demo_job(
-        &dir.db(),
-        Hyper {
+    let cluster = Cluster::builder("fair")
+        .hyper(Hyper {
             steps: 150,
             eval_every: 1_000,
             ..Hyper::default()
-        },
-    )
-    .await?;
-    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
-    let workers: Vec<_> = (0..16)
-        .map(|i| {
-            spawn_worker(
-                server.ws_url(),
-                BackendChoice::Cpu,
-                &format!("w{i}"),
-                None,
-                None,
-                None,
-            )
         })
-        .collect();
-    server
+        .workers(16)
+        .start()
+        .await?;
+    cluster
+        .server
         .wait_job(1, Duration::from_secs(120), |j| j["status"] == "completed")
         .await?;
-    server.stop().await?;
-    for w in workers {
-        join(w)?;
-    }
+    let (dir, _) = cluster.finish().await?;
     let store = starling_coordinator::store::Store::open(&dir.db()).await?;
     let mut per_worker: std::collections::BTreeMap<u64, usize> = Default::default();
     for w in store.workers().await? {

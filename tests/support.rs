@@ -411,3 +411,111 @@ pub fn starling_bin() -> Option<PathBuf> {
         .contains("ledger")
         .then_some(bin)
 }
+
+/// A coordinator with the demo job and its workers, built in one place so tests do not copy their setup:
+/// `Cluster::builder("tag").hyper(h).workers(4).start().await?`.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: TempDir,
+    pub server: Server,
+    /// The demo owner's API token.
+    pub token: String,
+    workers: Vec<std::thread::JoinHandle<anyhow::Result<WorkerReport>>>,
+}
+
+/// How to build a [`Cluster`].
+pub struct ClusterBuilder {
+    tag: String,
+    hyper: Hyper,
+    config: Box<dyn FnOnce(&mut ServeConfig)>,
+    workers: Vec<(String, BackendChoice, Option<SendTamper>)>,
+}
+
+impl std::fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("tag", &self.tag)
+            .field("hyper", &self.hyper)
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl Cluster {
+    pub fn builder(tag: &str) -> ClusterBuilder {
+        ClusterBuilder {
+            tag: tag.to_string(),
+            hyper: Hyper::default(),
+            config: Box::new(|_| {}),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Stops the coordinator gracefully and joins every worker.
+    pub async fn finish(self) -> anyhow::Result<(TempDir, Vec<WorkerReport>)> {
+        self.server.stop().await?;
+        let reports = self
+            .workers
+            .into_iter()
+            .map(join)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((self.dir, reports))
+    }
+}
+
+impl ClusterBuilder {
+    /// The demo job's hyperparameters.
+    pub fn hyper(mut self, hyper: Hyper) -> Self {
+        self.hyper = hyper;
+        self
+    }
+
+    /// Adjusts the coordinator's configuration (from [`ServeConfig::for_tests`]).
+    pub fn config(mut self, f: impl FnOnce(&mut ServeConfig) + 'static) -> Self {
+        self.config = Box::new(f);
+        self
+    }
+
+    /// `n` honest CPU workers named `w0`, `w1`, ….
+    pub fn workers(mut self, n: usize) -> Self {
+        let first = self.workers.len();
+        for i in first..first + n {
+            self.workers
+                .push((format!("w{i}"), BackendChoice::Cpu, None));
+        }
+        self
+    }
+
+    /// One worker with a name, a backend and an optional result-tampering hook.
+    pub fn worker(
+        mut self,
+        name: &str,
+        backend: BackendChoice,
+        tamper: Option<SendTamper>,
+    ) -> Self {
+        self.workers.push((name.to_string(), backend, tamper));
+        self
+    }
+
+    /// Creates the demo job, starts the coordinator on 127.0.0.1:0, then the workers.
+    pub async fn start(self) -> anyhow::Result<Cluster> {
+        let dir = TempDir::new(&self.tag);
+        let token = create_demo_job(&dir.db(), self.hyper).await?;
+        let mut config = ServeConfig::for_tests(dir.db());
+        (self.config)(&mut config);
+        let server = Server::start(config).await?;
+        let workers = self
+            .workers
+            .into_iter()
+            .map(|(name, backend, tamper)| {
+                spawn_worker(server.ws_url(), backend, &name, None, None, tamper)
+            })
+            .collect();
+        Ok(Cluster {
+            dir,
+            server,
+            token,
+            workers,
+        })
+    }
+}

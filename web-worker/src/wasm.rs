@@ -108,6 +108,23 @@ pub fn on_load() {
     }));
 }
 
+/// Kernel self-test for the browser test (`tests/browser/kernels.test.mjs`): runs `gpu::selftest` on this
+/// browser's WebGPU adapter and resolves to its report as a JSON string; rejects when there is no adapter.
+#[wasm_bindgen]
+pub async fn kernel_selftest() -> Result<String, JsValue> {
+    let fail = |e: &dyn std::fmt::Display| JsValue::from_str(&e.to_string());
+    let mut ctx = GpuContext::new().await.map_err(|e| fail(&e))?;
+    if ctx.summary().name.is_empty()
+        && let Some(name) = adapter_name().await
+    {
+        ctx.set_name(name);
+    }
+    let report = crate::gpu::selftest::run(&ctx)
+        .await
+        .map_err(|e| fail(&e))?;
+    serde_json::to_string(&report).map_err(|e| fail(&e))
+}
+
 /// The page's one entry point: every command goes through here (see the module docs).
 #[wasm_bindgen]
 pub fn command(msg: JsValue) {

@@ -11,7 +11,9 @@ use starling_core::cpu::CpuEngine;
 use starling_core::reference::{self, MatmulForm};
 use starling_core::rng::SplitMix64;
 use starling_core::{Activation, LayerSpec, ModelSpec, data};
-use starling_worker::gpu::{self, GpuContext, GpuEngine, MatmulVariant, codegen};
+use starling_worker::gpu::{
+    self, AdapterTraits, BlockTile, GpuContext, GpuEngine, MatmulVariant, codegen,
+};
 
 const FORMS: [MatmulForm; 3] = [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt];
 
@@ -61,8 +63,8 @@ fn every_shader_and_generated_kernel_validates() {
         }
     }
     assert!(
-        count >= 6,
-        "expected the six kernels in shaders/, found {count}"
+        count >= 7,
+        "expected the seven kernels in shaders/, found {count}"
     );
     for lanes in codegen::SUPPORTED_SUBGROUP_SIZES {
         validate_wgsl(&format!("generate({lanes})"), &codegen::generate(lanes));
@@ -85,40 +87,97 @@ fn checked_in_subgroup_kernel_matches_generator() {
     );
 }
 
-#[test]
-fn variant_choice_follows_subgroup_size() {
-    assert_eq!(
-        MatmulVariant::choose(true, 8, 8),
-        MatmulVariant::Subgroup(8)
-    );
-    assert_eq!(
-        MatmulVariant::choose(true, 4, 4),
-        MatmulVariant::Subgroup(4)
-    );
-    assert_eq!(MatmulVariant::choose(false, 8, 8), MatmulVariant::Tiled);
-    assert_eq!(
-        MatmulVariant::choose(true, 8, 16),
-        MatmulVariant::Tiled,
-        "size not guaranteed"
-    );
-    assert_eq!(
-        MatmulVariant::choose(true, 32, 32),
-        MatmulVariant::Tiled,
-        "real GPU: too many registers"
-    );
-    let summary = ctx().summary();
-    let expected = MatmulVariant::choose(
-        summary.subgroup_max > 0,
-        summary.subgroup_min,
-        summary.subgroup_max,
-    );
-    assert_eq!(summary.matmul_variant, expected.to_string());
+fn traits(vendor: u32, device_type: wgpu::DeviceType, subgroups: (u32, u32)) -> AdapterTraits {
+    AdapterTraits {
+        vendor,
+        device_type,
+        software: device_type == wgpu::DeviceType::Cpu,
+        subgroup_min: subgroups.0,
+        subgroup_max: subgroups.1,
+        limits: wgpu::Limits::default(),
+    }
 }
 
-/// Every variant the adapter can run: the tiled kernel always, the subgroup kernel where chosen.
+#[test]
+fn variant_choice_follows_the_adapter_report() {
+    use wgpu::DeviceType::{Cpu, DiscreteGpu, IntegratedGpu};
+    // The reason travels in the adapter label, which the coordinator cuts at 200 characters: keep it short.
+    let choose = |t: AdapterTraits| {
+        let (variant, reason) = MatmulVariant::choose(&t);
+        assert!(reason.len() <= 60, "{reason}");
+        variant
+    };
+    let large = MatmulVariant::Blocked {
+        largest: BlockTile::LARGE,
+    };
+    assert_eq!(choose(traits(0, Cpu, (8, 8))), MatmulVariant::Subgroup(8));
+    assert_eq!(choose(traits(0, Cpu, (4, 4))), MatmulVariant::Subgroup(4));
+    assert_eq!(
+        choose(traits(0, Cpu, (0, 0))),
+        MatmulVariant::Tiled,
+        "SwiftShader in Chromium: no subgroups, and tiled measured faster there"
+    );
+    assert_eq!(
+        choose(traits(0x10DE, DiscreteGpu, (32, 32))),
+        large,
+        "NVIDIA"
+    );
+    assert_eq!(
+        choose(traits(0x8086, IntegratedGpu, (8, 32))),
+        large,
+        "Intel: subgroup size not fixed"
+    );
+    assert_eq!(
+        choose(traits(0x13B5, IntegratedGpu, (16, 16))),
+        MatmulVariant::Blocked {
+            largest: BlockTile::MEDIUM
+        },
+        "Arm Mali: 4x4 blocks"
+    );
+    // Limits decide too: 8 KiB of workgroup memory drops the 128 × 128 tile, 32 invocations drop every tile.
+    let mut small = traits(0x1002, DiscreteGpu, (64, 64));
+    small.limits.max_compute_workgroup_storage_size = 8192;
+    assert_eq!(
+        choose(small.clone()),
+        MatmulVariant::Blocked {
+            largest: BlockTile::MEDIUM
+        }
+    );
+    small.limits.max_compute_invocations_per_workgroup = 32;
+    assert_eq!(choose(small), MatmulVariant::Tiled);
+    // Every shipped tile fits the WebGPU defaults: 256 invocations, 16 KiB (SwiftShader's browser limits).
+    for tile in BlockTile::ALL {
+        assert!(tile.fits(&wgpu::Limits::default()), "{tile}");
+        assert!(tile.wg_x * tile.wg_y <= 256 && tile.workgroup_bytes() <= 16 * 1024);
+    }
+    // The shape table: large square products get the large tile, skinny MLP products the small one.
+    let pick = |m, n| BlockTile::for_shape(&BlockTile::ALL, m, n);
+    assert_eq!(pick(1024, 1024), BlockTile::LARGE);
+    assert_eq!(pick(512, 512), BlockTile::MEDIUM);
+    assert_eq!(pick(256, 256), BlockTile::SMALL);
+    assert_eq!(pick(32, 128), BlockTile::SMALL);
+    assert_eq!(pick(784, 128), BlockTile::SMALL);
+    assert_eq!(pick(1, 1), BlockTile::SMALL);
+    // This adapter's summary states the variant chosen from its own report, and the reason.
+    let summary = ctx().summary();
+    assert!(
+        summary.matmul_variant == ctx().matmul_variant().to_string()
+            && !summary.matmul_reason.is_empty()
+            && summary.label().contains(&summary.matmul_reason),
+        "{}",
+        summary.label()
+    );
+}
+
+/// Every variant the adapter can run: the tiled kernel, every shipped blocked tile alone and the blocked shape
+/// table, and the subgroup kernel where the adapter chose it.
 fn variants() -> Vec<MatmulVariant> {
     let mut v = vec![MatmulVariant::Tiled];
-    if ctx().matmul_variant() != MatmulVariant::Tiled {
+    v.extend(BlockTile::ALL.map(MatmulVariant::BlockedFixed));
+    v.push(MatmulVariant::Blocked {
+        largest: BlockTile::LARGE,
+    });
+    if let MatmulVariant::Subgroup(_) = ctx().matmul_variant() {
         v.push(ctx().matmul_variant());
     }
     v
@@ -126,14 +185,24 @@ fn variants() -> Vec<MatmulVariant> {
 
 #[test]
 fn matmul_matches_reference_in_all_forms_and_odd_shapes() {
+    // Shapes that are not multiples of any tile (7×13×5, 65×127×33, the MLP's first layer at batch 37 in its
+    // three backprop forms), aligned ones that take the vec4 paths (64×784×128, 132×64×260), and ones that span
+    // several 128 × 128 tiles with ragged edges (130×17×257).
     let shapes = [
         (1, 1, 1),
+        (7, 13, 5),
         (7, 33, 100),
         (33, 7, 1),
         (1, 785, 33),
         (100, 1, 7),
+        (65, 127, 33),
         (65, 129, 31),
+        (37, 784, 128),
+        (784, 37, 128),
+        (37, 128, 784),
         (64, 784, 128),
+        (132, 64, 260),
+        (130, 17, 257),
         (37, 3, 70),
     ];
     let mut rng = SplitMix64::new(1);
@@ -356,6 +425,61 @@ fn mnist_mlp_gradient_matches_reference_and_cpu_engine() {
     let gpu2 = pollster::block_on(engine.step(&x2, &labels2)).expect("gpu step 2");
     let want2 = reference::forward_backward(&spec, &params, &x2, &labels2).expect("reference 2");
     assert!(rel_l2(&gpu2.grad, &want2.grad) < 1e-4);
+}
+
+/// The whole training step on the blocked kernel (shape table, and each tile alone) agrees with the reference:
+/// the 784-128-10 MLP at batches 37 and 256 (aligned and unaligned activations), and the odd net whose weights
+/// sit at offsets that are not multiples of 4, so its operands take the scalar fallback.
+#[test]
+fn blocked_engine_gradient_matches_reference() {
+    let mut rng = SplitMix64::new(8);
+    let mnist = ModelSpec::mnist_mlp();
+    let mut mnist_params = mnist.init_params(4);
+    for p in &mut mnist_params {
+        *p += 0.01 * rng.normal() as f32;
+    }
+    let odd = odd_spec();
+    let odd_params = odd.init_params(5);
+    let mut variants = vec![MatmulVariant::Blocked {
+        largest: BlockTile::LARGE,
+    }];
+    variants.extend(BlockTile::ALL.map(MatmulVariant::BlockedFixed));
+    for variant in variants {
+        let ctx = ctx().with_matmul_variant(variant);
+        for (spec, params, rows) in [
+            (&mnist, &mnist_params, 37),
+            (&mnist, &mnist_params, 256),
+            (&odd, &odd_params, 65),
+        ] {
+            let (x, labels) = batch(&mut rng, spec, rows);
+            let mut engine = GpuEngine::new(&ctx, spec.clone()).expect("engine");
+            pollster::block_on(engine.load(params)).expect("load");
+            let gpu = pollster::block_on(engine.step(&x, &labels)).expect("gpu step");
+            let want = reference::forward_backward(spec, params, &x, &labels).expect("reference");
+            // Tolerance as in `mnist_mlp_gradient_matches_reference_and_cpu_engine`.
+            let err = rel_l2(&gpu.grad, &want.grad);
+            assert!(
+                err < 1e-4,
+                "{variant} input {} rows {rows}: rel L2 {err:e}",
+                spec.input
+            );
+            assert!(((gpu.loss - want.loss) / want.loss).abs() < 1e-5);
+            assert_eq!(gpu.correct, want.correct);
+        }
+    }
+}
+
+/// The self-test the browser runs on SwiftShader (`tests/browser/kernels.test.mjs`) passes here on lavapipe too,
+/// and covers every variant: tiled, each blocked tile, the shape table and the adapter's own choice.
+#[test]
+fn selftest_passes_on_this_adapter() {
+    let report = pollster::block_on(gpu::selftest::run(ctx())).expect("self-test ran");
+    eprintln!(
+        "self-test: {} checks over {:?}, worst |gpu-cpu|/tol {:.3}, step rel L2 {:.2e}, step ms {:?}",
+        report.checks, report.variants, report.worst_ratio, report.step_rel_l2, report.step_ms
+    );
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert!(report.variants.len() >= 5 && report.checks == report.variants.len() * 3 * 7);
 }
 
 fn odd_spec() -> ModelSpec {

@@ -10,12 +10,13 @@
 pub mod codegen; // Generator of the unrolled subgroup matmul for CPU-emulated adapters.
 mod engine; // The resident-model engine: buffers, cached dispatch plans, step and evaluate.
 mod kernels; // One struct per WGSL kernel with its mirrored `Params`.
+pub mod selftest; // Every matmul variant and one full step against the CPU backend, natively and in the browser.
 mod transfer; // The shared upload / dispatch / read-back helper.
 
 use std::sync::Arc;
 
 pub use engine::GpuEngine;
-pub use kernels::{MatmulKernel, MatmulParams, MatmulVariant};
+pub use kernels::{AdapterTraits, BlockTile, MatmulKernel, MatmulParams, MatmulVariant};
 use starling_core::Activation;
 use starling_core::reference::MatmulForm;
 
@@ -63,16 +64,19 @@ pub struct AdapterSummary {
     /// Subgroup size range the adapter reports (0 when it does not support subgroups).
     pub subgroup_min: u32,
     pub subgroup_max: u32,
-    /// `"tiled"` or `"subgroup<N>"`, see [`MatmulVariant::choose`].
+    /// `"tiled"`, `"subgroup<N>"`, `"blocked(<=<tile>)"` or `"blocked<tile>"`, see [`MatmulVariant::choose`].
     pub matmul_variant: String,
+    /// Why this adapter runs that variant, in words.
+    pub matmul_reason: String,
 }
 
 impl AdapterSummary {
-    /// One line for logs and test output, e.g. `llvmpipe (LLVM 19.1.7, 256 bits) (Vulkan, Cpu, matmul=subgroup8)`.
+    /// One line for logs, test output and the coordinator (which keeps 200 characters), e.g. `llvmpipe (LLVM
+    /// 19.1.7, 256 bits) (Vulkan, Cpu, matmul=subgroup8: fixed 8-lane subgroups: CPU SIMD emulation)`.
     pub fn label(&self) -> String {
         format!(
-            "{} ({}, {}, matmul={})",
-            self.name, self.backend, self.device_type, self.matmul_variant
+            "{} ({}, {}, matmul={}: {})",
+            self.name, self.backend, self.device_type, self.matmul_variant, self.matmul_reason
         )
     }
 }
@@ -128,7 +132,6 @@ impl GpuContext {
         } else {
             (0, 0)
         };
-        let variant = MatmulVariant::choose(subgroups, subgroup_min, subgroup_max);
         let lower = info.name.to_lowercase();
         let is_software = info.device_type == wgpu::DeviceType::Cpu
             || [
@@ -140,6 +143,14 @@ impl GpuContext {
             ]
             .iter()
             .any(|s| lower.contains(s));
+        let (variant, reason) = MatmulVariant::choose(&AdapterTraits {
+            vendor: info.vendor,
+            device_type: info.device_type,
+            software: is_software,
+            subgroup_min,
+            subgroup_max,
+            limits: limits.clone(),
+        });
         let summary = AdapterSummary {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
@@ -148,6 +159,7 @@ impl GpuContext {
             subgroup_min,
             subgroup_max,
             matmul_variant: variant.to_string(),
+            matmul_reason: reason,
         };
         tracing::info!(adapter = %summary.label(), "GPU context ready");
         Ok(Self {
@@ -172,6 +184,22 @@ impl GpuContext {
     /// The matmul variant this adapter runs.
     pub fn matmul_variant(&self) -> MatmulVariant {
         self.variant
+    }
+
+    /// This context with another matmul variant (tests, benchmarks, the browser self-test); the label says so.
+    /// The variant must be one the adapter can run: `Subgroup` only where subgroups are fixed at that size.
+    pub fn with_matmul_variant(&self, variant: MatmulVariant) -> Self {
+        let mut ctx = self.clone();
+        ctx.variant = variant;
+        let summary = Arc::make_mut(&mut ctx.summary);
+        summary.matmul_variant = variant.to_string();
+        summary.matmul_reason = "forced".to_string();
+        ctx
+    }
+
+    /// The limits the device was created with.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
     }
 }
 
@@ -200,6 +228,22 @@ pub async fn matmul_with(
     a: &[f32],
     b: &[f32],
 ) -> Result<Vec<f32>, GpuError> {
+    matmul_on(ctx, &MatmulKernel::new(ctx, variant), form, m, k, n, a, b).await
+}
+
+/// [`matmul`] on an already built kernel: many products without rebuilding pipelines (the self-test; building a
+/// pipeline costs seconds on SwiftShader).
+#[allow(clippy::too_many_arguments)]
+pub async fn matmul_on(
+    ctx: &GpuContext,
+    kernel: &MatmulKernel,
+    form: MatmulForm,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+) -> Result<Vec<f32>, GpuError> {
     if a.len() != m * k {
         return Err(GpuError::Operand {
             name: "A",
@@ -217,7 +261,6 @@ pub async fn matmul_with(
     if m == 0 || n == 0 {
         return Ok(Vec::new());
     }
-    let kernel = MatmulKernel::new(ctx, variant);
     let a_buf = transfer::storage_init(ctx, "matmul A", bytemuck::cast_slice(a))?;
     let b_buf = transfer::storage_init(ctx, "matmul B", bytemuck::cast_slice(b))?;
     let c_buf = transfer::storage(ctx, "matmul C", (m * n * 4) as u64)?;

@@ -24,16 +24,20 @@ fn check_size(ctx: &GpuContext, what: &'static str, bytes: u64) -> Result<(), Gp
     Ok(())
 }
 
-/// A zero-initialised storage buffer of at least `bytes` bytes (never empty: empty bindings are invalid).
+/// A zero-initialised storage buffer of at least `bytes` bytes, rounded up to a multiple of 16 (never empty:
+/// empty bindings are invalid; and `matmul_blocked.wgsl` binds buffers as arrays of vec4, which would hide a
+/// trailing partial vec4).
 pub(crate) fn storage(
     ctx: &GpuContext,
     label: &'static str,
     bytes: u64,
 ) -> Result<wgpu::Buffer, GpuError> {
-    check_size(ctx, label, bytes)?;
+    // The rounded size is what gets bound, so it is what must fit the binding limit.
+    let size = bytes.max(16).next_multiple_of(16);
+    check_size(ctx, label, size)?;
     Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: bytes.max(16).next_multiple_of(4),
+        size,
         usage: wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC,

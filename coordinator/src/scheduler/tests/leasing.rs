@@ -14,14 +14,7 @@ use crate::store::AcceptedRow;
 #[test]
 fn an_expired_lease_is_reassigned_and_its_late_result_is_late() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (slow, a, b) = (h.connect(1), h.connect(2), h.connect(3));
     h.ready(slow);
     h.ready(a);
@@ -44,14 +37,7 @@ fn an_expired_lease_is_reassigned_and_its_late_result_is_late() {
 #[test]
 fn a_disconnect_releases_its_lease_to_a_waiting_worker() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (gone, a, b) = (h.connect(1), h.connect(2), h.connect(3));
     h.ready(gone);
     h.ready(a);
@@ -75,14 +61,7 @@ fn a_disconnect_releases_its_lease_to_a_waiting_worker() {
 #[test]
 fn a_straggler_gets_a_speculative_replica_and_the_extra_agreeing_result_is_credited() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (fast, slow, spare) = (h.connect(1), h.connect(2), h.connect(3));
     h.ready(fast);
     h.ready(slow);
@@ -156,14 +135,7 @@ fn a_restart_reuses_accepted_results_of_the_step_in_progress() {
 #[test]
 fn pause_resume_and_cancel_control_leasing() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (a, b) = (h.connect(1), h.connect(2));
     let fx = h.st.set_status(JobId(1), JobStatus::Paused).expect("pause");
     h.take(fx);
@@ -275,14 +247,7 @@ fn lease_shares_between_jobs_follow_their_weights() {
 #[test]
 fn a_failed_write_withholds_what_reports_on_it_and_the_job_recovers_from_the_store() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (a, b, c) = (h.connect(1), h.connect(2), h.connect(3));
     h.ready(a);
     h.ready(b);

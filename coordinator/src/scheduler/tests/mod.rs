@@ -55,6 +55,14 @@ pub(super) fn hyper() -> Hyper {
     }
 }
 
+/// One 4-row micro-batch per step: a step is settled by a single quorum.
+pub(super) fn one_micro() -> Hyper {
+    Hyper {
+        global_batch: 4,
+        ..hyper()
+    }
+}
+
 /// The honest result of (job, step, micro): any deterministic value will do, the scheduler only compares.
 pub(super) fn honest(job: JobId, step: u64, micro: u32) -> (f32, u32, Vec<f32>) {
     let grad = (0..PARAMS)

@@ -62,14 +62,7 @@ fn two_agreeing_replicas_are_accepted_credited_and_durable_first() {
 #[test]
 fn a_disagreement_is_settled_by_the_coordinator_not_by_vote() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (honest_c, liar) = (h.connect(1), h.connect(2));
     h.ready(honest_c);
     h.ready(liar);
@@ -103,14 +96,7 @@ fn a_disagreement_is_settled_by_the_coordinator_not_by_vote() {
 #[test]
 fn near_misses_are_late_never_used_and_three_in_a_row_are_a_strike() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (good, close) = (h.connect(1), h.connect(2));
     for round in 0..3u64 {
         h.ready(good);
@@ -141,14 +127,7 @@ fn near_misses_are_late_never_used_and_three_in_a_row_are_a_strike() {
 #[test]
 fn only_near_misses_make_the_coordinators_result_the_micro_batchs() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (a, b) = (h.connect(1), h.connect(2));
     h.ready(a);
     h.ready(b);
@@ -243,9 +222,8 @@ fn a_trusted_worker_is_spot_checked_instead_of_replicated() {
     h.load(
         1,
         Hyper {
-            global_batch: 4,
             adaptive: true,
-            ..hyper()
+            ..one_micro()
         },
         Vec::new(),
     );
@@ -288,9 +266,8 @@ fn a_spot_check_that_fails_strikes_and_goes_back_to_replication() {
     h.load(
         1,
         Hyper {
-            global_batch: 4,
             adaptive: true,
-            ..hyper()
+            ..one_micro()
         },
         Vec::new(),
     );
@@ -326,14 +303,7 @@ fn a_spot_check_that_fails_strikes_and_goes_back_to_replication() {
 #[test]
 fn a_refused_worker_gets_its_verdict_then_the_close_and_no_more_work() {
     let mut h = Harness::with(|c| c.strike_limit = 1);
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let (good, bad) = (h.connect(1), h.connect(2));
     h.ready(good);
     h.ready(bad);
@@ -412,14 +382,7 @@ fn without_recomputation_a_disagreement_leases_tie_breakers_and_then_abandons() 
 #[test]
 fn invalid_results_are_rejected_before_any_comparison() {
     let mut h = Harness::new();
-    h.load(
-        1,
-        Hyper {
-            global_batch: 4,
-            ..hyper()
-        },
-        Vec::new(),
-    );
+    h.load(1, one_micro(), Vec::new());
     let a = h.connect(1);
     h.ready(a);
     let l = h.held(a).expect("leased");

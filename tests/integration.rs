@@ -1,0 +1,9 @@
+//! The integration tests, one binary: every suite runs a real coordinator on 127.0.0.1:0 with real WebSocket
+//! workers and real engines. `cargo test -p starling-tests -- --test-threads=1` runs them one at a time (each
+//! trains a model and the machine has two cores); name a suite to run it alone, e.g. `-- conformance::`.
+
+mod attacks; // Lying, stale, replaying, copying and colluding workers; churn.
+mod conformance; // docs/PROTOCOL.md and docs/API.md as a contract: every limit, error and outcome, raw frames.
+mod e2e; // Training end to end, restarts, stragglers, bad frames, storage failures, fairness, the demo schedule.
+mod owners; // Owner accounts, job control, live events, metrics and export.
+mod trust; // The ledger, limits and adaptive replication.
