@@ -102,6 +102,12 @@ fn setup() -> anyhow::Result<()> {
             ));
         }
     }
+    if !succeeds(Command::new("cargo").args(["clippy", "--version"]))
+        || !succeeds(Command::new("cargo").args(["fmt", "--version"]))
+    {
+        say("adding the clippy and rustfmt components (rustup)");
+        run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    }
     let targets = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -154,6 +160,17 @@ fn setup() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     setup()?;
     let started = Instant::now();
+    say("formatting (cargo fmt --check)");
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    say("lints (cargo clippy --all-targets -D warnings)");
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     say(
         "unit and kernel tests (kernels run on the first Vulkan adapter wgpu finds: lavapipe on machines without a GPU)",
     );
