@@ -1084,6 +1084,62 @@ async fn result_accepted_for_an_extra_replica_while_the_step_is_open() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_accepted_for_a_speculative_replica_while_the_step_is_open() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("speculative", |c| c.speculate_after_ms = 200).await?;
+    // Two micro-batches per step, R = 2: four workers hold every replica, a fifth waits.
+    let hyper = serde_json::json!({"global_batch": 8, "micro_batch": 4, "steps": 1000, "redundancy": 2, "eval_every": 1000});
+    let (_, job) = create_job(&Http::new(server), alice, hyper).await?;
+    let mut peers = Vec::new();
+    for _ in 0..4 {
+        let mut p = Peer::join(server, None).await?;
+        p.ready().await?;
+        let l = p.lease().await?;
+        peers.push((p, l));
+    }
+    let mut extra = Peer::join(server, None).await?;
+    extra.ready().await?;
+    assert!(
+        extra.lease_or_waiting().await?.is_none(),
+        "every replica is leased: waiting"
+    );
+    // Its `ready` stands; once the leases are outstanding for --speculate-after-ms, the lease reaper hands it a
+    // speculative replica of one of them.
+    let le = extra.lease().await?;
+    assert_eq!(le.version, 0);
+    let mut pair: Vec<_> = peers
+        .iter_mut()
+        .filter(|(_, l)| l.micro == le.micro)
+        .collect();
+    assert_eq!(
+        pair.len(),
+        2,
+        "R = 2 replicas of the speculated micro-batch"
+    );
+    for (p, l) in &mut pair {
+        let r = p.compute(l)?;
+        p.submit(l.id, r.loss, r.correct, &r.grad).await?;
+    }
+    for (p, l) in &mut pair {
+        assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
+    }
+    // That micro-batch is accepted; the step still waits for the other one. The speculative replica agrees.
+    let r = extra.compute(&le)?;
+    extra.submit(le.id, r.loss, r.correct, &r.grad).await?;
+    assert_eq!(extra.verdict(le.id).await?, Outcome::Accepted);
+    let c = counters(&Http::new(server), job).await?;
+    assert_eq!(
+        (
+            &c["speculative_leases"],
+            &c["results_accepted"],
+            &c["steps_applied"]
+        ),
+        (&1.into(), &3.into(), &0.into()),
+        "{c}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_rejected_for_the_third_near_miss_in_a_row() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("nearmiss3", |_| ()).await?;
     create_job(&Http::new(server), alice, one_micro(2)).await?;
