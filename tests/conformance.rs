@@ -1182,6 +1182,13 @@ async fn result_late_after_its_job_was_cancelled() -> anyhow::Result<()> {
     let r = a.compute(&la)?;
     a.submit(la.id, r.loss, r.correct, &r.grad).await?;
     assert_eq!(a.verdict(la.id).await?, Outcome::Late);
+    // Cancelling dropped the lease, so the result belongs to no job: docs/API.md does not count it in `results_late`.
+    let c = counters(&http, job).await?;
+    assert_eq!(
+        (&c["results_late"], &c["results_accepted"]),
+        (&0.into(), &0.into()),
+        "{c}"
+    );
     Ok(())
 }
 
