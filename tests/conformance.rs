@@ -158,15 +158,18 @@ struct Lease {
 /// A raw worker that keeps the model frames it was sent.
 struct Peer {
     ws: Ws,
+    /// The worker id its `welcome` named.
+    worker: u64,
     spec: ModelSpec,
     params: Option<(u64, Vec<f32>)>,
 }
 
 impl Peer {
     async fn join(server: &Server, token: Option<&str>) -> anyhow::Result<Self> {
-        let (ws, _, _) = join(server, token).await?;
+        let (ws, worker, _) = join(server, token).await?;
         Ok(Self {
             ws,
+            worker,
             spec: ModelSpec::from_json(SPEC)?,
             params: None,
         })
@@ -677,12 +680,15 @@ async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("refused", |c| c.strike_limit = 1).await?;
     let http = Http::new(server);
     create_job(&http, alice, one_micro(2)).await?;
-    let (ws, _, token) = join(server, None).await?;
+    let (ws, worker, token) = join(server, None).await?;
     let mut peer = Peer {
         ws,
+        worker,
         spec: ModelSpec::from_json(SPEC)?,
         params: None,
     };
+    // A second connection of the same worker (its token), idle: the refusal reaches it too.
+    let (mut other, ..) = join(server, Some(&token)).await?;
     peer.ready().await?;
     let lease = peer.lease().await?;
     peer.submit(lease.id, 1.0, 0, &[0.5; 3]).await?; // the wrong length: rejected, a strike
@@ -706,6 +712,7 @@ async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     }
     let m = expect_error_then_close(&mut peer.ws, ErrorCode::Refused, 1008).await?;
     assert!(m.contains("refused after 1 rejected results"), "{m}");
+    expect_error_then_close(&mut other, ErrorCode::Refused, 1008).await?;
     let mut again = connect(server).await?;
     send(&mut again, &hello(1, Some(&token)), &[]).await?;
     expect_error_then_close(&mut again, ErrorCode::Refused, 1008).await?;
@@ -1142,7 +1149,8 @@ async fn result_accepted_for_a_speculative_replica_while_the_step_is_open() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_rejected_for_the_third_near_miss_in_a_row() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("nearmiss3", |_| ()).await?;
-    create_job(&Http::new(server), alice, one_micro(2)).await?;
+    let http = Http::new(server);
+    let (_, job) = create_job(&http, alice, one_micro(2)).await?;
     let (mut a, mut b) = (
         Peer::join(server, None).await?,
         Peer::join(server, None).await?,
@@ -1164,6 +1172,17 @@ async fn result_rejected_for_the_third_near_miss_in_a_row() -> anyhow::Result<()
         assert_eq!(a.verdict(la.id).await?, Outcome::Accepted, "step {n}");
         assert_eq!(b.verdict(lb.id).await?, expected, "near miss {n}");
     }
+    // The third one is the strike; the first two were not.
+    let (_, workers) = http.get("/api/v1/workers", None).await?;
+    let strikes: Vec<_> = workers
+        .as_array()
+        .context("a list")?
+        .iter()
+        .map(|w| (w["id"].as_u64(), w["strikes"].as_u64()))
+        .collect();
+    assert!(strikes.contains(&(Some(b.worker), Some(1))), "{workers}");
+    assert!(strikes.contains(&(Some(a.worker), Some(0))), "{workers}");
+    assert_eq!(counters(&http, job).await?["near_misses"], 3);
     Ok(())
 }
 
