@@ -149,6 +149,8 @@ async fn join(server: &Server, token: Option<&str>) -> anyhow::Result<(Ws, u64, 
 struct Lease {
     id: LeaseId,
     version: u64,
+    /// The micro-batch's index in its step (replicas of one micro-batch share it).
+    micro: u32,
     x: Vec<f32>,
     labels: Vec<u32>,
 }
@@ -156,15 +158,18 @@ struct Lease {
 /// A raw worker that keeps the model frames it was sent.
 struct Peer {
     ws: Ws,
+    /// The worker id its `welcome` named.
+    worker: u64,
     spec: ModelSpec,
     params: Option<(u64, Vec<f32>)>,
 }
 
 impl Peer {
     async fn join(server: &Server, token: Option<&str>) -> anyhow::Result<Self> {
-        let (ws, _, _) = join(server, token).await?;
+        let (ws, worker, _) = join(server, token).await?;
         Ok(Self {
             ws,
+            worker,
             spec: ModelSpec::from_json(SPEC)?,
             params: None,
         })
@@ -189,28 +194,36 @@ impl Peer {
     /// Waits for a lease (skipping `waiting`).
     async fn lease(&mut self) -> anyhow::Result<Lease> {
         loop {
-            match self.next().await? {
-                (
-                    CoordinatorMsg::Lease {
-                        lease,
-                        version,
-                        rows,
-                        ..
-                    },
-                    p,
-                ) => {
-                    let (x, labels) =
-                        split_lease_payload(&p, rows as usize, self.spec.input as usize)?;
-                    return Ok(Lease {
-                        id: lease,
-                        version,
-                        x,
-                        labels,
-                    });
-                }
-                (CoordinatorMsg::Waiting { .. }, _) => continue,
-                other => bail!("expected a lease, got {other:?}"),
+            if let Some(lease) = self.lease_or_waiting().await? {
+                return Ok(lease);
             }
+        }
+    }
+
+    /// The answer to a `ready`: a lease, or `None` for `waiting` (the `ready` still stands).
+    async fn lease_or_waiting(&mut self) -> anyhow::Result<Option<Lease>> {
+        match self.next().await? {
+            (
+                CoordinatorMsg::Lease {
+                    lease,
+                    version,
+                    micro_batch,
+                    rows,
+                    ..
+                },
+                p,
+            ) => {
+                let (x, labels) = split_lease_payload(&p, rows as usize, self.spec.input as usize)?;
+                Ok(Some(Lease {
+                    id: lease,
+                    version,
+                    micro: micro_batch,
+                    x,
+                    labels,
+                }))
+            }
+            (CoordinatorMsg::Waiting { .. }, _) => Ok(None),
+            other => bail!("expected a lease or waiting, got {other:?}"),
         }
     }
 
@@ -667,12 +680,15 @@ async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("refused", |c| c.strike_limit = 1).await?;
     let http = Http::new(server);
     create_job(&http, alice, one_micro(2)).await?;
-    let (ws, _, token) = join(server, None).await?;
+    let (ws, worker, token) = join(server, None).await?;
     let mut peer = Peer {
         ws,
+        worker,
         spec: ModelSpec::from_json(SPEC)?,
         params: None,
     };
+    // A second connection of the same worker (its token), idle: the refusal reaches it too.
+    let (mut other, ..) = join(server, Some(&token)).await?;
     peer.ready().await?;
     let lease = peer.lease().await?;
     peer.submit(lease.id, 1.0, 0, &[0.5; 3]).await?; // the wrong length: rejected, a strike
@@ -696,6 +712,7 @@ async fn refused_at_the_strike_limit_and_at_hello() -> anyhow::Result<()> {
     }
     let m = expect_error_then_close(&mut peer.ws, ErrorCode::Refused, 1008).await?;
     assert!(m.contains("refused after 1 rejected results"), "{m}");
+    expect_error_then_close(&mut other, ErrorCode::Refused, 1008).await?;
     let mut again = connect(server).await?;
     send(&mut again, &hello(1, Some(&token)), &[]).await?;
     expect_error_then_close(&mut again, ErrorCode::Refused, 1008).await?;
@@ -932,6 +949,305 @@ async fn failed_releases_the_lease_without_a_verdict() -> anyhow::Result<()> {
     assert_eq!(
         next.version, 1,
         "a's next message is a lease of the next step, not a verdict"
+    );
+    Ok(())
+}
+
+/// The job's counters, as its public status shows them.
+async fn counters(http: &Http, job: u64) -> anyhow::Result<serde_json::Value> {
+    let (status, view) = http.get(&format!("/api/v1/jobs/{job}"), None).await?;
+    anyhow::ensure!(status == 200, "job status: {status} {view}");
+    Ok(view["counters"].clone())
+}
+
+/// Adaptive replication: two honest raw workers agree step after step (one micro-batch, R = 2) until `a`, now
+/// trusted, is leased a micro-batch alone, which `b` sees as `waiting` for its `ready` (the only micro-batch wants
+/// no second replica). Returns `a` with its solo lease and `b`, whose `ready` still stands.
+async fn solo_lease(server: &Server) -> anyhow::Result<(Peer, Lease, Peer)> {
+    let mut a = Peer::join(server, None).await?;
+    let mut b = Peer::join(server, None).await?;
+    // With a record r >= the trust threshold a lease is solo with probability 1 - max(0.05, 1/r).
+    for _ in 0..50 {
+        a.ready().await?;
+        let la = a.lease().await?;
+        b.ready().await?;
+        let Some(lb) = b.lease_or_waiting().await? else {
+            return Ok((a, la, b));
+        };
+        anyhow::ensure!(
+            la.micro == lb.micro && la.version == lb.version,
+            "R = 2 replicas of one micro-batch"
+        );
+        let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
+        a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
+        b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
+        assert_eq!(a.verdict(la.id).await?, Outcome::Accepted);
+        assert_eq!(b.verdict(lb.id).await?, Outcome::Accepted);
+    }
+    bail!("no solo lease in 50 steps of agreed results")
+}
+
+/// Trusted after 2 agreed results; no speculative replica while a test runs, so the only second replica of a solo
+/// micro-batch is the one a failed spot check sends back to replication.
+fn trusted_after_2(c: &mut ServeConfig) {
+    c.trust_threshold = 2;
+    c.speculate_after_ms = 60_000;
+}
+
+/// An adaptive job of one 4-row micro-batch per step, R = 2.
+fn adaptive() -> serde_json::Value {
+    let mut hyper = one_micro(2);
+    hyper["adaptive"] = true.into();
+    hyper
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_accepted_by_a_spot_check() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("spot-ok", trusted_after_2).await?;
+    let http = Http::new(server);
+    let (_, job) = create_job(&http, alice, adaptive()).await?;
+    let (mut a, la, _b) = solo_lease(server).await?;
+    let before = counters(&http, job).await?;
+    let r = a.compute(&la)?;
+    a.submit(la.id, r.loss, r.correct, &r.grad).await?;
+    assert_eq!(
+        a.verdict(la.id).await?,
+        Outcome::Accepted,
+        "agrees with the coordinator's recomputation"
+    );
+    let after = counters(&http, job).await?;
+    assert_eq!(
+        (&before["spot_checks"], &after["spot_checks"]),
+        (&0.into(), &1.into()),
+        "{after}"
+    );
+    assert_eq!(after["spot_check_failures"], 0, "{after}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_rejected_by_a_failed_spot_check() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("spot-bad", trusted_after_2).await?;
+    let http = Http::new(server);
+    let (_, job) = create_job(&http, alice, adaptive()).await?;
+    let (mut a, la, mut b) = solo_lease(server).await?;
+    let r = a.compute(&la)?;
+    let flipped: Vec<f32> = r.grad.iter().map(|g| -g).collect();
+    a.submit(la.id, r.loss, r.correct, &flipped).await?;
+    assert_eq!(a.verdict(la.id).await?, Outcome::Rejected);
+    let after = counters(&http, job).await?;
+    assert_eq!(
+        (&after["spot_checks"], &after["spot_check_failures"]),
+        (&1.into(), &1.into()),
+        "{after}"
+    );
+    // The micro-batch goes back to R-fold replication: b's standing `ready` gets a replica of the same step.
+    let lb = b.lease().await?;
+    assert_eq!((lb.version, lb.micro), (la.version, la.micro));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_accepted_for_an_extra_replica_while_the_step_is_open() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("extra", |_| ()).await?;
+    // Two micro-batches per step, R = 3 (quorum 2): five workers hold 3 + 2 replicas.
+    let hyper = serde_json::json!({"global_batch": 8, "micro_batch": 4, "steps": 1000, "redundancy": 3, "eval_every": 1000});
+    let (_, job) = create_job(&Http::new(server), alice, hyper).await?;
+    let mut peers = Vec::new();
+    for _ in 0..5 {
+        let mut p = Peer::join(server, None).await?;
+        p.ready().await?;
+        let l = p.lease().await?;
+        peers.push((p, l));
+    }
+    let (mut three, mut two): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, l)| l.micro == 0);
+    if three.len() == 2 {
+        std::mem::swap(&mut three, &mut two);
+    }
+    assert_eq!(
+        (three.len(), two.len()),
+        (3, 2),
+        "replicas go to the micro-batch shortest of them"
+    );
+    for (p, l) in &mut three[..2] {
+        let r = p.compute(l)?;
+        p.submit(l.id, r.loss, r.correct, &r.grad).await?;
+    }
+    for (p, l) in &mut three[..2] {
+        assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
+    }
+    // Its micro-batch is accepted; the step still waits for the other one. The third replica agrees: accepted.
+    let (p, l) = &mut three[2];
+    let r = p.compute(l)?;
+    p.submit(l.id, r.loss, r.correct, &r.grad).await?;
+    assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
+    let c = counters(&Http::new(server), job).await?;
+    assert_eq!(
+        (&c["results_accepted"], &c["steps_applied"]),
+        (&3.into(), &0.into()),
+        "{c}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_accepted_for_a_speculative_replica_while_the_step_is_open() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("speculative", |c| c.speculate_after_ms = 200).await?;
+    // Two micro-batches per step, R = 2: four workers hold every replica, a fifth waits.
+    let hyper = serde_json::json!({"global_batch": 8, "micro_batch": 4, "steps": 1000, "redundancy": 2, "eval_every": 1000});
+    let (_, job) = create_job(&Http::new(server), alice, hyper).await?;
+    let mut peers = Vec::new();
+    for _ in 0..4 {
+        let mut p = Peer::join(server, None).await?;
+        p.ready().await?;
+        let l = p.lease().await?;
+        peers.push((p, l));
+    }
+    let mut extra = Peer::join(server, None).await?;
+    extra.ready().await?;
+    assert!(
+        extra.lease_or_waiting().await?.is_none(),
+        "every replica is leased: waiting"
+    );
+    // Its `ready` stands; once the leases are outstanding for --speculate-after-ms, the lease reaper hands it a
+    // speculative replica of one of them.
+    let le = extra.lease().await?;
+    assert_eq!(le.version, 0);
+    let mut pair: Vec<_> = peers
+        .iter_mut()
+        .filter(|(_, l)| l.micro == le.micro)
+        .collect();
+    assert_eq!(
+        pair.len(),
+        2,
+        "R = 2 replicas of the speculated micro-batch"
+    );
+    for (p, l) in &mut pair {
+        let r = p.compute(l)?;
+        p.submit(l.id, r.loss, r.correct, &r.grad).await?;
+    }
+    for (p, l) in &mut pair {
+        assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
+    }
+    // That micro-batch is accepted; the step still waits for the other one. The speculative replica agrees.
+    let r = extra.compute(&le)?;
+    extra.submit(le.id, r.loss, r.correct, &r.grad).await?;
+    assert_eq!(extra.verdict(le.id).await?, Outcome::Accepted);
+    let c = counters(&Http::new(server), job).await?;
+    assert_eq!(
+        (
+            &c["speculative_leases"],
+            &c["results_accepted"],
+            &c["steps_applied"]
+        ),
+        (&1.into(), &3.into(), &0.into()),
+        "{c}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_rejected_for_the_third_near_miss_in_a_row() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("nearmiss3", |_| ()).await?;
+    let http = Http::new(server);
+    let (_, job) = create_job(&http, alice, one_micro(2)).await?;
+    let (mut a, mut b) = (
+        Peer::join(server, None).await?,
+        Peer::join(server, None).await?,
+    );
+    for (n, expected) in [
+        (1, Outcome::Late),
+        (2, Outcome::Late),
+        (3, Outcome::Rejected),
+    ] {
+        a.ready().await?;
+        let la = a.lease().await?;
+        b.ready().await?;
+        let lb = b.lease().await?;
+        let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
+        a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
+        // Same loss and correct count, gradient 1% off: a near miss of the coordinator's recomputation.
+        let off: Vec<f32> = rb.grad.iter().map(|g| g * 1.01).collect();
+        b.submit(lb.id, rb.loss, rb.correct, &off).await?;
+        assert_eq!(a.verdict(la.id).await?, Outcome::Accepted, "step {n}");
+        assert_eq!(b.verdict(lb.id).await?, expected, "near miss {n}");
+    }
+    // The third one is the strike; the first two were not.
+    let (_, workers) = http.get("/api/v1/workers", None).await?;
+    let strikes: Vec<_> = workers
+        .as_array()
+        .context("a list")?
+        .iter()
+        .map(|w| (w["id"].as_u64(), w["strikes"].as_u64()))
+        .collect();
+    assert!(strikes.contains(&(Some(b.worker), Some(1))), "{workers}");
+    assert!(strikes.contains(&(Some(a.worker), Some(0))), "{workers}");
+    assert_eq!(counters(&http, job).await?["near_misses"], 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_late_after_its_job_was_cancelled() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("cancelled", |_| ()).await?;
+    let http = Http::new(server);
+    let (_, job) = create_job(&http, alice, one_micro(2)).await?;
+    let mut a = Peer::join(server, None).await?;
+    a.ready().await?;
+    let la = a.lease().await?;
+    let (status, view) = http
+        .post(&format!("/api/v1/jobs/{job}/cancel"), Some(alice), b"")
+        .await?;
+    assert_eq!((status, &view["status"]), (200, &"cancelled".into()));
+    let r = a.compute(&la)?;
+    a.submit(la.id, r.loss, r.correct, &r.grad).await?;
+    assert_eq!(a.verdict(la.id).await?, Outcome::Late);
+    // Cancelling dropped the lease, so the result belongs to no job: docs/API.md does not count it in `results_late`.
+    let c = counters(&http, job).await?;
+    assert_eq!(
+        (&c["results_late"], &c["results_accepted"]),
+        (&0.into(), &0.into()),
+        "{c}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_late_when_its_micro_batch_is_abandoned() -> anyhow::Result<()> {
+    // A model too large for the coordinator to recompute: disagreements get volunteer tie-breakers, up to 6.
+    let Env { server, alice, .. } = &start("abandoned", |c| c.spot_check_max_params = 1).await?;
+    let http = Http::new(server);
+    let (_, job) = create_job(&http, alice, one_micro(2)).await?;
+    let mut peers = Vec::new();
+    for _ in 0..6 {
+        let mut p = Peer::join(server, None).await?;
+        p.ready().await?;
+        peers.push(p);
+    }
+    // Each replica's gradient is the honest one scaled by a different factor (1, 2, …, 6): no two agree.
+    let mut leases = Vec::new();
+    for (k, p) in peers.iter_mut().enumerate() {
+        let l = p.lease().await?;
+        anyhow::ensure!(
+            (l.version, l.micro) == (0, 0),
+            "replica {k} of step 0's micro-batch"
+        );
+        let r = p.compute(&l)?;
+        let scaled: Vec<f32> = r.grad.iter().map(|g| g * (k + 1) as f32).collect();
+        p.submit(l.id, r.loss, r.correct, &scaled).await?;
+        leases.push(l.id);
+    }
+    for (p, l) in peers.iter_mut().zip(leases) {
+        assert_eq!(p.verdict(l).await?, Outcome::Late);
+    }
+    let c = counters(&http, job).await?;
+    assert_eq!(
+        (
+            &c["micro_batches_abandoned"],
+            &c["results_late"],
+            &c["results_rejected"]
+        ),
+        (&1.into(), &6.into(), &0.into()),
+        "{c}"
     );
     Ok(())
 }
@@ -1280,6 +1596,108 @@ async fn api_create_job_errors() -> anyhow::Result<()> {
         401,
         "unauthorized",
     );
+    Ok(())
+}
+
+/// docs/API.md's hyper table, the newer fields: each out of its range is 422 `bad_hyper`; valid values (bounds
+/// included) are echoed in the job status's `hyper`; a healthy job's `error` is `null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_hyper_weight_schedule_decay_patience() -> anyhow::Result<()> {
+    let Env { server, alice, .. } = &start("hyper", |_| ()).await?;
+    let http = Http::new(server);
+    let (_, up) = http
+        .post("/api/v1/datasets", Some(alice), &dataset(40))
+        .await?;
+    let ds = up["id"].as_i64().context("dataset id")?;
+    let spec: serde_json::Value = serde_json::from_str(SPEC)?;
+    // Every request is valid but for the field under test (the dataset has 32 training rows).
+    let job = |fields: &serde_json::Value| {
+        let mut hyper = serde_json::json!({"global_batch": 8, "micro_batch": 4});
+        for (k, v) in fields.as_object().into_iter().flatten() {
+            hyper[k] = v.clone();
+        }
+        serde_json::json!({"name": "j", "spec": spec, "dataset": ds, "hyper": hyper})
+            .to_string()
+            .into_bytes()
+    };
+    // Each answer's message names what is wrong, so a case cannot pass for another reason.
+    for (hyper, names) in [
+        (serde_json::json!({"weight": 0}), "weight"),
+        (serde_json::json!({"weight": -1}), "weight"),
+        (serde_json::json!({"weight": 1000.5}), "weight"),
+        (
+            serde_json::json!({"lr_schedule": {"kind": "cosine", "min_ratio": 1.5}}),
+            "min_ratio",
+        ),
+        (
+            serde_json::json!({"lr_schedule": {"kind": "cosine", "min_ratio": -0.1}}),
+            "min_ratio",
+        ),
+        (
+            serde_json::json!({"lr_schedule": {"kind": "linear"}}),
+            "linear",
+        ),
+        (serde_json::json!({"weight_decay": 1.5}), "weight_decay"),
+        (serde_json::json!({"weight_decay": -0.1}), "weight_decay"),
+        (serde_json::json!({"patience": 0}), "patience"),
+    ] {
+        let answer = http.post("/api/v1/jobs", Some(alice), &job(&hyper)).await?;
+        assert_eq!(
+            (answer.0, answer.1["error"]["code"].as_str()),
+            (422, Some("bad_hyper")),
+            "hyper {hyper}: {answer:?}"
+        );
+        let message = answer.1["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(names), "hyper {hyper}: {message}");
+    }
+    let (_, jobs) = http.get("/api/v1/jobs", Some(alice)).await?;
+    assert_eq!(jobs, serde_json::json!([]), "a refused job is not created");
+    for valid in [
+        serde_json::json!({
+            "weight": 1000.0, "weight_decay": 1.0, "patience": 1,
+            "lr_schedule": {"kind": "cosine", "warmup_steps": 0, "min_ratio": 0.0}
+        }),
+        serde_json::json!({
+            "weight": 2.5, "weight_decay": 0.5, "patience": 4,
+            "lr_schedule": {"kind": "cosine", "warmup_steps": 3, "min_ratio": 1.0}
+        }),
+    ] {
+        let (status, created) = http.post("/api/v1/jobs", Some(alice), &job(&valid)).await?;
+        assert_eq!(status, 201, "{valid}: {created}");
+        for (k, v) in valid.as_object().context("object")? {
+            assert_eq!(&created["hyper"][k], v, "hyper.{k} echoed");
+        }
+        assert_eq!(
+            created.get("error"),
+            Some(&serde_json::Value::Null),
+            "{created}"
+        );
+    }
+    // The defaults are echoed too.
+    let (status, created) = http
+        .post("/api/v1/jobs", Some(alice), &job(&serde_json::json!({})))
+        .await?;
+    assert_eq!(status, 201, "{created}");
+    let h = &created["hyper"];
+    assert_eq!(
+        (
+            &h["weight"],
+            &h["lr_schedule"],
+            &h["weight_decay"],
+            &h["patience"]
+        ),
+        (
+            &1.0.into(),
+            &serde_json::json!({"kind": "constant"}),
+            &0.0.into(),
+            &serde_json::Value::Null
+        ),
+        "{h}"
+    );
+    let (_, view) = http
+        .get(&format!("/api/v1/jobs/{}", created["id"]), Some(alice))
+        .await?;
+    assert_eq!(view.get("error"), Some(&serde_json::Value::Null), "{view}");
     Ok(())
 }
 

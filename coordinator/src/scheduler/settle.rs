@@ -179,7 +179,13 @@ impl State {
                         } else if wanted >= MAX_REPLICAS {
                             tracing::warn!(job = %c.job, step = job.step, micro = c.micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
                             job.counters.micro_batches_abandoned += 1;
+                            let subs = std::mem::take(&mut m.subs);
                             m.abandon();
+                            // Every result gets a verdict: the replicas of an abandoned micro-batch are not
+                            // counted, so they are `late` (no credit, no strike).
+                            for s in &subs {
+                                self.late(c.job, s.into(), fx);
+                            }
                             self.maybe_advance(c.job, fx);
                         } else {
                             m.reopen(wanted + 1);
