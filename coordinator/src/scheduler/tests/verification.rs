@@ -368,6 +368,19 @@ fn without_recomputation_a_disagreement_leases_tie_breakers_and_then_abandons() 
         }
     }
     assert_eq!(h.job(1).counters.micro_batches_abandoned, 1);
+    let late: usize = conns
+        .iter()
+        .map(|c| {
+            h.verdicts(*c)
+                .iter()
+                .filter(|v| **v == Outcome::Late)
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        late, 6,
+        "each of the six replicas of the abandoned micro-batch is answered late"
+    );
     assert!(
         h.recomputes.is_empty(),
         "the model is too large to recompute"
