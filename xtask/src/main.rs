@@ -296,6 +296,8 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
                 .args([
                     "run",
                     "--release",
+                    // The committed lock is the one the benchmark is measured with: never rewrite it.
+                    "--locked",
                     "--manifest-path",
                     "bench/Cargo.toml",
                     "--",
