@@ -1217,16 +1217,24 @@ async fn result_late_when_its_micro_batch_is_abandoned() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("abandoned", |c| c.spot_check_max_params = 1).await?;
     let http = Http::new(server);
     let (_, job) = create_job(&http, alice, one_micro(2)).await?;
+    // Each `ready` is answered (a lease for the first two, `waiting` for the rest) before the next peer asks: the
+    // coordinator serves waiting workers in the order their `ready` arrived, and messages on different connections
+    // have no order of their own.
     let mut peers = Vec::new();
+    let mut first = Vec::new();
     for _ in 0..6 {
         let mut p = Peer::join(server, None).await?;
         p.ready().await?;
+        first.push(p.lease_or_waiting().await?);
         peers.push(p);
     }
     // Each replica's gradient is the honest one scaled by a different factor (1, 2, …, 6): no two agree.
     let mut leases = Vec::new();
-    for (k, p) in peers.iter_mut().enumerate() {
-        let l = p.lease().await?;
+    for (k, (p, early)) in peers.iter_mut().zip(first).enumerate() {
+        let l = match early {
+            Some(l) => l,
+            None => p.lease().await?,
+        };
         anyhow::ensure!(
             (l.version, l.micro) == (0, 0),
             "replica {k} of step 0's micro-batch"

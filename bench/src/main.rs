@@ -1,7 +1,9 @@
 //! `starling-bench kernels`: our WGSL kernels vs burn-wgpu vs the CPU backend, measured side by side in one run.
 //!
 //! Prints a table, then as its last line one JSON object:
-//! `{"adapter": "...", "matmul": [{"n", "ours_gflops", "burn_gflops", "cpu_gflops"}...], "step": [{"batch", "gpu_ms", "cpu_ms"}...]}`.
+//! `{"adapter": "...", "matmul": [{"n", "ours_gflops", "tiled_gflops", "blocked_gflops", "burn_gflops", "cpu_gflops"}...],
+//! "step": [{"batch", "gpu_ms", "cpu_ms"}...]}`. The MLP shapes per kernel (without burn) are in
+//! `cargo run --release -p starling-worker --example matmul_bench`.
 //! Everything runs on the same adapter (wgpu's high-performance pick, lavapipe on a GPU-less machine); burn is
 //! warmed up first because its first matmul pays 10–20 s of JIT and autotuning.
 
@@ -15,7 +17,7 @@ use starling_core::ModelSpec;
 use starling_core::cpu::{CpuEngine, sgemm};
 use starling_core::reference::MatmulForm;
 use starling_core::rng::SplitMix64;
-use starling_worker::gpu::{GpuContext, GpuEngine, MatmulKernel, MatmulVariant};
+use starling_worker::gpu::{BlockTile, GpuContext, GpuEngine, MatmulKernel, MatmulVariant};
 
 const SIZES: [usize; 3] = [256, 512, 1024];
 const BATCHES: [usize; 2] = [64, 256];
@@ -83,19 +85,27 @@ fn kernels() -> anyhow::Result<()> {
     let adapter = ctx.summary().label();
     let ours = MatmulKernel::new(&ctx, ctx.matmul_variant());
     let tiled = MatmulKernel::new(&ctx, MatmulVariant::Tiled);
+    // The register-blocked kernel (shaders/matmul_blocked.wgsl), the hardware default, with its per-shape tile.
+    let blocked = MatmulKernel::new(
+        &ctx,
+        MatmulVariant::Blocked {
+            largest: BlockTile::LARGE,
+        },
+    );
     eprintln!("adapter: {adapter}; warming up burn-wgpu (JIT + autotune)...");
     let device = Device::wgpu(DeviceKind::DefaultDevice);
 
     println!("matmul n×n×n, GFLOP/s (higher is better)");
-    println!("{:>6} {:>14} {:>12} {:>12} {:>12}", "n", format!("ours({})", ours.variant()), "ours(tiled)", "burn-wgpu", "cpu sgemm");
+    println!("{:>6} {:>14} {:>12} {:>14} {:>12} {:>12} {:>14}", "n", format!("ours({})", ours.variant()), "ours(tiled)", "ours(blocked)", "burn-wgpu", "cpu sgemm", "blocked/tiled");
     let mut matmul_rows = Vec::new();
     for n in SIZES {
         let ours_g = ours.time_gflops(&ctx, n, n, n, reps(n))?;
         let tiled_g = if ours.variant() == MatmulVariant::Tiled { ours_g } else { tiled.time_gflops(&ctx, n, n, n, reps(n))? };
+        let blocked_g = blocked.time_gflops(&ctx, n, n, n, reps(n))?;
         let burn_g = burn_gflops(&device, n)?;
         let cpu_g = cpu_gflops(n);
-        println!("{n:>6} {ours_g:>14.2} {tiled_g:>12.2} {burn_g:>12.2} {cpu_g:>12.2}");
-        matmul_rows.push(json!({"n": n, "ours_gflops": round2(ours_g), "burn_gflops": round2(burn_g), "cpu_gflops": round2(cpu_g)}));
+        println!("{n:>6} {ours_g:>14.2} {tiled_g:>12.2} {blocked_g:>14.2} {burn_g:>12.2} {cpu_g:>12.2} {:>14.2}", blocked_g / tiled_g);
+        matmul_rows.push(json!({"n": n, "ours_gflops": round2(ours_g), "tiled_gflops": round2(tiled_g), "blocked_gflops": round2(blocked_g), "burn_gflops": round2(burn_g), "cpu_gflops": round2(cpu_g)}));
     }
 
     let spec = ModelSpec::mnist_mlp();
