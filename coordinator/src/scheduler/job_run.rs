@@ -54,6 +54,8 @@ pub struct JobRun {
     pub(super) result_ms: f64,
     /// Stride-scheduling pass: advanced by `1 / hyper.weight` per lease; the lowest pass is served first.
     pub(super) pass: f64,
+    /// Typical norm of accepted micro-batch gradients: the floor of the agreement rule (`verify::Scale`).
+    pub(super) scale: crate::verify::Scale,
 }
 
 /// Everything needed to bring a job back into memory.
@@ -167,6 +169,7 @@ impl JobRun {
             step_ms: 0.0,
             result_ms: 0.0,
             pass: 0.0,
+            scale: crate::verify::Scale::default(),
         };
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;
@@ -184,6 +187,7 @@ impl JobRun {
                     correct: a.correct,
                     grad: Arc::new(a.grad),
                     agreeing: a.agreeing,
+                    verified: false,
                 });
             }
         }

@@ -13,7 +13,7 @@ use super::effects::{CheckKind, ConnId, Effects, Recompute, StoreOp};
 use super::micro::{Outcome, Phase, Submission};
 use crate::job::MAX_REPLICAS;
 use crate::store::AcceptedRow;
-use crate::verify::{self, Candidate};
+use crate::verify::{self, Candidate, Settle};
 
 /// How one result compares with a reference (an accepted result or the coordinator's recomputation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +24,10 @@ enum Judged {
     Disagrees,
 }
 
-fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32) -> Judged {
-    if verify::agree(sub, reference, tolerance) {
+fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32, scale: f64) -> Judged {
+    if verify::agree(sub, reference, tolerance, scale) {
         Judged::Agrees
-    } else if verify::near_miss(sub, reference, tolerance) {
+    } else if verify::near_miss(sub, reference, tolerance, scale) {
         Judged::NearMiss
     } else {
         Judged::Disagrees
@@ -116,10 +116,11 @@ impl State {
             correct,
             grad,
         };
-        let (tolerance, quorum, redundancy) = (
+        let (tolerance, quorum, redundancy, scale) = (
             job.hyper.tolerance,
             job.hyper.quorum() as usize,
             job.hyper.redundancy,
+            job.scale.0,
         );
         let recomputable = job.spec.param_count() <= max_params;
         let m = &mut job.micros[c.micro as usize];
@@ -131,11 +132,21 @@ impl State {
                     correct: o.correct,
                     grad: &o.grad,
                 };
-                match judge(&sub.candidate(), &accepted, tolerance) {
+                match judge(&sub.candidate(), &accepted, tolerance, scale) {
                     Judged::Agrees => self.credit_extra(c.job, c.micro, author, fx),
                     Judged::NearMiss => self.near_miss_verdict(c.job, author, fx),
+                    Judged::Disagrees if o.verified => self.reject(
+                        c.job,
+                        author,
+                        "disagrees with the coordinator-verified result",
+                        fx,
+                    ),
                     Judged::Disagrees => {
-                        self.reject(c.job, author, "disagrees with the accepted result", fx)
+                        // Only replicas vouch for the accepted result, and replicas can be colluders: a
+                        // disagreeing later replica is no proof either way, so it is not struck.
+                        job.counters.disagreements += 1;
+                        tracing::info!(job = %c.job, step = job.step, micro = c.micro, worker = %c.worker, "a later replica disagrees with a result only replicas vouch for: late, not struck by vote");
+                        self.late(c.job, author, fx)
                     }
                 }
             }
@@ -155,38 +166,53 @@ impl State {
                 let settled = {
                     let candidates: Vec<Candidate<'_>> =
                         m.subs.iter().map(Submission::candidate).collect();
-                    verify::settle(&candidates, quorum, tolerance)
+                    verify::settle(&candidates, quorum, tolerance, scale)
                 };
                 match settled {
-                    Some((winners, losers)) => {
-                        let subs = std::mem::take(&mut m.subs);
-                        let (won, lost) = pick(subs, &winners, &losers);
-                        let outcome = mean_outcome(&won, won.len() as u32);
+                    Settle::Agreed => {
+                        let won = std::mem::take(&mut m.subs);
+                        let outcome = mean_outcome(&won, won.len() as u32, false);
                         self.accept(c.job, c.micro, outcome, &won, fx);
-                        for l in &lost {
-                            self.reject(c.job, l.into(), "outvoted by agreeing replicas", fx);
-                        }
                     }
-                    None if m.subs.len() as u32 >= wanted => {
-                        job.counters.disagreements += 1;
+                    Settle::Waiting => {}
+                    Settle::Disagree(clusters) => {
                         if recomputable {
-                            // Settle it with our own recomputation: a volunteer tie-breaker could be a colluder's
-                            // partner, who would then outvote (and get struck) the honest replica.
+                            job.counters.disagreements += 1;
+                            // Settle it with our own recomputation, never by counting votes: two colluders agree
+                            // with each other as well as two honest workers do.
                             m.check(CheckKind::Arbitrate, (wanted + 1).min(MAX_REPLICAS));
                             job.counters.arbitrations += 1;
                             tracing::info!(job = %c.job, step = job.step, micro = c.micro, "results disagree; the coordinator recomputes the micro-batch to settle it");
                             self.request_recompute(c.job, c.micro, CheckKind::Arbitrate, fx);
-                        } else if wanted >= MAX_REPLICAS {
-                            tracing::warn!(job = %c.job, step = job.step, micro = c.micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
-                            job.counters.micro_batches_abandoned += 1;
-                            m.abandon();
-                            self.maybe_advance(c.job, fx);
-                        } else {
-                            m.reopen(wanted + 1);
-                            tracing::info!(job = %c.job, step = job.step, micro = c.micro, replicas = wanted + 1, "results disagree; leasing a tie-breaker");
+                        } else if clusters[0].len() >= quorum {
+                            job.counters.disagreements += 1;
+                            // Too large to recompute: the step needs the micro-batch, so a quorum's result is used,
+                            // but nobody is struck by vote — the others are late.
+                            let subs = std::mem::take(&mut m.subs);
+                            let (won, lost) = pick(subs, &clusters[0]);
+                            let outcome = mean_outcome(&won, won.len() as u32, false);
+                            self.accept(c.job, c.micro, outcome, &won, fx);
+                            for l in &lost {
+                                tracing::info!(worker = %l.worker, job = %c.job, micro = c.micro, "result disagrees with a quorum of replicas; late, not struck by vote");
+                                self.late(c.job, l.into(), fx);
+                            }
+                        } else if m.subs.len() as u32 >= wanted {
+                            job.counters.disagreements += 1;
+                            if wanted >= MAX_REPLICAS {
+                                tracing::warn!(job = %c.job, step = job.step, micro = c.micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
+                                job.counters.micro_batches_abandoned += 1;
+                                let subs = std::mem::take(&mut m.subs);
+                                m.abandon();
+                                for l in &subs {
+                                    self.late(c.job, l.into(), fx);
+                                }
+                                self.maybe_advance(c.job, fx);
+                            } else {
+                                m.reopen(wanted + 1);
+                                tracing::info!(job = %c.job, step = job.step, micro = c.micro, replicas = wanted + 1, "results disagree; leasing a tie-breaker");
+                            }
                         }
                     }
-                    None => {}
                 }
             }
         }
@@ -242,7 +268,8 @@ impl State {
         if job.step != step || job.status.is_terminal() {
             return;
         }
-        let (tolerance, redundancy) = (job.hyper.tolerance, job.hyper.redundancy);
+        let (tolerance, redundancy, scale) =
+            (job.hyper.tolerance, job.hyper.redundancy, job.scale.0);
         let Some(m) = job.micros.get_mut(micro as usize) else {
             return;
         };
@@ -262,7 +289,7 @@ impl State {
         let mut near = Vec::new();
         let mut lost = Vec::new();
         for s in std::mem::take(&mut m.subs) {
-            match judge(&s.candidate(), &ours, tolerance) {
+            match judge(&s.candidate(), &ours, tolerance, scale) {
                 Judged::Agrees => won.push(s),
                 Judged::NearMiss => near.push(s),
                 Judged::Disagrees => lost.push(s),
@@ -272,7 +299,7 @@ impl State {
             job.counters.spot_check_failures += 1;
         }
         if !won.is_empty() {
-            let outcome = mean_outcome(&won, won.len() as u32 + 1);
+            let outcome = mean_outcome(&won, won.len() as u32 + 1, true);
             self.accept(job_id, micro, outcome, &won, fx);
         } else if !near.is_empty() {
             let outcome = Outcome {
@@ -280,6 +307,7 @@ impl State {
                 correct: reference.correct,
                 grad: Arc::new(reference.grad.clone()),
                 agreeing: near.len() as u32 + 1,
+                verified: true,
             };
             self.accept(job_id, micro, outcome, &[], fx);
         } else {
@@ -288,7 +316,7 @@ impl State {
         }
         for s in &near {
             tracing::info!(
-                worker = %s.worker, job = %job_id, step, micro, rel_l2 = verify::relative_l2(&s.grad, &reference.grad),
+                worker = %s.worker, job = %job_id, step, micro, distance = verify::distance(&s.grad, &reference.grad, scale),
                 "result is a near miss of the coordinator's recomputation: not used, no strike"
             );
             self.near_miss_verdict(job_id, s.into(), fx);
@@ -296,7 +324,7 @@ impl State {
         for s in &lost {
             tracing::warn!(
                 worker = %s.worker, job = %job_id, step, micro,
-                rel_l2 = verify::relative_l2(&s.grad, &reference.grad),
+                distance = verify::distance(&s.grad, &reference.grad, scale),
                 loss = s.loss, reference_loss = reference.loss, correct = s.correct, reference_correct = reference.correct,
                 "result disagrees with the coordinator's recomputation"
             );
@@ -332,6 +360,7 @@ impl State {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
+        job.scale.observe(verify::l2_norm(&outcome.grad));
         job.counters.results_accepted += credited.len() as u64;
         job.counters.micro_batches_accepted += 1;
         if credited.is_empty() {
@@ -437,14 +466,10 @@ impl State {
     }
 }
 
-/// Splits `subs` into the winners and losers named by index.
-fn pick(
-    subs: Vec<Submission>,
-    winners: &[usize],
-    losers: &[usize],
-) -> (Vec<Submission>, Vec<Submission>) {
+/// Splits `subs` into the winners named by index and the rest.
+fn pick(subs: Vec<Submission>, winners: &[usize]) -> (Vec<Submission>, Vec<Submission>) {
     let mut won = Vec::with_capacity(winners.len());
-    let mut lost = Vec::with_capacity(losers.len());
+    let mut lost = Vec::new();
     for (i, s) in subs.into_iter().enumerate() {
         if winners.contains(&i) {
             won.push(s);
@@ -456,7 +481,7 @@ fn pick(
 }
 
 /// The mean of agreeing replicas (loss and gradient; the first replica's correct count).
-fn mean_outcome(won: &[Submission], agreeing: u32) -> Outcome {
+fn mean_outcome(won: &[Submission], agreeing: u32, verified: bool) -> Outcome {
     let n = won.len() as f32;
     let mut grad = vec![0.0f32; won[0].grad.len()];
     for w in won {
@@ -469,5 +494,6 @@ fn mean_outcome(won: &[Submission], agreeing: u32) -> Outcome {
         correct: won[0].correct,
         grad: Arc::new(grad),
         agreeing,
+        verified,
     }
 }
