@@ -166,7 +166,9 @@ impl State {
                 let settled = {
                     let candidates: Vec<Candidate<'_>> =
                         m.subs.iter().map(Submission::candidate).collect();
-                    verify::settle(&candidates, quorum, tolerance, scale)
+                    // Replicas alone settle a micro-batch only when every one leased agrees: with R ≥ 3 a
+                    // quorum that outran the rest could be a colluding pair.
+                    verify::settle(&candidates, wanted as usize, tolerance, scale)
                 };
                 match settled {
                     Settle::Agreed => {
