@@ -56,6 +56,8 @@ pub struct JobRun {
     pub(super) pass: f64,
     /// Typical norm of accepted micro-batch gradients: the floor of the agreement rule (`verify::Scale`).
     pub(super) scale: crate::verify::Scale,
+    /// Audits under way, by (step, micro-batch): the accepted outcome and the credits of those who vouched for it.
+    pub(super) audits: std::collections::HashMap<(u64, u32), super::settle::Audit>,
 }
 
 /// Everything needed to bring a job back into memory.
@@ -170,6 +172,7 @@ impl JobRun {
             result_ms: 0.0,
             pass: 0.0,
             scale: crate::verify::Scale::default(),
+            audits: std::collections::HashMap::new(),
         };
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;

@@ -34,6 +34,13 @@ fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32, scale: 
     }
 }
 
+/// An audit under way: the accepted outcome of a micro-batch and the credits granted to those who vouched for it.
+#[derive(Debug, Clone)]
+pub(super) struct Audit {
+    pub outcome: Outcome,
+    pub credits: Vec<crate::store::Credit>,
+}
+
 /// Who submitted a result, for its verdict.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Author {
@@ -267,6 +274,10 @@ impl State {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
+        if let Some(audit) = job.audits.remove(&(step, micro)) {
+            self.audited(job_id, step, micro, audit, reference, fx);
+            return;
+        }
         if job.step != step || job.status.is_terminal() {
             return;
         }
@@ -355,7 +366,14 @@ impl State {
         };
         let (step, rows) = (job.step, job.micros[micro as usize].rows.len() as u32);
         let flops = job.spec.train_flops(rows as u64);
-        let credits = credited
+        // Audit a replica-only acceptance with probability `hyper.audit`, drawn after acceptance so no worker can
+        // know in advance which of its results will be recomputed.
+        let auditable = !outcome.verified
+            && !credited.is_empty()
+            && job.spec.param_count() <= self.config.spot_check_max_params
+            && job.hyper.audit > 0.0;
+        let audit = auditable && self.rng.next_f64() < job.hyper.audit as f64;
+        let credits: Vec<crate::store::Credit> = credited
             .iter()
             .map(|s| self.credit(s.worker, flops))
             .collect();
@@ -379,9 +397,22 @@ impl State {
                 agreeing: outcome.agreeing,
                 grad: outcome.grad.to_vec(),
             },
-            credits,
+            credits: credits.clone(),
         });
+        if audit {
+            job.counters.audits += 1;
+            job.audits.insert(
+                (step, micro),
+                Audit {
+                    outcome: outcome.clone(),
+                    credits,
+                },
+            );
+        }
         job.micros[micro as usize].accept(outcome);
+        if audit {
+            self.request_recompute(job_id, micro, CheckKind::Audit, fx);
+        }
         for s in credited {
             self.verdict(
                 s.conn,
@@ -393,6 +424,51 @@ impl State {
             );
         }
         self.maybe_advance(job_id, fx);
+    }
+
+    /// An audit's recomputation came back: a result that is neither in agreement nor a near miss refuses every
+    /// worker that vouched for it and claws back their credits for it; the step that included it is recorded.
+    fn audited(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        audit: Audit,
+        reference: Option<StepOutput>,
+        fx: &mut Effects,
+    ) {
+        let Some(reference) = reference else {
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let accepted = Candidate {
+            loss: audit.outcome.loss,
+            correct: audit.outcome.correct,
+            grad: &audit.outcome.grad,
+        };
+        let ours = Candidate {
+            loss: reference.loss,
+            correct: reference.correct,
+            grad: &reference.grad,
+        };
+        if judge(&accepted, &ours, job.hyper.tolerance, job.scale.0) != Judged::Disagrees {
+            return;
+        }
+        job.counters.audit_failures += 1;
+        job.counters.last_bad_step = Some(step);
+        tracing::warn!(
+            job = %job_id, step, micro, applied = job.step > step,
+            distance = verify::distance(&audit.outcome.grad, &reference.grad, job.scale.0),
+            vouchers = ?audit.credits.iter().map(|c| c.worker).collect::<Vec<_>>(),
+            "audit failed: step {step} included a wrong micro-batch; refusing its vouchers and clawing back their credits"
+        );
+        for c in audit.credits {
+            self.claw_back(job_id, step, micro, c, fx);
+            self.refuse(c.worker, fx);
+        }
+        fx.notify(job_id);
     }
 
     /// An extra replica agreed with the accepted result: credited, not used again.

@@ -532,3 +532,105 @@ fn a_near_miss_among_r3_replicas_is_never_struck() {
     assert_eq!(h.last_verdict(close), Some(Outcome::Late));
     assert_eq!(h.st.worker(WorkerId(3)).map(|w| w.strikes), Some(0));
 }
+
+/// One micro-batch per step, R = 2, every replica-only acceptance audited.
+fn audited() -> (Harness, ConnId, ConnId) {
+    let mut h = Harness::new();
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            audit: 1.0,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (a, b) = (h.connect(1), h.connect(2));
+    h.ready(a);
+    h.ready(b);
+    (h, a, b)
+}
+
+#[test]
+fn a_failed_audit_refuses_every_voucher_and_claws_back_their_credits() {
+    let (mut h, a, b) = audited();
+    // A colluding pair returns the same lie: the replicas agree, so it is accepted and credited...
+    h.submit(a, flip);
+    h.submit(b, flip);
+    assert_eq!(h.last_verdict(a), Some(Outcome::Accepted));
+    let granted = h.st.worker(WorkerId(1)).map(|w| w.credits_flops);
+    assert!(granted.is_some_and(|f| f > 0));
+    assert_eq!(h.job(1).step, 1, "the lie reached step 0's model");
+    // ...and the audit, drawn after acceptance, recomputes it.
+    assert_eq!(h.recomputes.len(), 1);
+    assert_eq!(h.recomputes[0].kind, CheckKind::Audit);
+    assert_eq!(h.job(1).counters.audits, 1);
+    h.recompute_honestly();
+    let c = &h.job(1).counters;
+    assert_eq!((c.audit_failures, c.last_bad_step), (1, Some(0)));
+    for (conn, w) in [(a, 1), (b, 2)] {
+        assert_eq!(h.closed.get(&conn), Some(&ErrorCode::Refused));
+        let info = h.st.worker(WorkerId(w)).expect("worker");
+        assert!(info.refused);
+        assert_eq!((info.credits_flops, info.accepted), (0, 0));
+        assert!(h.ops.iter().any(|o| matches!(o,
+            StoreOp::Clawback { step: 0, micro: 0, credit, .. }
+                if credit.worker == WorkerId(w) && Some(credit.flops) == granted)));
+    }
+}
+
+#[test]
+fn a_passed_audit_changes_nothing_and_audit_zero_audits_nothing() {
+    let (mut h, a, b) = audited();
+    h.honest_result(a);
+    h.honest_result(b);
+    assert_eq!(h.recomputes.len(), 1);
+    h.recompute_honestly();
+    assert_eq!(h.job(1).counters.audit_failures, 0);
+    assert!(!h.ops.iter().any(|o| matches!(o, StoreOp::Clawback { .. })));
+    assert!(h.closed.is_empty());
+
+    let mut h = Harness::new();
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            audit: 0.0,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (a, b) = (h.connect(1), h.connect(2));
+    for _ in 0..20 {
+        h.ready(a);
+        h.ready(b);
+        h.honest_result(a);
+        h.honest_result(b);
+    }
+    assert_eq!(h.job(1).step, 20);
+    assert!(h.recomputes.is_empty());
+}
+
+#[test]
+fn audits_sample_about_their_share_of_accepted_micro_batches() {
+    let mut h = Harness::new();
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            audit: 0.25,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (a, b) = (h.connect(1), h.connect(2));
+    for _ in 0..400 {
+        h.ready(a);
+        h.ready(b);
+        h.honest_result(a);
+        h.honest_result(b);
+    }
+    let audits = h.job(1).counters.audits;
+    assert_eq!(audits as usize, h.recomputes.len());
+    assert!((60..=140).contains(&audits), "{audits} audits of 400");
+}
