@@ -273,6 +273,13 @@ fn honest_float32_devices_agree_into_the_low_loss_regime_and_attacks_do_not() {
     report("loss < 1e-4", &|p| p.loss < 1e-4);
     let old_rejects = pairs.iter().filter(|p| p.old > tol as f64).count();
     let below_floor = pairs.iter().filter(|p| !p.above_floor).count();
+    let passed_below = pairs
+        .iter()
+        .filter(|p| !p.above_floor && !p.attacks_refused)
+        .count();
+    println!(
+        "below the floor, {passed_below} of {below_floor} micro-batches let one of the attacks through (each moves the model by at most tol x floor)"
+    );
     println!(
         "old rule would refuse {old_rejects} of {} honest pairs; {below_floor} gradients are below the floor",
         pairs.len()
