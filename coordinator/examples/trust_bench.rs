@@ -77,8 +77,8 @@ fn spawn(
                 };
                 *seen.entry(key).or_default() += 1;
                 drop(seen);
-                // Wait briefly for the partner to show up with the same micro-batch.
-                for _ in 0..40 {
+                // Wait briefly (about one honest computation) for the partner to show up with the same micro-batch.
+                for _ in 0..8 {
                     if side.seen.lock().is_ok_and(|s| s.get(&key) >= Some(&2)) {
                         out.grad.iter_mut().for_each(|g| *g = -*g);
                         if let Ok(mut l) = side.lies.lock() {
