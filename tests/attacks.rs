@@ -670,3 +670,85 @@ async fn churn_of_30_percent_of_the_workers_loses_no_accepted_result() -> anyhow
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
+
+/// A colluding pair that computes honestly except when *both* hold replicas of the same micro-batch, which they
+/// learn through a side channel (here: a shared table keyed by the honest result, which only the same
+/// micro-batch on the same model version reproduces); then both send the same sign-flipped gradient. Replicas
+/// agree, so only an audit can see it.
+fn meet_and_lie(table: Arc<Mutex<HashMap<u64, u32>>>, lies: Arc<Mutex<u64>>) -> SendTamper {
+    Box::new(move |out: &mut StepOutput| {
+        let key = out
+            .grad
+            .iter()
+            .take(64)
+            .fold(out.loss.to_bits() as u64, |h, g| {
+                h.rotate_left(7) ^ g.to_bits() as u64
+            });
+        *table.lock().unwrap().entry(key).or_default() += 1;
+        // Wait briefly for the partner to show up with the same micro-batch.
+        for _ in 0..40 {
+            if table.lock().unwrap()[&key] >= 2 {
+                out.grad.iter_mut().for_each(|g| *g = -*g);
+                *lies.lock().unwrap() += 1;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_that_lies_only_when_it_holds_both_replicas_is_refused_by_audits()
+-> anyhow::Result<()> {
+    init_tracing();
+    let dir = TempDir::new("audit");
+    // A higher audit share than the default, so the pair is caught within this short run with near certainty
+    // ((1 - 0.25)^k for k lies that both got through).
+    create_demo_job(
+        &dir.db(),
+        Hyper {
+            audit: 0.25,
+            ..short(STEPS)
+        },
+    )
+    .await?;
+    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
+    let honest = spawn_honest(&server, 4);
+    let table = Arc::new(Mutex::new(HashMap::new()));
+    let lies = Arc::new(Mutex::new(0u64));
+    let pair: Vec<_> = (0..2)
+        .map(|i| {
+            spawn_worker(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("colluder{i}"),
+                None,
+                None,
+                Some(meet_and_lie(table.clone(), lies.clone())),
+            )
+        })
+        .collect();
+    let run = finish(server, &dir.db(), STEPS, 2, honest).await?;
+    let pair = pair
+        .into_iter()
+        .map(join)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let counters = &run.job["counters"];
+    println!(
+        "pair: {:?} / {:?}; lies sent {}; counters {counters}; accuracy {}",
+        pair[0].stats,
+        pair[1].stats,
+        lies.lock().unwrap(),
+        run.accuracy
+    );
+    assert!(
+        *lies.lock().unwrap() > 0,
+        "the pair met and lied at least once"
+    );
+    assert!(counters["audit_failures"].as_u64() >= Some(1));
+    for r in &pair {
+        assert!(refused(r), "colluder not refused: {:?}", r.closed_by);
+    }
+    // `finish` checked that no honest result was rejected and that the ledger (clawbacks included) verifies.
+    Ok(())
+}

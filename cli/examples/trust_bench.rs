@@ -1,18 +1,27 @@
 //! The trust benchmark (`cargo xtask bench trust`): what verification costs and how fast cheaters are caught.
 //!
 //! In one process: a real coordinator on 127.0.0.1:0 (a fresh SQLite file), the demo MNIST job for a fixed number
-//! of steps, 6 honest native CPU workers and 2 cheaters (one flips every gradient's sign, one adds noise at 5% of
-//! the gradient's RMS), each on its own thread. It runs twice, side by side: plain R = 2 replication, then adaptive
-//! replication (`Hyper.adaptive`). It prints a table and, as its last line, one JSON object.
+//! of steps, 6 honest native CPU workers, 2 cheaters (one flips every gradient's sign, one adds noise at 5% of
+//! the gradient's RMS) and a colluding pair (honest except when both hold replicas of the same micro-batch, which
+//! they learn through a side channel; then both send the same sign flip), each on its own thread. It runs three
+//! times, side by side: plain R = 2 replication, adaptive replication (`Hyper.adaptive`), and R = 2 with random
+//! audits (`Hyper.audit`, its default); the first two with audits off. It prints a table and, as its last line, one
+//! JSON object.
 //!
 //! Overhead is counted in volunteer micro-batch computations: results volunteers submitted beyond the first per
 //! accepted micro-batch (second replicas, tie-breakers, cheaters' wasted results) divided by the accepted
 //! micro-batches. "Steady" counts only the second half of the steps (cheaters already refused, trust earned) from
 //! the credit ledger. Adaptive mode's spot checks are recomputations on the coordinator's own CPU: they are not
 //! volunteer work and are reported separately (`coordinator_recompute_share`).
+//!
+//! Each mode's object counts the whole verification budget in micro-batch computations over the useful ones:
+//! `total_verification` = (volunteer results beyond the first per accepted micro-batch + the coordinator's
+//! recomputations: spot checks, arbitrations and audits) / accepted micro-batches, and `coordinator_share` the
+//! coordinator's part of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -34,16 +43,52 @@ enum Role {
     Honest,
     SignFlip,
     Noise,
+    /// Lies (a sign flip, identical for both) only when its partner holds the same micro-batch.
+    Colluder,
+}
+
+/// The colluders' side channel: how many of them computed each result (keyed by the honest result, which only
+/// the same micro-batch on the same model version reproduces), and the lies they sent.
+#[derive(Clone, Default)]
+struct SideChannel {
+    seen: Arc<Mutex<HashMap<u64, u32>>>,
+    lies: Arc<Mutex<u64>>,
 }
 
 fn spawn(
     url: String,
     role: Role,
     name: String,
+    side: SideChannel,
 ) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
     std::thread::spawn(move || {
         let tamper: Option<starling_worker::session::Tamper> = match role {
             Role::Honest => None,
+            Role::Colluder => Some(Box::new(move |out: &mut StepOutput| {
+                let key = out
+                    .grad
+                    .iter()
+                    .take(64)
+                    .fold(out.loss.to_bits() as u64, |h, g| {
+                        h.rotate_left(7) ^ g.to_bits() as u64
+                    });
+                let Ok(mut seen) = side.seen.lock() else {
+                    return;
+                };
+                *seen.entry(key).or_default() += 1;
+                drop(seen);
+                // Wait briefly (about one honest computation) for the partner to show up with the same micro-batch.
+                for _ in 0..8 {
+                    if side.seen.lock().is_ok_and(|s| s.get(&key) >= Some(&2)) {
+                        out.grad.iter_mut().for_each(|g| *g = -*g);
+                        if let Ok(mut l) = side.lies.lock() {
+                            *l += 1;
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })),
             Role::SignFlip => Some(Box::new(|out: &mut StepOutput| {
                 out.grad.iter_mut().for_each(|g| *g = -*g)
             })),
@@ -85,6 +130,16 @@ struct Figures {
     steady_overhead: f64,
     spot_checks: u64,
     spot_share: f64,
+    /// Audits the coordinator ran, and how many failed.
+    audits: u64,
+    audit_failures: u64,
+    /// Whole-run verification compute over useful compute (volunteer replicas + every coordinator recomputation),
+    /// and the coordinator's share of it.
+    total_verification: f64,
+    coordinator_share: f64,
+    /// Honest workers refused, and honest results rejected.
+    honest_refused: u64,
+    honest_rejected: u64,
     /// Micro-batches accepted with the coordinator's own result (only near misses agreed with it).
     by_coordinator: u64,
     bad_accepted: u64,
@@ -94,7 +149,7 @@ struct Figures {
     wall_s: f64,
 }
 
-async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures> {
+async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Result<Figures> {
     let dir = std::env::temp_dir().join(format!(
         "starling-trust-bench-{}-{mode}",
         std::process::id()
@@ -115,6 +170,7 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
             steps: STEPS,
             eval_every: STEPS,
             adaptive,
+            audit,
             ..Hyper::default()
         };
         starling_coordinator::ensure_demo_job(
@@ -141,11 +197,17 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
     let started = Instant::now();
     let url = format!("ws://{addr}/ws");
     let mut roles: Vec<Role> = vec![Role::Honest; HONEST];
-    roles.extend([Role::SignFlip, Role::Noise]);
+    roles.extend([Role::SignFlip, Role::Noise, Role::Colluder, Role::Colluder]);
+    let side = SideChannel::default();
     let workers: Vec<_> = roles
         .iter()
         .enumerate()
-        .map(|(i, r)| (*r, spawn(url.clone(), *r, format!("{r:?}{i}"))))
+        .map(|(i, r)| {
+            (
+                *r,
+                spawn(url.clone(), *r, format!("{r:?}{i}"), side.clone()),
+            )
+        })
         .collect();
 
     let job_url = format!("http://{addr}/api/v1/jobs/1");
@@ -186,7 +248,8 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
     let store = Store::open(&db).await?;
     let entries = store.ledger(None).await?;
     let mut per_micro: BTreeMap<(u64, u32), u64> = BTreeMap::new();
-    for e in &entries {
+    // Clawbacks (negative entries after a failed audit) compensate credits; they are no computation.
+    for e in entries.iter().filter(|e| e.flops > 0) {
         *per_micro.entry((e.step, e.micro)).or_default() += 1;
     }
     // Accepted micro-batches come from the job's counters, not the ledger: a micro-batch whose only agreeing
@@ -212,11 +275,28 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
         .fold((0u64, 0u64), |(u, c), (_, n)| (u + 1, c + n));
     // Every recomputation the coordinator ran counts: spot checks and arbitrations of disagreements.
     let spot_checks = counter("spot_checks")? + counter("arbitrations")?;
+    let (audits, audit_failures) = (counter("audits")?, counter("audit_failures")?);
+    // The lone cheaters' every accepted result was a lie; the colluders' lies are the micro-batches they held
+    // together and both sent the same flip for (replicas agree, so each reached a model).
+    let lies = side.lies.lock().map_or(0, |l| *l);
     let bad_accepted = reports
         .iter()
-        .filter(|(r, _)| *r != Role::Honest)
+        .filter(|(r, _)| matches!(r, Role::SignFlip | Role::Noise))
         .map(|(_, r)| r.stats.accepted)
+        .sum::<u64>()
+        + lies / 2;
+    let honest_refused = reports
+        .iter()
+        .filter(|(r, w)| {
+            *r == Role::Honest && w.closed_by.as_deref().unwrap_or("").contains("Refused")
+        })
+        .count() as u64;
+    let honest_rejected = reports
+        .iter()
+        .filter(|(r, _)| *r == Role::Honest)
+        .map(|(_, w)| w.stats.rejected)
         .sum();
+    let recomputations = spot_checks + audits;
     let detection = reports
         .iter()
         .filter(|(r, _)| *r != Role::Honest)
@@ -241,6 +321,13 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
         steady_overhead: (steady_credits as f64 - steady_useful as f64) / steady_useful as f64,
         spot_checks,
         spot_share: spot_checks as f64 / useful as f64,
+        audits,
+        audit_failures,
+        total_verification: (volunteer_results as f64 - useful as f64 + recomputations as f64)
+            / useful as f64,
+        coordinator_share: recomputations as f64 / useful as f64,
+        honest_refused,
+        honest_rejected,
         by_coordinator,
         bad_accepted,
         detection,
@@ -249,26 +336,62 @@ async fn run_mode(mode: &'static str, adaptive: bool) -> anyhow::Result<Figures>
     })
 }
 
+/// Median of results before refusal (`None` if the median cheater was never refused).
+fn median_detection(d: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    let mut d: Vec<u64> = d.map(|d| d.unwrap_or(u64::MAX)).collect();
+    d.sort_unstable();
+    d.get(d.len() / 2).copied().filter(|m| *m != u64::MAX)
+}
+
+/// One mode's object in the JSON line.
+fn mode_json(f: &Figures) -> String {
+    let detection: Vec<String> = f
+        .detection
+        .iter()
+        .map(|(r, d)| {
+            format!(
+                "\"{r:?}\": {}",
+                d.map_or("null".to_string(), |n| n.to_string())
+            )
+        })
+        .collect();
+    let median = median_detection(f.detection.iter().map(|(_, d)| *d));
+    format!(
+        "{{\"total_verification\": {}, \"coordinator_share\": {}, \"bad_accepted\": {}, \"detection_results_median\": {}, \"honest_refused\": {}, \"honest_rejected\": {}, \"audits\": {}, \"audit_failures\": {}, \"accuracy\": {}, \"detection\": {{{}}}}}",
+        f.total_verification,
+        f.coordinator_share,
+        f.bad_accepted,
+        median.map_or("null".to_string(), |m| m.to_string()),
+        f.honest_refused,
+        f.honest_rejected,
+        f.audits,
+        f.audit_failures,
+        f.accuracy,
+        detection.join(", ")
+    )
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     eprintln!(
-        "trust benchmark: demo MNIST job, {STEPS} steps × {MICROS_PER_STEP} micro-batches, {HONEST} honest + 1 sign-flip + 1 noise CPU workers"
+        "trust benchmark: demo MNIST job, {STEPS} steps × {MICROS_PER_STEP} micro-batches, {HONEST} honest + 1 sign-flip + 1 noise + a colluding pair of CPU workers"
     );
-    let plain = run_mode("R=2", false).await?;
-    let adaptive = run_mode("adaptive", true).await?;
+    let plain = run_mode("R=2", false, 0.0).await?;
+    let adaptive = run_mode("adaptive", true, 0.0).await?;
+    let audited = run_mode("audited", false, starling_coordinator::job::DEFAULT_AUDIT).await?;
 
     println!(
-        "| mode | accepted micro-batches (by coordinator alone) | volunteer results | overhead (all) | overhead (steady) | coordinator recomputations | bad accepted | cheater results before refusal | held-out accuracy | wall s |"
+        "| mode | accepted micro-batches (by coordinator alone) | volunteer results | overhead (all) | overhead (steady) | coordinator recomputations | audits (failed) | total verification | coordinator share | bad accepted | cheater results before refusal | honest refused (rejected) | held-out accuracy | wall s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for f in [&plain, &adaptive] {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for f in [&plain, &adaptive, &audited] {
         let det: Vec<String> = f
             .detection
             .iter()
             .map(|(r, d)| format!("{r:?}: {}", d.map_or("never".into(), |n| n.to_string())))
             .collect();
         println!(
-            "| {} | {} ({}) | {} | {:.3} | {:.3} | {} ({:.1}%) | {} | {} | {:.4} | {:.1} |",
+            "| {} | {} ({}) | {} | {:.3} | {:.3} | {} ({:.1}%) | {} ({}) | {:.3} | {:.3} | {} | {} | {} ({}) | {:.4} | {:.1} |",
             f.mode,
             f.useful,
             f.by_coordinator,
@@ -277,42 +400,56 @@ async fn main() -> anyhow::Result<()> {
             f.steady_overhead,
             f.spot_checks,
             100.0 * f.spot_share,
+            f.audits,
+            f.audit_failures,
+            f.total_verification,
+            f.coordinator_share,
             f.bad_accepted,
             det.join(", "),
+            f.honest_refused,
+            f.honest_rejected,
             f.accuracy,
             f.wall_s
         );
     }
-    let mut detections: Vec<u64> = [&plain, &adaptive]
-        .iter()
-        .flat_map(|f| f.detection.iter().map(|(_, d)| d.unwrap_or(u64::MAX)))
-        .collect();
-    detections.sort_unstable();
-    let median = detections[detections.len() / 2];
+    // The documented keys keep their meaning: the lone cheaters (sign flip, noise) of the R = 2 and adaptive runs.
+    let lone = |f: &Figures| -> Vec<Option<u64>> {
+        f.detection
+            .iter()
+            .filter(|(r, _)| *r != Role::Colluder)
+            .map(|(_, d)| *d)
+            .collect()
+    };
+    let median = median_detection(lone(&plain).into_iter().chain(lone(&adaptive)));
     // The documented keys first, in a fixed order (serde_json's map would sort them).
-    let fields: Vec<(&str, serde_json::Value)> = vec![
-        ("verification_overhead", adaptive.steady_overhead.into()),
+    let fields: Vec<(&str, String)> = vec![
+        (
+            "verification_overhead",
+            adaptive.steady_overhead.to_string(),
+        ),
         (
             "bad_accepted",
-            (plain.bad_accepted + adaptive.bad_accepted).into(),
+            (plain.bad_accepted + adaptive.bad_accepted).to_string(),
         ),
         (
             "detection_results_median",
-            if median == u64::MAX {
-                serde_json::Value::Null
-            } else {
-                median.into()
-            },
+            median.map_or("null".to_string(), |m| m.to_string()),
         ),
-        ("r2_overhead", plain.steady_overhead.into()),
-        ("coordinator_recompute_share", adaptive.spot_share.into()),
-        ("verification_overhead_all", adaptive.overhead.into()),
-        ("r2_overhead_all", plain.overhead.into()),
-        ("accuracy_r2", plain.accuracy.into()),
-        ("accuracy_adaptive", adaptive.accuracy.into()),
-        ("steps", STEPS.into()),
-        ("honest", HONEST.into()),
-        ("cheaters", 2.into()),
+        ("r2_overhead", plain.steady_overhead.to_string()),
+        (
+            "coordinator_recompute_share",
+            adaptive.spot_share.to_string(),
+        ),
+        ("verification_overhead_all", adaptive.overhead.to_string()),
+        ("r2_overhead_all", plain.overhead.to_string()),
+        ("accuracy_r2", plain.accuracy.to_string()),
+        ("accuracy_adaptive", adaptive.accuracy.to_string()),
+        ("steps", STEPS.to_string()),
+        ("honest", HONEST.to_string()),
+        ("cheaters", 4.to_string()),
+        ("r2", mode_json(&plain)),
+        ("adaptive", mode_json(&adaptive)),
+        ("audited", mode_json(&audited)),
     ];
     let json = format!(
         "{{{}}}",

@@ -45,6 +45,11 @@ pub struct Hyper {
     /// Early stopping: complete the job after this many evaluations without a lower held-out loss (the best
     /// version by accuracy stays downloadable).
     pub patience: Option<u32>,
+    /// Share of micro-batches accepted on replicas alone that the coordinator recomputes afterwards (a random
+    /// audit, drawn from the scheduler's seeded generator after acceptance; models up to
+    /// `--spot-check-max-params`). A failed audit refuses every worker that vouched for the result and claws back
+    /// their credits for it (docs/PROTOCOL.md, Verification). 0 turns audits off.
+    pub audit: f32,
 }
 
 impl Default for Hyper {
@@ -74,12 +79,15 @@ impl Default for Hyper {
             lr_schedule: LrSchedule::Constant,
             weight_decay: 0.0,
             patience: None,
+            audit: DEFAULT_AUDIT,
         }
     }
 }
 
 /// Default agreement tolerance: relative L2 distance 1e-3 (docs/PROTOCOL.md explains the choice).
 pub const DEFAULT_TOLERANCE: f32 = 1e-3;
+/// Default share of replica-accepted micro-batches audited by recomputation.
+pub const DEFAULT_AUDIT: f32 = 0.05;
 /// Most replicas of one micro-batch (R plus tie-breakers) before it is abandoned for this step.
 pub const MAX_REPLICAS: u32 = 6;
 
@@ -150,6 +158,9 @@ impl Hyper {
                 "weight_decay must be in [0, 1], got {}",
                 self.weight_decay
             ));
+        }
+        if !(0.0..=1.0).contains(&self.audit) {
+            return Err(format!("audit must be in [0, 1], got {}", self.audit));
         }
         if self.patience == Some(0) {
             return Err("patience must be at least 1 evaluation".into());

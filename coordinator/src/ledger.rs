@@ -22,7 +22,8 @@ pub struct Entry {
     pub job: u64,
     pub step: u64,
     pub micro: u32,
-    pub flops: u64,
+    /// Negative for a compensating entry (a clawback after a failed audit, whose `micro` carries [`CLAWBACK`]).
+    pub flops: i64,
     pub at_ms: i64,
     pub prev_hash: String,
     pub hash: String,
@@ -41,11 +42,15 @@ pub fn entry_hash(
     job: u64,
     step: u64,
     micro: u32,
-    flops: u64,
+    flops: i64,
     at_ms: i64,
 ) -> String {
     sha256_hex(format!("{prev_hash}|{id}|{worker}|{job}|{step}|{micro}|{flops}|{at_ms}").as_bytes())
 }
+
+/// Marks the `micro` of a compensating entry (`micro | CLAWBACK`), so it never collides with the credit it
+/// compensates (one entry per worker and micro-batch) and a second clawback of the same credit is refused.
+pub const CLAWBACK: u32 = 1 << 31;
 
 /// A worker's balance as the workers table caches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +129,10 @@ pub fn verify(entries: &[Entry], balances: &[Balance]) -> Result<Report, LedgerE
             });
         }
         let s = sums.entry(e.worker).or_default();
-        s.0 += e.flops as i64;
-        s.1 += 1;
-        total += e.flops as i64;
+        s.0 += e.flops;
+        // A clawback cancels the entry it compensates, in the count of accepted results as in the sum.
+        s.1 += if e.flops < 0 { -1 } else { 1 };
+        total += e.flops;
         prev = e.hash.clone();
     }
     for b in balances {

@@ -104,6 +104,12 @@ impl App {
                 micro,
                 credit,
             } => self.store.save_credit(*job, *step, *micro, *credit).await,
+            StoreOp::Clawback {
+                job,
+                step,
+                micro,
+                credit,
+            } => self.store.claw_back(*job, *step, *micro, *credit).await,
             StoreOp::Rejection { worker, refused } => {
                 self.store.record_rejection(*worker, *refused).await
             }

@@ -212,7 +212,7 @@ impl Store {
                 r.get::<i64, _>(2) as u64,
                 r.get::<i64, _>(3) as u64,
                 r.get::<i64, _>(4) as u32,
-                r.get::<i64, _>(5) as u64,
+                r.get::<i64, _>(5),
                 r.get(6),
             );
             sqlx::query("UPDATE credits SET prev_hash = ?, hash = ? WHERE id = ?")
@@ -440,6 +440,40 @@ impl Store {
         Ok(())
     }
 
+    /// Takes back `credit` (granted for micro-batch `micro` of `step`) with a compensating ledger entry of
+    /// `-credit.flops` whose micro is `micro | ledger::CLAWBACK`, and lowers the worker's cached balance and
+    /// accepted count to match; nothing when there is no such credit or it was already taken back.
+    pub async fn claw_back(&self, job: JobId, step: u64, micro: u32, credit: Credit) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let granted = sqlx::query(
+            "SELECT flops FROM credits WHERE worker_id = ? AND job_id = ? AND step = ? AND micro = ? AND flops > 0",
+        )
+        .bind(credit.worker.0 as i64)
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(micro as i64)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(granted) = granted.map(|r| r.get::<i64, _>(0)) else {
+            return Ok(());
+        };
+        let back = Credit {
+            worker: credit.worker,
+            flops: granted as u64,
+        };
+        append_entry(
+            &mut tx,
+            job,
+            step,
+            micro | crate::ledger::CLAWBACK,
+            back,
+            -granted,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn load_accepted(&self, job: JobId, step: u64) -> Result<Vec<AcceptedRow>> {
         let rows = sqlx::query("SELECT micro, rows, loss, correct, agreeing, grad FROM accepted WHERE job_id = ? AND step = ? ORDER BY micro")
             .bind(job.0 as i64)
@@ -661,7 +695,7 @@ impl Store {
                 job: r.get::<i64, _>(2) as u64,
                 step: r.get::<i64, _>(3) as u64,
                 micro: r.get::<i64, _>(4) as u32,
-                flops: r.get::<i64, _>(5) as u64,
+                flops: r.get(5),
                 at_ms: r.get(6),
                 prev_hash: r.get(7),
                 hash: r.get(8),
@@ -729,6 +763,20 @@ async fn grant(
     if exists.is_some() {
         return Ok(());
     }
+    append_entry(tx, job, step, micro, c, c.flops as i64).await
+}
+
+/// Appends one entry of `flops` (negative for a clawback) to the hash chain and moves the worker's cached balance
+/// and accepted count with it (unless an entry for this worker and `micro` exists), inside the caller's
+/// transaction.
+async fn append_entry(
+    tx: &mut sqlx::SqliteConnection,
+    job: JobId,
+    step: u64,
+    micro: u32,
+    c: Credit,
+    flops: i64,
+) -> Result<()> {
     let head = sqlx::query("SELECT id, hash FROM credits ORDER BY id DESC LIMIT 1")
         .fetch_optional(&mut *tx)
         .await?;
@@ -736,14 +784,14 @@ async fn grant(
         (r.get::<i64, _>(0) + 1, r.get(1))
     });
     let at = now_ms();
-    let hash = crate::ledger::entry_hash(&prev, id, c.worker.0, job.0, step, micro, c.flops, at);
-    let inserted = sqlx::query("INSERT INTO credits (id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    let hash = crate::ledger::entry_hash(&prev, id, c.worker.0, job.0, step, micro, flops, at);
+    let inserted = sqlx::query("INSERT OR IGNORE INTO credits (id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
         .bind(id)
         .bind(c.worker.0 as i64)
         .bind(job.0 as i64)
         .bind(step as i64)
         .bind(micro as i64)
-        .bind(c.flops as i64)
+        .bind(flops)
         .bind(at)
         .bind(&prev)
         .bind(&hash)
@@ -751,8 +799,9 @@ async fn grant(
         .await?
         .rows_affected();
     if inserted == 1 {
-        sqlx::query("UPDATE workers SET credits_flops = credits_flops + ?, accepted = accepted + 1 WHERE id = ?")
-            .bind(c.flops as i64)
+        sqlx::query("UPDATE workers SET credits_flops = credits_flops + ?, accepted = accepted + ? WHERE id = ?")
+            .bind(flops)
+            .bind(flops.signum())
             .bind(c.worker.0 as i64)
             .execute(&mut *tx)
             .await?;

@@ -63,6 +63,14 @@ pub enum StoreOp {
         worker: WorkerId,
         refused: bool,
     },
+    /// A compensating ledger entry: `credit.flops` taken back from `credit.worker` for micro-batch `micro` of
+    /// `step` (a failed audit showed the result it was granted for was wrong).
+    Clawback {
+        job: JobId,
+        step: u64,
+        micro: u32,
+        credit: Credit,
+    },
     Checkpoint {
         job: JobId,
         ckpt: Checkpoint,
@@ -84,6 +92,7 @@ impl StoreOp {
         match self {
             Self::Accepted { job, .. }
             | Self::Credit { job, .. }
+            | Self::Clawback { job, .. }
             | Self::Checkpoint { job, .. }
             | Self::Status { job, .. }
             | Self::Eval { job, .. } => Some(*job),
@@ -95,7 +104,7 @@ impl StoreOp {
     pub fn workers(&self) -> Vec<WorkerId> {
         match self {
             Self::Accepted { credits, .. } => credits.iter().map(|c| c.worker).collect(),
-            Self::Credit { credit, .. } => vec![credit.worker],
+            Self::Credit { credit, .. } | Self::Clawback { credit, .. } => vec![credit.worker],
             Self::Rejection { worker, .. } => vec![*worker],
             _ => Vec::new(),
         }
@@ -109,6 +118,9 @@ pub enum CheckKind {
     Spot,
     /// Replicas disagree: the recomputation settles it (never a volunteer tie-breaker, whom a colluder could be).
     Arbitrate,
+    /// A random audit of a micro-batch already accepted on replicas alone: a disagreement refuses every worker
+    /// that vouched for it and claws back their credits.
+    Audit,
 }
 
 /// A micro-batch for the coordinator to recompute; the outcome goes to [`super::State::recomputed`].

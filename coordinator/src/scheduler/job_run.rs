@@ -54,6 +54,10 @@ pub struct JobRun {
     pub(super) result_ms: f64,
     /// Stride-scheduling pass: advanced by `1 / hyper.weight` per lease; the lowest pass is served first.
     pub(super) pass: f64,
+    /// Typical norm of accepted micro-batch gradients: the floor of the agreement rule (`verify::Scale`).
+    pub(super) scale: crate::verify::Scale,
+    /// Audits under way, by (step, micro-batch): the accepted outcome and the credits of those who vouched for it.
+    pub(super) audits: std::collections::HashMap<(u64, u32), super::settle::Audit>,
 }
 
 /// Everything needed to bring a job back into memory.
@@ -167,6 +171,8 @@ impl JobRun {
             step_ms: 0.0,
             result_ms: 0.0,
             pass: 0.0,
+            scale: crate::verify::Scale::default(),
+            audits: std::collections::HashMap::new(),
         };
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;
@@ -184,6 +190,7 @@ impl JobRun {
                     correct: a.correct,
                     grad: Arc::new(a.grad),
                     agreeing: a.agreeing,
+                    verified: false,
                 });
             }
         }

@@ -54,6 +54,9 @@ pub(super) struct Outcome {
     pub grad: Arc<Vec<f32>>,
     /// Independent computations that agreed on it (the coordinator's recomputation counts as one).
     pub agreeing: u32,
+    /// The coordinator's own recomputation agreed with it (not only replicas, which colluders can be): a later
+    /// replica that disagrees with it may be struck.
+    pub verified: bool,
 }
 
 #[derive(Debug)]

@@ -4,8 +4,9 @@
 //! The clock and the random number generator are injected ([`SchedulerConfig`]), so the unit tests drive every
 //! transition deterministically in milliseconds.
 //!
-//! Invariants: a micro-batch is accepted only when `quorum` (a strict majority of R ≥ 2) independent workers
-//! agree, or when the coordinator's own recomputation agrees with a replica; a worker never holds two leases of
+//! Invariants: a micro-batch is accepted only when all R ≥ 2 independent replicas agree, or when the coordinator's
+//! own recomputation agrees with a replica (or, for models too large to recompute, a strict majority after a
+//! disagreement); nobody is struck by vote; a worker never holds two leases of
 //! the same micro-batch; results are compared only within one micro-batch of one model version; a result for a
 //! superseded version or an expired lease is `late`.
 //!

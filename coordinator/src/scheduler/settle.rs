@@ -13,7 +13,7 @@ use super::effects::{CheckKind, ConnId, Effects, Recompute, StoreOp};
 use super::micro::{Outcome, Phase, Submission};
 use crate::job::MAX_REPLICAS;
 use crate::store::AcceptedRow;
-use crate::verify::{self, Candidate};
+use crate::verify::{self, Candidate, Settle};
 
 /// How one result compares with a reference (an accepted result or the coordinator's recomputation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +24,21 @@ enum Judged {
     Disagrees,
 }
 
-fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32) -> Judged {
-    if verify::agree(sub, reference, tolerance) {
+fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32, scale: f64) -> Judged {
+    if verify::agree(sub, reference, tolerance, scale) {
         Judged::Agrees
-    } else if verify::near_miss(sub, reference, tolerance) {
+    } else if verify::near_miss(sub, reference, tolerance, scale) {
         Judged::NearMiss
     } else {
         Judged::Disagrees
     }
+}
+
+/// An audit under way: the accepted outcome of a micro-batch and the credits granted to those who vouched for it.
+#[derive(Debug, Clone)]
+pub(super) struct Audit {
+    pub outcome: Outcome,
+    pub credits: Vec<crate::store::Credit>,
 }
 
 /// Who submitted a result, for its verdict.
@@ -116,10 +123,11 @@ impl State {
             correct,
             grad,
         };
-        let (tolerance, quorum, redundancy) = (
+        let (tolerance, quorum, redundancy, scale) = (
             job.hyper.tolerance,
             job.hyper.quorum() as usize,
             job.hyper.redundancy,
+            job.scale.0,
         );
         let recomputable = job.spec.param_count() <= max_params;
         let m = &mut job.micros[c.micro as usize];
@@ -131,11 +139,21 @@ impl State {
                     correct: o.correct,
                     grad: &o.grad,
                 };
-                match judge(&sub.candidate(), &accepted, tolerance) {
+                match judge(&sub.candidate(), &accepted, tolerance, scale) {
                     Judged::Agrees => self.credit_extra(c.job, c.micro, author, fx),
                     Judged::NearMiss => self.near_miss_verdict(c.job, author, fx),
+                    Judged::Disagrees if o.verified => self.reject(
+                        c.job,
+                        author,
+                        "disagrees with the coordinator-verified result",
+                        fx,
+                    ),
                     Judged::Disagrees => {
-                        self.reject(c.job, author, "disagrees with the accepted result", fx)
+                        // Only replicas vouch for the accepted result, and replicas can be colluders: a
+                        // disagreeing later replica is no proof either way, so it is not struck.
+                        job.counters.disagreements += 1;
+                        tracing::info!(job = %c.job, step = job.step, micro = c.micro, worker = %c.worker, "a later replica disagrees with a result only replicas vouch for: late, not struck by vote");
+                        self.late(c.job, author, fx)
                     }
                 }
             }
@@ -155,44 +173,55 @@ impl State {
                 let settled = {
                     let candidates: Vec<Candidate<'_>> =
                         m.subs.iter().map(Submission::candidate).collect();
-                    verify::settle(&candidates, quorum, tolerance)
+                    // Replicas alone settle a micro-batch only when every one leased agrees: with R ≥ 3 a
+                    // quorum that outran the rest could be a colluding pair.
+                    verify::settle(&candidates, wanted as usize, tolerance, scale)
                 };
                 match settled {
-                    Some((winners, losers)) => {
-                        let subs = std::mem::take(&mut m.subs);
-                        let (won, lost) = pick(subs, &winners, &losers);
-                        let outcome = mean_outcome(&won, won.len() as u32);
+                    Settle::Agreed => {
+                        let won = std::mem::take(&mut m.subs);
+                        let outcome = mean_outcome(&won, won.len() as u32, false);
                         self.accept(c.job, c.micro, outcome, &won, fx);
-                        for l in &lost {
-                            self.reject(c.job, l.into(), "outvoted by agreeing replicas", fx);
-                        }
                     }
-                    None if m.subs.len() as u32 >= wanted => {
-                        job.counters.disagreements += 1;
+                    Settle::Waiting => {}
+                    Settle::Disagree(clusters) => {
                         if recomputable {
-                            // Settle it with our own recomputation: a volunteer tie-breaker could be a colluder's
-                            // partner, who would then outvote (and get struck) the honest replica.
+                            job.counters.disagreements += 1;
+                            // Settle it with our own recomputation, never by counting votes: two colluders agree
+                            // with each other as well as two honest workers do.
                             m.check(CheckKind::Arbitrate, (wanted + 1).min(MAX_REPLICAS));
                             job.counters.arbitrations += 1;
                             tracing::info!(job = %c.job, step = job.step, micro = c.micro, "results disagree; the coordinator recomputes the micro-batch to settle it");
                             self.request_recompute(c.job, c.micro, CheckKind::Arbitrate, fx);
-                        } else if wanted >= MAX_REPLICAS {
-                            tracing::warn!(job = %c.job, step = job.step, micro = c.micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
-                            job.counters.micro_batches_abandoned += 1;
+                        } else if clusters[0].len() >= quorum {
+                            job.counters.disagreements += 1;
+                            // Too large to recompute: the step needs the micro-batch, so a quorum's result is used,
+                            // but nobody is struck by vote — the others are late.
                             let subs = std::mem::take(&mut m.subs);
-                            m.abandon();
-                            // Every result gets a verdict: the replicas of an abandoned micro-batch are not
-                            // counted, so they are `late` (no credit, no strike).
-                            for s in &subs {
-                                self.late(c.job, s.into(), fx);
+                            let (won, lost) = pick(subs, &clusters[0]);
+                            let outcome = mean_outcome(&won, won.len() as u32, false);
+                            self.accept(c.job, c.micro, outcome, &won, fx);
+                            for l in &lost {
+                                tracing::info!(worker = %l.worker, job = %c.job, micro = c.micro, "result disagrees with a quorum of replicas; late, not struck by vote");
+                                self.late(c.job, l.into(), fx);
                             }
-                            self.maybe_advance(c.job, fx);
-                        } else {
-                            m.reopen(wanted + 1);
-                            tracing::info!(job = %c.job, step = job.step, micro = c.micro, replicas = wanted + 1, "results disagree; leasing a tie-breaker");
+                        } else if m.subs.len() as u32 >= wanted {
+                            job.counters.disagreements += 1;
+                            if wanted >= MAX_REPLICAS {
+                                tracing::warn!(job = %c.job, step = job.step, micro = c.micro, "no quorum after {MAX_REPLICAS} replicas; micro-batch abandoned for this step");
+                                job.counters.micro_batches_abandoned += 1;
+                                let subs = std::mem::take(&mut m.subs);
+                                m.abandon();
+                                for l in &subs {
+                                    self.late(c.job, l.into(), fx);
+                                }
+                                self.maybe_advance(c.job, fx);
+                            } else {
+                                m.reopen(wanted + 1);
+                                tracing::info!(job = %c.job, step = job.step, micro = c.micro, replicas = wanted + 1, "results disagree; leasing a tie-breaker");
+                            }
                         }
                     }
-                    None => {}
                 }
             }
         }
@@ -245,10 +274,15 @@ impl State {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
+        if let Some(audit) = job.audits.remove(&(step, micro)) {
+            self.audited(job_id, step, micro, audit, reference, fx);
+            return;
+        }
         if job.step != step || job.status.is_terminal() {
             return;
         }
-        let (tolerance, redundancy) = (job.hyper.tolerance, job.hyper.redundancy);
+        let (tolerance, redundancy, scale) =
+            (job.hyper.tolerance, job.hyper.redundancy, job.scale.0);
         let Some(m) = job.micros.get_mut(micro as usize) else {
             return;
         };
@@ -268,7 +302,7 @@ impl State {
         let mut near = Vec::new();
         let mut lost = Vec::new();
         for s in std::mem::take(&mut m.subs) {
-            match judge(&s.candidate(), &ours, tolerance) {
+            match judge(&s.candidate(), &ours, tolerance, scale) {
                 Judged::Agrees => won.push(s),
                 Judged::NearMiss => near.push(s),
                 Judged::Disagrees => lost.push(s),
@@ -278,7 +312,7 @@ impl State {
             job.counters.spot_check_failures += 1;
         }
         if !won.is_empty() {
-            let outcome = mean_outcome(&won, won.len() as u32 + 1);
+            let outcome = mean_outcome(&won, won.len() as u32 + 1, true);
             self.accept(job_id, micro, outcome, &won, fx);
         } else if !near.is_empty() {
             let outcome = Outcome {
@@ -286,6 +320,7 @@ impl State {
                 correct: reference.correct,
                 grad: Arc::new(reference.grad.clone()),
                 agreeing: near.len() as u32 + 1,
+                verified: true,
             };
             self.accept(job_id, micro, outcome, &[], fx);
         } else {
@@ -294,7 +329,7 @@ impl State {
         }
         for s in &near {
             tracing::info!(
-                worker = %s.worker, job = %job_id, step, micro, rel_l2 = verify::relative_l2(&s.grad, &reference.grad),
+                worker = %s.worker, job = %job_id, step, micro, distance = verify::distance(&s.grad, &reference.grad, scale),
                 "result is a near miss of the coordinator's recomputation: not used, no strike"
             );
             self.near_miss_verdict(job_id, s.into(), fx);
@@ -302,7 +337,7 @@ impl State {
         for s in &lost {
             tracing::warn!(
                 worker = %s.worker, job = %job_id, step, micro,
-                rel_l2 = verify::relative_l2(&s.grad, &reference.grad),
+                distance = verify::distance(&s.grad, &reference.grad, scale),
                 loss = s.loss, reference_loss = reference.loss, correct = s.correct, reference_correct = reference.correct,
                 "result disagrees with the coordinator's recomputation"
             );
@@ -331,13 +366,21 @@ impl State {
         };
         let (step, rows) = (job.step, job.micros[micro as usize].rows.len() as u32);
         let flops = job.spec.train_flops(rows as u64);
-        let credits = credited
+        // Audit a replica-only acceptance with probability `hyper.audit`, drawn after acceptance so no worker can
+        // know in advance which of its results will be recomputed.
+        let auditable = !outcome.verified
+            && !credited.is_empty()
+            && job.spec.param_count() <= self.config.spot_check_max_params
+            && job.hyper.audit > 0.0;
+        let audit = auditable && self.rng.next_f64() < job.hyper.audit as f64;
+        let credits: Vec<crate::store::Credit> = credited
             .iter()
             .map(|s| self.credit(s.worker, flops))
             .collect();
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
+        job.scale.observe(verify::l2_norm(&outcome.grad));
         job.counters.results_accepted += credited.len() as u64;
         job.counters.micro_batches_accepted += 1;
         if credited.is_empty() {
@@ -354,9 +397,22 @@ impl State {
                 agreeing: outcome.agreeing,
                 grad: outcome.grad.to_vec(),
             },
-            credits,
+            credits: credits.clone(),
         });
+        if audit {
+            job.counters.audits += 1;
+            job.audits.insert(
+                (step, micro),
+                Audit {
+                    outcome: outcome.clone(),
+                    credits,
+                },
+            );
+        }
         job.micros[micro as usize].accept(outcome);
+        if audit {
+            self.request_recompute(job_id, micro, CheckKind::Audit, fx);
+        }
         for s in credited {
             self.verdict(
                 s.conn,
@@ -368,6 +424,51 @@ impl State {
             );
         }
         self.maybe_advance(job_id, fx);
+    }
+
+    /// An audit's recomputation came back: a result that is neither in agreement nor a near miss refuses every
+    /// worker that vouched for it and claws back their credits for it; the step that included it is recorded.
+    fn audited(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        audit: Audit,
+        reference: Option<StepOutput>,
+        fx: &mut Effects,
+    ) {
+        let Some(reference) = reference else {
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let accepted = Candidate {
+            loss: audit.outcome.loss,
+            correct: audit.outcome.correct,
+            grad: &audit.outcome.grad,
+        };
+        let ours = Candidate {
+            loss: reference.loss,
+            correct: reference.correct,
+            grad: &reference.grad,
+        };
+        if judge(&accepted, &ours, job.hyper.tolerance, job.scale.0) != Judged::Disagrees {
+            return;
+        }
+        job.counters.audit_failures += 1;
+        job.counters.last_bad_step = Some(step);
+        tracing::warn!(
+            job = %job_id, step, micro, applied = job.step > step,
+            distance = verify::distance(&audit.outcome.grad, &reference.grad, job.scale.0),
+            vouchers = ?audit.credits.iter().map(|c| c.worker).collect::<Vec<_>>(),
+            "audit failed: step {step} included a wrong micro-batch; refusing its vouchers and clawing back their credits"
+        );
+        for c in audit.credits {
+            self.claw_back(job_id, step, micro, c, fx);
+            self.refuse(c.worker, fx);
+        }
+        fx.notify(job_id);
     }
 
     /// An extra replica agreed with the accepted result: credited, not used again.
@@ -443,14 +544,10 @@ impl State {
     }
 }
 
-/// Splits `subs` into the winners and losers named by index.
-fn pick(
-    subs: Vec<Submission>,
-    winners: &[usize],
-    losers: &[usize],
-) -> (Vec<Submission>, Vec<Submission>) {
+/// Splits `subs` into the winners named by index and the rest.
+fn pick(subs: Vec<Submission>, winners: &[usize]) -> (Vec<Submission>, Vec<Submission>) {
     let mut won = Vec::with_capacity(winners.len());
-    let mut lost = Vec::with_capacity(losers.len());
+    let mut lost = Vec::new();
     for (i, s) in subs.into_iter().enumerate() {
         if winners.contains(&i) {
             won.push(s);
@@ -462,7 +559,7 @@ fn pick(
 }
 
 /// The mean of agreeing replicas (loss and gradient; the first replica's correct count).
-fn mean_outcome(won: &[Submission], agreeing: u32) -> Outcome {
+fn mean_outcome(won: &[Submission], agreeing: u32, verified: bool) -> Outcome {
     let n = won.len() as f32;
     let mut grad = vec![0.0f32; won[0].grad.len()];
     for w in won {
@@ -475,5 +572,6 @@ fn mean_outcome(won: &[Submission], agreeing: u32) -> Outcome {
         correct: won[0].correct,
         grad: Arc::new(grad),
         agreeing,
+        verified,
     }
 }

@@ -82,6 +82,46 @@ impl State {
         }
     }
 
+    /// Takes back a credit granted for a result a failed audit showed wrong (in memory; persisted in `fx` as a
+    /// compensating ledger entry).
+    pub(super) fn claw_back(
+        &mut self,
+        job: starling_core::protocol::JobId,
+        step: u64,
+        micro: u32,
+        credit: Credit,
+        fx: &mut Effects,
+    ) {
+        let w = self.workers.entry(credit.worker).or_default();
+        w.credits_flops = w.credits_flops.saturating_sub(credit.flops);
+        w.accepted = w.accepted.saturating_sub(1);
+        fx.persist(StoreOp::Clawback {
+            job,
+            step,
+            micro,
+            credit,
+        });
+    }
+
+    /// Refuses `worker` at once (a failed audit is proof, not a near miss): persisted, then every connection of it
+    /// is closed with `error refused`.
+    pub(super) fn refuse(&mut self, worker: WorkerId, fx: &mut Effects) {
+        self.trust.retain(|(w, _), _| *w != worker);
+        let w = self.workers.entry(worker).or_default();
+        if w.refused {
+            return;
+        }
+        w.refused = true;
+        w.rejected += 1;
+        w.strikes += 1;
+        tracing::warn!(%worker, "worker refused: a result it vouched for failed an audit");
+        fx.persist(StoreOp::Rejection {
+            worker,
+            refused: true,
+        });
+        self.close_refused(worker, fx);
+    }
+
     /// Closes every connection of a refused worker (after its last verdict went out).
     pub(super) fn close_refused(&self, worker: WorkerId, fx: &mut Effects) {
         let limit = self.config.strike_limit;

@@ -409,3 +409,204 @@ fn invalid_results_are_rejected_before_any_comparison() {
     assert_eq!(h.last_verdict(a), Some(Outcome::Late));
     assert_eq!(h.st.worker(WorkerId(1)).map(|w| w.strikes), Some(1));
 }
+
+/// Three workers on the one micro-batch of a job with R = 3: (honest, colluder, colluder).
+fn r3(tune: impl FnOnce(&mut SchedulerConfig)) -> (Harness, ConnId, ConnId, ConnId) {
+    let mut h = Harness::with(tune);
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            redundancy: 3,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (good, c1, c2) = (h.connect(1), h.connect(2), h.connect(3));
+    for c in [good, c1, c2] {
+        h.ready(c);
+        assert_eq!(h.held(c).map(|l| l.micro), Some(0));
+    }
+    (h, good, c1, c2)
+}
+
+#[test]
+fn at_r3_a_colluding_pair_that_answers_first_cannot_outvote_the_honest_replica() {
+    let (mut h, good, c1, c2) = r3(|_| {});
+    h.submit(c1, flip);
+    h.submit(c2, flip);
+    assert!(
+        !h.ops.iter().any(|o| matches!(o, StoreOp::Accepted { .. })),
+        "two of three agreeing replicas are not yet an acceptance"
+    );
+    assert_eq!(h.last_verdict(c1), None);
+    h.honest_result(good);
+    assert_eq!(
+        h.recomputes.len(),
+        1,
+        "the disagreement goes to recomputation"
+    );
+    assert_eq!(h.recomputes[0].kind, CheckKind::Arbitrate);
+    h.recompute_honestly();
+    assert_eq!(h.last_verdict(good), Some(Outcome::Accepted));
+    assert_eq!(h.last_verdict(c1), Some(Outcome::Rejected));
+    assert_eq!(h.last_verdict(c2), Some(Outcome::Rejected));
+    assert_eq!(h.st.worker(WorkerId(1)).map(|w| w.strikes), Some(0));
+    for op in &h.ops {
+        if let StoreOp::Accepted { row, credits, .. } = op {
+            assert_eq!(
+                row.grad,
+                honest(JobId(1), 0, 0).2,
+                "the lie never reaches the model"
+            );
+            assert_eq!(credits.len(), 1);
+        }
+    }
+}
+
+#[test]
+fn at_r3_three_agreeing_replicas_are_all_accepted_and_none_is_late() {
+    let (mut h, a, b, c) = r3(|_| {});
+    for w in [a, b, c] {
+        h.honest_result(w);
+    }
+    for w in [a, b, c] {
+        assert_eq!(h.verdicts(w), vec![Outcome::Accepted]);
+    }
+    assert!(h.recomputes.is_empty());
+    assert_eq!(h.job(1).counters.results_late, 0);
+    assert!(
+        h.ops
+            .iter()
+            .any(|o| matches!(o, StoreOp::Accepted { row, credits, .. } if row.agreeing == 3 && credits.len() == 3))
+    );
+}
+
+#[test]
+fn without_recomputation_a_colluding_majority_strikes_nobody() {
+    // The model is too large to recompute: the pair's quorum is used (audits are what catch it), but the honest
+    // minority is late, never struck by vote.
+    let (mut h, good, c1, c2) = r3(|c| c.spot_check_max_params = 1);
+    h.honest_result(good);
+    h.submit(c1, flip);
+    h.submit(c2, flip);
+    assert!(h.recomputes.is_empty());
+    assert_eq!(h.last_verdict(good), Some(Outcome::Late));
+    assert_eq!(h.st.worker(WorkerId(1)).map(|w| w.strikes), Some(0));
+    assert_eq!(h.job(1).counters.results_rejected, 0);
+    assert_eq!(h.job(1).step, 1);
+}
+
+#[test]
+fn a_near_miss_among_r3_replicas_is_never_struck() {
+    let (mut h, a, b, close) = r3(|_| {});
+    h.honest_result(a);
+    h.honest_result(b);
+    h.submit(close, nudge);
+    h.recompute_honestly();
+    assert_eq!(h.last_verdict(a), Some(Outcome::Accepted));
+    assert_eq!(h.last_verdict(close), Some(Outcome::Late));
+    assert_eq!(h.st.worker(WorkerId(3)).map(|w| w.strikes), Some(0));
+}
+
+/// One micro-batch per step, R = 2, every replica-only acceptance audited.
+fn audited() -> (Harness, ConnId, ConnId) {
+    let mut h = Harness::new();
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            audit: 1.0,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (a, b) = (h.connect(1), h.connect(2));
+    h.ready(a);
+    h.ready(b);
+    (h, a, b)
+}
+
+#[test]
+fn a_failed_audit_refuses_every_voucher_and_claws_back_their_credits() {
+    let (mut h, a, b) = audited();
+    // A colluding pair returns the same lie: the replicas agree, so it is accepted and credited...
+    h.submit(a, flip);
+    h.submit(b, flip);
+    assert_eq!(h.last_verdict(a), Some(Outcome::Accepted));
+    let granted = h.st.worker(WorkerId(1)).map(|w| w.credits_flops);
+    assert!(granted.is_some_and(|f| f > 0));
+    assert_eq!(h.job(1).step, 1, "the lie reached step 0's model");
+    // ...and the audit, drawn after acceptance, recomputes it.
+    assert_eq!(h.recomputes.len(), 1);
+    assert_eq!(h.recomputes[0].kind, CheckKind::Audit);
+    assert_eq!(h.job(1).counters.audits, 1);
+    h.recompute_honestly();
+    let c = &h.job(1).counters;
+    assert_eq!((c.audit_failures, c.last_bad_step), (1, Some(0)));
+    for (conn, w) in [(a, 1), (b, 2)] {
+        assert_eq!(h.closed.get(&conn), Some(&ErrorCode::Refused));
+        let info = h.st.worker(WorkerId(w)).expect("worker");
+        assert!(info.refused);
+        assert_eq!((info.credits_flops, info.accepted), (0, 0));
+        assert!(h.ops.iter().any(|o| matches!(o,
+            StoreOp::Clawback { step: 0, micro: 0, credit, .. }
+                if credit.worker == WorkerId(w) && Some(credit.flops) == granted)));
+    }
+}
+
+#[test]
+fn a_passed_audit_changes_nothing_and_audit_zero_audits_nothing() {
+    let (mut h, a, b) = audited();
+    h.honest_result(a);
+    h.honest_result(b);
+    assert_eq!(h.recomputes.len(), 1);
+    h.recompute_honestly();
+    assert_eq!(h.job(1).counters.audit_failures, 0);
+    assert!(!h.ops.iter().any(|o| matches!(o, StoreOp::Clawback { .. })));
+    assert!(h.closed.is_empty());
+
+    let mut h = Harness::new();
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            audit: 0.0,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (a, b) = (h.connect(1), h.connect(2));
+    for _ in 0..20 {
+        h.ready(a);
+        h.ready(b);
+        h.honest_result(a);
+        h.honest_result(b);
+    }
+    assert_eq!(h.job(1).step, 20);
+    assert!(h.recomputes.is_empty());
+}
+
+#[test]
+fn audits_sample_about_their_share_of_accepted_micro_batches() {
+    let mut h = Harness::new();
+    h.load(
+        1,
+        Hyper {
+            global_batch: 4,
+            audit: 0.25,
+            ..hyper()
+        },
+        Vec::new(),
+    );
+    let (a, b) = (h.connect(1), h.connect(2));
+    for _ in 0..400 {
+        h.ready(a);
+        h.ready(b);
+        h.honest_result(a);
+        h.honest_result(b);
+    }
+    let audits = h.job(1).counters.audits;
+    assert_eq!(audits as usize, h.recomputes.len());
+    assert!((60..=140).contains(&audits), "{audits} audits of 400");
+}
