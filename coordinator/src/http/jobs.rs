@@ -92,6 +92,8 @@ pub struct JobView {
     /// Mean wall time per applied step (exponential moving average).
     pub step_ms: f64,
     pub counters: JobCounters,
+    /// The step that included the latest micro-batch a failed audit found wrong (`null` if none).
+    pub last_bad_step: Option<u64>,
     pub workers: Vec<ConnectedWorker>,
     pub created_ms: i64,
 }
@@ -130,6 +132,7 @@ pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
         best_test_accuracy: j.best_accuracy,
         step_ms: j.step_ms,
         counters: j.counters.clone(),
+        last_bad_step: j.last_bad_step,
         workers,
         created_ms: j.created_ms,
     })

@@ -28,10 +28,9 @@ pub struct JobCounters {
     /// Disagreements settled by the coordinator's own recomputation.
     pub arbitrations: u64,
     /// Random audits of replica-accepted micro-batches requested, and how many found the accepted result wrong
-    /// (each refused its vouchers and clawed back their credits); the step of the latest bad micro-batch.
+    /// (each refused its vouchers and clawed back their credits).
     pub audits: u64,
     pub audit_failures: u64,
-    pub last_bad_step: Option<u64>,
     pub steps_applied: u64,
 }
 

@@ -42,6 +42,9 @@ pub struct JobRun {
     pub(super) optim: Optimizer,
     pub(super) micros: Vec<Micro>,
     pub counters: JobCounters,
+    /// The step that included the latest micro-batch a failed audit found wrong (that step's update is bounded by
+    /// the job's robust aggregation, not undone).
+    pub last_bad_step: Option<u64>,
     pub last_train: Option<MetricRow>,
     pub last_eval: Option<MetricRow>,
     pub best_accuracy: Option<f32>,
@@ -162,6 +165,7 @@ impl JobRun {
             optim,
             micros: Vec::new(),
             counters: JobCounters::default(),
+            last_bad_step: None,
             last_train: None,
             last_eval: None,
             best_accuracy: None,
@@ -226,6 +230,7 @@ impl State {
         let mut job = JobRun::from_load(load, now);
         if let Some(old) = self.jobs.remove(&job.id) {
             job.counters = old.counters;
+            job.last_bad_step = old.last_bad_step;
             job.last_train = old.last_train;
             job.last_eval = old.last_eval;
             job.best_accuracy = old.best_accuracy;

@@ -457,7 +457,7 @@ impl State {
             return;
         }
         job.counters.audit_failures += 1;
-        job.counters.last_bad_step = Some(step);
+        job.last_bad_step = Some(step);
         tracing::warn!(
             job = %job_id, step, micro, applied = job.step > step,
             distance = verify::distance(&audit.outcome.grad, &reference.grad, job.scale.0),

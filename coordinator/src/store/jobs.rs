@@ -1,0 +1,309 @@
+//! Datasets, jobs, checkpoints (latest and best), the accepted results of the step in progress, and metrics.
+
+use sqlx::Row as _;
+
+use starling_core::data::{Dataset, encode_raw, parse_upload};
+use starling_core::protocol::{JobId, f32_bytes, f32s};
+
+use super::credits::grant;
+use super::*;
+
+impl Store {
+    pub async fn insert_dataset(
+        &self,
+        name: &str,
+        train: &Dataset,
+        test: &Dataset,
+        owner: Option<i64>,
+    ) -> Result<i64> {
+        let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES (?, ?, ?, ?, ?, ?) RETURNING id")
+            .bind(name)
+            .bind(train.dim as i64)
+            .bind(encode_raw(train))
+            .bind(encode_raw(test))
+            .bind(owner)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// `(dim, train rows, test rows)` of a dataset visible to `owner` (its uploader; ownerless datasets are shared).
+    pub async fn dataset_exists(
+        &self,
+        id: i64,
+        owner: Option<i64>,
+    ) -> Result<Option<(usize, usize, usize)>> {
+        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = ? AND (owner_id IS NULL OR owner_id IS ?)")
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| {
+            let dim: i64 = r.get(0);
+            let rows =
+                |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
+            (dim as usize, rows(r.get(1)), rows(r.get(2)))
+        }))
+    }
+
+    /// The datasets `owner` uploaded, oldest first (`GET /api/v1/datasets`); row counts come from the stored lengths.
+    pub async fn owner_datasets(&self, owner: i64) -> Result<Vec<DatasetRow>> {
+        let rows = sqlx::query("SELECT id, name, dim, length(train), length(test), created_ms FROM datasets WHERE owner_id = ? ORDER BY id")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let dim: i64 = r.get(2);
+                let rows =
+                    |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
+                DatasetRow {
+                    id: r.get(0),
+                    name: r.get(1),
+                    dim: dim as usize,
+                    train_rows: rows(r.get(3)),
+                    test_rows: rows(r.get(4)),
+                    created_ms: r.get(5),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn load_dataset(&self, id: i64) -> Result<(Dataset, Dataset)> {
+        let row = sqlx::query("SELECT train, test FROM datasets WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        let parse = |b: Vec<u8>| {
+            parse_upload(&b)
+                .map(|u| u.train)
+                .map_err(|e| StoreError::Corrupt(format!("dataset {id}: {e}")))
+        };
+        Ok((parse(row.get(0))?, parse(row.get(1))?))
+    }
+
+    pub async fn insert_job(
+        &self,
+        name: &str,
+        spec: &str,
+        hyper: &str,
+        dataset_id: i64,
+        owner: Option<i64>,
+    ) -> Result<JobId> {
+        let row = sqlx::query(
+            "INSERT INTO jobs (name, spec, hyper, dataset_id, owner_id, status, created_ms) VALUES (?, ?, ?, ?, ?, 'running', ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(spec)
+        .bind(hyper)
+        .bind(dataset_id)
+        .bind(owner)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(JobId(row.get::<i64, _>(0) as u64))
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query("SELECT id, name, spec, hyper, dataset_id, status, created_ms, owner_id FROM jobs ORDER BY id").fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| JobRow {
+                id: JobId(r.get::<i64, _>(0) as u64),
+                name: r.get(1),
+                spec: r.get(2),
+                hyper: r.get(3),
+                dataset_id: r.get(4),
+                status: r.get(5),
+                created_ms: r.get(6),
+                owner: r.get(7),
+            })
+            .collect())
+    }
+
+    pub async fn set_job_status(&self, job: JobId, status: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET status = ? WHERE id = ?")
+            .bind(status)
+            .bind(job.0 as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the checkpoint after `step` steps (replacing an older one, never a newer one), records the step's
+    /// training metric and drops the accepted results of finished steps, in one transaction.
+    pub async fn save_checkpoint(
+        &self,
+        job: JobId,
+        ckpt: &Checkpoint,
+        train: &MetricRow,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO checkpoints (job_id, step, params, optim, updated_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, params = excluded.params,
+               optim = excluded.optim, updated_ms = excluded.updated_ms
+             WHERE excluded.step > checkpoints.step",
+        )
+        .bind(job.0 as i64)
+        .bind(ckpt.step as i64)
+        .bind(f32_bytes(&ckpt.params))
+        .bind(&ckpt.optim)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        insert_metric(&mut tx, job, train).await?;
+        sqlx::query("DELETE FROM accepted WHERE job_id = ? AND step < ?")
+            .bind(job.0 as i64)
+            .bind(ckpt.step as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn load_checkpoint(&self, job: JobId) -> Result<Option<Checkpoint>> {
+        let row = sqlx::query("SELECT step, params, optim FROM checkpoints WHERE job_id = ?")
+            .bind(job.0 as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| Checkpoint {
+            step: r.get::<i64, _>(0) as u64,
+            params: f32s(&r.get::<Vec<u8>, _>(1)),
+            optim: r.get(2),
+        }))
+    }
+
+    /// Records an accepted micro-batch result and credits every agreeing worker, atomically. Idempotent: a second
+    /// call for the same (job, step, micro) changes nothing, so no credit is ever doubled.
+    pub async fn save_accepted(
+        &self,
+        job: JobId,
+        step: u64,
+        a: &AcceptedRow,
+        credits: &[Credit],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO accepted (job_id, step, micro, rows, loss, correct, agreeing, grad) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(a.micro as i64)
+        .bind(a.rows as i64)
+        .bind(a.loss)
+        .bind(a.correct as i64)
+        .bind(a.agreeing as i64)
+        .bind(f32_bytes(&a.grad))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            for c in credits {
+                grant(&mut tx, job, step, a.micro, *c).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn load_accepted(&self, job: JobId, step: u64) -> Result<Vec<AcceptedRow>> {
+        let rows = sqlx::query("SELECT micro, rows, loss, correct, agreeing, grad FROM accepted WHERE job_id = ? AND step = ? ORDER BY micro")
+            .bind(job.0 as i64)
+            .bind(step as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AcceptedRow {
+                micro: r.get::<i64, _>(0) as u32,
+                rows: r.get::<i64, _>(1) as u32,
+                loss: r.get(2),
+                correct: r.get::<i64, _>(3) as u32,
+                agreeing: r.get::<i64, _>(4) as u32,
+                grad: f32s(&r.get::<Vec<u8>, _>(5)),
+            })
+            .collect())
+    }
+
+    pub async fn insert_eval(&self, job: JobId, m: &MetricRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_metric(&mut tx, job, m).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn metrics(&self, job: JobId) -> Result<Vec<MetricRow>> {
+        let rows = sqlx::query("SELECT step, kind, loss, accuracy, min_agreeing, at_ms FROM metrics WHERE job_id = ? ORDER BY step, kind")
+            .bind(job.0 as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| MetricRow {
+                step: r.get::<i64, _>(0) as u64,
+                kind: r.get(1),
+                loss: r.get::<f64, _>(2) as f32,
+                accuracy: r.get::<f64, _>(3) as f32,
+                min_agreeing: r.get::<i64, _>(4) as u32,
+                at_ms: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Keeps the parameters of the best evaluated version (only if `accuracy` beats the stored one).
+    pub async fn save_best(
+        &self,
+        job: JobId,
+        step: u64,
+        accuracy: f32,
+        params: &[f32],
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, accuracy = excluded.accuracy,
+               params = excluded.params, updated_ms = excluded.updated_ms
+             WHERE excluded.accuracy > best_checkpoints.accuracy",
+        )
+        .bind(job.0 as i64)
+        .bind(step as i64)
+        .bind(accuracy as f64)
+        .bind(f32_bytes(params))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The best evaluated version: `(step, accuracy, params)`.
+    pub async fn load_best(&self, job: JobId) -> Result<Option<(u64, f32, Vec<f32>)>> {
+        let row =
+            sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = ?")
+                .bind(job.0 as i64)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| {
+            (
+                r.get::<i64, _>(0) as u64,
+                r.get::<f64, _>(1) as f32,
+                f32s(&r.get::<Vec<u8>, _>(2)),
+            )
+        }))
+    }
+}
+
+async fn insert_metric(tx: &mut sqlx::SqliteConnection, job: JobId, m: &MetricRow) -> Result<()> {
+    sqlx::query("INSERT OR REPLACE INTO metrics (job_id, step, kind, loss, accuracy, min_agreeing, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .bind(job.0 as i64)
+        .bind(m.step as i64)
+        .bind(&m.kind)
+        .bind(m.loss as f64)
+        .bind(m.accuracy as f64)
+        .bind(m.min_agreeing as i64)
+        .bind(m.at_ms)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
