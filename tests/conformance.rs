@@ -1049,49 +1049,6 @@ async fn result_rejected_by_a_failed_spot_check() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn result_accepted_for_an_extra_replica_while_the_step_is_open() -> anyhow::Result<()> {
-    let Env { server, alice, .. } = &start("extra", |_| ()).await?;
-    // Two micro-batches per step, R = 3 (quorum 2): five workers hold 3 + 2 replicas.
-    let hyper = serde_json::json!({"global_batch": 8, "micro_batch": 4, "steps": 1000, "redundancy": 3, "eval_every": 1000});
-    let (_, job) = create_job(&Http::new(server), alice, hyper).await?;
-    let mut peers = Vec::new();
-    for _ in 0..5 {
-        let mut p = Peer::join(server, None).await?;
-        p.ready().await?;
-        let l = p.lease().await?;
-        peers.push((p, l));
-    }
-    let (mut three, mut two): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, l)| l.micro == 0);
-    if three.len() == 2 {
-        std::mem::swap(&mut three, &mut two);
-    }
-    assert_eq!(
-        (three.len(), two.len()),
-        (3, 2),
-        "replicas go to the micro-batch shortest of them"
-    );
-    for (p, l) in &mut three[..2] {
-        let r = p.compute(l)?;
-        p.submit(l.id, r.loss, r.correct, &r.grad).await?;
-    }
-    for (p, l) in &mut three[..2] {
-        assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
-    }
-    // Its micro-batch is accepted; the step still waits for the other one. The third replica agrees: accepted.
-    let (p, l) = &mut three[2];
-    let r = p.compute(l)?;
-    p.submit(l.id, r.loss, r.correct, &r.grad).await?;
-    assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
-    let c = counters(&Http::new(server), job).await?;
-    assert_eq!(
-        (&c["results_accepted"], &c["steps_applied"]),
-        (&3.into(), &0.into()),
-        "{c}"
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_accepted_for_a_speculative_replica_while_the_step_is_open() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("speculative", |c| c.speculate_after_ms = 200).await?;
     // Two micro-batches per step, R = 2: four workers hold every replica, a fifth waits.

@@ -51,6 +51,8 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     /// Open worker connections per remote address (`--max-conns-per-addr`).
     pub per_addr: ws::AddrCounts,
+    /// Serialises durable writes, so that recovery from a failed write finishes before any later write is tried.
+    write_gate: tokio::sync::Mutex<()>,
     /// Job ids whose visible state changed; live views (SSE) subscribe.
     pub events: tokio::sync::broadcast::Sender<JobId>,
 }
@@ -65,20 +67,38 @@ impl App {
     /// Carries out effects: the store operations in order, then every action whose preceding writes are all
     /// durable. If a write fails, the rest are not attempted, nothing that reports on them is sent (no verdict,
     /// credit, lease or step), and the jobs concerned are paused with the error and reloaded from the store.
+    ///
+    /// Writes are serialised by `write_gate`, and a failure's recovery runs before the gate is released. Effects
+    /// computed before a job was halted are stale for that job (their in-memory premises were rolled back): their
+    /// first write for it is treated as failed, so a queued write can never land after the reload it contradicts.
     pub async fn apply(self: &Arc<Self>, fx: Effects) {
-        let Effects { store, later } = fx;
-        let mut failure = None;
+        let Effects {
+            store,
+            later,
+            epoch,
+        } = fx;
+        let mut failure: Option<(usize, Option<store::StoreError>)> = None;
+        let gate = if store.is_empty() {
+            None
+        } else {
+            Some(self.write_gate.lock().await)
+        };
         for (i, op) in store.iter().enumerate() {
+            if op.job().is_some_and(|j| self.state().stale(j, epoch)) {
+                failure = Some((i, None));
+                break;
+            }
             if let Err(e) = self.write(op).await {
-                failure = Some((i, e));
+                failure = Some((i, Some(e)));
                 break;
             }
         }
         let durable = failure.as_ref().map_or(store.len(), |(i, _)| *i);
         let (go, withheld) = Effects::split(later, durable);
         if let Some((i, e)) = failure {
-            self.recover(&store[i..], &withheld, &e).await;
+            self.recover(&store[i..], &withheld, e.as_ref()).await;
         }
+        drop(gate);
         for action in go {
             match action {
                 Action::Send { conn, out, .. } => self.state().send(conn, out),
@@ -125,17 +145,30 @@ impl App {
 
     /// After a failed write: halts the jobs whose writes or announcements were lost, then brings them and every
     /// worker's standing back from the store, so memory again equals what is durable.
-    async fn recover(&self, lost: &[StoreOp], withheld: &[Deferred], error: &store::StoreError) {
+    /// `error: None`: the effects were stale (computed before a halt of their job), not failed.
+    async fn recover(
+        &self,
+        lost: &[StoreOp],
+        withheld: &[Deferred],
+        error: Option<&store::StoreError>,
+    ) {
         let jobs: BTreeSet<JobId> = lost
             .iter()
             .filter_map(StoreOp::job)
             .chain(withheld.iter().filter_map(|d| d.job))
             .collect();
-        let message = format!(
-            "a durable write failed ({error}); the job is paused until its owner resumes it"
-        );
-        tracing::error!(%error, jobs = ?jobs, "persisting scheduler effects failed; nothing they report was sent");
-        self.state().halt(&jobs, withheld, &message);
+        let message = error.map(|e| {
+            format!("a durable write failed ({e}); the job is paused until its owner resumes it")
+        });
+        match error {
+            Some(e) => {
+                tracing::error!(error = %e, jobs = ?jobs, "persisting scheduler effects failed; nothing they report was sent")
+            }
+            None => {
+                tracing::warn!(jobs = ?jobs, "effects computed before their job was halted were dropped unwritten")
+            }
+        }
+        self.state().halt(&jobs, withheld, message.as_deref());
         for id in jobs {
             match load_job(&self.store, id).await {
                 Ok(Some(load)) => self.state().reload_job(load),
@@ -464,6 +497,7 @@ pub async fn run(
     let (events, _) = tokio::sync::broadcast::channel(256);
     let app = Arc::new(App {
         state: Mutex::new(state),
+        write_gate: tokio::sync::Mutex::new(()),
         per_addr: ws::AddrCounts::default(),
         store,
         config,

@@ -108,7 +108,7 @@ impl State {
     /// loss has not improved for `hyper.patience` evaluations (early stopping: the best version stays
     /// downloadable).
     pub fn evaluated(&mut self, job_id: JobId, step: u64, eval: Evaluation) -> Effects {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return fx;
         };
@@ -154,7 +154,7 @@ impl State {
 
     /// Owner control: pause (no new leases), resume, or cancel (terminal; outstanding leases are dropped).
     pub fn set_status(&mut self, job_id: JobId, want: JobStatus) -> Result<Effects, String> {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         let pass = self.min_pass();
         let job = self.jobs.get_mut(&job_id).ok_or("no such job")?;
         if job.status.is_terminal() {
@@ -198,18 +198,24 @@ impl State {
         }
     }
 
-    /// A durable write failed: the jobs whose announcements were withheld are paused with `error` (the caller then
+    /// A durable write failed (`error`), or effects computed before an earlier halt were found stale (`None`: the
+    /// job keeps the error it has): the jobs whose announcements were withheld are paused (the caller then
     /// reloads them from the store with [`State::reload_job`]); their leases are dropped (results for them are
     /// late), connections whose lease frames were withheld ask again, and connections that missed a `model` frame
     /// get it with their next lease.
-    pub fn halt(&mut self, jobs: &BTreeSet<JobId>, withheld: &[Deferred], error: &str) {
+    pub fn halt(&mut self, jobs: &BTreeSet<JobId>, withheld: &[Deferred], error: Option<&str>) {
+        self.halts += 1;
+        let epoch = self.halts;
         for id in jobs {
             if let Some(job) = self.jobs.get_mut(id) {
-                tracing::error!(job = %id, %error, "job paused: a durable write failed");
+                job.halted_epoch = epoch;
                 if !job.status.is_terminal() {
                     job.status = JobStatus::Paused;
                 }
-                job.error = Some(error.to_string());
+                if let Some(error) = error {
+                    tracing::error!(job = %id, %error, "job paused: a durable write failed");
+                    job.error = Some(error.to_string());
+                }
             }
             self.drop_job_leases(*id);
         }

@@ -114,7 +114,7 @@ impl State {
 
     /// A connection closed: its leases become available again.
     pub fn disconnect(&mut self, conn: ConnId) -> Effects {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         self.conns.remove(&conn);
         let gone: Vec<LeaseId> = self
             .leases
@@ -146,7 +146,7 @@ impl State {
 
     /// The worker asked for work. A `ready` stands until a lease is given (a `waiting` answer does not cancel it).
     pub fn ready(&mut self, conn: ConnId) -> Effects {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         let ticket = self.ticket();
         if let Some(c) = self.conns.get_mut(&conn)
             && c.ready.is_none()
@@ -165,7 +165,7 @@ impl State {
         {
             job.counters.results_failed += 1;
         }
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         self.assign_all(&mut fx);
         fx
     }
@@ -187,7 +187,7 @@ impl State {
                 }
             }
         }
-        let mut fx = std::mem::take(&mut self.pending);
+        let mut fx = self.take_pending();
         self.assign_all(&mut fx);
         fx
     }

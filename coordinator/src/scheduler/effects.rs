@@ -179,6 +179,9 @@ pub struct Deferred {
 pub struct Effects {
     pub store: Vec<StoreOp>,
     pub later: Vec<Deferred>,
+    /// The scheduler's halt count when these effects were computed: a job halted since then was reloaded from the
+    /// store, so these effects' writes for it describe a state that no longer exists and must not be made.
+    pub epoch: u64,
 }
 
 impl Effects {
@@ -234,6 +237,7 @@ impl Effects {
 
     /// Appends another handler's effects (their store operations keep their order after ours).
     pub fn extend(&mut self, other: Effects) {
+        self.epoch = self.epoch.min(other.epoch);
         let base = self.store.len();
         self.store.extend(other.store);
         self.later.extend(other.later.into_iter().map(|mut d| {

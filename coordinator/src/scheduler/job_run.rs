@@ -55,6 +55,8 @@ pub struct JobRun {
     /// Exponential moving averages: wall time per applied step, and lease issue → result latency.
     pub step_ms: f64,
     pub(super) result_ms: f64,
+    /// The halt count when this job was last halted (0: never); see `Effects::epoch`.
+    pub(super) halted_epoch: u64,
     /// Stride-scheduling pass: advanced by `1 / hyper.weight` per lease; the lowest pass is served first.
     pub(super) pass: f64,
     /// Typical norm of accepted micro-batch gradients: the floor of the agreement rule (`verify::Scale`).
@@ -175,6 +177,7 @@ impl JobRun {
             step_ms: 0.0,
             result_ms: 0.0,
             pass: 0.0,
+            halted_epoch: 0,
             scale: crate::verify::Scale::default(),
             audits: std::collections::HashMap::new(),
         };
@@ -218,7 +221,7 @@ impl State {
     /// A crash between the last accepted micro-batch of a step and that step's checkpoint leaves every
     /// micro-batch accepted on load: apply the step now (its effects go out with the next tick).
     fn advance_loaded(&mut self, id: JobId) {
-        let mut fx = std::mem::take(&mut self.pending);
+        let mut fx = self.take_pending();
         self.maybe_advance(id, &mut fx);
         self.pending = fx;
     }
@@ -237,6 +240,7 @@ impl State {
             job.best_loss = old.best_loss;
             job.evals_since_best = old.evals_since_best;
             job.pass = old.pass;
+            job.halted_epoch = old.halted_epoch;
             job.error = old.error;
             if !job.status.is_terminal() {
                 job.status = old.status;

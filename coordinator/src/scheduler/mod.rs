@@ -123,6 +123,8 @@ pub struct State {
     /// Effects of loading jobs (a step whose micro-batches were all accepted before a restart advances on load),
     /// carried out with the next [`State::tick`].
     pending: Effects,
+    /// Halts so far (failed durable writes); see [`Effects::epoch`].
+    halts: u64,
 }
 
 impl State {
@@ -141,11 +143,35 @@ impl State {
             trust: HashMap::new(),
             rng: starling_core::rng::SplitMix64::new(seed),
             pending: Effects::default(),
+            halts: 0,
         }
     }
 
     fn now(&self) -> Instant {
         self.config.clock.now()
+    }
+
+    /// An empty set of effects stamped with the current halt count.
+    fn effects(&self) -> Effects {
+        Effects {
+            epoch: self.halts,
+            ..Effects::default()
+        }
+    }
+
+    /// Takes the effects of loading jobs (stamped when they were computed), or an empty set.
+    fn take_pending(&mut self) -> Effects {
+        let fx = std::mem::take(&mut self.pending);
+        if fx.store.is_empty() && fx.later.is_empty() {
+            self.effects()
+        } else {
+            fx
+        }
+    }
+
+    /// Whether job `job` was halted after effects stamped `epoch` were computed (their writes for it are stale).
+    pub fn stale(&self, job: JobId, epoch: u64) -> bool {
+        self.jobs.get(&job).is_some_and(|j| j.halted_epoch > epoch)
     }
 
     fn ticket(&mut self) -> u64 {

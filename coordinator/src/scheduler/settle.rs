@@ -69,7 +69,7 @@ impl State {
         correct: u32,
         grad: Vec<f32>,
     ) -> Effects {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         if let Some(claim) = self.claim(conn, lease_id, &mut fx) {
             self.submit(claim, loss, correct, grad, &mut fx);
         }
@@ -80,7 +80,7 @@ impl State {
     /// A result arrived whose payload does not match the `commit` it was sent with: rejected like any invalid
     /// result (or `late` when the lease is no longer this connection's).
     pub fn result_mismatch(&mut self, conn: ConnId, lease_id: LeaseId) -> Effects {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         if let Some(c) = self.claim(conn, lease_id, &mut fx) {
             let author = Author {
                 worker: c.worker,
@@ -257,7 +257,7 @@ impl State {
         micro: u32,
         reference: Option<StepOutput>,
     ) -> Effects {
-        let mut fx = Effects::default();
+        let mut fx = self.effects();
         self.judge_recomputation(job_id, step, micro, reference, &mut fx);
         self.assign_all(&mut fx);
         fx

@@ -257,7 +257,7 @@ fn a_failed_write_withholds_what_reports_on_it_and_the_job_recovers_from_the_sto
         h.st.result(b, l.lease, 1.0, 2, honest(JobId(1), 0, l.micro).2);
     // The quorum's write (op 0) fails: nothing after it may go out.
     assert!(matches!(fx.store[0], StoreOp::Accepted { .. }));
-    let Effects { store, later } = fx;
+    let Effects { store, later, .. } = fx;
     let (go, withheld) = Effects::split(later, 0);
     assert!(
         go.iter().all(|a| !matches!(a, Action::Send { out, .. } if matches!(decode(out), Some(CoordinatorMsg::Verdict { .. })))),
@@ -269,7 +269,7 @@ fn a_failed_write_withholds_what_reports_on_it_and_the_job_recovers_from_the_sto
             .any(|d| matches!(&d.action, Action::Send { conn, .. } if *conn == a))
     );
     let jobs: BTreeSet<JobId> = store.iter().filter_map(StoreOp::job).collect();
-    h.st.halt(&jobs, &withheld, "disk full");
+    h.st.halt(&jobs, &withheld, Some("disk full"));
     assert_eq!(h.job(1).status, JobStatus::Paused);
     assert_eq!(h.job(1).error.as_deref(), Some("disk full"));
     // Back to the durable state (nothing of step 0 was written): the micro-batch is open again.
@@ -387,4 +387,44 @@ fn a_restart_after_every_micro_batch_was_accepted_applies_that_step() {
     let a = h.connect(1);
     h.ready(a);
     assert_eq!(h.held(a).map(|l| l.step), Some(1));
+}
+
+#[test]
+fn effects_computed_before_a_halt_are_stale_for_the_halted_job_only() {
+    let mut h = Harness::new();
+    h.load(1, one_micro(), Vec::new());
+    let (a, b) = (h.connect(1), h.connect(2));
+    h.ready(a);
+    h.ready(b);
+    h.load(2, one_micro(), Vec::new());
+    h.honest_result(a);
+    // b's result completes a quorum: its acceptance is computed now, written later (queued behind a failing write).
+    let l = h.held(b).expect("b leased");
+    let queued = h.st.result(b, l.lease, 1.0, 2, honest(l.job, 0, l.micro).2);
+    assert!(
+        queued
+            .store
+            .iter()
+            .any(|o| matches!(o, StoreOp::Accepted { .. }))
+    );
+    let before = h.st.effects().epoch;
+    h.st.halt(&BTreeSet::from([l.job]), &[], Some("disk full"));
+    assert!(
+        h.st.stale(l.job, queued.epoch),
+        "the queued acceptance describes a rolled-back state"
+    );
+    let other = if l.job == JobId(1) {
+        JobId(2)
+    } else {
+        JobId(1)
+    };
+    assert!(
+        !h.st.stale(other, queued.epoch),
+        "another job's effects stay valid"
+    );
+    assert!(
+        !h.st.stale(l.job, h.st.effects().epoch),
+        "effects computed after the halt are not stale"
+    );
+    assert!(h.st.effects().epoch > before);
 }

@@ -183,7 +183,7 @@ impl Harness {
 
     /// Records what `fx` asks for, as the transport would with a store that never fails.
     pub(super) fn take(&mut self, fx: Effects) {
-        let Effects { store, later } = fx;
+        let Effects { store, later, .. } = fx;
         self.ops.extend(store);
         for d in later {
             match d.action {
