@@ -93,8 +93,7 @@ pub async fn download(
         "best" => {
             let spec = app
                 .state()
-                .jobs
-                .get(&id)
+                .job(id)
                 .map(|j| j.spec.clone())
                 .ok_or_else(|| {
                     ApiError::new(StatusCode::NOT_FOUND, "not_found", "job not found")
