@@ -142,7 +142,10 @@ fn chunk_bytes(rate: Option<f64>) -> usize {
 }
 
 /// A link serialiser: the time at which the last of `n` bytes handed over now has left, at `rate` bytes per second,
-/// after everything handed over before. (A token bucket whose burst is one chunk.)
+/// after everything handed over before. Bytes that were already waiting when the pump asked for them (`backlogged`)
+/// leave right after the previous ones, even if the pump woke late (tokio's timer has millisecond resolution and
+/// this machine is busy), so lateness does not leak into the rate; bytes that arrive on an idle link start now, so
+/// idle time is not banked as credit.
 #[derive(Debug)]
 pub struct Serialiser {
     rate: Option<f64>,
@@ -150,21 +153,42 @@ pub struct Serialiser {
 }
 
 impl Serialiser {
-    pub fn new(rate: Option<f64>) -> Self {
-        Self {
-            rate,
-            free_at: Instant::now(),
-        }
+    /// A serialiser idle since `now`.
+    pub fn new(rate: Option<f64>, now: Instant) -> Self {
+        Self { rate, free_at: now }
     }
 
-    pub fn take(&mut self, n: usize, now: Instant) -> Instant {
+    pub fn take(&mut self, n: usize, now: Instant, backlogged: bool) -> Instant {
         let Some(rate) = self.rate else {
             return now;
         };
-        let start = self.free_at.max(now);
+        let start = if backlogged {
+            self.free_at
+        } else {
+            self.free_at.max(now)
+        };
         self.free_at = start + Duration::from_secs_f64(n as f64 / rate);
         self.free_at
     }
+}
+
+/// Reads into `buf`; also says whether the bytes were already there (the read did not have to wait).
+async fn read_noting_wait(
+    src: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> io::Result<(usize, bool)> {
+    let mut waited = false;
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                waited = true;
+                Poll::Pending
+            }
+            Poll::Ready(r) => Poll::Ready(r.map(|()| (rb.filled().len(), !waited))),
+        }
+    })
+    .await
 }
 
 /// Moves bytes from `src` to `dst` through a serialiser at `rate`, then a delay line of `delay`. Ends (shutting
@@ -180,14 +204,14 @@ async fn pump(
     // side stops reading, and then the serialiser stops too.
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
     let serialise = async move {
-        let mut line = Serialiser::new(rate);
+        let mut line = Serialiser::new(rate, Instant::now());
         let mut buf = vec![0u8; chunk];
         loop {
-            let n = match src.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let (n, backlogged) = match read_noting_wait(&mut src, &mut buf).await {
+                Ok((0, _)) | Err(_) => break,
+                Ok(r) => r,
             };
-            let sent = line.take(n, Instant::now());
+            let sent = line.take(n, Instant::now(), backlogged);
             sleep_until(sent).await;
             if tx.send((sent + delay, buf[..n].to_vec())).await.is_err() {
                 break;
@@ -213,17 +237,17 @@ mod tests {
     #[test]
     fn serialiser_spaces_chunks_at_the_rate() {
         let t0 = Instant::now();
-        let mut s = Serialiser::new(Some(1000.0));
-        assert_eq!(s.take(500, t0), t0 + Duration::from_millis(500));
+        let ms = Duration::from_millis;
+        let mut s = Serialiser::new(Some(1000.0), t0);
+        assert_eq!(s.take(500, t0, false), t0 + ms(500));
         // Handed over while the first is still leaving: queued behind it.
-        assert_eq!(
-            s.take(500, t0 + Duration::from_millis(100)),
-            t0 + Duration::from_secs(1)
-        );
-        // After an idle gap, no credit is banked beyond one chunk.
-        let later = t0 + Duration::from_secs(5);
-        assert_eq!(s.take(1000, later), later + Duration::from_secs(1));
-        assert_eq!(Serialiser::new(None).take(1 << 20, t0), t0);
+        assert_eq!(s.take(500, t0 + ms(100), true), t0 + ms(1000));
+        // Waiting bytes picked up 30 ms late: they still leave right after the previous ones.
+        assert_eq!(s.take(500, t0 + ms(1030), true), t0 + ms(1500));
+        // Bytes arriving on a link idle since 1.5 s: they start when they arrive, no credit banked.
+        let later = t0 + ms(5000);
+        assert_eq!(s.take(1000, later, false), later + ms(1000));
+        assert_eq!(Serialiser::new(None, t0).take(1 << 20, t0, true), t0);
     }
 
     #[test]

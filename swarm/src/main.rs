@@ -18,8 +18,8 @@
 //!
 //! # Emulation
 //! - **Links** are shaped in userspace, not with `tc netem` (which needs root and network namespaces this machine
-//!   does not give): each volunteer's TCP stream is put behind a pump that serialises bytes at the link rate (a
-//!   token bucket of ~2 ms of rate) and then holds them for the one-way delay, in both directions (`link.rs`).
+//!   does not give): each volunteer's TCP stream is put behind a pump that serialises bytes at the link rate (chunks
+//!   of ~2 ms; a backlog is not slowed by the pump waking late) and then holds them for the one-way delay, in both directions (`link.rs`).
 //!   `home` is 10 Mbit/s up, 50 down, 25 ms one way; `mobile` 2 up, 10 down, 60 ms; `lan` is loopback as is. The TCP
 //!   underneath runs on loopback, so TCP's own slow start and loss behaviour are not emulated.
 //! - **Device speed**: each volunteer draws a log-normal slow-down factor with the 5th percentile at 1× and the 95th
@@ -72,7 +72,7 @@ struct Cli {
     #[arg(long, default_value_t = 0.90)]
     target: f32,
     /// Wall-clock cap per scenario, seconds.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 300)]
     cap_s: u64,
     /// Percent of the connected volunteers leaving (and replaced) per minute.
     #[arg(long, default_value_t = 5.0)]

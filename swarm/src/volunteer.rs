@@ -157,10 +157,10 @@ async fn session(
             }
             Err(e) => return Err(e.into()),
         };
-        if let (Ok(mut slot), Some(t)) = (shared.token.lock(), session.token()) {
-            if slot.is_none() {
-                *slot = Some(t.to_string());
-            }
+        if let (Ok(mut slot), Some(t)) = (shared.token.lock(), session.token())
+            && slot.is_none()
+        {
+            *slot = Some(t.to_string());
         }
         let computed = session.stats().leases > leases;
         let mut stretch = Duration::ZERO;

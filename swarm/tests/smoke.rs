@@ -1,6 +1,7 @@
 //! Smoke tests of the swarm benchmark's parts: the link shaper's rate and delay on a bounded local transfer, and a
 //! tiny scenario (4 volunteers on the lan link against the real coordinator binary) to a low target.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -9,8 +10,12 @@ use starling_swarm::coordinator::{Launch, default_repo};
 use starling_swarm::link::{Link, shape};
 use starling_swarm::scenario::{self, Options};
 
+/// The shaper's timing test must not share the two cores with the training test's coordinator and volunteers.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[tokio::test]
 async fn the_shaper_keeps_rate_and_delay() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     const BYTES: usize = 512 * 1024;
@@ -67,6 +72,7 @@ fn starling_bin() -> std::path::PathBuf {
 
 #[test]
 fn four_volunteers_on_lan_train_and_are_metered() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let repo = default_repo();
     let opts = Options {
         launch: Launch {
