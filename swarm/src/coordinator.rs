@@ -118,6 +118,9 @@ impl Coordinator {
             .http_status_as_error(false)
             .build()
             .into();
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((child.id(), dir.clone()));
         let mut me = Self {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -184,6 +187,24 @@ impl Drop for Coordinator {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
+        let pid = self.child.id();
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(p, _)| *p != pid);
+    }
+}
+
+/// Coordinators running now (pid, temporary directory), so [`kill_all`] can clean up after an interrupt.
+static LIVE: std::sync::Mutex<Vec<(u32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills every running coordinator and removes its directory: for a Ctrl-C or SIGTERM, where no `Drop` runs.
+pub fn kill_all() {
+    let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for (pid, dir) in live {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        let _ = fs::remove_dir_all(dir);
     }
 }
 

@@ -109,12 +109,45 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    clean_up_on_interrupt();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// On Ctrl-C or SIGTERM: kill the coordinators and remove their directories, then exit (no `Drop` runs then).
+fn clean_up_on_interrupt() {
+    let watcher = std::thread::Builder::new()
+        .name("swarm-signals".into())
+        .spawn(|| {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                eprintln!("swarm: interrupted; stopping the coordinator");
+                starling_swarm::coordinator::kill_all();
+                std::process::exit(130);
+            });
+        });
+    if let Err(e) = watcher {
+        eprintln!("swarm: no signal handler ({e}); an interrupt may leave a coordinator running");
     }
 }
 
