@@ -91,13 +91,9 @@ pub async fn download(
             (j.spec.clone(), j.step, acc, j.params().to_vec())
         }
         "best" => {
-            let spec = app
-                .state()
-                .job(id)
-                .map(|j| j.spec.clone())
-                .ok_or_else(|| {
-                    ApiError::new(StatusCode::NOT_FOUND, "not_found", "job not found")
-                })?;
+            let spec = app.state().job(id).map(|j| j.spec.clone()).ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "job not found")
+            })?;
             let (step, acc, params) = app.store.load_best(id).await?.ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,
