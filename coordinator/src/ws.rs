@@ -27,8 +27,10 @@ use starling_core::protocol::{
 use crate::App;
 use crate::scheduler::{ConnId, Outbound, frame_message};
 
-/// tungstenite's default 128 KiB read buffer stays resident per idle socket; 4 KiB keeps ~6 KiB per connection.
-const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite allocates its read buffer up front and keeps it for the socket's life (its default is 128 KiB). It
+/// is also the most one read asks the socket for, so 1 KiB reads a 400 KB gradient in ~400 reads; measured
+/// (`cargo xtask bench swarm --idle 19000`) that is what keeps an idle connection under 8 KiB.
+const READ_BUFFER: usize = 1024;
 
 /// Upgrades `/ws` with buffer and size limits sized for many mostly idle workers.
 pub async fn upgrade(
@@ -367,18 +369,14 @@ async fn session(
 
     // Identity: a known token keeps its worker (and credits); anything else gets a new worker and token.
     let known = match &token {
-        Some(t) => app.store.worker_by_token_hash(&token_hash(t)).await,
+        Some(t) => Box::pin(app.store.worker_by_token_hash(&token_hash(t))).await,
         None => Ok(None),
     };
     let (row, token) = match known {
         Ok(Some(row)) => (row, token.unwrap_or_default()),
         Ok(None) => {
             let t = new_token();
-            match app
-                .store
-                .create_worker(&token_hash(&t), name.as_deref())
-                .await
-            {
+            match Box::pin(app.store.create_worker(&token_hash(&t), name.as_deref())).await {
                 Ok(row) => (row, t),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot create worker");
@@ -436,7 +434,7 @@ async fn session(
     tracing::info!(?backend, %adapter, ?platform, "worker connected");
     let read_failed = serve(stream, tx, conn, app).await;
     let fx = app.state().disconnect(conn);
-    app.apply(fx).await;
+    Box::pin(app.apply(fx)).await;
     tracing::info!("worker disconnected");
     read_failed
 }
@@ -531,6 +529,6 @@ async fn serve(
                 app.state().failed(conn, lease)
             }
         };
-        app.apply(fx).await;
+        Box::pin(app.apply(fx)).await;
     }
 }

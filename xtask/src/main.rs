@@ -16,6 +16,8 @@ commands:
   wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
   bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
   bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
+  bench swarm     emulated volunteers on lan/home/mobile links with churn (release; args after `swarm` go to it,
+                  e.g. `--idle 19000`; `--help` lists them)
   setup           install prerequisites only (apt packages when root, rustup target, npm packages)";
 
 fn main() -> ExitCode {
@@ -311,7 +313,20 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
             );
             run(Command::new("cargo").args(["run", "-p", "starling", "--example", "trust_bench"]))
         }
-        other => bail!("unknown benchmark {other:?}; available: kernels, trust"),
+        Some("swarm") => {
+            say("building starling and the swarm benchmark (release), then running it");
+            run(Command::new("cargo").args([
+                "build",
+                "--release",
+                "--bin",
+                "starling",
+                "--bin",
+                "starling-swarm",
+            ]))?;
+            run(Command::new(root().join("target/release/starling-swarm"))
+                .args(std::env::args().skip(3)))
+        }
+        other => bail!("unknown benchmark {other:?}; available: kernels, trust, swarm"),
     }
 }
 

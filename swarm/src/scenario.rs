@@ -1,0 +1,247 @@
+//! One training scenario: a fresh coordinator with the demo job, N volunteers on one link profile with log-normal
+//! device speeds and churn, run until the held-out accuracy reaches the target or the time cap; and its figures.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use starling_core::rng::SplitMix64;
+
+use crate::coordinator::{Coordinator, Launch, usage};
+use crate::link::Link;
+use crate::volunteer::{Command, Handle, Shards, Spec};
+
+/// Knobs shared by every scenario of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub launch: Launch,
+    /// Held-out accuracy that ends a scenario.
+    pub target: f32,
+    /// Wall-clock cap per scenario.
+    pub cap: Duration,
+    /// Volunteers leaving (and as many joining) per minute, as a share of those connected.
+    pub churn_per_min: f64,
+    /// Share of leavers that vanish without closing.
+    pub vanish_share: f64,
+    /// Share of joiners that return with a departed volunteer's token.
+    pub return_share: f64,
+    /// Ratio of the 95th to the 5th percentile device slow-down (log-normal; the 5th percentile is 1×).
+    pub speed_spread: f64,
+    /// Volunteer shard threads.
+    pub threads: usize,
+    pub seed: u64,
+}
+
+/// A scenario's figures (the JSON line's fields, plus a few for the table).
+#[derive(Debug, Clone, Serialize)]
+pub struct Figures {
+    pub name: String,
+    pub mode: &'static str,
+    pub volunteers: usize,
+    /// `None` when the cap was hit first.
+    pub time_to_target_s: Option<f64>,
+    pub vs_lan: Option<f64>,
+    pub samples_per_s: f64,
+    pub utilisation: f64,
+    pub bytes_up_per_sample: f64,
+    pub bytes_down_per_sample: f64,
+    pub leases_lost: u64,
+    pub coord_cpu_share: f64,
+    pub coord_rss_mib: f64,
+    #[serde(skip)]
+    pub extra: Extra,
+}
+
+/// Table-only figures.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    pub wall_s: f64,
+    pub steps: u64,
+    pub accuracy: Option<f32>,
+    pub leases_expired: u64,
+    pub speculative: u64,
+    pub left: u64,
+    pub joined: u64,
+    /// Coordinator RSS growth per connected volunteer.
+    pub kib_per_conn: f64,
+    pub driver_cpu_share: f64,
+    pub errors: usize,
+    pub first_error: Option<String>,
+}
+
+struct Member {
+    handle: Handle,
+    joined: Instant,
+    left: Option<Instant>,
+}
+
+/// Log-normal slow-down with the 5th percentile at 1× and the 95th at `spread`×.
+fn slowdown(rng: &mut SplitMix64, spread: f64) -> f64 {
+    const Z95: f64 = 1.644_853_6;
+    let sigma = spread.max(1.0).ln() / (2.0 * Z95);
+    (sigma * Z95 + sigma * rng.normal()).exp().max(1.0)
+}
+
+/// Runs one scenario.
+pub fn run(name: &str, link: Link, volunteers: usize, opts: &Options) -> anyhow::Result<Figures> {
+    let coord = Coordinator::start(&opts.launch, name)?;
+    let job = coord.job(1).context("the demo job")?;
+    let global_batch = job.hyper.as_ref().map_or(128, |h| h.global_batch) as f64;
+    let base = coord.usage()?;
+    let me = std::process::id();
+    let driver0 = usage(me)?;
+    let mut rng = SplitMix64::new(opts.seed ^ (volunteers as u64) << 32 ^ name.len() as u64);
+    let mut shards = Shards::start(opts.threads)?;
+    let mut members: Vec<Member> = Vec::new();
+    let mut next_index = 0u64;
+    let mut tokens: Vec<String> = Vec::new();
+    let mut join = |shards: &mut Shards, token: Option<String>, rng: &mut SplitMix64| {
+        let spec = Spec {
+            index: next_index,
+            coordinator: coord.addr,
+            link,
+            slowdown: slowdown(rng, opts.speed_spread),
+            token,
+        };
+        next_index += 1;
+        Member {
+            handle: shards.spawn(spec),
+            joined: Instant::now(),
+            left: None,
+        }
+    };
+
+    let t0 = Instant::now();
+    for _ in 0..volunteers {
+        members.push(join(&mut shards, None, &mut rng));
+    }
+    let (mut reached, mut last) = (None, job);
+    let (mut churn_due, mut left, mut joined) = (0.0f64, 0u64, 0u64);
+    let tick = Duration::from_millis(500);
+    let mut last_tick = t0;
+    while t0.elapsed() < opts.cap {
+        std::thread::sleep(tick);
+        match coord.job(1) {
+            Ok(j) => last = j,
+            Err(e) => eprintln!("swarm: polling the job: {e:#}"),
+        }
+        if last
+            .last_eval
+            .as_ref()
+            .is_some_and(|e| e.accuracy >= opts.target)
+        {
+            reached = Some(t0.elapsed());
+            break;
+        }
+        if last.status != "running" {
+            eprintln!("swarm: the job is {}, not running", last.status);
+            break;
+        }
+        // Churn: leavers at the set rate, each replaced at once by a newcomer or a returning volunteer.
+        let dt = last_tick.elapsed().as_secs_f64();
+        last_tick = Instant::now();
+        let mut live: Vec<usize> = (0..members.len())
+            .filter(|&i| members[i].left.is_none())
+            .collect();
+        churn_due += live.len() as f64 * opts.churn_per_min / 100.0 / 60.0 * dt;
+        while churn_due >= 1.0 && !live.is_empty() {
+            churn_due -= 1.0;
+            let victim = live.swap_remove(rng.below(live.len() as u64) as usize);
+            let m = &mut members[victim];
+            let how = if rng.next_f64() < opts.vanish_share {
+                Command::Vanish
+            } else {
+                Command::Close
+            };
+            let _ = m.handle.cmd.send(how);
+            m.left = Some(Instant::now());
+            if let Ok(Some(t)) = m.handle.shared.token.lock().map(|t| t.clone()) {
+                tokens.push(t);
+            }
+            left += 1;
+            let token = (rng.next_f64() < opts.return_share && !tokens.is_empty())
+                .then(|| tokens.swap_remove(rng.below(tokens.len() as u64) as usize));
+            members.push(join(&mut shards, token, &mut rng));
+            joined += 1;
+        }
+    }
+    let wall = reached.unwrap_or_else(|| t0.elapsed());
+    let end = Instant::now();
+    let used = coord.usage()?;
+    let driver1 = usage(me)?;
+    let (mut up, mut down, mut compute_ns, mut alive_ns, mut lost) =
+        (0u64, 0u64, 0u64, 0u128, 0u64);
+    let mut errors = Vec::new();
+    for m in &members {
+        let s = &m.handle.shared;
+        up += s.meter.up.load(Ordering::Relaxed);
+        down += s.meter.down.load(Ordering::Relaxed);
+        compute_ns += s.compute_ns.load(Ordering::Relaxed);
+        lost += s.lost.load(Ordering::Relaxed);
+        alive_ns += (m.left.unwrap_or(end) - m.joined).as_nanos();
+        if let Ok(Some(e)) = s.error.lock().map(|e| e.clone()) {
+            errors.push(e);
+        }
+    }
+    for m in &members {
+        let _ = m.handle.cmd.send(Command::End);
+    }
+    shards.join();
+    drop(coord);
+
+    let steps = last.step;
+    let samples = last.step as f64 * global_batch;
+    let secs = wall.as_secs_f64();
+    let per = |bytes: u64| {
+        if samples > 0.0 {
+            bytes as f64 / samples
+        } else {
+            0.0
+        }
+    };
+    Ok(Figures {
+        name: name.to_string(),
+        mode: "sync",
+        volunteers,
+        time_to_target_s: reached.map(|d| d.as_secs_f64()),
+        vs_lan: None,
+        samples_per_s: samples / secs,
+        utilisation: compute_ns as f64 / alive_ns.max(1) as f64,
+        bytes_up_per_sample: per(up),
+        bytes_down_per_sample: per(down),
+        leases_lost: lost,
+        coord_cpu_share: (used.cpu_s - base.cpu_s) / secs,
+        coord_rss_mib: used.peak_kib as f64 / 1024.0,
+        extra: Extra {
+            wall_s: secs,
+            steps,
+            accuracy: last.last_eval.as_ref().map(|e| e.accuracy),
+            leases_expired: last.counters.leases_expired,
+            speculative: last.counters.speculative_leases,
+            left,
+            joined,
+            kib_per_conn: used.rss_kib.saturating_sub(base.rss_kib) as f64
+                / volunteers.max(1) as f64,
+            driver_cpu_share: (driver1.cpu_s - driver0.cpu_s)
+                / end.duration_since(t0).as_secs_f64(),
+            errors: errors.len(),
+            first_error: errors.into_iter().next(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slowdowns_span_the_spread() {
+        let mut rng = SplitMix64::new(7);
+        let mut s: Vec<f64> = (0..20_000).map(|_| slowdown(&mut rng, 10.0)).collect();
+        s.sort_by(f64::total_cmp);
+        let p = |q: f64| s[(q * s.len() as f64) as usize];
+        assert!((p(0.05) - 1.0).abs() < 0.05, "p5 {}", p(0.05));
+        assert!((p(0.95) / p(0.05) - 10.0).abs() < 1.0, "p95 {}", p(0.95));
+    }
+}

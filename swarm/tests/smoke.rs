@@ -1,0 +1,112 @@
+//! Smoke tests of the swarm benchmark's parts: the link shaper's rate and delay on a bounded local transfer, and a
+//! tiny scenario (4 volunteers on the lan link against the real coordinator binary) to a low target.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use starling_swarm::coordinator::{Launch, default_repo};
+use starling_swarm::link::{Link, shape};
+use starling_swarm::scenario::{self, Options};
+
+/// The shaper's timing test must not share the two cores with the training test's coordinator and volunteers.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[test]
+fn the_shaper_keeps_rate_and_delay() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(shaped_transfer())
+}
+
+/// 512 KiB through a 2 MB/s, 20 ms link: 282 ms ± 10%, and nothing before the delay.
+async fn shaped_transfer() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    const BYTES: usize = 512 * 1024;
+    const RATE: f64 = 2.0e6;
+    let delay = Duration::from_millis(20);
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        let mut first = None;
+        while got < BYTES {
+            let n = s.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "early EOF after {got} bytes");
+            first.get_or_insert_with(Instant::now);
+            got += n;
+        }
+        anyhow::Ok((first, Instant::now()))
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut link = shape(
+        tcp,
+        Link {
+            up: Some(RATE),
+            down: None,
+            delay,
+        },
+    );
+    let started = Instant::now();
+    link.write_all(&vec![7u8; BYTES]).await?;
+    let (first, done) = receiver.await??;
+    let first = first.expect("bytes arrived").duration_since(started);
+    let total = done.duration_since(started).as_secs_f64();
+    let want = BYTES as f64 / RATE + delay.as_secs_f64();
+    assert!(
+        (total - want).abs() <= 0.1 * want,
+        "took {total:.3} s, want {want:.3} s ± 10%"
+    );
+    assert!(
+        first >= delay,
+        "first byte after {first:?}, before the delay"
+    );
+    Ok(())
+}
+
+/// The debug coordinator, which `cargo test --workspace` builds with the `starling` package's tests (so it matches
+/// this checkout), else a release one (`cargo build --release --bin starling`).
+fn starling_bin() -> std::path::PathBuf {
+    let repo = default_repo();
+    ["debug", "release"]
+        .iter()
+        .map(|p| repo.join("target").join(p).join("starling"))
+        .find(|p| p.exists())
+        .expect("build the coordinator first: cargo build --release --bin starling")
+}
+
+#[test]
+fn four_volunteers_on_lan_train_and_are_metered() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let repo = default_repo();
+    let opts = Options {
+        launch: Launch {
+            bin: starling_bin(),
+            repo,
+            demo: true,
+            max_conns_per_addr: 16,
+        },
+        // The first evaluation (step 25) clears this.
+        target: 0.5,
+        cap: Duration::from_secs(15),
+        churn_per_min: 0.0,
+        vanish_share: 0.5,
+        return_share: 0.5,
+        speed_spread: 10.0,
+        threads: 1,
+        seed: 1,
+    };
+    let f = scenario::run("lan", Link::LAN, 4, &opts)?;
+    assert_eq!(f.extra.errors, 0, "{:?}", f.extra.first_error);
+    assert!(f.time_to_target_s.is_some(), "target not reached: {f:?}");
+    assert!(f.extra.steps >= 25 && f.samples_per_s > 0.0, "{f:?}");
+    assert!(f.utilisation > 0.0 && f.utilisation < 1.0, "{f:?}");
+    // Every verified sample came down twice (R = 2) as 784 f32, and its gradient share went up twice.
+    assert!(f.bytes_down_per_sample > 2.0 * 784.0 * 4.0, "{f:?}");
+    assert!(f.bytes_up_per_sample > 0.0, "{f:?}");
+    Ok(())
+}
