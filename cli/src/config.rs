@@ -21,7 +21,7 @@ pub enum Command {
     Serve(ServeConfig),
     /// Run a native volunteer worker against a coordinator.
     Worker(WorkerArgs),
-    /// Train the demo MNIST job in this process (the single-machine reference for the distributed run).
+    /// Train the demo MNIST job (or, with `--model char-lm`, the Moby-Dick LM) in this process (the single-machine reference for the distributed run).
     Train(TrainArgs),
     /// Inspect the credit ledger (run on the coordinator host).
     #[command(subcommand)]
@@ -87,6 +87,8 @@ pub enum JobCommand {
     Resume { id: u64 },
     /// Cancel a job for good (its weights stay downloadable).
     Cancel { id: u64 },
+    /// Generate text from an LM job's latest checkpoint (or a local one) on the CPU.
+    Sample(crate::sample::SampleArgs),
     /// Download the job's weights as safetensors.
     Download {
         id: u64,
@@ -150,4 +152,9 @@ pub struct TrainArgs {
     /// Stop when held-out accuracy reaches this.
     #[arg(long)]
     pub target_accuracy: Option<f32>,
+    /// `mnist-mlp` (the demo job) or `char-lm` (the Moby-Dick language model, CPU only).
+    #[arg(long, default_value = "mnist-mlp")]
+    pub model: String,
+    #[command(flatten)]
+    pub lm: crate::lm::LmTrainArgs,
 }

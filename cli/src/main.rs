@@ -4,7 +4,9 @@
 
 mod client; // The coordinator's HTTP API over ureq, for `starling job`.
 mod config; // Flags and subcommands.
+mod lm; // `starling train --model char-lm`: the char-level LM in one process.
 mod owner; // `starling job ...`.
+mod sample; // `starling job sample`: text from an LM checkpoint.
 
 use std::process::ExitCode;
 
@@ -147,6 +149,17 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 /// Trains the demo job's schedule in this process on one engine: the reference the distributed run is compared with.
 async fn train(args: TrainArgs) -> anyhow::Result<()> {
     use starling_core::{ModelSpec, data, optim::Optimizer, schedule};
+    match args.model.as_str() {
+        "mnist-mlp" => {}
+        "char-lm" => {
+            anyhow::ensure!(
+                args.backend == "cpu",
+                "the char-level LM trains on the CPU backend only (--backend cpu)"
+            );
+            return lm::train(args.steps, &args.lm);
+        }
+        other => anyhow::bail!("unknown --model {other:?}: expected mnist-mlp or char-lm"),
+    }
     let backend: BackendChoice = args.backend.parse().map_err(anyhow::Error::msg)?;
     let device = Device::open(backend).await?;
     let all = data::mnist_from_dir(&args.mnist_dir).map_err(anyhow::Error::msg)?;

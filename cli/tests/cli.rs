@@ -245,3 +245,63 @@ print(json.dumps({"accuracy": acc, "step": int(meta["starling.step"]), "meta_acc
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// `starling job sample --checkpoint`: a tiny LM trained here on "abcd" repeated continues a prompt with the
+/// pattern at temperature 0 (so the binary loaded every tensor and the vocabulary), and a prompt character outside
+/// the vocabulary is refused with a message naming it.
+#[test]
+fn job_sample_continues_a_prompt_from_an_lm_checkpoint() -> anyhow::Result<()> {
+    use starling_core::optim::{Optimizer, OptimizerSpec};
+    use starling_core::transformer::export::{LmCheckpoint, to_safetensors};
+    use starling_core::transformer::{LmSpec, fast::Fast, forward_backward};
+    let spec = LmSpec {
+        vocab: 4,
+        context: 8,
+        width: 16,
+        heads: 2,
+        layers: 1,
+        tied: false,
+    };
+    let mut params = spec.init_params(3);
+    let mut opt = Optimizer::new(OptimizerSpec::default(), params.len());
+    // Windows at every phase of the pattern, so the model continues it once the window slides past the prompt.
+    let stream: Vec<u32> = (0..40).map(|i| i % 4).collect();
+    let ids: Vec<u32> = (0..4).flat_map(|s| stream[s..s + 8].to_vec()).collect();
+    let targets: Vec<u32> = (0..4).flat_map(|s| stream[s + 1..s + 9].to_vec()).collect();
+    for _ in 0..150 {
+        let out = forward_backward(&Fast, &spec, &params, &ids, &targets, 4, 8)?;
+        opt.step(&mut params, &out.grad);
+    }
+    let dir = temp_dir("lm-sample");
+    let file = dir.join("lm.safetensors");
+    let ck = LmCheckpoint {
+        spec,
+        params,
+        vocab: Some(["a", "b", "c", "d"].map(String::from).to_vec()),
+        step: 150,
+    };
+    std::fs::write(&file, to_safetensors(&ck)?)?;
+    let path = file.to_string_lossy().to_string();
+    let text = starling(
+        &[
+            "job",
+            "sample",
+            "--checkpoint",
+            &path,
+            "--prompt",
+            "ab",
+            "--tokens",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        &[],
+    )?;
+    assert_eq!(text.trim_end(), "abcdabcdabcd");
+    let bad = Command::new(BIN)
+        .args(["job", "sample", "--checkpoint", &path, "--prompt", "abx"])
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("'x' is not in the vocabulary"));
+    Ok(())
+}

@@ -11,6 +11,8 @@ pub mod reference; // Plain-loop reference of every kernel and of the whole pass
 pub mod rng; // A tiny deterministic RNG so every platform initialises and shuffles identically.
 pub mod schedule; // Which rows form each step and micro-batch: a pure function of (seed, step).
 pub mod spec; // The declarative model spec, its flat parameter layout and deterministic initialisation.
+pub mod tokens; // Token datasets for LMs: the STK1 upload format, split by position, the Moby-Dick corpus.
+pub mod transformer; // Decoder-only transformer LMs: spec, layout, reference and fast CPU kernels, sampling.
 
 pub use spec::{Activation, LayerSpec, ModelSpec, SpecError};
 
