@@ -69,12 +69,14 @@ impl GpuEngine {
             softmax: SoftmaxXentKernel::new(ctx),
             col_sum: ColSumKernel::new(ctx),
         };
+        // Only dense stacks run on the GPU so far; other layer kinds are the CPU backend's (spec v2).
+        let layout = spec.dense_layout().ok_or(GpuError::Unsupported)?;
         let bytes = (spec.param_count() * 4) as u64;
         let params = transfer::storage(ctx, "params", bytes)?;
         let grad = transfer::storage(ctx, "grad", bytes)?;
         Ok(Self {
             ctx: ctx.clone(),
-            layout: spec.layout(),
+            layout,
             spec,
             kernels,
             params,
@@ -127,7 +129,7 @@ impl GpuEngine {
     /// Forward-only loss and accuracy over any number of rows (run in chunks).
     pub async fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalOutput, GpuError> {
         check_batch(&self.spec, x, labels)?;
-        let input = self.spec.input as usize;
+        let input = self.spec.input_len();
         let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
         let chunk = EVAL_CHUNK.min(limit / (4 * self.spec.max_width())).max(1);
         let (mut loss, mut correct) = (0.0f64, 0u32);
@@ -173,7 +175,7 @@ impl GpuEngine {
     fn build_plan(&self, rows: usize, train: bool) -> Result<Plan, GpuError> {
         let ctx = &self.ctx;
         let k = &self.kernels;
-        let input = self.spec.input as usize;
+        let input = self.spec.input_len();
         let classes = self.spec.classes();
         let widest_out = self
             .layout

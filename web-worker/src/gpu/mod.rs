@@ -25,6 +25,8 @@ use starling_core::reference::MatmulForm;
 pub enum GpuError {
     #[error("no WebGPU adapter is available: {0}")]
     NoAdapter(String),
+    #[error("the WGSL engine runs only dense models so far; use the CPU backend for this one")]
+    Unsupported,
     #[error("the adapter refused a device: {0}")]
     RequestDevice(String),
     #[error(transparent)]
