@@ -1,6 +1,7 @@
-//! `starling train --model char-lm`: the char-level Moby-Dick language model trained in this process on the fast
-//! CPU path, the single-process reference for the distributed LM job. Prints the held-out loss in nats per
-//! character and the time per step, optionally saves a checkpoint for `starling job sample`.
+//! `starling train --model char-lm`: the char-level Moby-Dick language model, as a layer-graph model spec, trained
+//! in this process on the CPU backend (`CpuEngine`, as a CPU worker runs it): the single-process reference for the
+//! distributed LM job. Prints the held-out loss in nats per character and the time per step, optionally saves a
+//! checkpoint for `starling job sample`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -8,11 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 
+use starling_core::cpu::CpuEngine;
 use starling_core::optim::{LrSchedule, Optimizer, OptimizerSpec};
 use starling_core::tokens::{self, TokenStream};
 use starling_core::transformer::export::{LmCheckpoint, to_safetensors};
-use starling_core::transformer::fast::Fast;
-use starling_core::transformer::{self as lm, LmSpec, sample};
+use starling_core::transformer::{LmSpec, sample};
 
 /// Flags of `starling train` that only the LM reads.
 #[derive(Debug, Clone, Args)]
@@ -46,24 +47,15 @@ pub struct LmTrainArgs {
     pub seed: u64,
 }
 
-/// Loss over the held-out windows starting at `starts`.
-fn held_out(
-    spec: &LmSpec,
-    params: &[f32],
-    test: &TokenStream,
-    starts: &[u32],
-) -> anyhow::Result<f32> {
+/// Token ids as the f32 features a layer-graph model reads.
+fn features(ids: &[u32]) -> Vec<f32> {
+    ids.iter().map(|&i| i as f32).collect()
+}
+
+/// Loss over the held-out windows starting at `starts` (the engine holds the current parameters).
+fn held_out(engine: &mut CpuEngine, test: &TokenStream, starts: &[u32]) -> anyhow::Result<f32> {
     let (ids, targets) = test.gather(starts);
-    let e = lm::evaluate(
-        &Fast,
-        spec,
-        params,
-        &ids,
-        &targets,
-        starts.len(),
-        test.context,
-    )?;
-    Ok(e.loss)
+    Ok(engine.evaluate(&features(&ids), &targets)?.loss)
 }
 
 pub fn train(steps: u64, args: &LmTrainArgs) -> anyhow::Result<()> {
@@ -75,7 +67,9 @@ pub fn train(steps: u64, args: &LmTrainArgs) -> anyhow::Result<()> {
         ..LmSpec::char_lm(ds.vocab_size)
     };
     spec.validate()?;
-    let mut params = spec.init_params(args.seed);
+    let graph = spec.model_spec();
+    let mut engine = CpuEngine::new(graph.clone());
+    let mut params = graph.init_params(args.seed);
     let mut opt = Optimizer::new(
         OptimizerSpec::Adam {
             lr: args.lr,
@@ -93,7 +87,7 @@ pub fn train(steps: u64, args: &LmTrainArgs) -> anyhow::Result<()> {
     let stride = all.len().div_ceil(args.eval_windows.max(1)).max(1);
     let interim: Vec<u32> = all.iter().step_by(stride).copied().collect();
     println!(
-        "training a char-level LM ({} blocks, {} heads, width {}, context {}, {} parameters, vocab {}) on the CPU: \
+        "training a char-level LM as a layer-graph spec on the CPU engine ({} blocks, {} heads, width {}, context {}, {} parameters, vocab {}): \
          {} train / {} held-out characters, batch {}",
         spec.layers,
         spec.heads,
@@ -112,15 +106,8 @@ pub fn train(steps: u64, args: &LmTrainArgs) -> anyhow::Result<()> {
         let starts = tokens::step_windows(train.windows(), args.batch, args.seed, step);
         let (ids, targets) = train.gather(&starts);
         let t0 = Instant::now();
-        let out = lm::forward_backward(
-            &Fast,
-            &spec,
-            &params,
-            &ids,
-            &targets,
-            args.batch,
-            train.context,
-        )?;
+        engine.load(&params)?;
+        let out = engine.step(&features(&ids), &targets)?;
         opt.step_scaled(
             &mut params,
             &out.grad,
@@ -131,7 +118,8 @@ pub fn train(steps: u64, args: &LmTrainArgs) -> anyhow::Result<()> {
         let done = step + 1;
         if done % args.eval_every.max(1) == 0 || done == steps {
             let last = done == steps;
-            let loss = held_out(&spec, &params, &test, if last { &all } else { &interim })?;
+            engine.load(&params)?;
+            let loss = held_out(&mut engine, &test, if last { &all } else { &interim })?;
             curve.push((done, loss));
             println!(
                 "step {done:>5}  train loss {:.4}  held-out {:.4} nats/char{}  {:.1} ms/step  {:.0}s",

@@ -13,34 +13,23 @@ use std::collections::BTreeMap;
 
 use safetensors::{Dtype, SafeTensors};
 
-use super::{LmSpec, MLP_RATIO};
+use super::{BlockLayout, LmSpec, MLP_RATIO};
 use crate::data::{DataError, TensorData, encode_safetensors};
 
 /// Every tensor of the layout: name, shape and offset in the flat buffer, in layout order.
 pub fn tensors(spec: &LmSpec) -> Vec<(String, Vec<usize>, usize)> {
     let l = spec.layout();
     let (v, t, c) = (spec.vocab as usize, spec.context as usize, spec.width());
-    let h = MLP_RATIO * c;
     let mut out = vec![
         ("tok_emb".to_string(), vec![v, c], l.tok),
         ("pos_emb".to_string(), vec![t, c], l.pos),
     ];
     for (i, b) in l.blocks.iter().enumerate() {
-        let name = |s: &str| format!("blocks.{i}.{s}");
-        out.extend([
-            (name("ln1.gamma"), vec![c], b.ln1_gamma),
-            (name("ln1.beta"), vec![c], b.ln1_beta),
-            (name("attn.qkv.weight"), vec![c, 3 * c], b.qkv_weight),
-            (name("attn.qkv.bias"), vec![3 * c], b.qkv_bias),
-            (name("attn.out.weight"), vec![c, c], b.out_weight),
-            (name("attn.out.bias"), vec![c], b.out_bias),
-            (name("ln2.gamma"), vec![c], b.ln2_gamma),
-            (name("ln2.beta"), vec![c], b.ln2_beta),
-            (name("mlp.fc.weight"), vec![c, h], b.fc_weight),
-            (name("mlp.fc.bias"), vec![h], b.fc_bias),
-            (name("mlp.proj.weight"), vec![h, c], b.proj_weight),
-            (name("mlp.proj.bias"), vec![c], b.proj_bias),
-        ]);
+        out.extend(
+            block_tensors(b, c)
+                .into_iter()
+                .map(|(name, shape, off)| (format!("blocks.{i}.{name}"), shape, off)),
+        );
     }
     out.push(("ln_f.gamma".to_string(), vec![c], l.lnf_gamma));
     out.push(("ln_f.beta".to_string(), vec![c], l.lnf_beta));
@@ -49,6 +38,25 @@ pub fn tensors(spec: &LmSpec) -> Vec<(String, Vec<usize>, usize)> {
         out.push(("head.bias".to_string(), vec![v], b));
     }
     out
+}
+
+/// One block's tensors as `(name, shape, offset)`, in layout order.
+pub fn block_tensors(b: &BlockLayout, c: usize) -> Vec<(&'static str, Vec<usize>, usize)> {
+    let h = MLP_RATIO * c;
+    vec![
+        ("ln1.gamma", vec![c], b.ln1_gamma),
+        ("ln1.beta", vec![c], b.ln1_beta),
+        ("attn.qkv.weight", vec![c, 3 * c], b.qkv_weight),
+        ("attn.qkv.bias", vec![3 * c], b.qkv_bias),
+        ("attn.out.weight", vec![c, c], b.out_weight),
+        ("attn.out.bias", vec![c], b.out_bias),
+        ("ln2.gamma", vec![c], b.ln2_gamma),
+        ("ln2.beta", vec![c], b.ln2_beta),
+        ("mlp.fc.weight", vec![c, h], b.fc_weight),
+        ("mlp.fc.bias", vec![h], b.fc_bias),
+        ("mlp.proj.weight", vec![h, c], b.proj_weight),
+        ("mlp.proj.bias", vec![c], b.proj_bias),
+    ]
 }
 
 /// A loaded checkpoint.

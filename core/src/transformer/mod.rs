@@ -17,6 +17,7 @@
 
 pub mod export; // LM checkpoints as safetensors: tensor names, shapes, the spec and vocabulary as metadata.
 pub mod fast; // The fast CPU kernels: SGEMM for every matmul, attention head by head.
+pub mod graph; // The transformer layers as layer-graph kinds: resolution, init, per-layer forward/backward.
 pub mod ops; // Embedding, positional embedding, layer norm, GELU, dense bias: forward and backward loops.
 pub mod reference; // Plain-loop kernels: the oracle the fast path and the GPU kernels are tested against.
 pub mod sample; // Text generation from a trained model (temperature sampling, seeded).
@@ -26,8 +27,9 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
-use crate::reference::{MatmulForm, softmax_xent};
-use crate::rng::SplitMix64;
+use crate::reference::{
+    MatmulForm, gelu_backward, gelu_forward, layer_norm_backward, layer_norm_forward, softmax_xent,
+};
 use crate::spec::{MAX_LAYERS, MAX_PARAMS};
 use crate::{EvalOutput, StepOutput};
 
@@ -143,6 +145,38 @@ pub struct LmLayout {
     pub total: usize,
 }
 
+impl BlockLayout {
+    /// Parameters of one block of width `c`: `12c² + 13c`.
+    pub fn len(c: usize) -> usize {
+        12 * c * c + 13 * c
+    }
+
+    /// The block's tensors laid out from `offset`, in the documented order.
+    pub fn at(offset: usize, c: usize) -> Self {
+        let h = MLP_RATIO * c;
+        let mut off = offset;
+        let mut take = |n: usize| {
+            let at = off;
+            off += n;
+            at
+        };
+        Self {
+            ln1_gamma: take(c),
+            ln1_beta: take(c),
+            qkv_weight: take(c * 3 * c),
+            qkv_bias: take(3 * c),
+            out_weight: take(c * c),
+            out_bias: take(c),
+            ln2_gamma: take(c),
+            ln2_beta: take(c),
+            fc_weight: take(c * h),
+            fc_bias: take(h),
+            proj_weight: take(h * c),
+            proj_bias: take(c),
+        }
+    }
+}
+
 impl LmSpec {
     /// The char-level Moby-Dick model of issue 13: 4 blocks, 4 heads, width 128, context 64, tied head (~0.8 M).
     pub fn char_lm(vocab: u32) -> Self {
@@ -203,34 +237,15 @@ impl LmSpec {
     /// [`LmSpec::validate`]) keeping them far from overflow.
     pub fn layout(&self) -> LmLayout {
         let (v, t, c) = (self.vocab as usize, self.context as usize, self.width());
-        let h = MLP_RATIO * c;
-        let mut off = 0usize;
-        let mut take = |n: usize| {
-            let at = off;
-            off += n;
-            at
-        };
-        let tok = take(v * c);
-        let pos = take(t * c);
-        let blocks = (0..self.layers)
-            .map(|_| BlockLayout {
-                ln1_gamma: take(c),
-                ln1_beta: take(c),
-                qkv_weight: take(c * 3 * c),
-                qkv_bias: take(3 * c),
-                out_weight: take(c * c),
-                out_bias: take(c),
-                ln2_gamma: take(c),
-                ln2_beta: take(c),
-                fc_weight: take(c * h),
-                fc_bias: take(h),
-                proj_weight: take(h * c),
-                proj_bias: take(c),
-            })
+        let (tok, pos) = (0, v * c);
+        let first_block = pos + t * c;
+        let blocks: Vec<BlockLayout> = (0..self.layers as usize)
+            .map(|i| BlockLayout::at(first_block + i * BlockLayout::len(c), c))
             .collect();
-        let lnf_gamma = take(c);
-        let lnf_beta = take(c);
-        let head = (!self.tied).then(|| (take(c * v), take(v)));
+        let lnf_gamma = first_block + blocks.len() * BlockLayout::len(c);
+        let lnf_beta = lnf_gamma + c;
+        let head = (!self.tied).then_some((lnf_beta + c, lnf_beta + c + c * v));
+        let total = lnf_beta + c + if self.tied { 0 } else { c * v + v };
         LmLayout {
             tok,
             pos,
@@ -238,7 +253,7 @@ impl LmSpec {
             lnf_gamma,
             lnf_beta,
             head,
-            total: off,
+            total,
         }
     }
 
@@ -257,35 +272,10 @@ impl LmSpec {
     }
 
     /// GPT-2 initialisation from `seed`: every weight and embedding `N(0, 0.02²)`, the residual projections
-    /// (`out_weight`, `proj_weight`) `N(0, (0.02 / √(2·layers))²)`, biases 0, layer-norm `γ = 1`, `β = 0`.
-    /// Identical on every platform.
+    /// (`out_weight`, `proj_weight`) `N(0, (0.02 / √(2·layers))²)`, biases 0, layer-norm `γ = 1`, `β = 0`, drawn
+    /// in layout order from one SplitMix64 stream — exactly what [`LmSpec::model_spec`]'s graph initialises.
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
-        let layout = self.layout();
-        let (v, t, c) = (self.vocab as usize, self.context as usize, self.width());
-        let h = MLP_RATIO * c;
-        let mut p = vec![0.0f32; layout.total];
-        let mut rng = SplitMix64::new(seed);
-        let mut normal = |dst: &mut [f32], std: f64| {
-            for w in dst {
-                *w = (rng.normal() * std) as f32;
-            }
-        };
-        let resid = INIT_STD / (2.0 * self.layers as f64).sqrt();
-        normal(&mut p[layout.tok..layout.tok + v * c], INIT_STD);
-        normal(&mut p[layout.pos..layout.pos + t * c], INIT_STD);
-        for b in &layout.blocks {
-            normal(&mut p[b.qkv_weight..b.qkv_weight + 3 * c * c], INIT_STD);
-            normal(&mut p[b.out_weight..b.out_weight + c * c], resid);
-            normal(&mut p[b.fc_weight..b.fc_weight + c * h], INIT_STD);
-            normal(&mut p[b.proj_weight..b.proj_weight + h * c], resid);
-            p[b.ln1_gamma..b.ln1_gamma + c].fill(1.0);
-            p[b.ln2_gamma..b.ln2_gamma + c].fill(1.0);
-        }
-        p[layout.lnf_gamma..layout.lnf_gamma + c].fill(1.0);
-        if let Some((w, _)) = layout.head {
-            normal(&mut p[w..w + c * v], INIT_STD);
-        }
-        p
+        self.model_spec().init_params(seed)
     }
 }
 
@@ -390,12 +380,12 @@ pub fn check_lm_batch(
     Ok(())
 }
 
-/// What one block's forward pass keeps for its backward pass.
-struct BlockCache {
+/// What one block's forward pass keeps for its backward pass (all `[N, ·]` row-major, `N = B·T`).
+#[derive(Debug, Clone)]
+pub struct BlockCache {
     /// Residual stream entering the block, `[N, C]`.
     x0: Vec<f32>,
-    ln1: ops::NormCache,
-    /// `layer_norm₁(x0)`, `[N, C]`.
+    /// `layer_norm₁(x0)`.
     h1: Vec<f32>,
     /// `[N, 3C]`.
     qkv: Vec<f32>,
@@ -403,9 +393,9 @@ struct BlockCache {
     probs: Vec<f32>,
     /// Heads' outputs concatenated, `[N, C]`.
     y: Vec<f32>,
-    /// Residual stream after the attention, `[N, C]`.
+    /// Residual stream after the attention sublayer.
     x1: Vec<f32>,
-    ln2: ops::NormCache,
+    /// `layer_norm₂(x1)`.
     h2: Vec<f32>,
     /// MLP pre-activation, `[N, 4C]`.
     u: Vec<f32>,
@@ -418,14 +408,13 @@ struct Forward {
     blocks: Vec<BlockCache>,
     /// Residual stream after the last block.
     xf: Vec<f32>,
-    lnf: ops::NormCache,
     hf: Vec<f32>,
     /// `[N, vocab]`.
     logits: Vec<f32>,
 }
 
 /// `y[N, out] = x[N, in]·W + b`.
-fn dense<K: Kernels>(
+pub fn dense<K: Kernels>(
     k: &K,
     x: &[f32],
     rows: usize,
@@ -440,9 +429,10 @@ fn dense<K: Kernels>(
     y
 }
 
-/// Backward of [`dense`]: adds `xᵀ·dy` to `dw` and `Σ_rows dy` to `db`; returns `dy·Wᵀ`.
+/// Backward of [`dense`]: adds `xᵀ·dy` to the weight gradient at `w_off` and `Σ_rows dy` to the bias gradient at
+/// `b_off` of `grad`; returns `dy·Wᵀ`.
 #[allow(clippy::too_many_arguments)] // the dense layer's operands and both gradient slices.
-fn dense_backward<K: Kernels>(
+pub fn dense_backward<K: Kernels>(
     k: &K,
     x: &[f32],
     dy: &[f32],
@@ -469,6 +459,272 @@ fn dense_backward<K: Kernels>(
     dx
 }
 
+/// Layer norm over rows of `C` values with `γ`, `β` at `(g, b)` of `p` (the reference's, so every backend
+/// normalises identically).
+pub fn norm(x: &[f32], p: &[f32], (g, b): (usize, usize), c: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    layer_norm_forward(x, &p[g..g + c], &p[b..b + c], c, LN_EPS, &mut y);
+    y
+}
+
+/// Backward of [`norm`]: adds the input gradient to `dx` and the `γ`, `β` gradients to `grad` at `(g, b)`.
+pub fn norm_backward(
+    x: &[f32],
+    p: &[f32],
+    (g, b): (usize, usize),
+    c: usize,
+    dy: &[f32],
+    dx: &mut [f32],
+    grad: &mut [f32],
+) {
+    let mut d = vec![0.0f32; x.len()];
+    let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+    layer_norm_backward(x, &p[g..g + c], dy, c, LN_EPS, &mut d, &mut dg, &mut db);
+    ops::add_into(dx, &d);
+    ops::add_into(&mut grad[g..g + c], &dg);
+    ops::add_into(&mut grad[b..b + c], &db);
+}
+
+/// One pre-norm block over the residual stream `x [B·T, C]`:
+/// `x1 = x + out(attn(qkv(layer_norm₁(x))))`, `y = x1 + proj(gelu(fc(layer_norm₂(x1))))`.
+pub fn block_forward<K: Kernels>(
+    k: &K,
+    b: &BlockLayout,
+    dims: AttnDims,
+    p: &[f32],
+    x: &[f32],
+) -> (Vec<f32>, BlockCache) {
+    let c = dims.width;
+    let hidden = MLP_RATIO * c;
+    let n = dims.batch * dims.seq;
+    let h1 = norm(x, p, (b.ln1_gamma, b.ln1_beta), c);
+    let qkv = dense(
+        k,
+        &h1,
+        n,
+        c,
+        3 * c,
+        &p[b.qkv_weight..b.qkv_weight + 3 * c * c],
+        &p[b.qkv_bias..b.qkv_bias + 3 * c],
+    );
+    let mut probs = vec![0.0f32; dims.probs_len()];
+    let mut y = vec![0.0f32; n * c];
+    k.attention_forward(dims, &qkv, &mut probs, &mut y);
+    let a = dense(
+        k,
+        &y,
+        n,
+        c,
+        c,
+        &p[b.out_weight..b.out_weight + c * c],
+        &p[b.out_bias..b.out_bias + c],
+    );
+    let mut x1 = x.to_vec();
+    ops::add_into(&mut x1, &a);
+    let h2 = norm(&x1, p, (b.ln2_gamma, b.ln2_beta), c);
+    let u = dense(
+        k,
+        &h2,
+        n,
+        c,
+        hidden,
+        &p[b.fc_weight..b.fc_weight + c * hidden],
+        &p[b.fc_bias..b.fc_bias + hidden],
+    );
+    let mut g = vec![0.0f32; u.len()];
+    gelu_forward(&u, &mut g);
+    let m = dense(
+        k,
+        &g,
+        n,
+        hidden,
+        c,
+        &p[b.proj_weight..b.proj_weight + hidden * c],
+        &p[b.proj_bias..b.proj_bias + c],
+    );
+    let mut out = x1.clone();
+    ops::add_into(&mut out, &m);
+    let cache = BlockCache {
+        x0: x.to_vec(),
+        h1,
+        qkv,
+        probs,
+        y,
+        x1,
+        h2,
+        u,
+        g,
+    };
+    (out, cache)
+}
+
+/// Backward of [`block_forward`]: adds the block's parameter gradients to `grad` and returns `∂loss/∂x` given
+/// `dy = ∂loss/∂y`. Both residual paths carry `dy` straight through.
+pub fn block_backward<K: Kernels>(
+    k: &K,
+    b: &BlockLayout,
+    dims: AttnDims,
+    p: &[f32],
+    cache: &BlockCache,
+    dy: &[f32],
+    grad: &mut [f32],
+) -> Vec<f32> {
+    let c = dims.width;
+    let hidden = MLP_RATIO * c;
+    let n = dims.batch * dims.seq;
+    let mut dx = dy.to_vec();
+    let dg = dense_backward(
+        k,
+        &cache.g,
+        dy,
+        n,
+        hidden,
+        c,
+        &p[b.proj_weight..b.proj_weight + hidden * c],
+        grad,
+        (b.proj_weight, b.proj_bias),
+    );
+    let mut du = vec![0.0f32; dg.len()];
+    gelu_backward(&cache.u, &dg, &mut du);
+    let dh2 = dense_backward(
+        k,
+        &cache.h2,
+        &du,
+        n,
+        c,
+        hidden,
+        &p[b.fc_weight..b.fc_weight + c * hidden],
+        grad,
+        (b.fc_weight, b.fc_bias),
+    );
+    norm_backward(
+        &cache.x1,
+        p,
+        (b.ln2_gamma, b.ln2_beta),
+        c,
+        &dh2,
+        &mut dx,
+        grad,
+    );
+    // dx is now ∂loss/∂x1; x1 = x0 + out(attn(qkv(ln1(x0)))).
+    let dyh = dense_backward(
+        k,
+        &cache.y,
+        &dx,
+        n,
+        c,
+        c,
+        &p[b.out_weight..b.out_weight + c * c],
+        grad,
+        (b.out_weight, b.out_bias),
+    );
+    let mut dqkv = vec![0.0f32; n * 3 * c];
+    k.attention_backward(dims, &cache.qkv, &cache.probs, &dyh, &mut dqkv);
+    let dh1 = dense_backward(
+        k,
+        &cache.h1,
+        &dqkv,
+        n,
+        c,
+        3 * c,
+        &p[b.qkv_weight..b.qkv_weight + 3 * c * c],
+        grad,
+        (b.qkv_weight, b.qkv_bias),
+    );
+    norm_backward(
+        &cache.x0,
+        p,
+        (b.ln1_gamma, b.ln1_beta),
+        c,
+        &dh1,
+        &mut dx,
+        grad,
+    );
+    dx
+}
+
+/// The LM head: `logits [N, V] = h·tokᵀ` (tied, `table` the `[V, C]` embedding) or `h·W + b` (untied, `W [C, V]`
+/// at `head.0`, `b` at `head.1`).
+pub fn head_forward<K: Kernels>(
+    k: &K,
+    h: &[f32],
+    n: usize,
+    (c, v): (usize, usize),
+    p: &[f32],
+    table: usize,
+    head: Option<(usize, usize)>,
+) -> Vec<f32> {
+    match head {
+        None => {
+            let mut z = vec![0.0f32; n * v];
+            k.matmul(
+                MatmulForm::ABt,
+                n,
+                c,
+                v,
+                h,
+                &p[table..table + v * c],
+                false,
+                &mut z,
+            );
+            z
+        }
+        Some((w, bias)) => dense(k, h, n, c, v, &p[w..w + c * v], &p[bias..bias + v]),
+    }
+}
+
+/// Backward of [`head_forward`]: adds the head's gradients to `grad` (tied: `dlogitsᵀ·h` to the embedding table)
+/// and returns `∂loss/∂h`.
+#[allow(clippy::too_many_arguments)] // the head's operands, its gradient and where its parameters sit.
+pub fn head_backward<K: Kernels>(
+    k: &K,
+    h: &[f32],
+    dz: &[f32],
+    n: usize,
+    (c, v): (usize, usize),
+    p: &[f32],
+    table: usize,
+    head: Option<(usize, usize)>,
+    grad: &mut [f32],
+) -> Vec<f32> {
+    match head {
+        None => {
+            k.matmul(
+                MatmulForm::AtB,
+                v,
+                n,
+                c,
+                dz,
+                h,
+                true,
+                &mut grad[table..table + v * c],
+            );
+            let mut d = vec![0.0f32; n * c];
+            k.matmul(
+                MatmulForm::AB,
+                n,
+                v,
+                c,
+                dz,
+                &p[table..table + v * c],
+                false,
+                &mut d,
+            );
+            d
+        }
+        Some((w, bias)) => dense_backward(k, h, dz, n, c, v, &p[w..w + c * v], grad, (w, bias)),
+    }
+}
+
+fn dims_of(spec: &LmSpec, batch: usize, seq: usize) -> AttnDims {
+    AttnDims {
+        batch,
+        seq,
+        width: spec.width(),
+        heads: spec.heads as usize,
+    }
+}
+
 fn forward<K: Kernels>(
     k: &K,
     spec: &LmSpec,
@@ -479,115 +735,20 @@ fn forward<K: Kernels>(
 ) -> Forward {
     let l = spec.layout();
     let (c, v) = (spec.width(), spec.vocab as usize);
-    let hidden = MLP_RATIO * c;
-    let n = batch * seq;
-    let dims = AttnDims {
-        batch,
-        seq,
-        width: c,
-        heads: spec.heads as usize,
-    };
+    let dims = dims_of(spec, batch, seq);
     let mut x = ops::embed(ids, &p[l.tok..l.tok + v * c], c);
     ops::add_positional(&mut x, &p[l.pos..l.pos + seq * c], seq);
     let mut blocks = Vec::with_capacity(l.blocks.len());
     for b in &l.blocks {
-        let (h1, ln1) = ops::layer_norm(
-            &x,
-            &p[b.ln1_gamma..b.ln1_gamma + c],
-            &p[b.ln1_beta..b.ln1_beta + c],
-            LN_EPS,
-        );
-        let qkv = dense(
-            k,
-            &h1,
-            n,
-            c,
-            3 * c,
-            &p[b.qkv_weight..b.qkv_weight + 3 * c * c],
-            &p[b.qkv_bias..b.qkv_bias + 3 * c],
-        );
-        let mut probs = vec![0.0f32; dims.probs_len()];
-        let mut y = vec![0.0f32; n * c];
-        k.attention_forward(dims, &qkv, &mut probs, &mut y);
-        let a = dense(
-            k,
-            &y,
-            n,
-            c,
-            c,
-            &p[b.out_weight..b.out_weight + c * c],
-            &p[b.out_bias..b.out_bias + c],
-        );
-        let x0 = x.clone();
-        ops::add_into(&mut x, &a);
-        let (h2, ln2) = ops::layer_norm(
-            &x,
-            &p[b.ln2_gamma..b.ln2_gamma + c],
-            &p[b.ln2_beta..b.ln2_beta + c],
-            LN_EPS,
-        );
-        let u = dense(
-            k,
-            &h2,
-            n,
-            c,
-            hidden,
-            &p[b.fc_weight..b.fc_weight + c * hidden],
-            &p[b.fc_bias..b.fc_bias + hidden],
-        );
-        let g = ops::gelu(&u);
-        let m = dense(
-            k,
-            &g,
-            n,
-            hidden,
-            c,
-            &p[b.proj_weight..b.proj_weight + hidden * c],
-            &p[b.proj_bias..b.proj_bias + c],
-        );
-        let x1 = x.clone();
-        ops::add_into(&mut x, &m);
-        blocks.push(BlockCache {
-            x0,
-            ln1,
-            h1,
-            qkv,
-            probs,
-            y,
-            x1,
-            ln2,
-            h2,
-            u,
-            g,
-        });
+        let (y, cache) = block_forward(k, b, dims, p, &x);
+        blocks.push(cache);
+        x = y;
     }
-    let (hf, lnf) = ops::layer_norm(
-        &x,
-        &p[l.lnf_gamma..l.lnf_gamma + c],
-        &p[l.lnf_beta..l.lnf_beta + c],
-        LN_EPS,
-    );
-    let logits = match l.head {
-        None => {
-            let mut z = vec![0.0f32; n * v];
-            k.matmul(
-                MatmulForm::ABt,
-                n,
-                c,
-                v,
-                &hf,
-                &p[l.tok..l.tok + v * c],
-                false,
-                &mut z,
-            );
-            z
-        }
-        Some((w, bias)) => dense(k, &hf, n, c, v, &p[w..w + c * v], &p[bias..bias + v]),
-    };
+    let hf = norm(&x, p, (l.lnf_gamma, l.lnf_beta), c);
+    let logits = head_forward(k, &hf, batch * seq, (c, v), p, l.tok, l.head);
     Forward {
         blocks,
         xf: x,
-        lnf,
         hf,
         logits,
     }
@@ -608,134 +769,25 @@ pub fn forward_backward<K: Kernels>(
     let p = params;
     let l = spec.layout();
     let (c, v) = (spec.width(), spec.vocab as usize);
-    let hidden = MLP_RATIO * c;
     let n = batch * seq;
-    let dims = AttnDims {
-        batch,
-        seq,
-        width: c,
-        heads: spec.heads as usize,
-    };
+    let dims = dims_of(spec, batch, seq);
     let f = forward(k, spec, p, ids, batch, seq);
     let mut grad = vec![0.0f32; p.len()];
     let mut dlogits = vec![0.0f32; n * v];
     let (loss, correct) = softmax_xent(&f.logits, targets, v, Some(&mut dlogits));
-    let dhf = match l.head {
-        None => {
-            // logits = hf·tokᵀ: d tok += dlogitsᵀ·hf, d hf = dlogits·tok.
-            k.matmul(
-                MatmulForm::AtB,
-                v,
-                n,
-                c,
-                &dlogits,
-                &f.hf,
-                true,
-                &mut grad[l.tok..l.tok + v * c],
-            );
-            let mut d = vec![0.0f32; n * c];
-            k.matmul(
-                MatmulForm::AB,
-                n,
-                v,
-                c,
-                &dlogits,
-                &p[l.tok..l.tok + v * c],
-                false,
-                &mut d,
-            );
-            d
-        }
-        Some((w, bias)) => dense_backward(
-            k,
-            &f.hf,
-            &dlogits,
-            n,
-            c,
-            v,
-            &p[w..w + c * v],
-            &mut grad,
-            (w, bias),
-        ),
-    };
+    let dhf = head_backward(k, &f.hf, &dlogits, n, (c, v), p, l.tok, l.head, &mut grad);
     let mut dx = vec![0.0f32; n * c];
-    ops::layer_norm_backward(
+    norm_backward(
         &f.xf,
-        &f.lnf,
-        &p[l.lnf_gamma..l.lnf_gamma + c],
+        p,
+        (l.lnf_gamma, l.lnf_beta),
+        c,
         &dhf,
         &mut dx,
         &mut grad,
-        (l.lnf_gamma, l.lnf_beta),
     );
     for (b, cache) in l.blocks.iter().zip(&f.blocks).rev() {
-        // x_out = x1 + proj(gelu(fc(ln2(x1)))): dx reaches x1 directly and through the MLP.
-        let dg = dense_backward(
-            k,
-            &cache.g,
-            &dx,
-            n,
-            hidden,
-            c,
-            &p[b.proj_weight..b.proj_weight + hidden * c],
-            &mut grad,
-            (b.proj_weight, b.proj_bias),
-        );
-        let du = ops::gelu_backward(&cache.u, &dg);
-        let dh2 = dense_backward(
-            k,
-            &cache.h2,
-            &du,
-            n,
-            c,
-            hidden,
-            &p[b.fc_weight..b.fc_weight + c * hidden],
-            &mut grad,
-            (b.fc_weight, b.fc_bias),
-        );
-        ops::layer_norm_backward(
-            &cache.x1,
-            &cache.ln2,
-            &p[b.ln2_gamma..b.ln2_gamma + c],
-            &dh2,
-            &mut dx,
-            &mut grad,
-            (b.ln2_gamma, b.ln2_beta),
-        );
-        // x1 = x0 + out(attn(qkv(ln1(x0)))).
-        let dy = dense_backward(
-            k,
-            &cache.y,
-            &dx,
-            n,
-            c,
-            c,
-            &p[b.out_weight..b.out_weight + c * c],
-            &mut grad,
-            (b.out_weight, b.out_bias),
-        );
-        let mut dqkv = vec![0.0f32; n * 3 * c];
-        k.attention_backward(dims, &cache.qkv, &cache.probs, &dy, &mut dqkv);
-        let dh1 = dense_backward(
-            k,
-            &cache.h1,
-            &dqkv,
-            n,
-            c,
-            3 * c,
-            &p[b.qkv_weight..b.qkv_weight + 3 * c * c],
-            &mut grad,
-            (b.qkv_weight, b.qkv_bias),
-        );
-        ops::layer_norm_backward(
-            &cache.x0,
-            &cache.ln1,
-            &p[b.ln1_gamma..b.ln1_gamma + c],
-            &dh1,
-            &mut dx,
-            &mut grad,
-            (b.ln1_gamma, b.ln1_beta),
-        );
+        dx = block_backward(k, b, dims, p, cache, &dx, &mut grad);
     }
     ops::positional_backward(&dx, seq, &mut grad[l.pos..l.pos + seq * c]);
     ops::embed_backward(ids, &dx, &mut grad[l.tok..l.tok + v * c]);

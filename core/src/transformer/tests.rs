@@ -4,6 +4,7 @@
 use super::fast::Fast;
 use super::reference::Reference;
 use super::*;
+use crate::rng::SplitMix64;
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a
@@ -423,4 +424,190 @@ fn sampling_is_seeded_and_respects_temperature() {
         sample::generate(&spec, &p, &[9], 1, 1.0, 7).is_err(),
         "a prompt outside the vocabulary is refused"
     );
+}
+
+fn as_features(ids: &[u32]) -> Vec<f32> {
+    ids.iter().map(|&i| i as f32).collect()
+}
+
+#[test]
+fn lm_spec_as_a_layer_graph_has_the_same_layout() {
+    for tied in [true, false] {
+        let spec = LmSpec {
+            vocab: 11,
+            context: 9,
+            width: 12,
+            heads: 3,
+            layers: 2,
+            tied,
+        };
+        let graph = spec.model_spec();
+        graph.validate().unwrap();
+        assert_eq!(graph.param_count(), spec.param_count());
+        assert_eq!(graph.classes(), 11);
+        assert_eq!(graph.labels_per_row(), 9);
+        assert_eq!(graph.token_vocab(), Some(11));
+        let l = spec.layout();
+        let plans = graph.plan();
+        assert!(matches!(plans[0].op, crate::spec::Op::Embedding { table, .. } if table == l.tok));
+        assert!(
+            matches!(plans[1].op, crate::spec::Op::PositionalEmbedding { table, .. } if table == l.pos)
+        );
+        assert!(
+            matches!(plans[3].op, crate::spec::Op::TransformerBlock { block, .. } if block == l.blocks[1])
+        );
+        assert!(
+            matches!(plans[4].op, crate::spec::Op::LayerNorm { gamma, .. } if gamma == l.lnf_gamma)
+        );
+        assert!(matches!(plans[5].op, crate::spec::Op::LmHead { head, .. } if head == l.head));
+        // The JSON form round-trips through the owner-facing parser.
+        let json = serde_json::to_string(&graph).unwrap();
+        assert!(
+            json.contains(r#""type":"transformer_block","heads":3"#),
+            "{json}"
+        );
+        assert_eq!(crate::ModelSpec::from_json(&json).unwrap(), graph);
+    }
+}
+
+#[test]
+fn graph_passes_match_the_composition_on_both_kernels() {
+    for (tied, heads, seq, batch) in [(true, 3, 17, 2), (false, 1, 17, 2), (true, 3, 1, 3)] {
+        let spec = LmSpec {
+            vocab: 11,
+            context: seq as u32,
+            width: 24,
+            heads,
+            layers: 2,
+            tied,
+        };
+        let graph = spec.model_spec();
+        let params = noisy_params(&spec, 6, 0.05);
+        let mut rng = SplitMix64::new(12);
+        let ids = tokens(batch * seq, spec.vocab, &mut rng);
+        let targets = tokens(batch * seq, spec.vocab, &mut rng);
+        let what = format!("tied {tied} heads {heads} seq {seq}");
+        let want =
+            forward_backward(&Reference, &spec, &params, &ids, &targets, batch, seq).unwrap();
+        let got = crate::reference::forward_backward(&graph, &params, &as_features(&ids), &targets)
+            .unwrap();
+        assert!(
+            (got.loss - want.loss).abs() < 1e-6 * want.loss.abs().max(1.0),
+            "{what}"
+        );
+        assert_eq!(got.correct, want.correct, "{what}");
+        assert!(
+            rel_l2(&got.grad, &want.grad) < 1e-6,
+            "reference graph {what}: {}",
+            rel_l2(&got.grad, &want.grad)
+        );
+        let mut engine = crate::cpu::CpuEngine::new(graph.clone());
+        engine.load(&params).unwrap();
+        let fast = engine.step(&as_features(&ids), &targets).unwrap();
+        assert!(
+            (fast.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0),
+            "{what}"
+        );
+        assert!(
+            rel_l2(&fast.grad, &want.grad) < 1e-4,
+            "cpu engine {what}: {}",
+            rel_l2(&fast.grad, &want.grad)
+        );
+        let e = engine.evaluate(&as_features(&ids), &targets).unwrap();
+        assert_eq!(e.rows, (batch * seq) as u32);
+        assert!((e.loss - want.loss).abs() < 1e-5, "{what}");
+    }
+}
+
+#[test]
+fn misplaced_transformer_layers_and_bad_token_batches_are_refused() {
+    use crate::{BatchError, ModelSpec, SpecError};
+    let bad = |json: &str| match ModelSpec::from_json(json).unwrap_err() {
+        SpecError::Layer {
+            layer,
+            kind,
+            reason,
+        } => format!("{layer} {kind}: {reason}"),
+        other => panic!("{other:?}"),
+    };
+    let e = bad(r#"{"input":[8],"layers":[{"type":"positional_embedding"},{"type":"lm_head"}]}"#);
+    assert!(
+        e.starts_with("0 positional_embedding") && e.contains("needs a sequence"),
+        "{e}"
+    );
+    let e = bad(
+        r#"{"input":[1,4,4],"layers":[{"type":"embedding","vocab":5,"width":8},{"type":"lm_head"}]}"#,
+    );
+    assert!(e.contains("row of token ids"), "{e}");
+    let e = bad(
+        r#"{"input":[8],"layers":[{"type":"embedding","vocab":5,"width":8},{"type":"transformer_block","heads":3},{"type":"lm_head"}]}"#,
+    );
+    assert!(
+        e.starts_with("1 transformer_block") && e.contains("heads must divide the width 8"),
+        "{e}"
+    );
+    let e = bad(
+        r#"{"input":[8],"layers":[{"type":"embedding","vocab":1,"width":8},{"type":"lm_head"}]}"#,
+    );
+    assert!(e.contains("vocab must be between 2"), "{e}");
+    let e = bad(r#"{"input":[1,4,4],"layers":[{"type":"flatten"},{"type":"lm_head"}]}"#);
+    assert!(e.starts_with("1 lm_head") && e.contains("sequence"), "{e}");
+    let e = bad(
+        r#"{"input":[8],"layers":[{"type":"embedding","vocab":5,"width":8},{"type":"dense","units":3}]}"#,
+    );
+    assert!(e.contains("dense needs a flat input"), "{e}");
+    // A classifier may not end in a transformer block: its logits come from dense or lm_head.
+    assert_eq!(
+        ModelSpec::from_json(
+            r#"{"input":[8],"layers":[{"type":"embedding","vocab":5,"width":8},{"type":"transformer_block","heads":2}]}"#
+        ),
+        Err(SpecError::LastActivation)
+    );
+    let spec = LmSpec {
+        vocab: 5,
+        context: 4,
+        width: 8,
+        heads: 2,
+        layers: 1,
+        tied: true,
+    }
+    .model_spec();
+    let p = spec.init_params(1);
+    let step =
+        |x: &[f32], y: &[u32]| crate::reference::forward_backward(&spec, &p, x, y).map(|_| ());
+    assert_eq!(step(&[0.0, 1.0, 4.0, 2.0], &[0, 0, 0, 0]), Ok(()));
+    assert_eq!(
+        step(&[0.0, 1.0, 5.0, 2.0], &[0; 4]),
+        Err(BatchError::TokenId {
+            row: 0,
+            position: 2,
+            value: 5.0,
+            vocab: 5
+        })
+    );
+    assert_eq!(
+        step(&[0.0, 1.0, 1.0, 2.0, 0.0, 0.5, 1.0, 1.0], &[0; 8]),
+        Err(BatchError::TokenId {
+            row: 1,
+            position: 1,
+            value: 0.5,
+            vocab: 5
+        })
+    );
+    assert_eq!(
+        step(&[0.0; 4], &[0; 3]),
+        Err(BatchError::LabelShape { got: 3, per_row: 4 })
+    );
+    assert_eq!(
+        step(&[0.0; 4], &[0, 0, 5, 0]),
+        Err(BatchError::LabelRange {
+            row: 0,
+            label: 5,
+            classes: 5
+        })
+    );
+    assert!(matches!(
+        step(&[0.0; 4], &[0; 8]),
+        Err(BatchError::FeatureShape { .. })
+    ));
 }
