@@ -1,5 +1,6 @@
 //! `starling job sample`: generates text from an LM checkpoint on the CPU — the job's latest checkpoint from the
-//! coordinator, or a local file written by `starling train --model char-lm --save` or `starling job download`.
+//! coordinator (its layer-graph export), or a local file written by `starling train --model char-lm --save` or
+//! `starling job download`. Text needs the vocabulary in the checkpoint's `starling.vocab` metadata.
 
 use std::path::PathBuf;
 

@@ -172,3 +172,40 @@ pub async fn download(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starling_core::transformer::LmSpec;
+    use starling_core::transformer::export::from_safetensors;
+
+    /// A language-model job's export is what `starling job sample ID` reads back: the same spec and parameters.
+    #[test]
+    fn an_lm_export_reads_back_as_an_lm_checkpoint() {
+        for tied in [true, false] {
+            let lm = LmSpec {
+                vocab: 9,
+                context: 5,
+                width: 8,
+                heads: 2,
+                layers: 2,
+                tied,
+            };
+            let spec = lm.model_spec();
+            let params: Vec<f32> = (0..spec.param_count()).map(|i| i as f32 * 0.5).collect();
+            let bytes = to_safetensors(JobId(3), &spec, 7, None, &params).expect("export");
+            let ck = from_safetensors(&bytes).expect("an LM checkpoint");
+            assert_eq!(ck.spec, lm);
+            assert_eq!(
+                ck.params, params,
+                "tied {tied}: every parameter lands where it came from"
+            );
+            assert_eq!(ck.step, 7);
+        }
+        // A classifier's export is not an LM checkpoint, and says so.
+        let mlp = ModelSpec::mnist_mlp();
+        let bytes =
+            to_safetensors(JobId(1), &mlp, 0, None, &vec![0.0; mlp.param_count()]).expect("export");
+        assert!(from_safetensors(&bytes).is_err());
+    }
+}

@@ -15,6 +15,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{BlockLayout, LmSpec, MLP_RATIO};
 use crate::data::{DataError, TensorData, encode_safetensors};
+use crate::spec::{ModelSpec, Op};
 
 /// Every tensor of the layout: name, shape and offset in the flat buffer, in layout order.
 pub fn tensors(spec: &LmSpec) -> Vec<(String, Vec<usize>, usize)> {
@@ -106,10 +107,22 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<LmCheckpoint, DataError> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let spec_json = meta
-        .get("starling.lm_spec")
-        .ok_or_else(|| bad("no starling.lm_spec metadata: not an LM checkpoint".into()))?;
-    let spec = LmSpec::from_json(spec_json).map_err(|e| bad(e.to_string()))?;
+    // Either our own LM checkpoint (`starling.lm_spec`, `tok_emb`, …) or a job export of the layer graph
+    // (`starling.spec`, `layers.{i}.…`, as `GET /jobs/{id}/checkpoint` writes it).
+    let (spec, names) = if let Some(json) = meta.get("starling.lm_spec") {
+        let spec = LmSpec::from_json(json).map_err(|e| bad(e.to_string()))?;
+        (spec, tensors(&spec))
+    } else if let Some(json) = meta.get("starling.spec") {
+        let graph = ModelSpec::from_json(json).map_err(|e| bad(e.to_string()))?;
+        let spec = LmSpec::from_model_spec(&graph).ok_or_else(|| {
+            bad("its model is not a language model (embedding, positional_embedding, transformer blocks, layer_norm, lm_head)".into())
+        })?;
+        (spec, graph_tensors(&graph))
+    } else {
+        return Err(bad(
+            "no starling.lm_spec or starling.spec metadata: not a Starling checkpoint".into(),
+        ));
+    };
     let vocab = match meta.get("starling.vocab") {
         Some(v) => Some(
             serde_json::from_str::<Vec<String>>(v)
@@ -122,7 +135,7 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<LmCheckpoint, DataError> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let mut params = vec![0.0f32; spec.param_count()];
-    for (name, shape, off) in tensors(&spec) {
+    for (name, shape, off) in names {
         let t = file
             .tensor(&name)
             .map_err(|_| DataError::Shape(format!("tensor `{name}` is missing")))?;
@@ -143,6 +156,27 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<LmCheckpoint, DataError> {
         vocab,
         step,
     })
+}
+
+/// The tensors a job export writes for a language-model graph: `layers.{i}.{suffix}` with the suffixes of
+/// [`super::graph::op_tensors`], and `layers.{i}.weight` / `.bias` for a `layer_norm`'s `γ` / `β`.
+pub fn graph_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>, usize)> {
+    let mut out = Vec::new();
+    for (i, p) in spec.plan().iter().enumerate() {
+        if let Some(list) = super::graph::op_tensors(&p.op) {
+            out.extend(
+                list.into_iter()
+                    .map(|(suffix, shape, off)| (format!("layers.{i}.{suffix}"), shape, off)),
+            );
+        } else if let Op::LayerNorm {
+            dim, gamma, beta, ..
+        } = p.op
+        {
+            out.push((format!("layers.{i}.weight"), vec![dim], gamma));
+            out.push((format!("layers.{i}.bias"), vec![dim], beta));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -35,6 +35,38 @@ impl LmSpec {
     }
 }
 
+impl LmSpec {
+    /// The shorthand of a layer-graph spec that has exactly [`LmSpec::model_spec`]'s shape (a job's LM), if any.
+    pub fn from_model_spec(graph: &ModelSpec) -> Option<Self> {
+        let context = match &graph.input {
+            Input::Shape(d) if d.len() == 1 => d[0],
+            Input::Features(n) => *n,
+            _ => return None,
+        };
+        let (vocab, width) = match graph.layers.first()? {
+            Layer::Embedding { vocab, width } => (*vocab, *width),
+            _ => return None,
+        };
+        let heads = match graph.layers.get(2)? {
+            Layer::TransformerBlock { heads } => *heads,
+            _ => return None,
+        };
+        let tied = match graph.layers.last()? {
+            Layer::LmHead { tied } => *tied,
+            _ => return None,
+        };
+        let spec = Self {
+            vocab,
+            context,
+            width,
+            heads,
+            layers: graph.layers.len().checked_sub(4)? as u32,
+            tied,
+        };
+        (spec.validate().is_ok() && spec.model_spec() == *graph).then_some(spec)
+    }
+}
+
 /// Resolves one transformer layer kind against its input `shape` with its parameters from `offset`; `before` are
 /// the layers already resolved (an `lm_head` predicts its model's embedding vocabulary). Returns the op, the
 /// output shape and the parameter count, or the reason the layer does not fit.

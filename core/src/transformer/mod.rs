@@ -335,6 +335,16 @@ pub trait Kernels {
         dy: &[f32],
         dqkv: &mut [f32],
     );
+
+    /// `y = gelu(x)`, tanh form (the reference's f64 loop unless a backend has a faster one).
+    fn gelu_forward(&self, x: &[f32], y: &mut [f32]) {
+        gelu_forward(x, y);
+    }
+
+    /// `dx = dy · gelu'(x)`.
+    fn gelu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        gelu_backward(x, dy, dx);
+    }
 }
 
 /// Checks ids (and targets, when given) against a spec once, so the composition can trust them.
@@ -532,7 +542,7 @@ pub fn block_forward<K: Kernels>(
         &p[b.fc_bias..b.fc_bias + hidden],
     );
     let mut g = vec![0.0f32; u.len()];
-    gelu_forward(&u, &mut g);
+    k.gelu_forward(&u, &mut g);
     let m = dense(
         k,
         &g,
@@ -585,7 +595,7 @@ pub fn block_backward<K: Kernels>(
         (b.proj_weight, b.proj_bias),
     );
     let mut du = vec![0.0f32; dg.len()];
-    gelu_backward(&cache.u, &dg, &mut du);
+    k.gelu_backward(&cache.u, &dg, &mut du);
     let dh2 = dense_backward(
         k,
         &cache.h2,

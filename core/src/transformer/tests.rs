@@ -611,3 +611,29 @@ fn misplaced_transformer_layers_and_bad_token_batches_are_refused() {
         Err(BatchError::FeatureShape { .. })
     ));
 }
+
+#[test]
+fn fast_gelu_matches_the_reference_across_its_range() {
+    let x: Vec<f32> = (-4000..=4000)
+        .map(|i| i as f32 * 0.005)
+        .chain([-1e4, -60.0, 60.0, 1e4, 0.0])
+        .collect();
+    let dy: Vec<f32> = x.iter().map(|v| 1.0 + 0.1 * v.sin()).collect();
+    let (mut want, mut got) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    Reference.gelu_forward(&x, &mut want);
+    Fast.gelu_forward(&x, &mut got);
+    for ((w, g), v) in want.iter().zip(&got).zip(&x) {
+        assert!(
+            (w - g).abs() <= 1e-6 * (1.0 + w.abs()),
+            "gelu({v}): {g} vs {w}"
+        );
+    }
+    Reference.gelu_backward(&x, &dy, &mut want);
+    Fast.gelu_backward(&x, &dy, &mut got);
+    for ((w, g), v) in want.iter().zip(&got).zip(&x) {
+        assert!(
+            (w - g).abs() <= 1e-5 * (1.0 + w.abs()),
+            "gelu'({v}): {g} vs {w}"
+        );
+    }
+}
