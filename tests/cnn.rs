@@ -212,3 +212,40 @@ async fn a_cnn_job_trains_on_native_workers_and_exports_its_layers() -> anyhow::
     }
     Ok(())
 }
+
+/// `serve --demo --demo-cnn`: both demo jobs, on one stored copy of the digits, the CNN with its documented size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_demo_cnn_offers_the_cnn_job_beside_the_mlp() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = TempDir::new("demo-cnn");
+    let mut config = ServeConfig::for_tests(dir.db());
+    (config.demo, config.demo_cnn) = (true, true);
+    let server = Server::start(config).await?;
+    // The listener is bound before the demo jobs are created; the first answer comes once they are.
+    let (status, _) = server.get("/api/v1/jobs").await?;
+    assert_eq!(status, 200);
+    let token = std::fs::read_to_string(dir.db().with_extension("demo-token"))?;
+    let (status, jobs) = server.get_as(token.trim(), "/api/v1/jobs").await?;
+    assert_eq!(status, 200, "{jobs}");
+    let jobs = jobs.as_array().expect("a list");
+    let by_name = |name: &str| jobs.iter().find(|j| j["name"] == name).expect(name);
+    let (mlp, cnn) = (
+        by_name(starling_coordinator::DEMO_JOB),
+        by_name(starling_coordinator::DEMO_CNN_JOB),
+    );
+    assert_eq!(mlp["param_count"], 101_770);
+    assert_eq!(cnn["param_count"], 215_370);
+    assert_eq!(
+        (cnn["train_rows"].as_u64(), cnn["test_rows"].as_u64()),
+        (Some(8000), Some(2000))
+    );
+    assert_eq!(cnn["spec"]["input"], serde_json::json!([1, 28, 28]));
+    assert_eq!(cnn["hyper"]["global_batch"], 64);
+    let (_, datasets) = server.get_as(token.trim(), "/api/v1/datasets").await?;
+    assert_eq!(
+        datasets.as_array().map(Vec::len),
+        Some(1),
+        "one stored copy of the digits: {datasets}"
+    );
+    server.stop().await
+}
