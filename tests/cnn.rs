@@ -1,6 +1,7 @@
 //! A CNN job through the owner API: upload an image dataset, create a job with a spec v2 layer graph (bad specs
-//! refused with the layer named), train it with native CPU workers, check every result was accepted, and download
-//! the checkpoint with each layer's tensors in their documented shapes.
+//! refused with the layer named), train it with native CPU workers and one liar, check the coordinator's own CPU
+//! recomputation (arbitration and audits) accepts every honest result and strikes the liar, and download the
+//! checkpoint with each layer's tensors in their documented shapes.
 
 use std::time::Duration;
 
@@ -67,7 +68,7 @@ async fn a_cnn_job_trains_on_native_workers_and_exports_its_layers() -> anyhow::
     let spec: serde_json::Value = serde_json::from_str(SPEC)?;
     let job = |spec: &serde_json::Value| {
         serde_json::json!({"name": "blobs-cnn", "spec": spec, "dataset": dataset, "hyper": {
-            "global_batch": 32, "micro_batch": 16, "steps": 40, "eval_every": 10,
+            "global_batch": 32, "micro_batch": 16, "steps": 40, "eval_every": 10, "audit": 1.0,
             "optimizer": {"kind": "adam", "lr": 0.01}}})
         .to_string()
     };
@@ -128,7 +129,7 @@ async fn a_cnn_job_trains_on_native_workers_and_exports_its_layers() -> anyhow::
         created["param_count"],
         140 + 10 + 322 + 16 * 7 + 16 + 32 + 51
     );
-    let workers: Vec<_> = (0..2)
+    let honest: Vec<_> = (0..2)
         .map(|i| {
             spawn_worker(
                 server.ws_url(),
@@ -140,14 +141,31 @@ async fn a_cnn_job_trains_on_native_workers_and_exports_its_layers() -> anyhow::
             )
         })
         .collect();
+    // A liar sends the negated gradient: only the coordinator's recomputation of the CNN can tell who is right.
+    let liar = spawn_worker(
+        server.ws_url(),
+        BackendChoice::Cpu,
+        "liar",
+        None,
+        None,
+        Some(Box::new(|out: &mut starling_core::StepOutput| {
+            out.grad.iter_mut().for_each(|g| *g = -*g)
+        })),
+    );
     let done = server
         .wait_job(id, Duration::from_secs(120), |j| j["status"] == "completed")
         .await?;
     let counters = &done["counters"];
-    assert_eq!(counters["results_rejected"], 0, "{counters}");
-    assert_eq!(counters["disagreements"], 0, "{counters}");
     assert!(
-        counters["results_accepted"].as_u64().expect("accepted") >= 2 * 40 * 2,
+        counters["results_rejected"].as_u64() >= Some(1),
+        "the liar was struck: {counters}"
+    );
+    assert!(counters["arbitrations"].as_u64() >= Some(1), "{counters}");
+    // With `audit: 1`, every micro-batch the honest pair settled alone was recomputed too, and none failed.
+    assert!(counters["audits"].as_u64() >= Some(40), "{counters}");
+    assert_eq!(counters["audit_failures"], 0, "{counters}");
+    assert!(
+        counters["micro_batches_accepted"].as_u64() >= Some(2 * 40),
         "{counters}"
     );
     let accuracy = done["best_test_accuracy"].as_f64().expect("evaluated");
@@ -207,9 +225,21 @@ async fn a_cnn_job_trains_on_native_workers_and_exports_its_layers() -> anyhow::
         .collect();
     assert!(gamma.iter().any(|g| (g - 1.0).abs() > 1e-3), "{gamma:?}");
     server.stop().await?;
-    for w in workers {
-        let _ = w.join();
+    for w in honest {
+        let report = w.join().expect("worker thread")?;
+        assert_eq!(
+            report.stats.rejected, 0,
+            "an honest CNN result was rejected: {:?}",
+            report.stats
+        );
+        assert!(report.stats.accepted > 0);
     }
+    let report = liar.join().expect("worker thread")?;
+    assert!(
+        report.stats.rejected >= 1 && report.stats.accepted == 0,
+        "{:?}",
+        report.stats
+    );
     Ok(())
 }
 
