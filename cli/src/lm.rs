@@ -17,6 +17,7 @@ use starling_core::transformer::{LmSpec, sample};
 
 /// Flags of `starling train` that only the LM reads.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Language model (--model char-lm)")]
 pub struct LmTrainArgs {
     /// The corpus text (char-level; the last 10% is held out).
     #[arg(long, default_value = tokens::MOBY_DICK_PATH)]
