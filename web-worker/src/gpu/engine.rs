@@ -3,14 +3,11 @@
 
 use std::collections::HashMap;
 
-use starling_core::reference::MatmulForm;
 use starling_core::spec::LayerLayout;
 use starling_core::{Activation, BatchError, EvalOutput, ModelSpec, StepOutput, check_batch};
 
-use super::kernels::{
-    ActBackwardKernel, BiasActKernel, ColSumKernel, MatmulKernel, MatmulParams, STATS_BYTES,
-    SoftmaxXentKernel, decode_stats,
-};
+use super::kernels::{STATS_BYTES, decode_stats};
+use super::layers::{self, DenseLayer, Kernels};
 use super::transfer::{self, Dispatch};
 use super::{GpuContext, GpuError};
 
@@ -18,16 +15,6 @@ use super::{GpuContext, GpuError};
 const EVAL_CHUNK: usize = 1024;
 /// Plans kept before the cache is cleared (each holds activation buffers for its batch size).
 const MAX_PLANS: usize = 8;
-
-/// Every kernel the engine runs, each with its pipeline built once.
-#[derive(Debug, Clone)]
-struct Kernels {
-    matmul: MatmulKernel,
-    bias_act: BiasActKernel,
-    act_backward: ActBackwardKernel,
-    softmax: SoftmaxXentKernel,
-    col_sum: ColSumKernel,
-}
 
 /// Buffers and recorded dispatches for one batch size (and mode: training or forward-only).
 #[derive(Debug)]
@@ -62,13 +49,7 @@ pub struct GpuEngine {
 impl GpuEngine {
     /// Builds every pipeline and the parameter and gradient buffers (zero parameters until [`Self::load`]).
     pub fn new(ctx: &GpuContext, spec: ModelSpec) -> Result<Self, GpuError> {
-        let kernels = Kernels {
-            matmul: MatmulKernel::new(ctx, ctx.variant),
-            bias_act: BiasActKernel::new(ctx),
-            act_backward: ActBackwardKernel::new(ctx),
-            softmax: SoftmaxXentKernel::new(ctx),
-            col_sum: ColSumKernel::new(ctx),
-        };
+        let kernels = Kernels::new(ctx);
         let bytes = (spec.param_count() * 4) as u64;
         let params = transfer::storage(ctx, "params", bytes)?;
         let grad = transfer::storage(ctx, "grad", bytes)?;
@@ -195,77 +176,53 @@ impl GpuEngine {
             transfer::storage(ctx, "dz pong", dz_bytes)?,
         ];
 
+        let dense = |l: &LayerLayout| DenseLayer {
+            rows,
+            inputs: l.inputs,
+            outputs: l.outputs,
+            weight: l.weight,
+            bias: l.bias,
+        };
         let mut d = Vec::new();
         for (li, l) in self.layout.iter().enumerate() {
             let a = if li == 0 { &x } else { &acts[li - 1] };
-            let p = MatmulParams::new(MatmulForm::AB, rows, l.inputs, l.outputs, 0, l.weight, 0);
-            d.push(
-                k.matmul
-                    .dispatch(ctx, "forward", p, a, &self.params, &acts[li]),
-            );
-            d.push(k.bias_act.dispatch(
-                ctx,
-                "forward",
-                rows,
-                l.outputs,
-                l.bias,
-                l.activation,
-                &acts[li],
+            let relu = l.activation == Activation::Relu;
+            d.extend(layers::dense_forward(
+                k,
+                &dense(l),
+                relu,
+                a,
                 &self.params,
+                &acts[li],
             ));
         }
         let logits = &acts[acts.len() - 1];
-        d.push(k.softmax.dispatch(
+        d.push(k.softmax().dispatch(
             ctx, "loss", rows, classes, train, logits, &labels, &dz[0], &stats,
         ));
         if train {
             let mut cur = 0;
             for (li, l) in self.layout.iter().enumerate().rev() {
                 if li + 1 < self.layout.len() && l.activation == Activation::Relu {
-                    d.push(k.act_backward.dispatch(
-                        ctx,
-                        "backward",
+                    d.push(layers::relu_backward_in_place(
+                        k,
                         rows * l.outputs,
                         &dz[cur],
                         &acts[li],
                     ));
                 }
                 let a = if li == 0 { &x } else { &acts[li - 1] };
-                // dW = inputᵀ · dz, straight into the layer's weight slot of the gradient buffer.
-                let p =
-                    MatmulParams::new(MatmulForm::AtB, l.inputs, rows, l.outputs, 0, 0, l.weight);
-                d.push(
-                    k.matmul
-                        .dispatch(ctx, "weight grad", p, a, &dz[cur], &self.grad),
-                );
-                d.push(k.col_sum.dispatch(
-                    ctx,
-                    "bias grad",
-                    rows,
-                    l.outputs,
-                    l.bias,
+                let dx = (li > 0).then_some(&dz[1 - cur]);
+                d.extend(layers::dense_backward(
+                    k,
+                    &dense(l),
+                    a,
                     &dz[cur],
+                    &self.params,
                     &self.grad,
+                    dx,
                 ));
                 if li > 0 {
-                    // dx = dz · Wᵀ, into the other half of the ping-pong pair.
-                    let p = MatmulParams::new(
-                        MatmulForm::ABt,
-                        rows,
-                        l.outputs,
-                        l.inputs,
-                        0,
-                        l.weight,
-                        0,
-                    );
-                    d.push(k.matmul.dispatch(
-                        ctx,
-                        "input grad",
-                        p,
-                        &dz[cur],
-                        &self.params,
-                        &dz[1 - cur],
-                    ));
                     cur = 1 - cur;
                 }
             }
