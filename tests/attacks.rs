@@ -220,7 +220,7 @@ async fn raw_peer(
                 let Some((spec, e, _)) = engine.as_mut() else {
                     anyhow::bail!("lease before model")
                 };
-                let (x, y) = split_lease_payload(&payload, rows as usize, spec.input as usize)?;
+                let (x, y) = split_lease_payload(&payload, rows as usize, spec.input_len())?;
                 let mut honest = || -> anyhow::Result<StepOutput> { Ok(e.step(&x, &y)?) };
                 let (answer, kind) = match &how {
                     Raw::NonFinite => {

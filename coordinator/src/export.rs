@@ -1,7 +1,10 @@
-//! Checkpoint export: a job's weights as safetensors, one tensor per layer's weight and bias, spec in the metadata.
+//! Checkpoint export: a job's weights as safetensors, two tensors per layer with parameters, spec in the metadata.
 //!
-//! Tensor `layers.{i}.weight` has shape `[in_i, out_i]` (so `y = x @ weight + bias`, as in the model: note this is
-//! the transpose of PyTorch's `nn.Linear.weight`), `layers.{i}.bias` has shape `[out_i]`. Metadata:
+//! For spec layer `i` (its index in the spec's `layers`, counting parameter-free layers too): dense —
+//! `layers.{i}.weight` `[in, out]` (so `y = x @ weight + bias`, as in the model: the transpose of PyTorch's
+//! `nn.Linear.weight`) and `layers.{i}.bias` `[out]`; conv2d — `layers.{i}.weight` `[out_c, in_c, k, k]` (PyTorch's
+//! `nn.Conv2d.weight` layout) and `layers.{i}.bias` `[out_c]`; layer_norm and group_norm — `layers.{i}.weight` (γ)
+//! and `layers.{i}.bias` (β), `[features]` or `[channels]`. A v1 dense spec keeps its v1 names. Metadata:
 //! `starling.spec` (the model spec JSON), `starling.step`, `starling.job`, `starling.test_accuracy` (when the held-out
 //! set was evaluated at that step) and `starling.layout`.
 
@@ -17,6 +20,7 @@ use serde::Deserialize;
 use starling_core::ModelSpec;
 use starling_core::data::{TensorData, encode_safetensors};
 use starling_core::protocol::JobId;
+use starling_core::spec::Op;
 
 use crate::App;
 use crate::http::{ApiError, ApiResult, JobAccess};
@@ -37,21 +41,34 @@ pub fn to_safetensors(
     accuracy: Option<f32>,
     params: &[f32],
 ) -> Result<Vec<u8>, starling_core::data::DataError> {
-    let layout = spec.layout();
-    let names: Vec<(String, String)> = (0..layout.len())
+    let plans = spec.plan();
+    let names: Vec<(String, String)> = (0..plans.len())
         .map(|i| (format!("layers.{i}.weight"), format!("layers.{i}.bias")))
         .collect();
     let mut tensors = Vec::new();
-    for (l, (w, b)) in layout.iter().zip(&names) {
-        tensors.push((
-            w.as_str(),
-            vec![l.inputs, l.outputs],
-            TensorData::F32(&params[l.weight..l.bias]),
-        ));
+    for (p, (w, b)) in plans.iter().zip(&names) {
+        // (weight offset, weight shape, bias offset, bias length) of the layers that have parameters.
+        let (wo, wshape, bo, blen) = match p.op {
+            Op::Dense(l) => (l.weight, vec![l.inputs, l.outputs], l.bias, l.outputs),
+            Op::Conv2d { dims, weight, bias } => (
+                weight,
+                vec![dims.out_c, dims.in_c, dims.kernel, dims.kernel],
+                bias,
+                dims.out_c,
+            ),
+            Op::LayerNorm {
+                dim, gamma, beta, ..
+            } => (gamma, vec![dim], beta, dim),
+            Op::GroupNorm {
+                dims, gamma, beta, ..
+            } => (gamma, vec![dims.channels], beta, dims.channels),
+            Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Flatten | Op::Relu | Op::Gelu => continue,
+        };
+        tensors.push((w.as_str(), wshape, TensorData::F32(&params[wo..bo])));
         tensors.push((
             b.as_str(),
-            vec![l.outputs],
-            TensorData::F32(&params[l.bias..l.bias + l.outputs]),
+            vec![blen],
+            TensorData::F32(&params[bo..bo + blen]),
         ));
     }
     let mut meta = BTreeMap::new();
@@ -61,7 +78,7 @@ pub fn to_safetensors(
     );
     meta.insert("starling.step".to_string(), step.to_string());
     meta.insert("starling.job".to_string(), job.to_string());
-    meta.insert("starling.layout".to_string(), "y = x @ weight + bias; weight is [in, out]; relu after every layer whose spec says so; softmax over the last".to_string());
+    meta.insert("starling.layout".to_string(), "layers.{i} is spec layer i; activations NCHW per sample; dense: y = x @ weight + bias, weight [in, out], then the layer's activation; conv2d: weight [out_c, in_c, k, k] (cross-correlation, zero padding), bias [out_c]; norms: weight = gamma, bias = beta; softmax over the last layer".to_string());
     if let Some(a) = accuracy {
         meta.insert("starling.test_accuracy".to_string(), a.to_string());
     }

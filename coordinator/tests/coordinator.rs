@@ -11,7 +11,7 @@ use starling_coordinator::ledger::{GENESIS, entry_hash};
 use starling_coordinator::scheduler::JobCounters;
 use starling_coordinator::store::Store;
 use starling_core::data::{Dataset, encode_raw};
-use starling_core::{Activation, LayerSpec, ModelSpec};
+use starling_core::{Activation, ModelSpec};
 
 /// The schema statements `Store::open` ran before migrations existed (coordinator/src/store.rs, `SCHEMA`), verbatim:
 /// every database made by that code looks like this.
@@ -127,13 +127,7 @@ fn tiny() -> Dataset {
 }
 
 fn tiny_spec() -> ModelSpec {
-    ModelSpec {
-        input: 2,
-        layers: vec![LayerSpec {
-            units: 3,
-            activation: Activation::None,
-        }],
-    }
+    ModelSpec::dense(2, &[(3, Activation::None)])
 }
 
 /// Writes a database the way the code before migrations did: its schema, an owner, a dataset, a job, a worker and

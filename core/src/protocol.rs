@@ -493,7 +493,7 @@ mod tests {
     mod property {
         use super::super::*;
         use crate::rng::SplitMix64;
-        use crate::spec::{Activation, LayerSpec};
+        use crate::spec::{Activation, Input, Layer};
 
         const ITERATIONS: usize = 50_000;
 
@@ -549,17 +549,38 @@ mod tests {
 
         fn spec(r: &mut SplitMix64) -> ModelSpec {
             let layers = (0..r.below(4))
-                .map(|_| LayerSpec {
-                    units: num32(r),
-                    activation: if r.below(2) == 0 {
-                        Activation::Relu
-                    } else {
-                        Activation::None
+                .map(|_| match r.below(6) {
+                    0 => Layer::Conv2d {
+                        out_channels: num32(r),
+                        kernel: num32(r),
+                        stride: num32(r),
+                        padding: num32(r),
                     },
+                    1 => Layer::MaxPool2d {
+                        kernel: num32(r),
+                        stride: (r.below(2) == 0).then(|| num32(r)),
+                    },
+                    2 => Layer::GroupNorm {
+                        groups: num32(r),
+                        eps: float32(r),
+                    },
+                    3 => Layer::Flatten,
+                    _ => Layer::dense(
+                        num32(r),
+                        if r.below(2) == 0 {
+                            Activation::Relu
+                        } else {
+                            Activation::None
+                        },
+                    ),
                 })
                 .collect();
             ModelSpec {
-                input: num32(r),
+                input: if r.below(2) == 0 {
+                    Input::Features(num32(r))
+                } else {
+                    Input::Shape((0..r.below(4)).map(|_| num32(r)).collect())
+                },
                 layers,
             }
         }

@@ -217,7 +217,7 @@ impl Peer {
                 },
                 p,
             ) => {
-                let (x, labels) = split_lease_payload(&p, rows as usize, self.spec.input as usize)?;
+                let (x, labels) = split_lease_payload(&p, rows as usize, self.spec.input_len())?;
                 Ok(Some(Lease {
                     id: lease,
                     version,

@@ -250,7 +250,7 @@ impl Session {
             ));
         }
         let engine = self.engine.as_mut().ok_or("no engine")?;
-        let input = engine.spec().input as usize;
+        let input = engine.spec().input_len();
         let (x, labels) =
             split_lease_payload(payload, rows as usize, input).map_err(|e| e.to_string())?;
         let started = now_ms();

@@ -10,7 +10,7 @@ use std::time::Instant;
 use starling_core::cpu::CpuEngine;
 use starling_core::reference::{self, MatmulForm};
 use starling_core::rng::SplitMix64;
-use starling_core::{Activation, LayerSpec, ModelSpec, data};
+use starling_core::{Activation, ModelSpec, data};
 use starling_worker::gpu::{
     self, AdapterTraits, BlockTile, GpuContext, GpuEngine, MatmulVariant, codegen,
 };
@@ -381,7 +381,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// A random batch with values like MNIST pixels (0..1) and random labels.
 fn batch(rng: &mut SplitMix64, spec: &ModelSpec, rows: usize) -> (Vec<f32>, Vec<u32>) {
-    let x = (0..rows * spec.input as usize)
+    let x = (0..rows * spec.input_len())
         .map(|_| rng.next_f64() as f32)
         .collect();
     let labels = (0..rows)
@@ -461,7 +461,7 @@ fn blocked_engine_gradient_matches_reference() {
             assert!(
                 err < 1e-4,
                 "{variant} input {} rows {rows}: rel L2 {err:e}",
-                spec.input
+                spec.input_len()
             );
             assert!(((gpu.loss - want.loss) / want.loss).abs() < 1e-5);
             assert_eq!(gpu.correct, want.correct);
@@ -483,23 +483,14 @@ fn selftest_passes_on_this_adapter() {
 }
 
 fn odd_spec() -> ModelSpec {
-    ModelSpec {
-        input: 13,
-        layers: vec![
-            LayerSpec {
-                units: 37,
-                activation: Activation::Relu,
-            },
-            LayerSpec {
-                units: 9,
-                activation: Activation::Relu,
-            },
-            LayerSpec {
-                units: 3,
-                activation: Activation::None,
-            },
+    ModelSpec::dense(
+        13,
+        &[
+            (37, Activation::Relu),
+            (9, Activation::Relu),
+            (3, Activation::None),
         ],
-    }
+    )
 }
 
 #[test]
@@ -545,19 +536,7 @@ fn deep_odd_net_gradient_and_chunked_evaluation_match_reference() {
 /// Central differences of the GPU's own loss against the GPU's analytic gradient on a tiny net.
 #[test]
 fn gpu_backward_matches_finite_differences() {
-    let spec = ModelSpec {
-        input: 5,
-        layers: vec![
-            LayerSpec {
-                units: 7,
-                activation: Activation::Relu,
-            },
-            LayerSpec {
-                units: 3,
-                activation: Activation::None,
-            },
-        ],
-    };
+    let spec = ModelSpec::dense(5, &[(7, Activation::Relu), (3, Activation::None)]);
     let mut rng = SplitMix64::new(7);
     let mut params = spec.init_params(11);
     for p in &mut params {

@@ -211,12 +211,12 @@ pub(super) async fn create_job(
             format!("dataset {} does not exist", req.dataset),
         ));
     };
-    if dim != spec.input as usize {
+    if dim != spec.input_len() {
         return Err(ApiError::bad(
             "shape_mismatch",
             format!(
-                "dataset rows have {dim} features, the spec's input is {}",
-                spec.input
+                "dataset rows have {dim} features, the spec's input has {}",
+                spec.input_len()
             ),
         ));
     }

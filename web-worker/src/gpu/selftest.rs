@@ -122,7 +122,7 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
     let spec = ModelSpec::mnist_mlp();
     let params = spec.init_params(2);
     let rows = 37;
-    let x: Vec<f32> = (0..rows * spec.input as usize)
+    let x: Vec<f32> = (0..rows * spec.input_len())
         .map(|_| rng.next_f64() as f32)
         .collect();
     let labels: Vec<u32> = (0..rows)
@@ -141,7 +141,7 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
         .map_err(GpuError::Batch)?;
     report.step_rel_l2 = rel_l2(&gpu, &cpu);
     let rows = 64;
-    let x: Vec<f32> = (0..rows * spec.input as usize)
+    let x: Vec<f32> = (0..rows * spec.input_len())
         .map(|_| rng.next_f64() as f32)
         .collect();
     let labels: Vec<u32> = (0..rows).map(|i| (i % 10) as u32).collect();

@@ -14,7 +14,7 @@ use starling_core::data::Dataset;
 use starling_core::protocol::{
     Backend, CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, Platform, WorkerId,
 };
-use starling_core::spec::{Activation, LayerSpec};
+use starling_core::spec::Activation;
 use starling_core::{ModelSpec, StepOutput};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -26,13 +26,7 @@ use crate::store::AcceptedRow;
 pub(super) const PARAMS: usize = 10;
 
 pub(super) fn spec() -> ModelSpec {
-    ModelSpec {
-        input: 4,
-        layers: vec![LayerSpec {
-            units: 2,
-            activation: Activation::None,
-        }],
-    }
+    ModelSpec::dense(4, &[(2, Activation::None)])
 }
 
 pub(super) fn dataset(rows: usize) -> Dataset {
