@@ -4,7 +4,7 @@
 use starling_core::reference::MatmulForm;
 
 use super::Kernel;
-use crate::gpu::transfer::{self, Dispatch};
+use crate::gpu::transfer::Dispatch;
 use crate::gpu::{GpuContext, codegen};
 
 /// Which matmul kernel an adapter runs.
@@ -410,9 +410,9 @@ impl MatmulKernel {
     ) -> Result<f64, crate::gpu::GpuError> {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
-        let a_buf = transfer::storage_init(ctx, "bench A", bytemuck::cast_slice(&a))?;
-        let b_buf = transfer::storage_init(ctx, "bench B", bytemuck::cast_slice(&b))?;
-        let c_buf = transfer::storage(ctx, "bench C", (m * n * 4) as u64)?;
+        let a_buf = crate::gpu::transfer::storage_init(ctx, "bench A", bytemuck::cast_slice(&a))?;
+        let b_buf = crate::gpu::transfer::storage_init(ctx, "bench B", bytemuck::cast_slice(&b))?;
+        let c_buf = crate::gpu::transfer::storage(ctx, "bench C", (m * n * 4) as u64)?;
         let d = self.dispatch(
             ctx,
             "bench",
@@ -421,9 +421,9 @@ impl MatmulKernel {
             &b_buf,
             &c_buf,
         );
-        transfer::submit_and_wait(ctx, std::slice::from_ref(&d), 1)?;
+        crate::gpu::transfer::submit_and_wait(ctx, std::slice::from_ref(&d), 1)?;
         let start = std::time::Instant::now();
-        transfer::submit_and_wait(ctx, std::slice::from_ref(&d), reps)?;
+        crate::gpu::transfer::submit_and_wait(ctx, std::slice::from_ref(&d), reps)?;
         let secs = start.elapsed().as_secs_f64();
         Ok(2.0 * (m * k * n * reps) as f64 / secs / 1e9)
     }
