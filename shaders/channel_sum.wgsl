@@ -10,8 +10,9 @@
 //   2  storage, read_write  out: array<f32>  (the flat gradient buffer)
 //
 // Dispatch: one workgroup of 256 invocations per channel, grid (C, 1, 1) (C ≤ 65535, checked by the host). Each
-// invocation sums the elements t, t + 256, … of the channel's N·P values (neighbours read neighbouring words
-// within a plane), then a tree reduction in 1 KiB of workgroup memory adds the 256 partial sums. Any N, C, P work.
+// invocation sums the elements t, t + 256, … of every sample's plane of the channel (neighbours read neighbouring
+// words; no index is divided), then a tree reduction in 1 KiB of workgroup memory adds the 256 partial sums. Any
+// N, C, P work.
 
 struct Params {
     n: u32,
@@ -33,9 +34,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ch = wid.x;
     var sum = 0.0;
     if (ch < p.c) {
-        for (var e = lid; e < p.n * p.plane; e += WG) {
-            let ni = e / p.plane;
-            sum += dy[(ni * p.c + ch) * p.plane + e % p.plane];
+        for (var ni = 0u; ni < p.n; ni++) {
+            let base = (ni * p.c + ch) * p.plane;
+            for (var q = lid; q < p.plane; q += WG) {
+                sum += dy[base + q];
+            }
         }
     }
     partial[lid] = sum;

@@ -11,8 +11,10 @@
 //   1  storage, read        dcol: array<f32>
 //   2  storage, read_write  dx: array<f32>
 //
-// Dispatch: one invocation per element of dx, workgroup_size(64), ceil(N·C·H·W / 64) workgroups spread over x and y
-// as in im2col.wgsl; each walks its KH·KW kernel taps. Indices ≥ N·C·H·W do nothing.
+// Dispatch: workgroup_size(64, 1, 1) over a 3-D grid (ceil(H·W / 64), C, N), each axis capped at the adapter's
+// per-dimension limit and walked with grid-stride loops: invocation (q, c, n) writes dx[n, c, q]. Only the taps
+// that hit an output position are visited: ki runs over (y + pad) mod stride, + stride, … while oy counts down,
+// so no division happens per tap (integer division is what CPU emulations pay most for).
 
 struct Params {
     n: u32,
@@ -33,44 +35,39 @@ struct Params {
 @group(0) @binding(1) var<storage, read> dcol: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let idx = (wid.y * groups.x + wid.x) * 64u + lid;
-    if (idx >= p.n * p.c * p.h * p.w) {
-        return;
-    }
-    let xx = idx % p.w;
-    let yy = (idx / p.w) % p.h;
-    let ci = (idx / (p.w * p.h)) % p.c;
-    let ni = idx / (p.w * p.h * p.c);
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let plane = p.oh * p.ow;
     let np = p.n * plane;
-    var sum = 0.0;
-    for (var ki = 0u; ki < p.kh; ki++) {
-        let ty = i32(yy + p.pad) - i32(ki);
-        if (ty < 0 || ty % i32(p.stride) != 0) {
-            continue;
-        }
-        let oy = u32(ty) / p.stride;
-        if (oy >= p.oh) {
-            continue;
-        }
-        for (var kj = 0u; kj < p.kw; kj++) {
-            let tx = i32(xx + p.pad) - i32(kj);
-            if (tx < 0 || tx % i32(p.stride) != 0) {
-                continue;
+    let hw = p.h * p.w;
+    for (var ni = gid.z; ni < p.n; ni += groups.z) {
+        for (var ci = gid.y; ci < p.c; ci += groups.y) {
+            for (var q = gid.x; q < hw; q += groups.x * 64u) {
+                let yy = q / p.w;
+                let xx = q - yy * p.w;
+                let ty = yy + p.pad;
+                let tx = xx + p.pad;
+                let oy0 = ty / p.stride;
+                let ox0 = tx / p.stride;
+                let ki0 = ty - oy0 * p.stride;
+                let kj0 = tx - ox0 * p.stride;
+                var sum = 0.0;
+                var oy = i32(oy0);
+                for (var ki = ki0; ki < p.kh && oy >= 0; ki += p.stride) {
+                    if (u32(oy) < p.oh) {
+                        var ox = i32(ox0);
+                        for (var kj = kj0; kj < p.kw && ox >= 0; kj += p.stride) {
+                            if (u32(ox) < p.ow) {
+                                let r = (ci * p.kh + ki) * p.kw + kj;
+                                sum += dcol[r * np + ni * plane + u32(oy) * p.ow + u32(ox)];
+                            }
+                            ox -= 1;
+                        }
+                    }
+                    oy -= 1;
+                }
+                dx[(ni * p.c + ci) * hw + q] = sum;
             }
-            let ox = u32(tx) / p.stride;
-            if (ox >= p.ow) {
-                continue;
-            }
-            let r = (ci * p.kh + ki) * p.kw + kj;
-            sum += dcol[r * np + ni * plane + oy * p.ow + ox];
         }
     }
-    dx[idx] = sum;
 }

@@ -11,9 +11,11 @@
 //   1  storage, read        x: array<f32>
 //   2  storage, read_write  col: array<f32>
 //
-// Dispatch: one invocation per element of col, workgroup_size(64); the host spreads ceil(CK·N·P / 64) workgroups
-// over x and y (x ≤ 65535) and the flat index is (wid.y · num_workgroups.x + wid.x) · 64 + lid. Neighbouring
-// invocations take neighbouring output pixels (reads `stride` words apart). Indices ≥ CK·N·P do nothing.
+// Dispatch: workgroup_size(64, 1, 1) over a 3-D grid (ceil(P / 64), CK, N), each axis capped at the adapter's
+// per-dimension limit and walked with grid-stride loops, so any size works: invocation (q, r, n) writes
+// col[r, n·P + q]. The grid carries the row r and the sample n, so an invocation divides only once (q by OW):
+// integer division is what CPU emulations (lavapipe, SwiftShader) pay most for. Neighbouring invocations take
+// neighbouring output pixels (reads `stride` words apart).
 
 struct Params {
     n: u32,
@@ -34,31 +36,28 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> col: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let idx = (wid.y * groups.x + wid.x) * 64u + lid;
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let plane = p.oh * p.ow;
     let np = p.n * plane;
-    if (idx >= p.c * p.kh * p.kw * np) {
-        return;
+    let ck = p.c * p.kh * p.kw;
+    for (var ni = gid.z; ni < p.n; ni += groups.z) {
+        for (var r = gid.y; r < ck; r += groups.y) {
+            let ci = r / (p.kh * p.kw);
+            let ki = (r / p.kw) % p.kh;
+            let kj = r % p.kw;
+            let src = p.x_off + (ni * p.c + ci) * p.h * p.w;
+            for (var q = gid.x; q < plane; q += groups.x * 64u) {
+                let oy = q / p.ow;
+                let ox = q - oy * p.ow;
+                let iy = i32(oy * p.stride + ki) - i32(p.pad);
+                let ix = i32(ox * p.stride + kj) - i32(p.pad);
+                var v = 0.0;
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    v = x[src + u32(iy) * p.w + u32(ix)];
+                }
+                col[r * np + ni * plane + q] = v;
+            }
+        }
     }
-    let r = idx / np;
-    let j = idx % np;
-    let ci = r / (p.kh * p.kw);
-    let ki = (r / p.kw) % p.kh;
-    let kj = r % p.kw;
-    let ni = j / plane;
-    let oy = (j % plane) / p.ow;
-    let ox = j % p.ow;
-    let iy = i32(oy * p.stride + ki) - i32(p.pad);
-    let ix = i32(ox * p.stride + kj) - i32(p.pad);
-    var v = 0.0;
-    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-        v = x[p.x_off + ((ni * p.c + ci) * p.h + u32(iy)) * p.w + u32(ix)];
-    }
-    col[idx] = v;
 }

@@ -13,9 +13,9 @@
 //   2  storage, read_write  dst: array<f32>  (must not alias src)
 //   3  storage, read        params: array<f32>  (flat model parameters)
 //
-// Dispatch: one invocation per element of out, workgroup_size(64), ceil(A·B·P / 64) workgroups spread over x and y
-// (flat index (wid.y · num_workgroups.x + wid.x) · 64 + lid); consecutive invocations write consecutive words and
-// read runs of P consecutive words. Indices ≥ A·B·P do nothing.
+// Dispatch: workgroup_size(64, 1, 1) over a 3-D grid (ceil(P / 64), A, B), each axis capped at the adapter's
+// per-dimension limit and walked with grid-stride loops: invocation (q, a, b) writes out[b, a, q], so no index
+// is divided (integer division is what CPU emulations pay most for); neighbours read and write neighbouring words.
 
 struct Params {
     a: u32,
@@ -35,25 +35,23 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> params: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let idx = (wid.y * groups.x + wid.x) * 64u + lid;
-    if (idx >= p.a * p.b * p.plane) {
-        return;
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    for (var bi = gid.z; bi < p.b; bi += groups.z) {
+        for (var ai = gid.y; ai < p.a; ai += groups.y) {
+            var bias = 0.0;
+            if (p.has_bias != 0u) {
+                bias = params[p.bias_off + ai];
+            }
+            let src_at = (ai * p.b + bi) * p.plane;
+            let dst_at = (bi * p.a + ai) * p.plane;
+            for (var q = gid.x; q < p.plane; q += groups.x * 64u) {
+                var v = src[src_at + q] + bias;
+                if (p.relu != 0u) {
+                    v = max(v, 0.0);
+                }
+                dst[dst_at + q] = v;
+            }
+        }
     }
-    let q = idx % p.plane;
-    let ai = (idx / p.plane) % p.a;
-    let bi = idx / (p.plane * p.a);
-    var v = src[(ai * p.b + bi) * p.plane + q];
-    if (p.has_bias != 0u) {
-        v += params[p.bias_off + ai];
-    }
-    if (p.relu != 0u) {
-        v = max(v, 0.0);
-    }
-    dst[idx] = v;
 }

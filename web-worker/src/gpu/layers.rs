@@ -148,6 +148,17 @@ impl ConvLayer {
     }
 }
 
+/// The dispatches [`conv_forward`] and [`conv_backward`] record, in order (for benchmark breakdowns).
+pub const CONV_FORWARD_PARTS: [&str; 3] = ["im2col", "matmul W·col", "swap + bias"];
+pub const CONV_BACKWARD_PARTS: [&str; 6] = [
+    "swap dy",
+    "channel sum (db)",
+    "im2col",
+    "matmul dW = dY·colᵀ",
+    "matmul dcol = Wᵀ·dY",
+    "col2im",
+];
+
 /// conv2d forward: `im2col(x) → col`, `ymat = W · col`, `y = act(swap(ymat) + b)` (NCHW).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_forward(

@@ -234,10 +234,20 @@ pub async fn act_backward(
     Ok(f32s(&out[0]))
 }
 
-/// Benchmark helper: milliseconds of one conv2d forward pass and of one backward pass (weight, bias and input
-/// gradients) over resident buffers, each the mean of `reps` back-to-back runs after one untimed warm-up.
+/// What [`time_conv2d`] measured, in milliseconds: each the mean of back-to-back runs after an untimed warm-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvTiming {
+    pub forward_ms: f64,
+    /// Weight, bias and input gradients.
+    pub backward_ms: f64,
+    /// Every dispatch of both passes timed alone, in recording order.
+    pub parts: Vec<(&'static str, f64)>,
+}
+
+/// Benchmark helper: one conv2d layer's forward and backward passes (as the engine records them, ReLU fused) on
+/// resident buffers, `reps` runs each.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn time_conv2d(k: &Kernels, layer: &ConvLayer, reps: usize) -> Result<(f64, f64), GpuError> {
+pub fn time_conv2d(k: &Kernels, layer: &ConvLayer, reps: usize) -> Result<ConvTiming, GpuError> {
     let ctx = k.ctx();
     let s = layer.shape;
     let x_len = s.n * s.c * s.h * s.w;
@@ -273,5 +283,16 @@ pub fn time_conv2d(k: &Kernels, layer: &ConvLayer, reps: usize) -> Result<(f64, 
         transfer::submit_and_wait(ctx, d, reps)?;
         Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
     };
-    Ok((time(&forward)?, time(&backward)?))
+    let names = layers::CONV_FORWARD_PARTS
+        .iter()
+        .chain(layers::CONV_BACKWARD_PARTS.iter());
+    let mut parts = Vec::new();
+    for (name, d) in names.zip(forward.iter().chain(&backward)) {
+        parts.push((*name, time(std::slice::from_ref(d))?));
+    }
+    Ok(ConvTiming {
+        forward_ms: time(&forward)?,
+        backward_ms: time(&backward)?,
+        parts,
+    })
 }

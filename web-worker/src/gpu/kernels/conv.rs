@@ -103,8 +103,8 @@ impl Im2ColKernel {
         x: &wgpu::Buffer,
         col: &wgpu::Buffer,
     ) -> Dispatch {
-        let len = (shape.ck() * shape.np()) as u32;
-        let groups = transfer::grid_1d(ctx, len.div_ceil(64));
+        let plane = shape.oh() * shape.ow();
+        let groups = transfer::grid_3d(ctx, [plane.div_ceil(64), shape.ck(), shape.n]);
         self.0
             .dispatch(ctx, what, &shape.params(0), &[x, col], groups)
     }
@@ -132,8 +132,7 @@ impl Col2ImKernel {
         dcol: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Dispatch {
-        let len = (shape.n * shape.c * shape.h * shape.w) as u32;
-        let groups = transfer::grid_1d(ctx, len.div_ceil(64));
+        let groups = transfer::grid_3d(ctx, [(shape.h * shape.w).div_ceil(64), shape.c, shape.n]);
         self.0
             .dispatch(ctx, what, &shape.params(0), &[dcol, dx], groups)
     }
@@ -188,7 +187,7 @@ impl SwapBiasKernel {
             relu: u32::from(relu),
             _pad: [0; 2],
         };
-        let groups = transfer::grid_1d(ctx, ((a * b * plane) as u32).div_ceil(64));
+        let groups = transfer::grid_3d(ctx, [plane.div_ceil(64), a, b]);
         self.0.dispatch(ctx, what, &p, &[src, dst, params], groups)
     }
 }
