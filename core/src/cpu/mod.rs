@@ -1,8 +1,12 @@
 //! The fast CPU backend: the same forward/backward pass as [`crate::reference`], on `matrixmultiply`'s SGEMM
-//! (both cores natively through its `threading` feature; SIMD128 single-threaded in wasm).
+//! (both cores natively through its `threading` feature; SIMD128 single-threaded in wasm). Dense layers are one
+//! GEMM each way; conv2d is im2col + GEMM ([`conv`]); pooling, norms and activations run the reference's loops,
+//! which are single passes over memory already.
 //!
 //! Used by workers without a usable GPU (including browsers on a software WebGPU adapter, where it is several
 //! times faster) and by the coordinator for evaluation and spot checks, which must never need wgpu.
+
+mod conv; // conv2d as im2col + SGEMM.
 
 use crate::reference::{self, MatmulForm, act_backward, bias_act, softmax_xent};
 use crate::spec::{LayerPlan, ModelSpec, Op};
@@ -68,6 +72,8 @@ pub struct CpuEngine {
     /// Two ping-pong buffers for the backward pass's activation gradients.
     dy: Vec<f32>,
     dx: Vec<f32>,
+    /// im2col scratch, reused by every conv layer.
+    conv: conv::ConvScratch,
 }
 
 impl CpuEngine {
@@ -82,6 +88,7 @@ impl CpuEngine {
             outs: Vec::new(),
             dy: Vec::new(),
             dx: Vec::new(),
+            conv: conv::ConvScratch::default(),
         }
     }
 
@@ -126,7 +133,15 @@ impl CpuEngine {
                     );
                     bias_act(y, &self.params[l.bias..l.bias + l.outputs], l.activation);
                 }
-                // Not yet on a fast path: the reference's loops (same math, same layout).
+                Op::Conv2d { dims, weight, bias } => conv::forward(
+                    &dims,
+                    rows,
+                    input,
+                    &self.params[weight..bias],
+                    &self.params[bias..bias + dims.out_c],
+                    y,
+                    &mut self.conv,
+                ),
                 _ => reference::layer_forward(p, &self.params, rows, input, y),
             }
         }
@@ -186,6 +201,20 @@ impl CpuEngine {
                         );
                     }
                 }
+                Op::Conv2d { dims, weight, bias } => {
+                    let (dw, db) = grad[weight..bias + dims.out_c].split_at_mut(bias - weight);
+                    conv::backward(
+                        &dims,
+                        rows,
+                        input,
+                        &self.params[weight..bias],
+                        &self.dy,
+                        dw,
+                        db,
+                        (li > 0).then_some(self.dx.as_mut_slice()),
+                        &mut self.conv,
+                    );
+                }
                 _ => reference::layer_backward(
                     &p,
                     &self.params,
@@ -229,88 +258,4 @@ impl CpuEngine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::reference;
-    use crate::rng::SplitMix64;
-
-    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| ((*x - *y) as f64).powi(2))
-            .sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den.max(1e-30)).sqrt()
-    }
-
-    #[test]
-    fn sgemm_matches_reference_in_every_form_on_odd_shapes() {
-        let mut rng = SplitMix64::new(1);
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (7, 33, 5),
-            (33, 100, 7),
-            (100, 785, 33),
-            (64, 784, 128),
-        ] {
-            for form in [MatmulForm::AB, MatmulForm::AtB, MatmulForm::ABt] {
-                let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
-                let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
-                let mut want = vec![0.0; m * n];
-                reference::matmul(form, m, k, n, &a, &b, &mut want);
-                let mut got = vec![0.0; m * n];
-                sgemm(form, m, k, n, &a, &b, 0.0, &mut got);
-                assert!(rel_l2(&got, &want) < 1e-5, "{form:?} {m}x{k}x{n}");
-            }
-        }
-    }
-
-    #[test]
-    fn step_and_eval_match_reference() {
-        let spec = ModelSpec::mnist_mlp();
-        let params = spec.init_params(5);
-        let mut rng = SplitMix64::new(9);
-        let rows = 64;
-        let x: Vec<f32> = (0..rows * 784).map(|_| rng.next_f64() as f32).collect();
-        let labels: Vec<u32> = (0..rows).map(|_| rng.below(10) as u32).collect();
-        let want = reference::forward_backward(&spec, &params, &x, &labels).unwrap();
-        let mut engine = CpuEngine::new(spec.clone());
-        engine.load(&params).unwrap();
-        let got = engine.step(&x, &labels).unwrap();
-        assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0));
-        assert_eq!(got.correct, want.correct);
-        assert!(rel_l2(&got.grad, &want.grad) < 1e-5);
-        let e = engine.evaluate(&x, &labels).unwrap();
-        assert_eq!(e.correct, want.correct);
-        assert!((e.loss - want.loss).abs() < 1e-5);
-    }
-
-    #[test]
-    fn bad_batches_are_rejected() {
-        let mut engine = CpuEngine::new(ModelSpec::mnist_mlp());
-        assert_eq!(
-            engine.step(&[0.0; 10], &[1]),
-            Err(BatchError::FeatureShape {
-                got: 10,
-                rows: 1,
-                input: 784
-            })
-        );
-        assert_eq!(
-            engine.step(&[0.0; 784], &[10]),
-            Err(BatchError::LabelRange {
-                row: 0,
-                label: 10,
-                classes: 10
-            })
-        );
-        assert_eq!(
-            engine.load(&[0.0; 3]),
-            Err(BatchError::ParamCount {
-                got: 3,
-                expected: 101_770
-            })
-        );
-    }
-}
+mod tests;
