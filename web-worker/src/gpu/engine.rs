@@ -115,8 +115,9 @@ fn pool_shape(dims: &Pool2dDims, rows: usize) -> PoolShape {
     }
 }
 
-/// Resolves the spec's layers into nodes with their per-sample input and output lengths.
-fn nodes(spec: &ModelSpec) -> Vec<(Node, usize, usize)> {
+/// Resolves the spec's layers into nodes with their per-sample input and output lengths; fails for layer kinds the
+/// WGSL engine has no kernels for yet (the transformer layers), so the caller can run that model on the CPU backend.
+fn nodes(spec: &ModelSpec) -> Result<Vec<(Node, usize, usize)>, GpuError> {
     let mut out: Vec<(Node, usize, usize)> = Vec::new();
     for plan in spec.plan() {
         let input = plan.input.len();
@@ -176,11 +177,23 @@ fn nodes(spec: &ModelSpec) -> Vec<(Node, usize, usize)> {
                 gamma,
                 beta,
             },
+            Op::Embedding { .. } => return Err(GpuError::Unsupported { layer: "embedding" }),
+            Op::PositionalEmbedding { .. } => {
+                return Err(GpuError::Unsupported {
+                    layer: "positional_embedding",
+                });
+            }
+            Op::TransformerBlock { .. } => {
+                return Err(GpuError::Unsupported {
+                    layer: "transformer_block",
+                });
+            }
+            Op::LmHead { .. } => return Err(GpuError::Unsupported { layer: "lm_head" }),
         };
         let out_len = node.out_len(input);
         out.push((node, input, out_len));
     }
-    out
+    Ok(out)
 }
 
 /// Buffers and recorded dispatches for one batch size (and mode: training or forward-only).
@@ -219,12 +232,13 @@ impl GpuEngine {
     /// Builds the parameter and gradient buffers (zero parameters until [`Self::load`]); pipelines are built by the
     /// first plan that needs them.
     pub fn new(ctx: &GpuContext, spec: ModelSpec) -> Result<Self, GpuError> {
+        let nodes = nodes(&spec)?;
         let bytes = (spec.param_count() * 4) as u64;
         let params = transfer::storage(ctx, "params", bytes)?;
         let grad = transfer::storage(ctx, "grad", bytes)?;
         Ok(Self {
             ctx: ctx.clone(),
-            nodes: nodes(&spec),
+            nodes,
             spec,
             kernels: Kernels::new(ctx),
             params,

@@ -51,6 +51,8 @@ pub enum GpuError {
         "a dispatch needs {groups} workgroups along one axis, over the adapter's limit of {limit}; use smaller batches"
     )]
     Grid { groups: u32, limit: u32 },
+    #[error("the WGSL engine has no kernels for `{layer}` layers yet")]
+    Unsupported { layer: &'static str },
     #[error("operand {name} holds {got} values, expected {expected}")]
     Operand {
         name: &'static str,
