@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::Message;
 use starling_core::protocol::WireFrame;
 
 use crate::engine::{BackendChoice, Device};
-use crate::session::{Incoming, Session, SessionConfig, SessionError, Stats, Tamper};
+use crate::session::{Incoming, LocalLie, Session, SessionConfig, SessionError, Stats, Tamper};
 
 /// How to run one native worker.
 #[derive(Debug, Clone)]
@@ -53,6 +53,16 @@ pub async fn run_on(
     opts: WorkerOptions,
     tamper: Option<Tamper>,
 ) -> anyhow::Result<WorkerReport> {
+    run_lying(device, opts, tamper, None).await
+}
+
+/// Like [`run_on`] with a [`LocalLie`] about local leases too (the attack suites' lying workers).
+pub async fn run_lying(
+    device: Device,
+    opts: WorkerOptions,
+    tamper: Option<Tamper>,
+    lie: Option<Box<dyn LocalLie>>,
+) -> anyhow::Result<WorkerReport> {
     let mut session = Session::new(
         device,
         SessionConfig {
@@ -63,6 +73,9 @@ pub async fn run_on(
     );
     if let Some(t) = tamper {
         session = session.with_tamper(t);
+    }
+    if let Some(l) = lie {
+        session = session.with_local_lie(l);
     }
     let (mut ws, _) = tokio_tungstenite::connect_async(opts.coordinator.as_str())
         .await

@@ -33,6 +33,8 @@ pub struct Conn {
     pub(super) model: Option<(JobId, u64)>,
     /// A `waiting` was sent for the current idle period (sent once per period, not per attempt).
     pub(super) waiting_sent: bool,
+    /// The protocol version picked in the welcome: only a v2 connection is given `local` jobs' leases.
+    pub protocol: u32,
     pub connected_ms: i64,
 }
 
@@ -98,10 +100,18 @@ impl State {
                 lease: None,
                 model: None,
                 waiting_sent: false,
+                protocol: starling_core::protocol::PROTOCOL_VERSION,
                 connected_ms: now_ms(),
             },
         );
         Some((id, credits))
+    }
+
+    /// Records the protocol version picked for `conn` (before its first `ready`).
+    pub fn set_protocol(&mut self, conn: ConnId, protocol: u32) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.protocol = protocol;
+        }
     }
 
     /// Sends a frame directly (the welcome, before any effect exists).
@@ -136,9 +146,9 @@ impl State {
             return false;
         };
         match msg {
-            WorkerMsg::Result { lease, .. } | WorkerMsg::Failed { lease, .. } => {
-                c.lease == Some(*lease)
-            }
+            WorkerMsg::Result { lease, .. }
+            | WorkerMsg::LocalResult { lease, .. }
+            | WorkerMsg::Failed { lease, .. } => c.lease == Some(*lease),
             WorkerMsg::Ready => c.lease.is_none() && c.ready.is_none(),
             WorkerMsg::Hello { .. } => false,
         }

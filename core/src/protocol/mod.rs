@@ -7,8 +7,8 @@
 //! as JSON arrays.
 //!
 //! Versions are cumulative: a peer that speaks version N speaks every version from 1 to N, so a worker's `hello`
-//! names its highest version and the coordinator's `welcome` names the one it picked (the lower of the two
-//! highests). v1 messages are byte-identical in v2; v2 only adds messages (`local_lease`, `model_delta`,
+//! names its highest version and the coordinator's `welcome` confirms it (a version the coordinator does not speak
+//! is refused). v1 messages are byte-identical in v2; v2 only adds messages (`local_lease`, `model_delta`,
 //! `local_result`), which a peer sends only once v2 was picked.
 //!
 //! Parts: this file (ids, the two message enums, framing); `payload` (v1 tensor payloads); `v2` (what v2 adds:

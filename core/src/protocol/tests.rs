@@ -51,7 +51,7 @@ fn v2_messages_round_trip_with_int8_payloads_and_v1_frames_are_unchanged() {
     );
     assert_eq!(negotiate(1, PROTOCOL_V2), Some(1));
     assert_eq!(negotiate(2, PROTOCOL_V2), Some(2));
-    assert_eq!(negotiate(9, PROTOCOL_V2), Some(2));
+    assert_eq!(negotiate(9, PROTOCOL_V2), None);
     assert_eq!(negotiate(0, PROTOCOL_V2), None);
 }
 

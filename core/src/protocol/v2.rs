@@ -9,10 +9,12 @@ use crate::quant;
 /// Local-training leases, int8 deltas both ways.
 pub const PROTOCOL_V2: u32 = 2;
 
-/// The version a coordinator speaking up to `ours` picks for a worker whose `hello` names `theirs` (versions are
-/// cumulative); `None` when they share none (`theirs` is 0).
+/// The version a coordinator speaking 1 to `ours` picks for a worker whose `hello` names `theirs` (the highest
+/// version the worker speaks; versions are cumulative, so naming 2 lists 1 and 2): `theirs` itself when this
+/// coordinator speaks it, otherwise `None` (refused with `protocol_version`: a version from the future may have
+/// changed what the older ones mean, so it is not silently talked down).
 pub fn negotiate(theirs: u32, ours: u32) -> Option<u32> {
-    (theirs >= 1).then(|| theirs.min(ours))
+    (1..=ours).contains(&theirs).then_some(theirs)
 }
 
 /// How a delta's values travel.
