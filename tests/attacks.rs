@@ -339,7 +339,8 @@ async fn raw_peer(
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Waiting { .. }
             | CoordinatorMsg::ModelDelta { .. }
-            | CoordinatorMsg::LocalLease { .. } => {}
+            | CoordinatorMsg::LocalLease { .. }
+            | CoordinatorMsg::Dataset { .. } => {}
         }
     }
     Ok(())

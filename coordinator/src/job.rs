@@ -120,8 +120,10 @@ impl Default for Hyper {
             mode: Mode::Sync,
             h: 16,
             inner_batch: 32,
+            // The sync demo's Adam: with a fresh state each lease its first steps are sign-like, as at the start
+            // of a sync job.
             inner_optimizer: OptimizerSpec::Adam {
-                lr: 1e-3,
+                lr: 3e-3,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,

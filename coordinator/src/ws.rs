@@ -360,6 +360,7 @@ async fn session(
                 WorkerMsg::Ready => "ready",
                 WorkerMsg::Result { .. } => "result",
                 WorkerMsg::LocalResult { .. } => "local_result",
+                WorkerMsg::DatasetRequest { .. } => "dataset_request",
                 WorkerMsg::Failed { .. } => "failed",
             };
             close(
@@ -549,6 +550,9 @@ async fn serve(
                     app.state()
                         .local_result(conn, lease, losses, correct, quant, payload)
                 }
+            }
+            WorkerMsg::DatasetRequest { job, sha256 } => {
+                app.state().dataset_request(conn, job, &sha256)
             }
             WorkerMsg::Failed { lease, reason } => {
                 tracing::info!(%lease, reason = %reason.chars().take(200).collect::<String>(), "worker could not compute its lease");

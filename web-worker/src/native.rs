@@ -77,9 +77,19 @@ pub async fn run_lying(
     if let Some(l) = lie {
         session = session.with_local_lie(l);
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(opts.coordinator.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", opts.coordinator))?;
+    // A v2 `dataset` frame holds a whole training set (25 MB for the demo's MNIST split): above tungstenite's
+    // default 16 MiB frame limit, so the limits are the coordinator's upload limit instead.
+    let limit = Some(starling_core::data::MAX_UPLOAD_BYTES + 64 * 1024);
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_frame_size(limit)
+        .max_message_size(limit);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        opts.coordinator.as_str(),
+        Some(config),
+        false,
+    )
+    .await
+    .with_context(|| format!("connecting to {}", opts.coordinator))?;
     ws.send(to_message(session.hello())).await?;
     let mut closed_by = None;
     while let Some(msg) = ws.next().await {

@@ -62,6 +62,9 @@ pub struct Stats {
     /// Model broadcasts received as deltas (v2) and as full parameters.
     pub model_deltas: u64,
     pub full_models: u64,
+    /// Datasets fetched (v2) and their bytes.
+    pub datasets: u64,
+    pub dataset_bytes: u64,
 }
 
 /// A hook that may alter a result before it is sent: how test suites and the trust benchmark build a lying worker
@@ -100,6 +103,10 @@ pub struct Session {
     params: Vec<f32>,
     tamper: Option<Tamper>,
     lie: Option<Box<dyn LocalLie>>,
+    /// Training sets fetched for local leases (v2), by SHA-256, checked on arrival.
+    datasets: Vec<(String, starling_core::data::Dataset)>,
+    /// A local lease waiting for its dataset.
+    pending: Option<(CoordinatorMsg, Vec<u8>)>,
     stats: Stats,
 }
 
@@ -122,6 +129,8 @@ impl Session {
             params: Vec::new(),
             tamper: None,
             lie: None,
+            datasets: Vec::new(),
+            pending: None,
             stats: Stats::default(),
         }
     }
@@ -247,57 +256,64 @@ impl Session {
                 self.stats.version = Some(version);
                 Ok(vec![])
             }
-            CoordinatorMsg::LocalLease {
-                lease,
-                job,
-                version,
-                rows,
-                plan,
-                quant,
-                ..
-            } => {
+            msg @ CoordinatorMsg::LocalLease { .. } => {
                 self.stats.leases += 1;
                 self.stats.waiting = None;
-                let reply = match self.compute_local(job, version, rows, plan, payload).await {
-                    Ok(mut out) => {
-                        if let Some(lie) = self.lie.as_mut() {
-                            lie.output(&mut out);
+                if let CoordinatorMsg::LocalLease {
+                    job,
+                    dataset: Some(sha),
+                    ..
+                } = &msg
+                    && !self.datasets.iter().any(|(s, _)| s == sha)
+                {
+                    // Fetched once per dataset: the lease waits for it.
+                    let request = WorkerMsg::DatasetRequest {
+                        job: *job,
+                        sha256: sha.clone(),
+                    };
+                    self.pending = Some((msg, payload.to_vec()));
+                    return Ok(vec![encode(&request, &[])]);
+                }
+                Ok(self.local_lease(msg, payload).await)
+            }
+            CoordinatorMsg::Dataset { sha256, .. } => {
+                let got = starling_core::digest::sha256_hex(payload);
+                let parsed = if got == sha256 {
+                    starling_core::data::parse_upload(payload)
+                        .map(|u| u.train)
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(format!("dataset {sha256} arrived with SHA-256 {got}"))
+                };
+                let pending = self.pending.take();
+                match parsed {
+                    Ok(ds) => {
+                        self.stats.datasets += 1;
+                        self.stats.dataset_bytes += payload.len() as u64;
+                        // A worker rarely trains for more than a couple of jobs; keep the latest few.
+                        if self.datasets.len() >= 2 {
+                            self.datasets.remove(0);
                         }
-                        // A lying worker's NaN still travels when the job sends f32 (the coordinator must refuse
-                        // it); an honest one never produces one (the inner loop refuses non-finite gradients).
-                        let bytes = match (encode_delta(quant, &out.delta), quant) {
-                            (Ok(b), _) => Ok(b),
-                            (Err(_), Quant::F32) => Ok(f32_bytes(&out.delta)),
-                            (Err(e), Quant::Int8) => Err(e.to_string()),
-                        };
-                        match bytes {
-                            Ok(bytes) => {
-                                self.stats.results_sent += 1;
-                                let commit = Some(starling_core::digest::sha256_hex(&bytes));
-                                encode(
-                                    &WorkerMsg::LocalResult {
-                                        lease,
-                                        losses: out.losses,
-                                        correct: out.correct,
-                                        quant,
-                                        commit,
-                                    },
-                                    &bytes,
-                                )
-                            }
-                            Err(reason) => {
-                                self.stats.failed += 1;
-                                encode(&WorkerMsg::Failed { lease, reason }, &[])
-                            }
+                        self.datasets.push((sha256, ds));
+                        match pending {
+                            Some((msg, p)) => Ok(self.local_lease(msg, &p).await),
+                            None => Ok(vec![]),
                         }
                     }
                     Err(reason) => {
-                        self.stats.failed += 1;
-                        tracing::warn!(%lease, %reason, "local lease failed");
-                        encode(&WorkerMsg::Failed { lease, reason }, &[])
+                        tracing::warn!(%reason, "dataset refused");
+                        match pending {
+                            Some((CoordinatorMsg::LocalLease { lease, .. }, _)) => {
+                                self.stats.failed += 1;
+                                Ok(vec![
+                                    encode(&WorkerMsg::Failed { lease, reason }, &[]),
+                                    encode(&WorkerMsg::Ready, &[]),
+                                ])
+                            }
+                            _ => Ok(vec![]),
+                        }
                     }
-                };
-                Ok(vec![reply, encode(&WorkerMsg::Ready, &[])])
+                }
             }
             CoordinatorMsg::Lease {
                 lease,
@@ -387,14 +403,117 @@ impl Session {
 }
 
 impl Session {
+    /// Computes a `local_lease` (its dataset, if it names one, already fetched) and returns the frames to send: the
+    /// `local_result` (or `failed`), then `ready`.
+    async fn local_lease(&mut self, msg: CoordinatorMsg, payload: &[u8]) -> Vec<WireFrame> {
+        let CoordinatorMsg::LocalLease {
+            lease,
+            job,
+            version,
+            rows,
+            plan,
+            quant,
+            dataset,
+            ..
+        } = msg
+        else {
+            return vec![];
+        };
+        let computed = match self.lease_rows(rows, dataset.as_deref(), payload) {
+            Ok((x, labels)) => self.compute_local(job, version, plan, &x, &labels).await,
+            Err(e) => Err(e),
+        };
+        let reply = match computed {
+            Ok(mut out) => {
+                if let Some(lie) = self.lie.as_mut() {
+                    lie.output(&mut out);
+                }
+                // A lying worker's NaN still travels when the job sends f32 (the coordinator must refuse it); an
+                // honest one never produces one (the inner loop refuses non-finite gradients).
+                let bytes = match (encode_delta(quant, &out.delta), quant) {
+                    (Ok(b), _) => Ok(b),
+                    (Err(_), Quant::F32) => Ok(f32_bytes(&out.delta)),
+                    (Err(e), Quant::Int8) => Err(e.to_string()),
+                };
+                match bytes {
+                    Ok(bytes) => {
+                        self.stats.results_sent += 1;
+                        let commit = Some(starling_core::digest::sha256_hex(&bytes));
+                        encode(
+                            &WorkerMsg::LocalResult {
+                                lease,
+                                losses: out.losses,
+                                correct: out.correct,
+                                quant,
+                                commit,
+                            },
+                            &bytes,
+                        )
+                    }
+                    Err(reason) => {
+                        self.stats.failed += 1;
+                        encode(&WorkerMsg::Failed { lease, reason }, &[])
+                    }
+                }
+            }
+            Err(reason) => {
+                self.stats.failed += 1;
+                tracing::warn!(%lease, %reason, "local lease failed");
+                encode(&WorkerMsg::Failed { lease, reason }, &[])
+            }
+        };
+        vec![reply, encode(&WorkerMsg::Ready, &[])]
+    }
+
+    /// A local lease's rows: gathered from the cached dataset by the indices in the payload, or the payload's own
+    /// features and labels.
+    fn lease_rows(
+        &self,
+        rows: u32,
+        dataset: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(Vec<f32>, Vec<u32>), String> {
+        let engine = self.engine.as_ref().ok_or("no engine")?;
+        let input = engine.spec().input as usize;
+        let Some(sha) = dataset else {
+            return split_lease_payload(payload, rows as usize, input).map_err(|e| e.to_string());
+        };
+        let ds = self
+            .datasets
+            .iter()
+            .find(|(s, _)| s == sha)
+            .map(|(_, d)| d)
+            .ok_or_else(|| format!("dataset {sha} is not here"))?;
+        let idx = starling_core::protocol::u32s(payload);
+        if idx.len() != rows as usize || payload.len() != 4 * rows as usize {
+            return Err(format!(
+                "{} row indices for a lease of {rows} rows",
+                idx.len()
+            ));
+        }
+        if ds.dim != input {
+            return Err(format!(
+                "dataset rows are {} wide, the model takes {input}",
+                ds.dim
+            ));
+        }
+        if let Some(bad) = idx.iter().find(|i| **i as usize >= ds.rows()) {
+            return Err(format!(
+                "row {bad} is past the dataset's {} rows",
+                ds.rows()
+            ));
+        }
+        Ok(ds.gather(&idx))
+    }
+
     /// Runs a local lease's H inner steps on this worker's engine from the parameters it holds.
     async fn compute_local(
         &mut self,
         job: JobId,
         version: u64,
-        rows: u32,
         mut plan: LeasePlan,
-        payload: &[u8],
+        x: &[f32],
+        labels: &[u32],
     ) -> Result<LocalOutput, String> {
         if self.model != Some((job, version)) {
             return Err(format!(
@@ -403,8 +522,7 @@ impl Session {
         }
         let engine = self.engine.as_mut().ok_or("no engine")?;
         let input = engine.spec().input as usize;
-        let (x, labels) =
-            split_lease_payload(payload, rows as usize, input).map_err(|e| e.to_string())?;
+        let rows = labels.len();
         if let Some(lie) = self.lie.as_mut() {
             lie.plan(&mut plan);
         }
@@ -412,12 +530,12 @@ impl Session {
         if let Some(lie) = self.lie.as_mut() {
             lie.base(version, base.to_mut());
         }
-        let mut lp = InnerLoop::new(&base, &plan, rows as usize).map_err(|e| e.to_string())?;
+        let mut lp = InnerLoop::new(&base, &plan, rows).map_err(|e| e.to_string())?;
         self.stats.inner_steps = lp.h();
         self.stats.inner_done = 0;
         let started = now_ms();
         while let Some(positions) = lp.next_rows() {
-            let (bx, by) = gather(&x, &labels, input, positions);
+            let (bx, by) = gather(x, labels, input, positions);
             engine
                 .load(lp.params())
                 .await

@@ -195,7 +195,7 @@ impl State {
         }
         m.active.push(lease_id);
         m.involved.push((worker, addr));
-        let (x, labels) = job.train.gather(&m.rows);
+        let rows = m.rows.len() as u32;
         job.counters.leases_issued += 1;
         if speculative {
             job.counters.speculative_leases += 1;
@@ -214,13 +214,16 @@ impl State {
                 );
             }
             conn.model = Some((job.id, job.step));
-            let msg = local.lease_msg(job, lease_id, micro as u32, labels.len() as u32);
-            fx.send_lease(
-                conn_id,
-                job.id,
-                lease_id,
-                Outbound::msg(&msg, &lease_payload(&x, &labels)),
-            );
+            let msg = local.lease_msg(job, lease_id, micro as u32, rows);
+            // With the dataset fetched once, a lease carries only its row indices.
+            let payload = match job.dataset {
+                Some(_) => starling_core::protocol::u32_bytes(&job.micros[micro].rows),
+                None => {
+                    let (x, labels) = job.train.gather(&job.micros[micro].rows);
+                    lease_payload(&x, &labels)
+                }
+            };
+            fx.send_lease(conn_id, job.id, lease_id, Outbound::msg(&msg, &payload));
         } else {
             if conn.model != Some((job.id, job.step)) {
                 fx.send_lease(
@@ -231,6 +234,7 @@ impl State {
                 );
                 conn.model = Some((job.id, job.step));
             }
+            let (x, labels) = job.train.gather(&job.micros[micro].rows);
             let msg = CoordinatorMsg::Lease {
                 lease: lease_id,
                 job: job.id,

@@ -150,7 +150,7 @@ impl State {
             | WorkerMsg::LocalResult { lease, .. }
             | WorkerMsg::Failed { lease, .. } => c.lease == Some(*lease),
             WorkerMsg::Ready => c.lease.is_none() && c.ready.is_none(),
-            WorkerMsg::Hello { .. } => false,
+            WorkerMsg::Hello { .. } | WorkerMsg::DatasetRequest { .. } => false,
         }
     }
 
@@ -167,8 +167,12 @@ impl State {
         fx
     }
 
-    /// A worker could not compute its lease: release it without a strike.
+    /// A worker could not compute its lease: release it without a strike. Its model is forgotten, so its next
+    /// lease comes with the full model (a v2 worker that lost track of its version fails its lease).
     pub fn failed(&mut self, conn: ConnId, lease: LeaseId) -> Effects {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.model = None;
+        }
         if self.leases.get(&lease).is_some_and(|l| l.conn == conn)
             && let Some(l) = self.drop_lease(lease)
             && let Some(job) = self.jobs.get_mut(&l.job)

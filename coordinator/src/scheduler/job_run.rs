@@ -66,6 +66,9 @@ pub struct JobRun {
     pub(super) audits: std::collections::HashMap<(u64, u32), super::settle::Audit>,
     /// A `local` job's master parameters, outer optimizer and model deltas (`None` for `sync` jobs).
     pub(super) local: Option<super::round::LocalRun>,
+    /// A `local` job's training set as one `dataset` frame, with its SHA-256: v2 workers fetch it once and are
+    /// then leased row indices only.
+    pub(super) dataset: Option<(String, Bytes)>,
 }
 
 /// Everything needed to bring a job back into memory.
@@ -191,7 +194,11 @@ impl JobRun {
             scale: crate::verify::Scale::default(),
             audits: std::collections::HashMap::new(),
             local,
+            dataset: None,
         };
+        if job.local.is_some() {
+            job.dataset = Some(super::round::dataset_frame(job.id, &job.train));
+        }
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;
         }

@@ -136,6 +136,7 @@ impl LocalRun {
             plan: plan(&job.hyper, job.step, shard),
             quant: job.hyper.quant,
             deadline_ms: job.hyper.lease_timeout_ms,
+            dataset: job.dataset.as_ref().map(|(sha, _)| sha.clone()),
         }
     }
 
@@ -178,6 +179,21 @@ impl LocalRun {
     }
 }
 
+/// A training set as the `dataset` frame v2 workers fetch once, and its SHA-256 (lower-case hex) over the SDS1 bytes.
+pub fn dataset_frame(job: JobId, train: &starling_core::data::Dataset) -> (String, Bytes) {
+    let bytes = starling_core::data::encode_raw(train);
+    let sha256 = starling_core::digest::sha256_hex(&bytes);
+    let msg = CoordinatorMsg::Dataset {
+        job,
+        sha256: sha256.clone(),
+    };
+    let frame = match encode(&msg, &bytes) {
+        WireFrame::Binary(b) => Bytes::from(b),
+        WireFrame::Text(t) => Bytes::from(t.into_bytes()),
+    };
+    (sha256, frame)
+}
+
 /// The plan of shard `shard` of round `round`: every replica of the shard gets the same seed.
 pub fn plan(hyper: &Hyper, round: u64, shard: u32) -> LeasePlan {
     let mut rng = starling_core::rng::SplitMix64::new(
@@ -208,6 +224,28 @@ pub fn traces_agree(a: &Trace, b: &Trace, tolerance: f32) -> bool {
 }
 
 impl State {
+    /// A v2 worker asks for a job's training set: it gets the `dataset` frame if `sha256` names it (anything else
+    /// is ignored: the worker will fail its lease and get the next one).
+    pub fn dataset_request(&mut self, conn: ConnId, job_id: JobId, sha256: &str) -> Effects {
+        let mut fx = self.effects();
+        let v2 = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.protocol >= starling_core::protocol::PROTOCOL_V2);
+        if let Some(job) = self.jobs.get(&job_id)
+            && v2
+            && let Some((sha, frame)) = &job.dataset
+            && sha.eq_ignore_ascii_case(sha256)
+        {
+            fx.send(
+                conn,
+                Some(job_id),
+                super::effects::Outbound::Frame(axum::extract::ws::Message::Binary(frame.clone())),
+            );
+        }
+        fx
+    }
+
     /// A `local_result` arrived for `lease_id` on `conn`: the delta is decoded and checked (length, finiteness,
     /// one loss and count per inner step) and then settled like any result, its trace compared with the
     /// replicas'.

@@ -113,6 +113,8 @@ pub enum WorkerMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         commit: Option<String>,
     },
+    /// v2: asks for the dataset a `local_lease` names (once per dataset; the worker keeps it).
+    DatasetRequest { job: JobId, sha256: String },
 }
 
 /// Why a lease's result was or was not counted.
@@ -187,9 +189,10 @@ pub enum CoordinatorMsg {
     },
     /// v2: H local steps from model `version` over this lease's rows (`core::local`): the worker derives the row
     /// order from `plan.seed`, runs `plan.h` steps of `plan.optimizer` (fresh state) with `plan.inner_batch` rows
-    /// each, and answers `local_result` with Δ in the `quant` encoding. Binary payload as in `lease`: `rows ×
-    /// spec.input` f32 features, then `rows` u32 labels. `round` and `shard` name the outer round and the lease's
-    /// share of it (the v1 `step` and `micro_batch`).
+    /// each, and answers `local_result` with Δ in the `quant` encoding. Binary payload: with `dataset` (the SHA-256
+    /// of the job's training set, fetched once with `dataset_request`), `rows` u32 row indices into it; without,
+    /// as in `lease`: `rows × spec.input` f32 features, then `rows` u32 labels. `round` and `shard` name the outer
+    /// round and the lease's share of it (the v1 `step` and `micro_batch`).
     LocalLease {
         lease: LeaseId,
         job: JobId,
@@ -200,7 +203,12 @@ pub enum CoordinatorMsg {
         plan: LeasePlan,
         quant: Quant,
         deadline_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dataset: Option<String>,
     },
+    /// v2: a job's training set, the answer to `dataset_request`. Binary payload: the raw SDS1 encoding
+    /// (`core::data::encode_raw`) whose SHA-256 (lower-case hex) is `sha256`; the worker checks it on arrival.
+    Dataset { job: JobId, sha256: String },
     /// The fate of a submitted result, once known. `credits` is the worker's new total.
     Verdict {
         lease: LeaseId,
@@ -305,6 +313,7 @@ impl WorkerMsg {
             Self::Result { .. } => ("result", true),
             Self::Failed { .. } => ("failed", false),
             Self::LocalResult { .. } => ("local_result", true),
+            Self::DatasetRequest { .. } => ("dataset_request", false),
         }
     }
 
@@ -334,6 +343,7 @@ impl CoordinatorMsg {
             Self::Waiting { .. } => ("waiting", false),
             Self::ModelDelta { .. } => ("model_delta", true),
             Self::LocalLease { .. } => ("local_lease", true),
+            Self::Dataset { .. } => ("dataset", true),
             Self::Verdict { .. } => ("verdict", false),
             Self::Error { .. } => ("error", false),
         }

@@ -254,7 +254,11 @@ mod property {
 
     fn worker_msg(r: &mut SplitMix64) -> WorkerMsg {
         let opt = |r: &mut SplitMix64| if r.below(3) == 0 { None } else { Some(text(r)) };
-        match r.below(5) {
+        match r.below(6) {
+            5 => WorkerMsg::DatasetRequest {
+                job: JobId(num(r)),
+                sha256: text(r),
+            },
             4 => WorkerMsg::LocalResult {
                 lease: LeaseId(num(r)),
                 losses: (0..r.below(5)).map(|_| float32(r)).collect(),
@@ -306,7 +310,8 @@ mod property {
             ErrorCode::Limit,
             ErrorCode::ShuttingDown,
         ];
-        match r.below(8) {
+        let opt = |r: &mut SplitMix64| if r.below(3) == 0 { None } else { Some(text(r)) };
+        match r.below(9) {
             6 => CoordinatorMsg::ModelDelta {
                 job: JobId(num(r)),
                 from: num(r),
@@ -335,6 +340,11 @@ mod property {
                 },
                 quant: Quant::Int8,
                 deadline_ms: num(r),
+                dataset: opt(r),
+            },
+            8 => CoordinatorMsg::Dataset {
+                job: JobId(num(r)),
+                sha256: text(r),
             },
             0 => CoordinatorMsg::Welcome {
                 protocol: num32(r),
