@@ -2,8 +2,6 @@
 //! model as int8 deltas from the version the connection holds, agreeing replicas (delta and trace) settle a shard,
 //! a disagreement is replayed, and the outer step's broadcast reproduces the coordinator's parameters bit for bit.
 
-use std::sync::Arc;
-
 use axum::extract::ws::Message;
 
 use super::*;
@@ -151,6 +149,10 @@ fn agreeing_replicas_settle_a_round_and_workers_follow_by_int8_deltas() {
     );
     let theta1 = h.job(1).params().to_vec();
     assert_ne!(theta0, theta1);
+    for &c in &conns {
+        let fx = h.st.ready(c);
+        sent.extend(frames(&mut h, fx));
+    }
     // Each connection's next lease comes with the int8 delta from version 0, and applying it gives θ_1 exactly.
     let deltas: Vec<_> = sent
         .iter()
@@ -191,16 +193,15 @@ fn a_trace_disagreement_is_replayed_and_the_liar_is_rejected() {
     let (a, b) = (v2(&mut h, 1), v2(&mut h, 2));
     h.ready(a);
     h.ready(b);
-    let (la, sa) = held_local(&h, a).expect("a holds");
+    let (_, sa) = held_local(&h, a).expect("a holds");
     let (_, sb) = held_local(&h, b).expect("b holds");
-    // Both hold replicas of different shards; give b the same shard by submitting a's shard twice: connect a third.
+    // a and b hold different shards (least replicated first); a third worker gets a replica of one of them.
     let c = v2(&mut h, 3);
     h.ready(c);
     let (_, sc) = held_local(&h, c).expect("c holds");
     let twin = if sc == sa { a } else { b };
     let shard = if sc == sa { sa } else { sb };
     assert_eq!(sc, shard);
-    let _ = la;
     send_local(&mut h, twin, &honest_local(0, shard));
     let mut lie = honest_local(0, shard);
     lie.losses[1] *= 1.5; // Same delta, a different loss trace: not the same computation.
@@ -248,5 +249,4 @@ fn malformed_local_results_and_v1_results_for_local_leases_are_rejected() {
         Some(Outcome::Rejected),
         "a v1 result cannot answer a local lease"
     );
-    let _ = Arc::new(());
 }
