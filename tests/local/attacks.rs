@@ -29,6 +29,9 @@ impl LocalLie for Stale {
     }
 }
 
+/// A lying worker: its name, a tamper of every inner step, a lie about the whole lease.
+type Liar = (&'static str, Option<SendTamper>, Option<Box<dyn LocalLie>>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_lies_are_never_accepted() -> anyhow::Result<()> {
     init_tracing();
@@ -40,7 +43,7 @@ async fn local_lies_are_never_accepted() -> anyhow::Result<()> {
         .start()
         .await?;
     let url = cluster.server.ws_url();
-    let liars: Vec<(&str, Option<SendTamper>, Option<Box<dyn LocalLie>>)> = vec![
+    let liars: Vec<Liar> = vec![
         (
             "flip",
             Some(each_step(|o| o.grad.iter_mut().for_each(|g| *g = -*g))),
