@@ -139,6 +139,8 @@ struct Figures {
     volunteer_results: f64,
     disagreements: f64,
     recomputations: f64,
+    /// Bytes of the one-time dataset downloads (within `bytes_down`).
+    dataset_bytes: f64,
     wall_s: f64,
 }
 
@@ -153,6 +155,7 @@ impl Figures {
         self.volunteer_results += o.volunteer_results;
         self.disagreements += o.disagreements;
         self.recomputations += o.recomputations;
+        self.dataset_bytes += o.dataset_bytes;
         self.wall_s += o.wall_s;
     }
 }
@@ -293,13 +296,19 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
         .thread_keep_alive(Duration::from_secs(3600))
         .enable_all()
         .build()?;
-    let listener = coord_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = ServeConfig::for_tests(db.clone());
-    let server = coord_rt.spawn(starling_coordinator::run(listener, config, async {
-        let _ = stopped.await;
-    }));
+    let server = coord_rt.spawn(async move {
+        // Registered with the coordinator's runtime, so its sockets are served by its threads.
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        starling_coordinator::run(listener, config, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
     let cpu_before = coordinator_cpu_s();
     let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let relay_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -338,16 +347,17 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
     let coord_cpu_s = coordinator_cpu_s() - cpu_before;
     let (bytes_up, bytes_down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
     let _ = stop.send(());
-    coord_rt.block_on(server).context("coordinator task")??;
+    server.await.context("coordinator task")??;
     relay_task.abort();
-    let mut results = 0u64;
+    let (mut results, mut dataset_bytes) = (0u64, 0u64);
     for h in workers {
         let r = h
             .join()
             .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
         results += r.stats.results_sent;
+        dataset_bytes += r.stats.dataset_bytes;
     }
-    coord_rt.shutdown_timeout(Duration::from_secs(5));
+    coord_rt.shutdown_background();
     let _ = std::fs::remove_dir_all(&dir);
     let c = &job["counters"];
     let n = |k: &str| c[k].as_f64().unwrap_or(0.0);
@@ -361,6 +371,7 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
         volunteer_results: results as f64,
         disagreements: n("disagreements"),
         recomputations: n("arbitrations") + n("spot_checks") + n("audits"),
+        dataset_bytes: dataset_bytes as f64,
         wall_s,
     })
 }
@@ -419,9 +430,9 @@ fn main() -> anyhow::Result<()> {
             )
         });
     println!(
-        "| arm | mode | H | quant | bytes/sample (up / down) | × fewer than A0 | held-out accuracy | coordinator CPU µs/sample | × less than A0 | honest disagreements | verification share | wall s |"
+        "| arm | mode | H | quant | bytes/sample (up / down) | × fewer than A0 | excl. dataset download | held-out accuracy | coordinator CPU µs/sample | × less than A0 | honest disagreements | verification share | wall s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut json = Vec::new();
     for (arm, s, reps) in &rows {
         let per = |v: f64| v / s.samples;
@@ -436,12 +447,13 @@ fn main() -> anyhow::Result<()> {
         };
         let (xb, xc) = base.map_or((f64::NAN, f64::NAN), |(b, c)| (b / bytes, c * 1e6 / cpu_us));
         println!(
-            "| {} | {mode} | {} | {} | {bytes:.1} ({:.1} / {:.1}) | {xb:.1} | {:.4} | {cpu_us:.2} | {xc:.1} | {disagree:.4} | {share:.3} | {:.1} |",
+            "| {} | {mode} | {} | {} | {bytes:.1} ({:.1} / {:.1}) | {xb:.1} | {:.1} | {:.4} | {cpu_us:.2} | {xc:.1} | {disagree:.4} | {share:.3} | {:.1} |",
             arm.name,
             arm.h,
             arm.quant.as_str(),
             per(s.bytes_up),
             per(s.bytes_down),
+            per(s.bytes_up + s.bytes_down - s.dataset_bytes),
             s.accuracy / reps,
             s.wall_s / reps,
         );
