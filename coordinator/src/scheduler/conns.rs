@@ -167,10 +167,17 @@ impl State {
         fx
     }
 
-    /// A worker could not compute its lease: release it without a strike. Its model is forgotten, so its next
-    /// lease comes with the full model (a v2 worker that lost track of its version fails its lease).
+    /// A worker could not compute its lease: release it without a strike. For a `local` job its model is
+    /// forgotten, so its next lease comes with the full model (a v2 worker that lost track of its version fails
+    /// its lease).
     pub fn failed(&mut self, conn: ConnId, lease: LeaseId) -> Effects {
-        if let Some(c) = self.conns.get_mut(&conn) {
+        let local = self
+            .leases
+            .get(&lease)
+            .filter(|l| l.conn == conn)
+            .and_then(|l| self.jobs.get(&l.job))
+            .is_some_and(|j| j.local.is_some());
+        if local && let Some(c) = self.conns.get_mut(&conn) {
             c.model = None;
         }
         if self.leases.get(&lease).is_some_and(|l| l.conn == conn)
