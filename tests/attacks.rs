@@ -335,7 +335,12 @@ async fn raw_peer(
                 report.lock().unwrap().refused = code == ErrorCode::Refused;
                 break;
             }
-            CoordinatorMsg::Welcome { .. } | CoordinatorMsg::Waiting { .. } => {}
+            // v2 messages: never sent to this v1 client.
+            CoordinatorMsg::Welcome { .. }
+            | CoordinatorMsg::Waiting { .. }
+            | CoordinatorMsg::ModelDelta { .. }
+            | CoordinatorMsg::LocalLease { .. }
+            | CoordinatorMsg::Dataset { .. } => {}
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use starling_core::optim::{LrSchedule, OptimizerSpec};
+use starling_core::protocol::Quant;
 
 /// Training hyperparameters of a job. Every field has a default, so `{}` is a valid (demo-like) request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +51,43 @@ pub struct Hyper {
     /// `--spot-check-max-params`). A failed audit refuses every worker that vouched for the result and claws back
     /// their credits for it (docs/PROTOCOL.md, Verification). 0 turns audits off.
     pub audit: f32,
+    /// `sync` (one optimizer step per global batch of micro-batches, protocol v1) or `local` (outer rounds of
+    /// H-step local leases, protocol v2). In `local` mode `global_batch` is the rows of one outer round,
+    /// `micro_batch` the rows of one lease, `steps` the outer rounds, `optimizer` is unused (see `inner_optimizer`).
+    pub mode: Mode,
+    /// `local`: inner steps per lease (H).
+    pub h: u32,
+    /// `local`: rows per inner step.
+    pub inner_batch: u32,
+    /// `local`: the workers' inner optimizer, its state reset every lease.
+    pub inner_optimizer: OptimizerSpec,
+    /// `local`: the outer Nesterov step's learning rate and momentum (DiLoCo's 0.7 and 0.9).
+    pub outer_lr: f32,
+    pub outer_momentum: f32,
+    /// `local`: how deltas and model broadcasts travel (`int8` blocks or `f32`).
+    pub quant: Quant,
+    /// `local`: the agreement bound between replicas' deltas (`None`: [`local_tolerance`] for `h`).
+    pub local_tolerance: Option<f32>,
+}
+
+/// How a job trains (see [`Hyper::mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Sync,
+    Local,
+}
+
+/// The default agreement bound of `local` leases of `h` inner steps: the relative L2 distance between honest
+/// replicas' int8 deltas grows with H (docs/PROTOCOL.md, "Local leases": the measured table and the headroom).
+pub fn local_tolerance(h: u32) -> f32 {
+    // Measured honest maxima (CPU vs WGSL on lavapipe, int8 deltas): 4e-7 at H = 1, 9e-5 at 4, 1.6e-4 at 16,
+    // 2.2e-4 at 64; these bounds leave ≥ 60× headroom for devices and trajectories not yet measured.
+    match h {
+        0..=16 => 1e-2,
+        _ => 2e-2,
+    }
 }
 
 impl Default for Hyper {
@@ -80,6 +118,21 @@ impl Default for Hyper {
             weight_decay: 0.0,
             patience: None,
             audit: DEFAULT_AUDIT,
+            mode: Mode::Sync,
+            h: 16,
+            inner_batch: 32,
+            // The sync demo's Adam: with a fresh state each lease its first steps are sign-like, as at the start
+            // of a sync job.
+            inner_optimizer: OptimizerSpec::Adam {
+                lr: 3e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            quant: Quant::Int8,
+            local_tolerance: None,
         }
     }
 }
@@ -165,7 +218,47 @@ impl Hyper {
         if self.patience == Some(0) {
             return Err("patience must be at least 1 evaluation".into());
         }
+        if self.mode == Mode::Local {
+            let plan = starling_core::local::LeasePlan {
+                h: self.h,
+                inner_batch: self.inner_batch,
+                seed: 0,
+                optimizer: self.inner_optimizer,
+            };
+            plan.validate(self.micro_batch as usize)
+                .map_err(|e| format!("local lease: {e}"))?;
+            if !(self.outer_lr.is_finite() && self.outer_lr > 0.0 && self.outer_lr <= 10.0) {
+                return Err(format!(
+                    "outer_lr must be in (0, 10], got {}",
+                    self.outer_lr
+                ));
+            }
+            if !(0.0..1.0).contains(&self.outer_momentum) {
+                return Err(format!(
+                    "outer_momentum must be in [0, 1), got {}",
+                    self.outer_momentum
+                ));
+            }
+            if let Some(t) = self.local_tolerance
+                && !(t > 0.0 && t <= 0.5)
+            {
+                return Err(format!("local_tolerance must be in (0, 0.5], got {t}"));
+            }
+        }
         Ok(())
+    }
+
+    /// The agreement bound results of this job are judged by.
+    pub fn agreement_tolerance(&self) -> f32 {
+        match self.mode {
+            Mode::Sync => self.tolerance,
+            Mode::Local => self.local_tolerance.unwrap_or(local_tolerance(self.h)),
+        }
+    }
+
+    /// Whether the job trains with local leases (protocol v2).
+    pub fn is_local(&self) -> bool {
+        self.mode == Mode::Local
     }
 
     /// Agreeing results needed to accept a micro-batch: a strict majority of R.

@@ -385,7 +385,27 @@ fn recompute(app: Arc<App>, r: scheduler::Recompute) -> Pin<Box<dyn Future<Outpu
             params,
             x,
             labels,
+            local,
         } = r;
+        if let Some(local) = local {
+            let out =
+                tokio::task::spawn_blocking(move || replay(spec, &params, &local, &x, &labels))
+                    .await;
+            let reference = match out {
+                Ok(Ok(r)) => Some(r),
+                Ok(Err(e)) => {
+                    tracing::error!(%job, ?kind, error = %e, "replay failed; falling back to replication");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(%job, ?kind, error = %e, "replay task panicked; falling back to replication");
+                    None
+                }
+            };
+            let fx = app.state().replayed(job, step, micro, reference);
+            app.apply(fx).await;
+            return;
+        }
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
             engine.load(&params)?;
@@ -406,6 +426,25 @@ fn recompute(app: Arc<App>, r: scheduler::Recompute) -> Pin<Box<dyn Future<Outpu
         let fx = app.state().recomputed(job, step, micro, reference);
         app.apply(fx).await;
     })
+}
+
+/// Replays a `local` lease on the CPU backend (`core::local`), passing its delta through the job's encoding as a
+/// replica's delta is, so the coordinator compares like with like.
+fn replay(
+    spec: starling_core::ModelSpec,
+    params: &[f32],
+    local: &scheduler::LocalReplay,
+    x: &[f32],
+    labels: &[u32],
+) -> Result<starling_core::local::LocalOutput, String> {
+    let mut engine = CpuEngine::new(spec);
+    let mut out = starling_core::local::run_cpu(&mut engine, params, &local.plan, x, labels)
+        .map_err(|e| e.to_string())?;
+    let bytes = starling_core::protocol::encode_delta(local.quant, &out.delta)
+        .map_err(|e| e.to_string())?;
+    out.delta = starling_core::protocol::decode_delta(local.quant, &bytes, out.delta.len())
+        .map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// Creates the demo job (and its dataset, and its owner `demo`) unless a job of that name exists. When it creates

@@ -155,12 +155,17 @@ pub enum Settle {
 
 /// Compares a micro-batch's replicas with each other (see [`Settle`]).
 pub fn settle(results: &[Candidate<'_>], quorum: usize, tolerance: f32, scale: f64) -> Settle {
+    settle_by(results.len(), quorum, |a, b| {
+        agree(&results[a], &results[b], tolerance, scale)
+    })
+}
+
+/// [`settle`] over `n` results with any agreement rule (`agree(a, b)` on indices); `local` leases add the
+/// comparison of their inner traces.
+pub fn settle_by(n: usize, quorum: usize, agree: impl Fn(usize, usize) -> bool) -> Settle {
     let mut clusters: Vec<Vec<usize>> = Vec::new();
-    for (i, r) in results.iter().enumerate() {
-        match clusters
-            .iter_mut()
-            .find(|c| agree(&results[c[0]], r, tolerance, scale))
-        {
+    for i in 0..n {
+        match clusters.iter_mut().find(|c| agree(c[0], i)) {
             Some(c) => c.push(i),
             None => clusters.push(vec![i]),
         }

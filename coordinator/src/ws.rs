@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use starling_core::protocol::{
-    CoordinatorMsg, ErrorCode, MAX_HEADER_BYTES, PROTOCOL_VERSION, ProtocolError, WorkerMsg,
-    encode, f32s,
+    CoordinatorMsg, ErrorCode, MAX_HEADER_BYTES, PROTOCOL_V2, ProtocolError, WorkerMsg, encode,
+    f32s, negotiate,
 };
 
 use crate::App;
@@ -326,7 +326,7 @@ async fn session(
             return false;
         }
     };
-    let (token, name, backend, adapter, platform) = match hello {
+    let (token, name, backend, adapter, platform, protocol) = match hello {
         Ok(WorkerMsg::Hello {
             protocol,
             token,
@@ -335,22 +335,32 @@ async fn session(
             adapter,
             platform,
         }) => {
-            if protocol != PROTOCOL_VERSION {
+            // Versions are cumulative: a worker naming N speaks 1..=N; we speak 1 and 2.
+            let Some(picked) = negotiate(protocol, PROTOCOL_V2) else {
                 close(
                     tx,
                     ErrorCode::ProtocolVersion,
-                    format!("this coordinator speaks protocol {PROTOCOL_VERSION}, not {protocol}"),
+                    format!("this coordinator speaks protocol 1 or {PROTOCOL_V2}, not {protocol}"),
                 );
                 return false;
-            }
+            };
             let trim = |s: String| s.chars().take(200).collect::<String>();
-            (token, name.map(trim), backend, trim(adapter), platform)
+            (
+                token,
+                name.map(trim),
+                backend,
+                trim(adapter),
+                platform,
+                picked,
+            )
         }
         Ok(other) => {
             let kind = match other {
                 WorkerMsg::Hello { .. } => "hello",
                 WorkerMsg::Ready => "ready",
                 WorkerMsg::Result { .. } => "result",
+                WorkerMsg::LocalResult { .. } => "local_result",
+                WorkerMsg::DatasetRequest { .. } => "dataset_request",
                 WorkerMsg::Failed { .. } => "failed",
             };
             close(
@@ -413,8 +423,9 @@ async fn session(
             tx.clone(),
         );
         admitted.map(|(conn, credits)| {
+            st.set_protocol(conn, protocol);
             let welcome = CoordinatorMsg::Welcome {
-                protocol: PROTOCOL_VERSION,
+                protocol,
                 worker: row.id,
                 token,
                 credits,
@@ -523,6 +534,25 @@ async fn serve(
                     let grad = f32s(payload);
                     app.state().result(conn, lease, loss, correct, grad)
                 }
+            }
+            WorkerMsg::LocalResult {
+                lease,
+                losses,
+                correct,
+                quant,
+                commit,
+            } => {
+                if commit.is_some_and(|c| {
+                    !c.eq_ignore_ascii_case(&starling_core::digest::sha256_hex(payload))
+                }) {
+                    app.state().result_mismatch(conn, lease)
+                } else {
+                    app.state()
+                        .local_result(conn, lease, losses, correct, quant, payload)
+                }
+            }
+            WorkerMsg::DatasetRequest { job, sha256 } => {
+                app.state().dataset_request(conn, job, &sha256)
             }
             WorkerMsg::Failed { lease, reason } => {
                 tracing::info!(%lease, reason = %reason.chars().take(200).collect::<String>(), "worker could not compute its lease");

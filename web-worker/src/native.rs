@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::Message;
 use starling_core::protocol::WireFrame;
 
 use crate::engine::{BackendChoice, Device};
-use crate::session::{Incoming, Session, SessionConfig, SessionError, Stats, Tamper};
+use crate::session::{Incoming, LocalLie, Session, SessionConfig, SessionError, Stats, Tamper};
 
 /// How to run one native worker.
 #[derive(Debug, Clone)]
@@ -53,6 +53,16 @@ pub async fn run_on(
     opts: WorkerOptions,
     tamper: Option<Tamper>,
 ) -> anyhow::Result<WorkerReport> {
+    run_lying(device, opts, tamper, None).await
+}
+
+/// Like [`run_on`] with a [`LocalLie`] about local leases too (the attack suites' lying workers).
+pub async fn run_lying(
+    device: Device,
+    opts: WorkerOptions,
+    tamper: Option<Tamper>,
+    lie: Option<Box<dyn LocalLie>>,
+) -> anyhow::Result<WorkerReport> {
     let mut session = Session::new(
         device,
         SessionConfig {
@@ -64,9 +74,22 @@ pub async fn run_on(
     if let Some(t) = tamper {
         session = session.with_tamper(t);
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(opts.coordinator.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", opts.coordinator))?;
+    if let Some(l) = lie {
+        session = session.with_local_lie(l);
+    }
+    // A v2 `dataset` frame holds a whole training set (25 MB for the demo's MNIST split): above tungstenite's
+    // default 16 MiB frame limit, so the limits are the coordinator's upload limit instead.
+    let limit = Some(starling_core::data::MAX_UPLOAD_BYTES + 64 * 1024);
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_frame_size(limit)
+        .max_message_size(limit);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        opts.coordinator.as_str(),
+        Some(config),
+        false,
+    )
+    .await
+    .with_context(|| format!("connecting to {}", opts.coordinator))?;
     ws.send(to_message(session.hello())).await?;
     let mut closed_by = None;
     while let Some(msg) = ws.next().await {

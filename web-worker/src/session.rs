@@ -1,12 +1,15 @@
 //! The worker side of the protocol as a sans-IO state machine: frames in, frames out.
 //!
 //! The native runner (`native.rs`) and the browser binding (`wasm.rs`) only move frames between a WebSocket and
-//! [`Session::handle`], so both platforms run exactly this logic.
+//! [`Session::handle`], so both platforms run exactly this logic — both protocol versions included: v1 leases (one
+//! micro-batch) and v2 local leases (H inner steps, `core::local`, with int8 deltas both ways).
 
 use starling_core::StepOutput;
+use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather};
 use starling_core::protocol::{
-    CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_VERSION, Platform, ProtocolError,
-    WireFrame, WorkerId, WorkerMsg, encode, f32_bytes, f32s, split_lease_payload,
+    CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_V2, Platform, ProtocolError,
+    Quant, WireFrame, WorkerId, WorkerMsg, decode_delta, encode, encode_delta, f32_bytes, f32s,
+    split_lease_payload,
 };
 
 use crate::engine::{Device, Engine, EngineError};
@@ -25,7 +28,7 @@ pub enum SessionError {
     Protocol(#[from] ProtocolError),
     #[error("coordinator closed the session ({code:?}): {message}")]
     Closed { code: ErrorCode, message: String },
-    #[error("coordinator speaks protocol {0}, this worker {PROTOCOL_VERSION}")]
+    #[error("coordinator picked protocol {0}; this worker speaks 1 to {PROTOCOL_V2}")]
     Version(u32),
     #[error("unexpected `{0}` from the coordinator")]
     Unexpected(&'static str),
@@ -51,11 +54,33 @@ pub struct Stats {
     pub job: Option<u64>,
     pub version: Option<u64>,
     pub waiting: Option<String>,
+    /// The protocol version the coordinator picked (0 before `welcome`).
+    pub protocol: u32,
+    /// Inner steps of the local lease in progress (or last run) and how many of them are done.
+    pub inner_steps: u32,
+    pub inner_done: u32,
+    /// Model broadcasts received as deltas (v2) and as full parameters.
+    pub model_deltas: u64,
+    pub full_models: u64,
+    /// Datasets fetched (v2) and their bytes.
+    pub datasets: u64,
+    pub dataset_bytes: u64,
 }
 
 /// A hook that may alter a result before it is sent: how test suites and the trust benchmark build a lying worker
 /// out of a real one. Honest workers have none.
 pub type Tamper = Box<dyn FnMut(&mut StepOutput)>;
+
+/// A lie about a whole local lease (v2), for the attack suites: change the plan before computing (skip inner
+/// steps, use other rows) or the output after. A [`Tamper`] still applies to every inner step's output.
+pub trait LocalLie: Send {
+    /// Called before the inner loop with the plan the lease asked for.
+    fn plan(&mut self, _plan: &mut LeasePlan) {}
+    /// Called with what the inner loop produced, before it is encoded and sent.
+    fn output(&mut self, _out: &mut LocalOutput) {}
+    /// Called with the base parameters of model `version` before the inner loop starts from them.
+    fn base(&mut self, _version: u64, _params: &mut Vec<f32>) {}
+}
 
 /// Identity and options a session starts with.
 #[derive(Debug, Clone, Default)]
@@ -71,9 +96,17 @@ pub struct Session {
     device: Device,
     config: SessionConfig,
     engine: Option<Engine>,
-    /// Model version resident in `engine`.
+    /// Model version resident in `engine` (and in `params`).
     model: Option<(JobId, u64)>,
+    /// The parameters of `model` as received, bit for bit: v2 deltas are added to them and every local lease
+    /// starts from them.
+    params: Vec<f32>,
     tamper: Option<Tamper>,
+    lie: Option<Box<dyn LocalLie>>,
+    /// Training sets fetched for local leases (v2), by SHA-256, checked on arrival.
+    datasets: Vec<(String, starling_core::data::Dataset)>,
+    /// A local lease waiting for its dataset.
+    pending: Option<(CoordinatorMsg, Vec<u8>)>,
     stats: Stats,
 }
 
@@ -93,9 +126,19 @@ impl Session {
             config,
             engine: None,
             model: None,
+            params: Vec::new(),
             tamper: None,
+            lie: None,
+            datasets: Vec::new(),
+            pending: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Installs a local-lease lie (see [`LocalLie`]).
+    pub fn with_local_lie(mut self, lie: Box<dyn LocalLie>) -> Self {
+        self.lie = Some(lie);
+        self
     }
 
     /// Installs a result-tampering hook (see [`Tamper`]).
@@ -121,7 +164,8 @@ impl Session {
     pub fn hello(&self) -> WireFrame {
         encode(
             &WorkerMsg::Hello {
-                protocol: PROTOCOL_VERSION,
+                // Versions are cumulative: naming 2 says this worker speaks 1 and 2.
+                protocol: PROTOCOL_V2,
                 token: self.config.token.clone(),
                 name: self.config.name.clone(),
                 backend: self.device.backend(),
@@ -149,9 +193,10 @@ impl Session {
                 token,
                 credits,
             } => {
-                if protocol != PROTOCOL_VERSION {
+                if !(1..=PROTOCOL_V2).contains(&protocol) {
                     return Err(SessionError::Version(protocol));
                 }
+                self.stats.protocol = protocol;
                 self.config.token = Some(token);
                 self.stats.worker = Some(worker.0);
                 self.stats.credits = credits;
@@ -181,9 +226,94 @@ impl Session {
                         }
                     }
                 }
+                self.params = params;
+                self.stats.full_models += 1;
                 self.stats.job = Some(job.0);
                 self.stats.version = Some(version);
                 Ok(vec![])
+            }
+            CoordinatorMsg::ModelDelta {
+                job,
+                from,
+                version,
+                quant,
+            } => {
+                if self.model != Some((job, from)) {
+                    // Not the version the delta is from: drop what we hold, so the next lease fails and the
+                    // coordinator sends the full model with the lease after.
+                    tracing::warn!(%job, from, version, held = ?self.model, "model delta from a version this worker does not hold");
+                    self.model = None;
+                    return Ok(vec![]);
+                }
+                let delta = decode_delta(quant, payload, self.params.len())?;
+                // θ_version = θ_from + decode(payload), value by value in f32: the coordinator adds the same.
+                self.params
+                    .iter_mut()
+                    .zip(&delta)
+                    .for_each(|(p, d)| *p += d);
+                self.model = Some((job, version));
+                self.stats.model_deltas += 1;
+                self.stats.version = Some(version);
+                Ok(vec![])
+            }
+            msg @ CoordinatorMsg::LocalLease { .. } => {
+                self.stats.leases += 1;
+                self.stats.waiting = None;
+                if let CoordinatorMsg::LocalLease {
+                    job,
+                    dataset: Some(sha),
+                    ..
+                } = &msg
+                    && !self.datasets.iter().any(|(s, _)| s == sha)
+                {
+                    // Fetched once per dataset: the lease waits for it.
+                    let request = WorkerMsg::DatasetRequest {
+                        job: *job,
+                        sha256: sha.clone(),
+                    };
+                    self.pending = Some((msg, payload.to_vec()));
+                    return Ok(vec![encode(&request, &[])]);
+                }
+                Ok(self.local_lease(msg, payload).await)
+            }
+            CoordinatorMsg::Dataset { sha256, .. } => {
+                let got = starling_core::digest::sha256_hex(payload);
+                let parsed = if got == sha256 {
+                    starling_core::data::parse_upload(payload)
+                        .map(|u| u.train)
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(format!("dataset {sha256} arrived with SHA-256 {got}"))
+                };
+                let pending = self.pending.take();
+                match parsed {
+                    Ok(ds) => {
+                        self.stats.datasets += 1;
+                        self.stats.dataset_bytes += payload.len() as u64;
+                        // A worker rarely trains for more than a couple of jobs; keep the latest few.
+                        if self.datasets.len() >= 2 {
+                            self.datasets.remove(0);
+                        }
+                        self.datasets.push((sha256, ds));
+                        match pending {
+                            Some((msg, p)) => Ok(self.local_lease(msg, &p).await),
+                            None => Ok(vec![]),
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%reason, "dataset refused");
+                        match pending {
+                            Some((CoordinatorMsg::LocalLease { lease, .. }, _)) => {
+                                self.stats.failed += 1;
+                                Ok(vec![
+                                    encode(&WorkerMsg::Failed { lease, reason }, &[]),
+                                    encode(&WorkerMsg::Ready, &[]),
+                                ])
+                            }
+                            _ => Ok(vec![]),
+                        }
+                    }
+                }
             }
             CoordinatorMsg::Lease {
                 lease,
@@ -269,6 +399,163 @@ impl Session {
         }
         let bytes = f32_bytes(&out.grad);
         Ok((out, bytes))
+    }
+}
+
+impl Session {
+    /// Computes a `local_lease` (its dataset, if it names one, already fetched) and returns the frames to send: the
+    /// `local_result` (or `failed`), then `ready`.
+    async fn local_lease(&mut self, msg: CoordinatorMsg, payload: &[u8]) -> Vec<WireFrame> {
+        let CoordinatorMsg::LocalLease {
+            lease,
+            job,
+            version,
+            rows,
+            plan,
+            quant,
+            dataset,
+            ..
+        } = msg
+        else {
+            return vec![];
+        };
+        let computed = match self.lease_rows(rows, dataset.as_deref(), payload) {
+            Ok((x, labels)) => self.compute_local(job, version, plan, &x, &labels).await,
+            Err(e) => Err(e),
+        };
+        let reply = match computed {
+            Ok(mut out) => {
+                if let Some(lie) = self.lie.as_mut() {
+                    lie.output(&mut out);
+                }
+                // A lying worker's NaN still travels when the job sends f32 (the coordinator must refuse it); an
+                // honest one never produces one (the inner loop refuses non-finite gradients).
+                let bytes = match (encode_delta(quant, &out.delta), quant) {
+                    (Ok(b), _) => Ok(b),
+                    (Err(_), Quant::F32) => Ok(f32_bytes(&out.delta)),
+                    (Err(e), Quant::Int8) => Err(e.to_string()),
+                };
+                match bytes {
+                    Ok(bytes) => {
+                        self.stats.results_sent += 1;
+                        let commit = Some(starling_core::digest::sha256_hex(&bytes));
+                        encode(
+                            &WorkerMsg::LocalResult {
+                                lease,
+                                losses: out.losses,
+                                correct: out.correct,
+                                quant,
+                                commit,
+                            },
+                            &bytes,
+                        )
+                    }
+                    Err(reason) => {
+                        self.stats.failed += 1;
+                        encode(&WorkerMsg::Failed { lease, reason }, &[])
+                    }
+                }
+            }
+            Err(reason) => {
+                self.stats.failed += 1;
+                tracing::warn!(%lease, %reason, "local lease failed");
+                encode(&WorkerMsg::Failed { lease, reason }, &[])
+            }
+        };
+        vec![reply, encode(&WorkerMsg::Ready, &[])]
+    }
+
+    /// A local lease's rows: gathered from the cached dataset by the indices in the payload, or the payload's own
+    /// features and labels.
+    fn lease_rows(
+        &self,
+        rows: u32,
+        dataset: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(Vec<f32>, Vec<u32>), String> {
+        let engine = self.engine.as_ref().ok_or("no engine")?;
+        let input = engine.spec().input_len();
+        let Some(sha) = dataset else {
+            return split_lease_payload(payload, rows as usize, input).map_err(|e| e.to_string());
+        };
+        let ds = self
+            .datasets
+            .iter()
+            .find(|(s, _)| s == sha)
+            .map(|(_, d)| d)
+            .ok_or_else(|| format!("dataset {sha} is not here"))?;
+        let idx = starling_core::protocol::u32s(payload);
+        if idx.len() != rows as usize || payload.len() != 4 * rows as usize {
+            return Err(format!(
+                "{} row indices for a lease of {rows} rows",
+                idx.len()
+            ));
+        }
+        if ds.dim != input {
+            return Err(format!(
+                "dataset rows are {} wide, the model takes {input}",
+                ds.dim
+            ));
+        }
+        if let Some(bad) = idx.iter().find(|i| **i as usize >= ds.rows()) {
+            return Err(format!(
+                "row {bad} is past the dataset's {} rows",
+                ds.rows()
+            ));
+        }
+        Ok(ds.gather(&idx))
+    }
+
+    /// Runs a local lease's H inner steps on this worker's engine from the parameters it holds.
+    async fn compute_local(
+        &mut self,
+        job: JobId,
+        version: u64,
+        mut plan: LeasePlan,
+        x: &[f32],
+        labels: &[u32],
+    ) -> Result<LocalOutput, String> {
+        if self.model != Some((job, version)) {
+            return Err(format!(
+                "local lease needs model {job}/{version}, which is not loaded"
+            ));
+        }
+        let engine = self.engine.as_mut().ok_or("no engine")?;
+        let input = engine.spec().input_len();
+        let rows = labels.len();
+        if let Some(lie) = self.lie.as_mut() {
+            lie.plan(&mut plan);
+        }
+        let mut base = std::borrow::Cow::Borrowed(&self.params);
+        if let Some(lie) = self.lie.as_mut() {
+            lie.base(version, base.to_mut());
+        }
+        let mut lp = InnerLoop::new(&base, &plan, rows).map_err(|e| e.to_string())?;
+        self.stats.inner_steps = lp.h();
+        self.stats.inner_done = 0;
+        let started = now_ms();
+        while let Some(positions) = lp.next_rows() {
+            let (bx, by) = gather(x, labels, input, positions);
+            engine
+                .load(lp.params())
+                .await
+                .map_err(|e: EngineError| e.to_string())?;
+            let mut out = engine
+                .step(&bx, &by)
+                .await
+                .map_err(|e: EngineError| e.to_string())?;
+            if let Some(tamper) = self.tamper.as_mut() {
+                tamper(&mut out);
+            }
+            self.stats.rows += by.len() as u64;
+            lp.apply(&out).map_err(|e| e.to_string())?;
+            self.stats.inner_done = lp.done();
+        }
+        self.stats.busy_ms += now_ms() - started;
+        if self.stats.busy_ms > 0.0 {
+            self.stats.rows_per_s = self.stats.rows as f64 * 1000.0 / self.stats.busy_ms;
+        }
+        Ok(lp.finish())
     }
 }
 

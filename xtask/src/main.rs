@@ -17,6 +17,8 @@ commands:
   wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
   bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
   bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
+  bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8); args after
+                  `comms` go to it (`--reps`, `--budget`, `--arms`, `--distance`: honest distance vs H, CPU vs WGSL)
   bench swarm     emulated volunteers on lan/home/mobile links with churn (release; args after `swarm` go to it,
                   e.g. `--idle 19000`; `--help` lists them)
   setup           install prerequisites only (apt packages when root, rustup target, npm packages)";
@@ -329,7 +331,16 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
             run(Command::new(root().join("target/release/starling-swarm"))
                 .args(std::env::args().skip(3)))
         }
-        other => bail!("unknown benchmark {other:?}; available: kernels, trust, swarm"),
+        Some("comms") => {
+            say(
+                "running the communication benchmark: sync fp32 vs local leases (H, int8), same seed and sample budget",
+            );
+            // Arguments after `comms` go to it: `--reps 1`, `--budget 30720`, `--arms A0,A3h64`, `--distance`.
+            run(Command::new("cargo")
+                .args(["run", "-p", "starling", "--example", "comms_bench", "--"])
+                .args(std::env::args().skip(3)))
+        }
+        other => bail!("unknown benchmark {other:?}; available: kernels, trust, swarm, comms"),
     }
 }
 

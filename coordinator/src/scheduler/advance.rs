@@ -30,9 +30,15 @@ impl State {
             if let Phase::Accepted(o) = &m.phase {
                 let r = m.rows.len() as u32;
                 parts.push((r, o.grad.as_slice()));
-                loss_sum += o.loss as f64 * r as f64;
+                // A local lease's loss and counts are over its H inner batches.
+                let seen = if job.local.is_some() {
+                    job.hyper.h * job.hyper.inner_batch
+                } else {
+                    r
+                };
+                loss_sum += o.loss as f64 * seen as f64;
                 correct += o.correct;
-                rows += r;
+                rows += seen;
                 min_agreeing = min_agreeing.min(o.agreeing);
             }
         }
@@ -42,10 +48,16 @@ impl State {
             return;
         }
         let grad = crate::aggregate::combine(&parts, job.hyper.aggregate, job.hyper.clip_norm);
-        let scale = job.hyper.lr_schedule.factor(job.step, job.hyper.steps);
-        let params = Arc::make_mut(&mut job.params);
-        job.optim
-            .step_scaled(params, &grad, scale, job.hyper.weight_decay);
+        if let Some(local) = job.local.as_mut() {
+            // A local round: `grad` is the mean verified delta; the outer step moves θ*, workers get θ_{v+1}.
+            let next = local.outer_step(&job.hyper, job.id, job.step, &job.params, &grad);
+            job.params = Arc::new(next);
+        } else {
+            let scale = job.hyper.lr_schedule.factor(job.step, job.hyper.steps);
+            let params = Arc::make_mut(&mut job.params);
+            job.optim
+                .step_scaled(params, &grad, scale, job.hyper.weight_decay);
+        }
         job.step += 1;
         job.counters.steps_applied += 1;
         let elapsed = now.duration_since(job.step_started).as_secs_f64() * 1000.0;
@@ -74,7 +86,10 @@ impl State {
             ckpt: Checkpoint {
                 step: job.step,
                 params: job.params.to_vec(),
-                optim: job.optim.to_bytes(),
+                optim: match &job.local {
+                    Some(local) => local.to_bytes(),
+                    None => job.optim.to_bytes(),
+                },
             },
             train,
         });

@@ -118,14 +118,18 @@ impl State {
         if conn.ready.is_none() || conn.lease.is_some() {
             return false;
         }
-        let (worker, addr) = (conn.worker, conn.addr);
+        let (worker, addr, v2) = (
+            conn.worker,
+            conn.addr,
+            conn.protocol >= starling_core::protocol::PROTOCOL_V2,
+        );
         if self.workers.get(&worker).is_some_and(|w| w.refused) {
             return false;
         }
         let mut order: Vec<(f64, JobId)> = self
             .jobs
             .values()
-            .filter(|j| j.status == JobStatus::Running)
+            .filter(|j| j.status == JobStatus::Running && (v2 || !j.hyper.is_local()))
             .map(|j| (j.pass, j.id))
             .collect();
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -191,7 +195,7 @@ impl State {
         }
         m.active.push(lease_id);
         m.involved.push((worker, addr));
-        let (x, labels) = job.train.gather(&m.rows);
+        let rows = m.rows.len() as u32;
         job.counters.leases_issued += 1;
         if speculative {
             job.counters.speculative_leases += 1;
@@ -199,30 +203,54 @@ impl State {
         let Some(conn) = self.conns.get_mut(&conn_id) else {
             return;
         };
-        if conn.model != Some((job.id, job.step)) {
+        if let Some(local) = &job.local {
+            // v2: the model as int8 deltas from the version the connection holds (or in full), then the lease.
+            for frame in local.model_frames(job, conn.model) {
+                fx.send_lease(
+                    conn_id,
+                    job.id,
+                    lease_id,
+                    Outbound::Frame(Message::Binary(frame)),
+                );
+            }
+            conn.model = Some((job.id, job.step));
+            let msg = local.lease_msg(job, lease_id, micro as u32, rows);
+            // With the dataset fetched once, a lease carries only its row indices.
+            let payload = match job.dataset {
+                Some(_) => starling_core::protocol::u32_bytes(&job.micros[micro].rows),
+                None => {
+                    let (x, labels) = job.train.gather(&job.micros[micro].rows);
+                    lease_payload(&x, &labels)
+                }
+            };
+            fx.send_lease(conn_id, job.id, lease_id, Outbound::msg(&msg, &payload));
+        } else {
+            if conn.model != Some((job.id, job.step)) {
+                fx.send_lease(
+                    conn_id,
+                    job.id,
+                    lease_id,
+                    Outbound::Frame(Message::Binary(job.model_frame.clone())),
+                );
+                conn.model = Some((job.id, job.step));
+            }
+            let (x, labels) = job.train.gather(&job.micros[micro].rows);
+            let msg = CoordinatorMsg::Lease {
+                lease: lease_id,
+                job: job.id,
+                version: job.step,
+                step: job.step,
+                micro_batch: micro as u32,
+                rows: labels.len() as u32,
+                deadline_ms: job.hyper.lease_timeout_ms,
+            };
             fx.send_lease(
                 conn_id,
                 job.id,
                 lease_id,
-                Outbound::Frame(Message::Binary(job.model_frame.clone())),
+                Outbound::msg(&msg, &lease_payload(&x, &labels)),
             );
-            conn.model = Some((job.id, job.step));
         }
-        let msg = CoordinatorMsg::Lease {
-            lease: lease_id,
-            job: job.id,
-            version: job.step,
-            step: job.step,
-            micro_batch: micro as u32,
-            rows: labels.len() as u32,
-            deadline_ms: job.hyper.lease_timeout_ms,
-        };
-        fx.send_lease(
-            conn_id,
-            job.id,
-            lease_id,
-            Outbound::msg(&msg, &lease_payload(&x, &labels)),
-        );
         conn.ready = None;
         conn.lease = Some(lease_id);
         conn.waiting_sent = false;

@@ -33,6 +33,8 @@ pub struct Conn {
     pub(super) model: Option<(JobId, u64)>,
     /// A `waiting` was sent for the current idle period (sent once per period, not per attempt).
     pub(super) waiting_sent: bool,
+    /// The protocol version picked in the welcome: only a v2 connection is given `local` jobs' leases.
+    pub protocol: u32,
     pub connected_ms: i64,
 }
 
@@ -98,10 +100,18 @@ impl State {
                 lease: None,
                 model: None,
                 waiting_sent: false,
+                protocol: starling_core::protocol::PROTOCOL_VERSION,
                 connected_ms: now_ms(),
             },
         );
         Some((id, credits))
+    }
+
+    /// Records the protocol version picked for `conn` (before its first `ready`).
+    pub fn set_protocol(&mut self, conn: ConnId, protocol: u32) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.protocol = protocol;
+        }
     }
 
     /// Sends a frame directly (the welcome, before any effect exists).
@@ -136,11 +146,11 @@ impl State {
             return false;
         };
         match msg {
-            WorkerMsg::Result { lease, .. } | WorkerMsg::Failed { lease, .. } => {
-                c.lease == Some(*lease)
-            }
+            WorkerMsg::Result { lease, .. }
+            | WorkerMsg::LocalResult { lease, .. }
+            | WorkerMsg::Failed { lease, .. } => c.lease == Some(*lease),
             WorkerMsg::Ready => c.lease.is_none() && c.ready.is_none(),
-            WorkerMsg::Hello { .. } => false,
+            WorkerMsg::Hello { .. } | WorkerMsg::DatasetRequest { .. } => false,
         }
     }
 
@@ -157,8 +167,19 @@ impl State {
         fx
     }
 
-    /// A worker could not compute its lease: release it without a strike.
+    /// A worker could not compute its lease: release it without a strike. For a `local` job its model is
+    /// forgotten, so its next lease comes with the full model (a v2 worker that lost track of its version fails
+    /// its lease).
     pub fn failed(&mut self, conn: ConnId, lease: LeaseId) -> Effects {
+        let local = self
+            .leases
+            .get(&lease)
+            .filter(|l| l.conn == conn)
+            .and_then(|l| self.jobs.get(&l.job))
+            .is_some_and(|j| j.local.is_some());
+        if local && let Some(c) = self.conns.get_mut(&conn) {
+            c.model = None;
+        }
         if self.leases.get(&lease).is_some_and(|l| l.conn == conn)
             && let Some(l) = self.drop_lease(lease)
             && let Some(job) = self.jobs.get_mut(&l.job)

@@ -134,6 +134,16 @@ pub struct Recompute {
     pub params: Arc<Vec<f32>>,
     pub x: Vec<f32>,
     pub labels: Vec<u32>,
+    /// A `local` lease to replay (H inner steps from `params`) instead of one step.
+    pub local: Option<LocalReplay>,
+}
+
+/// What the coordinator's replay of a `local` lease needs beyond a recomputation's inputs.
+#[derive(Debug, Clone)]
+pub struct LocalReplay {
+    pub plan: starling_core::local::LeasePlan,
+    /// The job's delta encoding: the replay's delta goes through it as a replica's does.
+    pub quant: starling_core::protocol::Quant,
 }
 
 /// A held-out evaluation to run off the scheduler lock; the outcome goes to [`super::State::evaluated`].

@@ -14,6 +14,7 @@ use starling_core::{ModelSpec, schedule};
 use super::State;
 use super::counters::JobCounters;
 use super::micro::{Micro, Outcome};
+use super::round::LocalRun;
 use crate::job::{Hyper, JobStatus};
 use crate::store::{AcceptedRow, Checkpoint, MetricRow};
 
@@ -63,6 +64,11 @@ pub struct JobRun {
     pub(super) scale: crate::verify::Scale,
     /// Audits under way, by (step, micro-batch): the accepted outcome and the credits of those who vouched for it.
     pub(super) audits: std::collections::HashMap<(u64, u32), super::settle::Audit>,
+    /// A `local` job's master parameters, outer optimizer and model deltas (`None` for `sync` jobs).
+    pub(super) local: Option<super::round::LocalRun>,
+    /// A `local` job's training set as one `dataset` frame, with its SHA-256: v2 workers fetch it once and are
+    /// then leased row indices only.
+    pub(super) dataset: Option<(String, Bytes)>,
 }
 
 /// Everything needed to bring a job back into memory.
@@ -136,17 +142,24 @@ impl JobRun {
     /// Builds a job from its durable state.
     fn from_load(load: JobLoad, now: Instant) -> Self {
         let n = load.spec.param_count();
-        let (step, params, optim) = match load.checkpoint {
+        let (step, params, optim, local) = match load.checkpoint {
             Some(c) => {
                 let optim = Optimizer::from_bytes(load.hyper.optimizer, n, &c.optim)
                     .unwrap_or_else(|| Optimizer::new(load.hyper.optimizer, n));
-                (c.step, c.params, optim)
+                let local = load
+                    .hyper
+                    .is_local()
+                    .then(|| LocalRun::from_bytes(&load.hyper, &c.params, &c.optim));
+                (c.step, c.params, optim, local)
             }
-            None => (
-                0,
-                load.spec.init_params(load.hyper.seed),
-                Optimizer::new(load.hyper.optimizer, n),
-            ),
+            None => {
+                let params = load.spec.init_params(load.hyper.seed);
+                let local = load
+                    .hyper
+                    .is_local()
+                    .then(|| LocalRun::new(&load.hyper, &params));
+                (0, params, Optimizer::new(load.hyper.optimizer, n), local)
+            }
         };
         let model_frame = Self::model_frame(load.id, step, &load.spec, &params);
         let mut job = Self {
@@ -180,7 +193,12 @@ impl JobRun {
             halted_epoch: 0,
             scale: crate::verify::Scale::default(),
             audits: std::collections::HashMap::new(),
+            local,
+            dataset: None,
         };
+        if job.local.is_some() {
+            job.dataset = Some(super::round::dataset_frame(job.id, &job.train));
+        }
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;
         }
@@ -198,6 +216,7 @@ impl JobRun {
                     grad: Arc::new(a.grad),
                     agreeing: a.agreeing,
                     verified: false,
+                    trace: None,
                 });
             }
         }

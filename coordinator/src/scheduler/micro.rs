@@ -24,6 +24,7 @@ use std::sync::Arc;
 use starling_core::protocol::{LeaseId, WorkerId};
 
 use super::effects::{CheckKind, ConnId};
+use super::round::Trace;
 
 /// A validated result waiting for its micro-batch to settle.
 #[derive(Debug)]
@@ -34,15 +35,34 @@ pub(super) struct Submission {
     pub loss: f32,
     pub correct: u32,
     pub grad: Vec<f32>,
+    /// A `local` lease's inner losses and correct counts (`None` for `sync` results).
+    pub trace: Option<Arc<Trace>>,
+}
+
+/// How verification sees a result: a `local` result's correct counts are compared step by step in its trace
+/// (`round::traces_agree`), so its summed count does not take part in the one-row rule.
+pub(super) fn candidate<'a>(
+    loss: f32,
+    correct: u32,
+    grad: &'a [f32],
+    trace: Option<&Trace>,
+) -> crate::verify::Candidate<'a> {
+    crate::verify::Candidate {
+        loss,
+        correct: if trace.is_some() { 0 } else { correct },
+        grad,
+    }
 }
 
 impl Submission {
     pub fn candidate(&self) -> crate::verify::Candidate<'_> {
-        crate::verify::Candidate {
-            loss: self.loss,
-            correct: self.correct,
-            grad: &self.grad,
-        }
+        candidate(self.loss, self.correct, &self.grad, self.trace.as_deref())
+    }
+}
+
+impl Outcome {
+    pub fn candidate(&self) -> crate::verify::Candidate<'_> {
+        candidate(self.loss, self.correct, &self.grad, self.trace.as_deref())
     }
 }
 
@@ -57,6 +77,9 @@ pub(super) struct Outcome {
     /// The coordinator's own recomputation agreed with it (not only replicas, which colluders can be): a later
     /// replica that disagrees with it may be struck.
     pub verified: bool,
+    /// A `local` result's trace (of the first agreeing replica, or the coordinator's replay); `None` for `sync`
+    /// results and for results reloaded after a restart (the trace is not stored; the delta still is).
+    pub trace: Option<Arc<Trace>>,
 }
 
 #[derive(Debug)]

@@ -19,6 +19,8 @@
 //! - `trust`: credits, strikes, refusal, near misses, trust records;
 //! - `micro`: a micro-batch's lifecycle (the state enum and its legal transitions);
 //! - `job_run`: a job in memory and how it is loaded;
+//! - `round`: what `local` jobs (protocol v2) add: master parameters, outer Nesterov step, int8 model deltas,
+//!   the `local_result` path and trace agreement;
 //! - `effects`: what handlers ask the transport to do; `counters`: per-job counters and the step histogram.
 
 mod advance;
@@ -28,6 +30,7 @@ mod counters;
 mod effects;
 mod job_run;
 mod micro;
+mod round;
 mod settle;
 mod trust;
 
@@ -43,10 +46,11 @@ use starling_core::protocol::{Backend, JobId, LeaseId, WorkerId};
 pub use conns::Conn;
 pub use counters::{Histogram, JobCounters};
 pub use effects::{
-    Action, CheckKind, ConnId, Deferred, Effects, EvalTask, Outbound, Recompute, StoreOp,
-    frame_message,
+    Action, CheckKind, ConnId, Deferred, Effects, EvalTask, LocalReplay, Outbound, Recompute,
+    StoreOp, frame_message,
 };
 pub use job_run::{JobLoad, JobRun};
+pub use round::{KEPT_DELTAS, LocalRun, Trace, traces_agree};
 pub use trust::{NEAR_MISS_STRIKE, WorkerInfo};
 
 /// Least probability that a trusted worker's micro-batch is still replicated (adaptive replication).

@@ -11,6 +11,7 @@ use super::State;
 use super::conns::Claim;
 use super::effects::{CheckKind, ConnId, Effects, Recompute, StoreOp};
 use super::micro::{Outcome, Phase, Submission};
+use super::round::{Trace, traces_agree};
 use crate::job::MAX_REPLICAS;
 use crate::store::AcceptedRow;
 use crate::verify::{self, Candidate, Settle};
@@ -24,10 +25,24 @@ enum Judged {
     Disagrees,
 }
 
-fn judge(sub: &Candidate<'_>, reference: &Candidate<'_>, tolerance: f32, scale: f64) -> Judged {
-    if verify::agree(sub, reference, tolerance, scale) {
+/// Compares a result with a reference; for `local` results the inner traces must agree as well (when both sides
+/// have one).
+fn judge(
+    sub: &Candidate<'_>,
+    sub_trace: Option<&Trace>,
+    reference: &Candidate<'_>,
+    ref_trace: Option<&Trace>,
+    tolerance: f32,
+    scale: f64,
+) -> Judged {
+    let traces = match (sub_trace, ref_trace) {
+        (Some(a), Some(b)) => traces_agree(a, b, tolerance),
+        // A local result judged against a reference without one (reloaded after a restart) or vice versa.
+        _ => true,
+    };
+    if traces && verify::agree(sub, reference, tolerance, scale) {
         Judged::Agrees
-    } else if verify::near_miss(sub, reference, tolerance, scale) {
+    } else if traces && verify::near_miss(sub, reference, tolerance, scale) {
         Judged::NearMiss
     } else {
         Judged::Disagrees
@@ -71,7 +86,21 @@ impl State {
     ) -> Effects {
         let mut fx = self.effects();
         if let Some(claim) = self.claim(conn, lease_id, &mut fx) {
-            self.submit(claim, loss, correct, grad, &mut fx);
+            if self.jobs.get(&claim.job).is_some_and(|j| j.local.is_some()) {
+                let author = Author {
+                    worker: claim.worker,
+                    conn: claim.conn,
+                    lease: claim.lease,
+                };
+                self.reject(
+                    claim.job,
+                    author,
+                    "a local lease is answered by local_result",
+                    &mut fx,
+                );
+            } else {
+                self.submit_with(claim, loss, correct, grad, None, &mut fx);
+            }
         }
         self.assign_all(&mut fx);
         fx
@@ -93,7 +122,16 @@ impl State {
         fx
     }
 
-    fn submit(&mut self, c: Claim, loss: f32, correct: u32, grad: Vec<f32>, fx: &mut Effects) {
+    /// Validates a result and files it with its micro-batch (`trace`: a `local` lease's inner steps).
+    pub(super) fn submit_with(
+        &mut self,
+        c: Claim,
+        loss: f32,
+        correct: u32,
+        grad: Vec<f32>,
+        trace: Option<Arc<Trace>>,
+        fx: &mut Effects,
+    ) {
         let now = self.now();
         let max_params = self.config.spot_check_max_params;
         let Some(job) = self.jobs.get_mut(&c.job) else {
@@ -110,7 +148,11 @@ impl State {
             conn: c.conn,
             lease: c.lease,
         };
-        let rows = job.micros[c.micro as usize].rows.len() as u32;
+        // A local lease's counts sum over its inner steps, which may revisit rows.
+        let rows = match trace {
+            Some(_) => job.hyper.h * job.hyper.inner_batch,
+            None => job.micros[c.micro as usize].rows.len() as u32,
+        };
         if let Err(why) = verify::validate(loss, correct, rows, &grad, job.spec.param_count()) {
             self.reject(c.job, author, &why.to_string(), fx);
             return;
@@ -122,9 +164,10 @@ impl State {
             loss,
             correct,
             grad,
+            trace,
         };
         let (tolerance, quorum, redundancy, scale) = (
-            job.hyper.tolerance,
+            job.hyper.agreement_tolerance(),
             job.hyper.quorum() as usize,
             job.hyper.redundancy,
             job.scale.0,
@@ -134,12 +177,14 @@ impl State {
         match &m.phase {
             Phase::Accepted(o) => {
                 // An extra (speculative or late) replica of a micro-batch already accepted: credited if it agrees.
-                let accepted = Candidate {
-                    loss: o.loss,
-                    correct: o.correct,
-                    grad: &o.grad,
-                };
-                match judge(&sub.candidate(), &accepted, tolerance, scale) {
+                match judge(
+                    &sub.candidate(),
+                    sub.trace.as_deref(),
+                    &o.candidate(),
+                    o.trace.as_deref(),
+                    tolerance,
+                    scale,
+                ) {
                     Judged::Agrees => self.credit_extra(c.job, c.micro, author, fx),
                     Judged::NearMiss => self.near_miss_verdict(c.job, author, fx),
                     Judged::Disagrees if o.verified => self.reject(
@@ -173,9 +218,19 @@ impl State {
                 let settled = {
                     let candidates: Vec<Candidate<'_>> =
                         m.subs.iter().map(Submission::candidate).collect();
+                    let subs = &m.subs;
                     // Replicas alone settle a micro-batch only when every one leased agrees: with R ≥ 3 a
                     // quorum that outran the rest could be a colluding pair.
-                    verify::settle(&candidates, wanted as usize, tolerance, scale)
+                    verify::settle_by(candidates.len(), wanted as usize, |i, j| {
+                        judge(
+                            &candidates[i],
+                            subs[i].trace.as_deref(),
+                            &candidates[j],
+                            subs[j].trace.as_deref(),
+                            tolerance,
+                            scale,
+                        ) == Judged::Agrees
+                    })
                 };
                 match settled {
                     Settle::Agreed => {
@@ -232,7 +287,12 @@ impl State {
             return;
         };
         let (x, labels) = job.train.gather(&job.micros[micro as usize].rows);
+        let local = job.local.as_ref().map(|_| super::effects::LocalReplay {
+            plan: super::round::plan(&job.hyper, job.step, micro),
+            quant: job.hyper.quant,
+        });
         fx.recompute(Recompute {
+            local,
             kind,
             job: job_id,
             step: job.step,
@@ -258,6 +318,33 @@ impl State {
         reference: Option<StepOutput>,
     ) -> Effects {
         let mut fx = self.effects();
+        let reference = reference.map(|out| Reference { out, trace: None });
+        self.judge_recomputation(job_id, step, micro, reference, &mut fx);
+        self.assign_all(&mut fx);
+        fx
+    }
+
+    /// The coordinator's replay of a `local` lease finished (its delta already through the job's quantisation,
+    /// as a replica's would be): judged like [`State::recomputed`], traces included.
+    pub fn replayed(
+        &mut self,
+        job_id: JobId,
+        step: u64,
+        micro: u32,
+        replay: Option<starling_core::local::LocalOutput>,
+    ) -> Effects {
+        let mut fx = self.effects();
+        let reference = replay.map(|o| {
+            let trace = Trace::from(&o);
+            Reference {
+                out: StepOutput {
+                    loss: trace.mean_loss(),
+                    correct: trace.correct.iter().sum(),
+                    grad: o.delta,
+                },
+                trace: Some(Arc::new(trace)),
+            }
+        });
         self.judge_recomputation(job_id, step, micro, reference, &mut fx);
         self.assign_all(&mut fx);
         fx
@@ -268,7 +355,7 @@ impl State {
         job_id: JobId,
         step: u64,
         micro: u32,
-        reference: Option<StepOutput>,
+        reference: Option<Reference>,
         fx: &mut Effects,
     ) {
         let Some(job) = self.jobs.get_mut(&job_id) else {
@@ -281,8 +368,11 @@ impl State {
         if job.step != step || job.status.is_terminal() {
             return;
         }
-        let (tolerance, redundancy, scale) =
-            (job.hyper.tolerance, job.hyper.redundancy, job.scale.0);
+        let (tolerance, redundancy, scale) = (
+            job.hyper.agreement_tolerance(),
+            job.hyper.redundancy,
+            job.scale.0,
+        );
         let Some(m) = job.micros.get_mut(micro as usize) else {
             return;
         };
@@ -293,16 +383,28 @@ impl State {
             m.reopen(fallback);
             return;
         };
-        let ours = Candidate {
-            loss: reference.loss,
-            correct: reference.correct,
-            grad: &reference.grad,
-        };
+        let Reference {
+            out: reference,
+            trace: ref_trace,
+        } = reference;
+        let ours = super::micro::candidate(
+            reference.loss,
+            reference.correct,
+            &reference.grad,
+            ref_trace.as_deref(),
+        );
         let mut won = Vec::new();
         let mut near = Vec::new();
         let mut lost = Vec::new();
         for s in std::mem::take(&mut m.subs) {
-            match judge(&s.candidate(), &ours, tolerance, scale) {
+            match judge(
+                &s.candidate(),
+                s.trace.as_deref(),
+                &ours,
+                ref_trace.as_deref(),
+                tolerance,
+                scale,
+            ) {
                 Judged::Agrees => won.push(s),
                 Judged::NearMiss => near.push(s),
                 Judged::Disagrees => lost.push(s),
@@ -321,6 +423,7 @@ impl State {
                 grad: Arc::new(reference.grad.clone()),
                 agreeing: near.len() as u32 + 1,
                 verified: true,
+                trace: ref_trace.clone(),
             };
             self.accept(job_id, micro, outcome, &[], fx);
         } else {
@@ -434,26 +537,34 @@ impl State {
         step: u64,
         micro: u32,
         audit: Audit,
-        reference: Option<StepOutput>,
+        reference: Option<Reference>,
         fx: &mut Effects,
     ) {
-        let Some(reference) = reference else {
+        let Some(Reference {
+            out: reference,
+            trace: ref_trace,
+        }) = reference
+        else {
             return;
         };
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        let accepted = Candidate {
-            loss: audit.outcome.loss,
-            correct: audit.outcome.correct,
-            grad: &audit.outcome.grad,
-        };
-        let ours = Candidate {
-            loss: reference.loss,
-            correct: reference.correct,
-            grad: &reference.grad,
-        };
-        if judge(&accepted, &ours, job.hyper.tolerance, job.scale.0) != Judged::Disagrees {
+        let ours = super::micro::candidate(
+            reference.loss,
+            reference.correct,
+            &reference.grad,
+            ref_trace.as_deref(),
+        );
+        if judge(
+            &audit.outcome.candidate(),
+            audit.outcome.trace.as_deref(),
+            &ours,
+            ref_trace.as_deref(),
+            job.hyper.agreement_tolerance(),
+            job.scale.0,
+        ) != Judged::Disagrees
+        {
             return;
         }
         job.counters.audit_failures += 1;
@@ -573,5 +684,13 @@ fn mean_outcome(won: &[Submission], agreeing: u32, verified: bool) -> Outcome {
         grad: Arc::new(grad),
         agreeing,
         verified,
+        trace: won[0].trace.clone(),
     }
+}
+
+/// The coordinator's own result for a micro-batch: a recomputed step, or a replayed local lease with its trace.
+#[derive(Debug)]
+struct Reference {
+    out: StepOutput,
+    trace: Option<Arc<Trace>>,
 }
