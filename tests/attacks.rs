@@ -335,7 +335,9 @@ async fn raw_peer(
                 report.lock().unwrap().refused = code == ErrorCode::Refused;
                 break;
             }
-            CoordinatorMsg::Welcome { .. } | CoordinatorMsg::Waiting { .. } => {}
+            CoordinatorMsg::Welcome { .. }
+            | CoordinatorMsg::Waiting { .. }
+            | CoordinatorMsg::Redirect { .. } => {}
         }
     }
     Ok(())

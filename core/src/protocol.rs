@@ -156,6 +156,9 @@ pub enum CoordinatorMsg {
     },
     /// A fatal error; the coordinator closes the connection after sending it.
     Error { code: ErrorCode, message: String },
+    /// This coordinator node leads no work; the node at `url` (a `ws://` or `wss://` WebSocket URL) does. The
+    /// worker closes this connection and connects there, keeping its token (nothing it was told is lost).
+    Redirect { url: String },
 }
 
 /// A frame as it travels on a WebSocket.
@@ -280,6 +283,7 @@ impl CoordinatorMsg {
             Self::Waiting { .. } => ("waiting", false),
             Self::Verdict { .. } => ("verdict", false),
             Self::Error { .. } => ("error", false),
+            Self::Redirect { .. } => ("redirect", false),
         }
     }
 
@@ -607,7 +611,7 @@ mod tests {
                 ErrorCode::Limit,
                 ErrorCode::ShuttingDown,
             ];
-            match r.below(6) {
+            match r.below(7) {
                 0 => CoordinatorMsg::Welcome {
                     protocol: num32(r),
                     worker: WorkerId(num(r)),
@@ -634,6 +638,7 @@ mod tests {
                     outcome: OUTCOMES[r.below(3) as usize],
                     credits: float64(r),
                 },
+                5 => CoordinatorMsg::Redirect { url: text(r) },
                 _ => CoordinatorMsg::Error {
                     code: CODES[r.below(6) as usize],
                     message: text(r),

@@ -1,0 +1,302 @@
+//! Several coordinator nodes on one PostgreSQL database: which node leads which job, fencing, failover, and the
+//! node registry. On SQLite there is one node and it leads every job ([`Mode::Single`]); nothing here runs.
+//!
+//! Every job is led by exactly one node: the one whose leadership session ([`store::Leadership`], a dedicated
+//! connection) holds the job's advisory lock. Taking a job bumps its `leader_epoch` ([`Store::claim_job`]) and then
+//! loads it from the durable state (checkpoint, accepted results of the step in progress, ledger): every write the
+//! node makes for the job carries that epoch ([`Fence`]) and fails once another node has taken the job, so a node
+//! paused past its lease cannot write after it lost the lock. The session is ended by the server when it has been
+//! idle for one lease (`idle_session_timeout`); the node pings it every heartbeat, so a node that dies or stops
+//! loses its locks within one lease and the others take its jobs over on their next heartbeat.
+//!
+//! Invariants: this module decides leadership and never writes a job's state itself; a job is in this node's
+//! scheduler only while this node holds its lock and its epoch ([`Cluster::fence`] answers `None` otherwise);
+//! losing the leadership session unloads every job at once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use starling_core::protocol::{CoordinatorMsg, JobId};
+
+use crate::App;
+use crate::job::JobStatus;
+use crate::scheduler::Outbound;
+use crate::store::{self, Fence, Store};
+
+/// How this coordinator shares its database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// SQLite: the only node, leader of every job at epoch 0.
+    Single,
+    /// PostgreSQL: one of several nodes; leads the jobs whose locks it holds.
+    Shared,
+}
+
+/// This node's identity and the jobs it leads.
+#[derive(Debug)]
+pub struct Cluster {
+    pub mode: Mode,
+    /// `--node-id`: this node's name in the registry (and in `jobs.leader_node`).
+    pub node_id: String,
+    /// `--public-url` (or the bound address): where workers and owners reach this node.
+    pub public_url: String,
+    /// How long a node may go silent before it loses its jobs (`--lease-ms`).
+    pub lease: Duration,
+    /// Jobs led here and the epoch each was taken at.
+    led: Mutex<BTreeMap<JobId, u64>>,
+    /// The last registry view: each job's leading node's public URL (live nodes only).
+    view: Mutex<BTreeMap<JobId, String>>,
+    /// The leadership session (PostgreSQL), shared by the heartbeat and by a node adopting a job it just created.
+    session: tokio::sync::Mutex<Option<store::Leadership>>,
+}
+
+impl Cluster {
+    pub fn new(mode: Mode, node_id: String, public_url: String, lease: Duration) -> Self {
+        Self {
+            mode,
+            node_id,
+            public_url,
+            lease,
+            led: Mutex::new(BTreeMap::new()),
+            view: Mutex::new(BTreeMap::new()),
+            session: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn led(&self) -> MutexGuard<'_, BTreeMap<JobId, u64>> {
+        self.led.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn view(&self) -> MutexGuard<'_, BTreeMap<JobId, String>> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The right to write for `job` from this node: epoch 0 on SQLite, the epoch it was taken at on PostgreSQL,
+    /// `None` when this node does not lead it (the write must not be attempted).
+    pub fn fence(&self, job: JobId) -> Option<Fence> {
+        match self.mode {
+            Mode::Single => Some(Fence { job, epoch: 0 }),
+            Mode::Shared => self.led().get(&job).map(|&epoch| Fence { job, epoch }),
+        }
+    }
+
+    /// Whether this node leads `job`.
+    pub fn leads(&self, job: JobId) -> bool {
+        self.fence(job).is_some()
+    }
+
+    /// The public URL of the live node leading `job`, when that is another node.
+    pub fn leader_url(&self, job: JobId) -> Option<String> {
+        if self.leads(job) {
+            return None;
+        }
+        self.view().get(&job).cloned()
+    }
+
+    /// Jobs led here.
+    pub fn led_jobs(&self) -> Vec<JobId> {
+        self.led().keys().copied().collect()
+    }
+}
+
+/// The WebSocket URL of a node's worker endpoint, from its public base URL.
+pub fn ws_url(public_url: &str) -> String {
+    let base = public_url.trim_end_matches('/');
+    let base = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        base.to_string()
+    };
+    format!("{base}/ws")
+}
+
+/// Drops job `job` from this node: it no longer leads it (fenced write, lost session, or finished elsewhere).
+pub fn lose(app: &App, job: JobId) {
+    app.cluster.led().remove(&job);
+    app.state().unload_job(job);
+}
+
+/// Drops every job this node leads (its leadership session ended: the locks are gone).
+fn lose_all(app: &App) {
+    let jobs: Vec<JobId> = std::mem::take(&mut *app.cluster.led())
+        .into_keys()
+        .collect();
+    if !jobs.is_empty() {
+        tracing::warn!(jobs = ?jobs, "leadership session lost; every job it led is unloaded");
+    }
+    let mut st = app.state();
+    for job in jobs {
+        st.unload_job(job);
+    }
+}
+
+/// The node's heartbeat loop (PostgreSQL only): registers the node, keeps its leadership session alive, takes over
+/// jobs nobody leads (up to this node's fair share of them) and sends idle workers to a node that leads work.
+pub async fn run(app: Arc<App>) {
+    let mut stop = app.shutdown.clone();
+    let period = (app.cluster.lease / 6).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let mut session = app.cluster.session.lock().await;
+        if let Err(e) = beat(&app, &mut session).await {
+            tracing::warn!(error = %e, "cluster heartbeat failed");
+        }
+    }
+}
+
+/// One heartbeat; see [`run`].
+async fn beat(app: &Arc<App>, session: &mut Option<store::Leadership>) -> store::Result<()> {
+    let c = &app.cluster;
+    app.store.heartbeat(&c.node_id, &c.public_url).await?;
+    // The session first: a node that cannot prove it still holds its locks must stop leading at once.
+    let alive = match session.as_mut() {
+        Some(s) => s.ping().await.is_ok(),
+        None => false,
+    };
+    if !alive {
+        if session.take().is_some() {
+            lose_all(app);
+        }
+        *session = Some(app.store.leadership(c.lease).await?);
+    }
+    let Some(session) = session.as_mut() else {
+        return Ok(());
+    };
+    let nodes = app.store.live_nodes(c.lease).await?;
+    let leaders = app.store.leaders().await?;
+    let urls: BTreeMap<&str, &str> = nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.public_url.as_str()))
+        .collect();
+    *c.view() = leaders
+        .iter()
+        .filter_map(|l| {
+            let url = urls.get(l.node.as_deref()?)?;
+            Some((l.job, url.to_string()))
+        })
+        .collect();
+    // A job taken over by another node while this one still thought it led it (it cannot hold the lock then, so
+    // its writes were already fenced): let it go.
+    let moved: Vec<JobId> = leaders
+        .iter()
+        .filter(|l| c.led().get(&l.job).is_some_and(|&epoch| l.epoch != epoch))
+        .map(|l| l.job)
+        .collect();
+    for job in moved {
+        lose(app, job);
+    }
+    // Fair share: jobs spread over the live nodes; a job whose leader is alive keeps it (its lock is held).
+    let share = leaders.len().div_ceil(nodes.len().max(1));
+    for l in &leaders {
+        if c.led().len() >= share {
+            break;
+        }
+        if c.leads(l.job) {
+            continue;
+        }
+        if session.try_lock(l.job).await? {
+            take(app, l.job).await;
+        }
+    }
+    // Where idle workers go: the live node leading the lowest running job, so every idle node sends them alike.
+    let target = leaders
+        .iter()
+        .filter(|l| l.status == JobStatus::Running.as_str())
+        .filter_map(|l| urls.get(l.node.as_deref()?))
+        .find(|url| **url != c.public_url)
+        .map(|url| url.to_string());
+    if let Some(url) = target {
+        redirect_idle(app, &url);
+    }
+    Ok(())
+}
+
+/// Leads job `job`, just created on this node, if no other node took it first (PostgreSQL; on SQLite the
+/// caller loads it). Returns whether this node leads it now.
+pub async fn adopt(app: &Arc<App>, job: JobId) -> bool {
+    let mut session = app.cluster.session.lock().await;
+    let Some(s) = session.as_mut() else {
+        return false;
+    };
+    match s.try_lock(job).await {
+        Ok(true) => {
+            take(app, job).await;
+            app.cluster.leads(job)
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(%job, error = %e, "locking a new job failed; the heartbeat will retry");
+            false
+        }
+    }
+}
+
+/// Takes over job `job` (its lock is held): bumps its epoch, loads its durable state and starts serving it.
+async fn take(app: &Arc<App>, job: JobId) {
+    let c = &app.cluster;
+    let epoch = match app.store.claim_job(job, &c.node_id).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(%job, error = %e, "claiming a job's leadership failed");
+            return;
+        }
+    };
+    c.led().insert(job, epoch);
+    let load = match crate::load_job(&app.store, job).await {
+        Ok(Some(load)) => load,
+        Ok(None) => {
+            c.led().remove(&job);
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%job, error = %e, "loading a job taken over failed");
+            c.led().remove(&job);
+            return;
+        }
+    };
+    let metrics = app.store.metrics(job).await.unwrap_or_default();
+    let workers = app.store.workers().await.unwrap_or_default();
+    let fx = {
+        let mut st = app.state();
+        // Other nodes credited workers too: their standing comes from the store.
+        for w in &workers {
+            st.set_worker(w.id, crate::worker_info(w));
+        }
+        st.load_job(load);
+        for m in metrics {
+            st.restore_metric(job, m);
+        }
+        st.tick()
+    };
+    tracing::info!(%job, epoch, node = %c.node_id, "took over the job's leadership");
+    app.apply(fx).await;
+    let _ = app.events.send(job);
+}
+
+/// Sends every worker connected here to the node at `url`, when this node leads no running job.
+fn redirect_idle(app: &App, url: &str) {
+    if app.state().jobs().any(|j| j.status == JobStatus::Running) {
+        return;
+    }
+    let msg = CoordinatorMsg::Redirect { url: ws_url(url) };
+    let st = app.state();
+    for conn in st.conn_ids() {
+        st.send(conn, Outbound::msg(&msg, &[]));
+    }
+}
+
+/// Whether `store` is shared by several nodes.
+pub fn mode_of(store: &Store) -> Mode {
+    match store.engine() {
+        store::Engine::Sqlite => Mode::Single,
+        store::Engine::Postgres => Mode::Shared,
+    }
+}
