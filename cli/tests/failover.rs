@@ -302,16 +302,16 @@ fn single_node_accuracy(dir: &Path, job: &Path) -> anyhow::Result<f64> {
             "--name",
             "solo",
             "--db",
-            db.to_str().unwrap(),
+            db.to_str().context("path")?,
         ],
         &[],
     )?;
-    let mut node = serve(db.to_str().unwrap(), "solo", "127.0.0.1:0")?;
+    let mut node = serve(db.to_str().context("path")?, "solo", "127.0.0.1:0")?;
     let env = [
         ("STARLING_URL", node.url.as_str()),
         ("STARLING_TOKEN", token.trim()),
     ];
-    starling(&["job", "submit", job.to_str().unwrap()], &env)?;
+    starling(&["job", "submit", job.to_str().context("path")?], &env)?;
     let stop = Arc::new(AtomicBool::new(false));
     let ws_url = ws(&node.url);
     let ws = [
