@@ -487,6 +487,28 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
             .fetch_one(&pool),
         )?
         .get(0);
+    // Owners get the same answer from every node: the leader answers, the others forward to it.
+    for n in &nodes {
+        let env = [
+            ("STARLING_URL", n.url.as_str()),
+            ("STARLING_TOKEN", token.as_str()),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let s: serde_json::Value = loop {
+            // A node that was just continued may still see the job failing over (503): ask again.
+            match starling(&["job", "status", "1", "--json"], &env) {
+                Ok(out) => break serde_json::from_str(&out)?,
+                Err(e) if Instant::now() < deadline => eprintln!("{}: {e}", n.id),
+                Err(e) => return Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        ensure!(
+            s["step"] == STEPS && s["status"] == "completed",
+            "{} answered {s}",
+            n.id
+        );
+    }
     // Stop everything: the workers give up reconnecting and report what they were told.
     drop(nodes);
     stop.store(true, Ordering::Relaxed);

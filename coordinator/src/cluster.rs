@@ -45,8 +45,8 @@ pub struct Cluster {
     pub lease: Duration,
     /// Jobs led here and the epoch each was taken at.
     led: Mutex<BTreeMap<JobId, u64>>,
-    /// The last registry view: each job's leading node's public URL (live nodes only).
-    view: Mutex<BTreeMap<JobId, String>>,
+    /// The last registry view: every job, with its leading node's public URL when that node is live.
+    view: Mutex<BTreeMap<JobId, Option<String>>>,
     /// The leadership session (PostgreSQL), shared by the heartbeat and by a node adopting a job it just created.
     session: tokio::sync::Mutex<Option<store::Leadership>>,
 }
@@ -68,7 +68,7 @@ impl Cluster {
         self.led.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn view(&self) -> MutexGuard<'_, BTreeMap<JobId, String>> {
+    fn view(&self) -> MutexGuard<'_, BTreeMap<JobId, Option<String>>> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -91,7 +91,12 @@ impl Cluster {
         if self.leads(job) {
             return None;
         }
-        self.view().get(&job).cloned()
+        self.view().get(&job).cloned().flatten()
+    }
+
+    /// Whether `job` exists as far as the last registry view knows (led here, elsewhere, or by nobody right now).
+    pub fn knows(&self, job: JobId) -> bool {
+        self.leads(job) || self.view().contains_key(&job)
     }
 
     /// Jobs led here.
@@ -178,9 +183,9 @@ async fn beat(app: &Arc<App>, session: &mut Option<store::Leadership>) -> store:
         .collect();
     *c.view() = leaders
         .iter()
-        .filter_map(|l| {
-            let url = urls.get(l.node.as_deref()?)?;
-            Some((l.job, url.to_string()))
+        .map(|l| {
+            let url = l.node.as_deref().and_then(|n| urls.get(n));
+            (l.job, url.map(|u| u.to_string()))
         })
         .collect();
     // A job taken over by another node while this one still thought it led it (it cannot hold the lock then, so
@@ -299,4 +304,101 @@ pub fn mode_of(store: &Store) -> Mode {
         store::Engine::Sqlite => Mode::Single,
         store::Engine::Postgres => Mode::Shared,
     }
+}
+
+/// Answers an owner's request for job `job` when another node leads it: forwarded to that node, or `503
+/// no_leader` while the job is failing over (its leader died and nobody has taken it yet). Hands the request back
+/// when this node should answer it: SQLite, a job led here, a job nobody knows (the caller's 404), or a request
+/// another node already forwarded.
+pub async fn elsewhere(
+    app: &App,
+    job: JobId,
+    req: axum::extract::Request,
+) -> Result<axum::response::Response, axum::extract::Request> {
+    use axum::response::IntoResponse as _;
+    let c = &app.cluster;
+    if c.mode == Mode::Single || c.leads(job) || req.headers().contains_key(FORWARDED) {
+        return Err(req);
+    }
+    let unavailable = |code, message: String| {
+        crate::http::ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, code, message)
+            .into_response()
+    };
+    match c.leader_url(job) {
+        Some(url) => match forward(&url, &c.node_id, req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                tracing::warn!(%job, leader = %url, error = %e, "forwarding to the job's leader failed");
+                Ok(unavailable(
+                    "leader_unreachable",
+                    format!("the node leading job {job} does not answer; retry shortly"),
+                ))
+            }
+        },
+        None if c.knows(job) => Ok(unavailable(
+            "no_leader",
+            format!("job {job} is failing over to another node; retry shortly"),
+        )),
+        None => Err(req),
+    }
+}
+
+/// Header marking a request one node forwarded to another: the receiver answers it itself (or 503), never forwards
+/// it again, so two nodes with stale views cannot bounce a request between them.
+pub const FORWARDED: &str = "x-starling-forwarded-by";
+
+/// Why a request for a job led elsewhere could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("the job's leader is not reachable over plain http ({0})")]
+    Unsupported(String),
+    #[error("connecting to the job's leader: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("talking to the job's leader: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// Sends `req` on to the node at `base` (its public `http://host:port`) and streams its answer back (an SSE stream
+/// included). Owners' requests for a job go to the job's leader because only it has the job in memory: its live
+/// counters, its connected workers, its step in progress; PostgreSQL alone has none of those.
+pub async fn forward(
+    base: &str,
+    node_id: &str,
+    req: axum::extract::Request,
+) -> Result<axum::response::Response, ForwardError> {
+    let authority = base
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .filter(|a| !a.contains('/'))
+        .ok_or_else(|| ForwardError::Unsupported(base.to_string()))?;
+    let stream = tokio::net::TcpStream::connect(authority).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    // The connection task lives as long as the response body is read (an SSE stream: as long as it is followed).
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "forwarded connection ended");
+        }
+    });
+    let (mut parts, body) = req.into_parts();
+    // Inside a nested router the URI has lost its prefix; the original is kept as an extension.
+    let uri = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    parts.uri = path
+        .parse()
+        .map_err(|_| ForwardError::Unsupported(path.clone()))?;
+    if let Ok(host) = authority.parse() {
+        parts.headers.insert(axum::http::header::HOST, host);
+    }
+    if let Ok(me) = node_id.parse() {
+        parts.headers.insert(FORWARDED, me);
+    }
+    let resp = sender
+        .send_request(axum::extract::Request::from_parts(parts, body))
+        .await?;
+    Ok(resp.map(axum::body::Body::new))
 }
