@@ -552,6 +552,12 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
         }
         anyhow::Ok(())
     })?;
+    // Work that earned no credit: leases handed out (to every worker, the liar included) beyond the results credited.
+    let leases: u64 = reports.iter().map(|r| r.stats.leases).sum::<u64>() + liar.stats.leases;
+    let credited = rt.block_on(scalar(
+        &pool,
+        "SELECT COUNT(*) FROM credits WHERE job_id = 1 AND flops > 0",
+    ))? as u64;
     let single = reference
         .join()
         .map_err(|_| anyhow::anyhow!("reference panicked"))??;
@@ -565,6 +571,11 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
             "failover after {what}: new leader's first step {step_s:.2} s, 95% of workers reconnected {conn_s:.2} s"
         );
     }
+    println!(
+        "re-issued or uncredited work: {} of {leases} leases ({:.1}%)",
+        leases.saturating_sub(credited),
+        100.0 * leases.saturating_sub(credited) as f64 / leases.max(1) as f64
+    );
     println!(
         "PostgreSQL: {} commits in {secs:.1} s = {:.0} transactions/s",
         xact1 - xact0,

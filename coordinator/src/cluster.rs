@@ -402,3 +402,37 @@ pub async fn forward(
         .await?;
     Ok(resp.map(axum::body::Body::new))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_public_url_names_its_worker_socket() {
+        assert_eq!(ws_url("http://10.0.0.2:8080"), "ws://10.0.0.2:8080/ws");
+        assert_eq!(ws_url("https://a.example/"), "wss://a.example/ws");
+    }
+
+    #[test]
+    fn sqlite_leads_every_job_at_epoch_zero_and_postgres_only_what_it_took() {
+        let lease = Duration::from_secs(3);
+        let single = Cluster::new(Mode::Single, "n".into(), "http://x".into(), lease);
+        let fence = |job, epoch| {
+            Some(Fence {
+                job: JobId(job),
+                epoch,
+            })
+        };
+        assert_eq!(single.fence(JobId(7)), fence(7, 0));
+        assert_eq!(single.leader_url(JobId(7)), None);
+        let shared = Cluster::new(Mode::Shared, "n".into(), "http://x".into(), lease);
+        assert_eq!(shared.fence(JobId(7)), None);
+        shared.led().insert(JobId(7), 4);
+        shared.view().insert(JobId(8), Some("http://y".into()));
+        shared.view().insert(JobId(9), None);
+        assert_eq!(shared.fence(JobId(7)), fence(7, 4));
+        assert_eq!(shared.leader_url(JobId(8)).as_deref(), Some("http://y"));
+        assert!(shared.knows(JobId(9)) && shared.leader_url(JobId(9)).is_none());
+        assert!(!shared.knows(JobId(10)));
+    }
+}

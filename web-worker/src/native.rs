@@ -111,7 +111,23 @@ pub async fn run_reconnecting(
     let mut lost_at: Option<std::time::Instant> = None;
     let mut connected_once = false;
     let closed_by = loop {
-        let ended = match tokio_tungstenite::connect_async(url.as_str()).await {
+        // A stopped node accepts TCP connections (the kernel does) but never answers the handshake: give up on it
+        // after the silence limit, as on an open connection.
+        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let connected = match reconnect.silence {
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tokio_tungstenite::tungstenite::Error::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no handshake within {limit:?}"),
+                        ),
+                    ))
+                }),
+            None => connect.await,
+        };
+        let ended = match connected {
             Ok((ws, _)) => {
                 connected_once = true;
                 backoff = BACKOFF_MIN;
