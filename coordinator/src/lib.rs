@@ -335,10 +335,15 @@ async fn rerun_demo(app: &Arc<App>) -> anyhow::Result<()> {
             owner,
         )
         .await?;
+    tracing::info!(job = %id, previous = %prev, seed = hyper.seed, "demo run completed; started a fresh run");
+    if app.cluster.mode == cluster::Mode::Shared {
+        // Several nodes: the fresh run is led by whoever takes its lock (this node first).
+        cluster::adopt(app, id).await;
+        return Ok(());
+    }
     let load = load_job(&app.store, id)
         .await?
         .context("the new demo run vanished from the store")?;
-    tracing::info!(job = %id, previous = %prev, seed = hyper.seed, "demo run completed; started a fresh run");
     let fx = {
         let mut st = app.state();
         st.load_job(load);
