@@ -228,6 +228,16 @@ async fn beat(app: &Arc<App>, session: &mut Option<store::Leadership>) -> store:
 /// caller loads it). Returns whether this node leads it now.
 pub async fn adopt(app: &Arc<App>, job: JobId) -> bool {
     let mut session = app.cluster.session.lock().await;
+    if session.is_none() {
+        // The node has just started and its first heartbeat has not opened the session yet.
+        match app.store.leadership(app.cluster.lease).await {
+            Ok(s) => *session = Some(s),
+            Err(e) => {
+                tracing::warn!(%job, error = %e, "opening the leadership session failed");
+                return false;
+            }
+        }
+    }
     let Some(s) = session.as_mut() else {
         return false;
     };

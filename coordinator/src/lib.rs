@@ -217,6 +217,11 @@ impl App {
         }
         self.state().halt(&jobs, withheld, message.as_deref());
         for id in jobs {
+            if !self.cluster.leads(id) {
+                // Lost meanwhile (its leadership session ended too): its state is the new leader's to load.
+                cluster::lose(self, id);
+                continue;
+            }
             match load_job(&self.store, id).await {
                 Ok(Some(load)) => self.state().reload_job(load),
                 Ok(None) => {}
