@@ -194,12 +194,14 @@ fn worker(
                 token: None,
                 max_leases: None,
             };
+            // One node (the reference run): no failover to ride out, so no reconnecting.
+            let single = urls.len() == 1;
             let reconnect = Reconnect {
                 fallbacks: urls[1..].to_vec(),
                 // Longer than any outage in the test (a stopped leader's workers may first try it again and wait
                 // out its silent handshake); the workers give up this long after the last node is stopped.
-                give_up_after: Some(Duration::from_secs(15)),
-                silence: Some(Duration::from_millis(2 * LEASE_MS)),
+                give_up_after: (!single).then_some(Duration::from_secs(15)),
+                silence: (!single).then_some(Duration::from_millis(2 * LEASE_MS)),
             };
             let run = run_reconnecting(device, opts, tamper, reconnect);
             tokio::select! {
