@@ -340,7 +340,8 @@ async fn raw_peer(
             | CoordinatorMsg::Waiting { .. }
             | CoordinatorMsg::ModelDelta { .. }
             | CoordinatorMsg::LocalLease { .. }
-            | CoordinatorMsg::Dataset { .. } => {}
+            | CoordinatorMsg::Dataset { .. }
+            | CoordinatorMsg::Redirect { .. } => {}
         }
     }
     Ok(())

@@ -42,7 +42,7 @@ pub enum TokenCommand {
         /// The owner's name (unique).
         #[arg(long)]
         name: String,
-        /// The coordinator's database file.
+        /// The coordinator's database: a SQLite file or a PostgreSQL URL.
         #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
         db: PathBuf,
     },
@@ -108,7 +108,7 @@ pub enum LedgerCommand {
     /// Check the credit ledger's hash chain and that every worker's balance equals the sum of its entries; exits
     /// non-zero naming the first break.
     Verify {
-        /// The coordinator's database file.
+        /// The coordinator's database: a SQLite file or a PostgreSQL URL.
         #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
         db: PathBuf,
     },
@@ -136,6 +136,18 @@ pub struct WorkerArgs {
     /// Stop after this many leases.
     #[arg(long)]
     pub max_leases: Option<u64>,
+    /// Other coordinator nodes' WebSocket URLs, tried in turn when the current one is lost (repeatable, or
+    /// comma-separated). A node that leads no work sends the worker on with a `redirect`.
+    #[arg(long = "fallback", value_delimiter = ',')]
+    pub fallbacks: Vec<String>,
+    /// Keep reconnecting, with backoff, for this many seconds after losing the coordinator (a failover) instead of
+    /// exiting at once.
+    #[arg(long)]
+    pub reconnect_secs: Option<u64>,
+    /// With `--reconnect-secs`: milliseconds without any frame from the coordinator (it is pinged every third of
+    /// this) after which the connection counts as lost; a stopped or cut-off node keeps its socket open.
+    #[arg(long, default_value_t = 10_000)]
+    pub silence_ms: u64,
 }
 
 /// `starling train`.

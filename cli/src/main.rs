@@ -53,7 +53,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => train(args).await,
         Command::Ledger(LedgerCommand::Verify { db }) => ledger_verify(&db).await,
         Command::Token(TokenCommand::Create { name, db }) => {
-            let store = Store::open(&db).await?;
+            let store = Store::connect(&db.to_string_lossy()).await?;
             let token = starling_coordinator::create_owner(&store, &name).await?;
             println!("{token}");
             eprintln!("owner {name:?} created; keep this token secret (only its hash is stored)");
@@ -65,8 +65,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// `starling ledger verify`: the chain and every balance, or an error naming the first break (exit code 1).
 async fn ledger_verify(db: &std::path::Path) -> anyhow::Result<()> {
-    anyhow::ensure!(db.exists(), "no database at {}", db.display());
-    let store = Store::open(db)
+    let url = db.to_string_lossy();
+    let postgres = starling_coordinator::store::is_postgres_url(&url);
+    anyhow::ensure!(postgres || db.exists(), "no database at {}", db.display());
+    let store = Store::connect(&url)
         .await
         .with_context(|| format!("opening {}", db.display()))?;
     let report = store
@@ -125,7 +127,18 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         token,
         max_leases: args.max_leases,
     };
-    let report = starling_worker::native::run(opts, None).await?;
+    let device = starling_worker::engine::Device::open(opts.backend)
+        .await
+        .context("opening the compute device")?;
+    tracing::info!(backend = ?device.backend(), adapter = %device.label(), "worker device ready");
+    let reconnect = starling_worker::native::Reconnect {
+        fallbacks: args.fallbacks,
+        give_up_after: args.reconnect_secs.map(std::time::Duration::from_secs),
+        silence: args
+            .reconnect_secs
+            .map(|_| std::time::Duration::from_millis(args.silence_ms)),
+    };
+    let report = starling_worker::native::run_reconnecting(device, opts, None, reconnect).await?;
     if let (Some(p), Some(t)) = (&args.token_file, &report.token) {
         std::fs::write(p, t)
             .with_context(|| format!("saving the worker token to {}", p.display()))?;

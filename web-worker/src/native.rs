@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 
-use starling_core::protocol::WireFrame;
+use starling_core::protocol::{ErrorCode, WireFrame};
 
 use crate::engine::{BackendChoice, Device};
 use crate::session::{Incoming, LocalLie, Session, SessionConfig, SessionError, Stats, Tamper};
@@ -47,7 +47,34 @@ pub async fn run(opts: WorkerOptions, tamper: Option<Tamper>) -> anyhow::Result<
     run_on(device, opts, tamper).await
 }
 
-/// Like [`run`] on an already opened device (lets tests share one GPU context between reconnects).
+/// How a worker gets back to work when its coordinator node goes away (a failover) or sends it elsewhere.
+#[derive(Debug, Clone, Default)]
+pub struct Reconnect {
+    /// Other nodes' WebSocket URLs, tried in turn after the one the worker was using (the first is `coordinator`).
+    pub fallbacks: Vec<String>,
+    /// Keep reconnecting, with backoff, for this long after the coordinator was lost (`None`: end the run then).
+    pub give_up_after: Option<std::time::Duration>,
+    /// Treat the connection as lost when nothing (not even a pong to the pings sent every third of this) arrived
+    /// for this long: a node that is stopped or cut off keeps its sockets open, so silence is the only sign.
+    pub silence: Option<std::time::Duration>,
+}
+
+/// First and largest pause between reconnection attempts (doubling in between, with jitter).
+const BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// How one connection ended.
+enum Ended {
+    /// The run is over (`max_leases`, a fatal error code, the worker refused).
+    Done(Option<String>),
+    /// The connection was lost (node died, restarted, shut down): reconnect if allowed.
+    Lost(String),
+    /// The node sent us to another node.
+    Redirect(String),
+}
+
+/// Like [`run`] on an already opened device (lets tests share one GPU context between reconnects). Follows
+/// `redirect`s; ends when the connection is lost.
 pub async fn run_on(
     device: Device,
     opts: WorkerOptions,
@@ -62,6 +89,28 @@ pub async fn run_lying(
     opts: WorkerOptions,
     tamper: Option<Tamper>,
     lie: Option<Box<dyn LocalLie>>,
+) -> anyhow::Result<WorkerReport> {
+    run_with(device, opts, tamper, lie, Reconnect::default()).await
+}
+
+/// Like [`run_on`], reconnecting with backoff after a lost connection as `reconnect` says: to the same node, then
+/// to each fallback in turn (a node that is itself not leading work redirects the worker on). One session lives
+/// through every connection, so the token, the resident model and the statistics carry over.
+pub async fn run_reconnecting(
+    device: Device,
+    opts: WorkerOptions,
+    tamper: Option<Tamper>,
+    reconnect: Reconnect,
+) -> anyhow::Result<WorkerReport> {
+    run_with(device, opts, tamper, None, reconnect).await
+}
+
+async fn run_with(
+    device: Device,
+    opts: WorkerOptions,
+    tamper: Option<Tamper>,
+    lie: Option<Box<dyn LocalLie>>,
+    reconnect: Reconnect,
 ) -> anyhow::Result<WorkerReport> {
     let mut session = Session::new(
         device,
@@ -80,25 +129,116 @@ pub async fn run_lying(
     // A v2 `dataset` frame holds a whole training set (25 MB for the demo's MNIST split): above tungstenite's
     // default 16 MiB frame limit, so the limits are the coordinator's upload limit instead.
     let limit = Some(starling_core::data::MAX_UPLOAD_BYTES + 64 * 1024);
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+    let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_frame_size(limit)
         .max_message_size(limit);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
-        opts.coordinator.as_str(),
-        Some(config),
-        false,
-    )
-    .await
-    .with_context(|| format!("connecting to {}", opts.coordinator))?;
-    ws.send(to_message(session.hello())).await?;
-    let mut closed_by = None;
-    while let Some(msg) = ws.next().await {
+    let mut urls = vec![opts.coordinator.clone()];
+    urls.extend(reconnect.fallbacks.iter().cloned());
+    let mut url = opts.coordinator.clone();
+    let mut next = 0usize;
+    let mut backoff = BACKOFF_MIN;
+    let mut lost_at: Option<std::time::Instant> = None;
+    let mut connected_once = false;
+    let closed_by = loop {
+        // A stopped node accepts TCP connections (the kernel does) but never answers the handshake: give up on it
+        // after the silence limit, as on an open connection.
+        let connect =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config), false);
+        let connected = match reconnect.silence {
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tokio_tungstenite::tungstenite::Error::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no handshake within {limit:?}"),
+                        ),
+                    ))
+                }),
+            None => connect.await,
+        };
+        let ended = match connected {
+            Ok((ws, _)) => {
+                connected_once = true;
+                backoff = BACKOFF_MIN;
+                lost_at = None;
+                serve(&mut session, ws, &opts, reconnect.silence).await?
+            }
+            Err(e) if !connected_once && reconnect.give_up_after.is_none() => {
+                return Err(anyhow::Error::new(e).context(format!("connecting to {url}")));
+            }
+            Err(e) => Ended::Lost(format!("cannot connect to {url}: {e}")),
+        };
+        match ended {
+            Ended::Done(closed_by) => break closed_by,
+            Ended::Redirect(to) => {
+                tracing::info!(from = %url, to = %to, "redirected to the node that leads work");
+                url = to;
+            }
+            Ended::Lost(why) => {
+                let Some(limit) = reconnect.give_up_after else {
+                    break (!why.is_empty()).then_some(why);
+                };
+                let since = *lost_at.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > limit {
+                    break Some(format!("{why}; gave up reconnecting after {limit:?}"));
+                }
+                tracing::info!(%why, retry_in = ?backoff, "coordinator lost; reconnecting");
+                // Jitter (up to half the pause), so workers of a dead node do not all come back at once.
+                let jitter = std::time::Duration::from_millis(
+                    u64::from(std::process::id() ^ next as u32)
+                        % (backoff.as_millis() as u64 / 2 + 1),
+                );
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                url = urls[next % urls.len()].clone();
+                next += 1;
+            }
+        }
+    };
+    Ok(WorkerReport {
+        stats: session.stats().clone(),
+        token: session.token().map(str::to_string),
+        closed_by,
+    })
+}
+
+/// Says hello and computes leases on one connection until it ends.
+async fn serve(
+    session: &mut Session,
+    mut ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    opts: &WorkerOptions,
+    silence: Option<std::time::Duration>,
+) -> anyhow::Result<Ended> {
+    if let Err(e) = ws.send(to_message(session.hello())).await {
+        return Ok(Ended::Lost(format!("connection lost: {e}")));
+    }
+    let silence = silence.unwrap_or(std::time::Duration::MAX);
+    let ping_every = (silence / 3).max(std::time::Duration::from_millis(100));
+    loop {
+        // Silence counts from the last frame in either direction (a long computation is not silence).
+        let heard = std::time::Instant::now();
+        let msg = loop {
+            match tokio::time::timeout(ping_every, ws.next()).await {
+                Ok(m) => break m,
+                Err(_) if heard.elapsed() >= silence => {
+                    return Ok(Ended::Lost(format!(
+                        "nothing from the coordinator for {silence:?}"
+                    )));
+                }
+                Err(_) => {
+                    if let Err(e) = ws.send(Message::Ping(Default::default())).await {
+                        return Ok(Ended::Lost(format!("connection lost: {e}")));
+                    }
+                }
+            }
+        };
+        let Some(msg) = msg else { break };
         let msg = match msg {
             Ok(m) => m,
-            Err(e) => {
-                closed_by = Some(format!("connection error: {e}"));
-                break;
-            }
+            Err(e) => return Ok(Ended::Lost(format!("connection error: {e}"))),
         };
         let replies = match &msg {
             Message::Text(t) => {
@@ -114,44 +254,42 @@ pub async fn run_lying(
             }
             Message::Binary(b) => session.handle(Incoming::Binary(b)).await,
             Message::Close(frame) => {
-                closed_by = Some(
+                return Ok(Ended::Lost(
                     frame
                         .as_ref()
                         .map_or_else(|| "closed".to_string(), |f| f.reason.to_string()),
-                );
-                break;
+                ));
             }
             _ => continue,
         };
         match replies {
             Ok(frames) => {
-                let mut sent = Ok(());
                 for f in frames {
-                    sent = ws.send(to_message(f)).await;
-                    if sent.is_err() {
-                        break;
+                    if let Err(e) = ws.send(to_message(f)).await {
+                        // The coordinator went away between our read and write (shutdown, restart, network).
+                        return Ok(Ended::Lost(format!("connection lost: {e}")));
                     }
                 }
-                if let Err(e) = sent {
-                    // The coordinator went away between our read and write (shutdown, restart, network).
-                    closed_by = Some(format!("connection lost: {e}"));
-                    break;
-                }
             }
+            Err(SessionError::Redirect { url }) => {
+                let _ = ws.close(None).await;
+                return Ok(Ended::Redirect(url));
+            }
+            // A node shutting down is a lost connection, not the end of the run.
+            Err(SessionError::Closed {
+                code: ErrorCode::ShuttingDown,
+                message,
+            }) => return Ok(Ended::Lost(format!("ShuttingDown: {message}"))),
             Err(SessionError::Closed { code, message }) => {
-                closed_by = Some(format!("{code:?}: {message}"));
-                break;
+                return Ok(Ended::Done(Some(format!("{code:?}: {message}"))));
             }
             Err(e) => return Err(e.into()),
         }
         if opts.max_leases.is_some_and(|m| session.stats().leases >= m) {
             let _ = ws.close(None).await;
-            break;
+            return Ok(Ended::Done(None));
         }
     }
-    Ok(WorkerReport {
-        stats: session.stats().clone(),
-        token: session.token().map(str::to_string),
-        closed_by,
-    })
+    // The stream ended without a close frame: no reason to report.
+    Ok(Ended::Lost(String::new()))
 }

@@ -32,6 +32,9 @@ pub enum SessionError {
     Version(u32),
     #[error("unexpected `{0}` from the coordinator")]
     Unexpected(&'static str),
+    /// The coordinator node leads no work and names the one that does: reconnect there (same token).
+    #[error("redirected to {url}")]
+    Redirect { url: String },
 }
 
 /// What the volunteer (and the tests) can see of a session.
@@ -363,6 +366,7 @@ impl Session {
                 Ok(vec![])
             }
             CoordinatorMsg::Error { code, message } => Err(SessionError::Closed { code, message }),
+            CoordinatorMsg::Redirect { url } => Err(SessionError::Redirect { url }),
         }
     }
 

@@ -462,7 +462,7 @@ async fn run(
     });
     let mut session = Session::new(device, config);
     post_stats(&session, &control, false);
-    let socket = match Socket::open(&url, &tx) {
+    let mut socket = match Socket::open(&url, &tx) {
         Ok(s) => s,
         Err(e) => return e,
     };
@@ -549,6 +549,16 @@ async fn run(
             }
             Err(SessionError::Closed { code, message }) => {
                 return format!("the coordinator ended the session ({code:?}): {message}");
+            }
+            // Another coordinator node leads the work: follow it with the same session (token, model, counters);
+            // replacing the socket detaches and closes the old one.
+            Err(SessionError::Redirect { url }) => {
+                socket = match Socket::open(&url, &tx) {
+                    Ok(s) => s,
+                    Err(e) => return e,
+                };
+                connected = false;
+                control.ready_outstanding = false;
             }
             Err(e) => return format!("protocol error: {e}"),
         }

@@ -84,8 +84,14 @@ fn is_root() -> bool {
 /// Installs what the build and the tests need, skipping what is already there.
 fn setup() -> anyhow::Result<()> {
     // Lavapipe (Mesa's Vulkan on the CPU) lets the WGSL kernels run on machines without a GPU; Chromium runs the
-    // browser tests (WebGPU on SwiftShader).
-    let apt = ["mesa-vulkan-drivers", "libvulkan1", "chromium"];
+    // browser tests (WebGPU on SwiftShader); PostgreSQL's server binaries let the store suite and the failover test
+    // start a throwaway cluster of their own (initdb + pg_ctl on 127.0.0.1; CI=true makes its absence a failure).
+    let apt = [
+        "mesa-vulkan-drivers",
+        "libvulkan1",
+        "chromium",
+        "postgresql",
+    ];
     let missing: Vec<&str> = apt
         .iter()
         .copied()

@@ -126,7 +126,7 @@ pub(super) async fn job_gate(
     auth: Auth,
     Path(id): Path<String>,
     matched: Option<axum::extract::MatchedPath>,
-    mut req: axum::extract::Request,
+    req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     // A route missing from `JobRoute::ALL` (it cannot be routed, but fail closed) is treated as owner-only.
@@ -143,6 +143,10 @@ pub(super) async fn job_gate(
         .any(|r| r.public() && r.suffix() == suffix && r.method() == req.method().as_str());
     let Ok(id) = id.parse::<u64>() else {
         return ApiError::not_found("job").into_response();
+    };
+    let mut req = match crate::cluster::elsewhere(&app, JobId(id), req).await {
+        Ok(answered) => return answered,
+        Err(req) => req,
     };
     match job_access(&app, &auth, JobId(id), public) {
         Ok(access) => {

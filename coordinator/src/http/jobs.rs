@@ -249,6 +249,18 @@ pub(super) async fn create_job(
         .store
         .insert_job(name, &spec_json, &hyper_json, req.dataset, Some(owner))
         .await?;
+    if app.cluster.mode == crate::cluster::Mode::Shared {
+        // Several nodes: the job is led by whichever node holds its lock; this one asks first.
+        if !crate::cluster::adopt(&app, id).await {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_leader_yet",
+                format!("job {id} was created; another node leads it (ask there, or retry)"),
+            ));
+        }
+        let view = job_view(&app, id, true).ok_or_else(|| ApiError::not_found("job"))?;
+        return Ok((StatusCode::CREATED, Json(view)));
+    }
     let fx = {
         let mut st = app.state();
         st.load_job(JobLoad {

@@ -201,6 +201,21 @@ impl State {
         Ok(fx)
     }
 
+    /// This coordinator node no longer leads job `job_id` (another node took it over, or its leadership lapsed):
+    /// its leases are dropped (results for them are answered `late`) and it leaves memory, so nothing more is
+    /// computed, sent or written for it here. Its durable state is the new leader's to load.
+    pub fn unload_job(&mut self, job_id: JobId) {
+        self.drop_job_leases(job_id);
+        if self.jobs.remove(&job_id).is_some() {
+            tracing::info!(job = %job_id, "job unloaded: another node leads it");
+        }
+    }
+
+    /// Every open connection's id (to send them all the same frame, e.g. a `redirect`).
+    pub fn conn_ids(&self) -> Vec<super::ConnId> {
+        self.conns.keys().copied().collect()
+    }
+
     fn drop_job_leases(&mut self, job_id: JobId) {
         let dropped: Vec<LeaseId> = self
             .leases

@@ -15,7 +15,7 @@ pub struct OwnerRow {
 
 impl Store {
     pub async fn worker_by_token_hash(&self, hash: &str) -> Result<Option<WorkerRow>> {
-        let row = sqlx::query(&format!("{WORKER_SELECT} WHERE token_hash = ?"))
+        let row = sqlx::query(&format!("{WORKER_SELECT} WHERE token_hash = $1"))
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -24,7 +24,7 @@ impl Store {
 
     pub async fn create_worker(&self, hash: &str, name: Option<&str>) -> Result<WorkerRow> {
         let row = sqlx::query(
-            "INSERT INTO workers (token_hash, name, created_ms) VALUES (?, ?, ?) RETURNING id",
+            "INSERT INTO workers (token_hash, name, created_ms) VALUES ($1, $2, $3) RETURNING id",
         )
         .bind(hash)
         .bind(name)
@@ -52,7 +52,7 @@ impl Store {
 
     /// Records a rejected result: one strike, and refusal once `refused` is decided by the scheduler.
     pub async fn record_rejection(&self, worker: WorkerId, refused: bool) -> Result<()> {
-        sqlx::query("UPDATE workers SET rejected = rejected + 1, strikes = strikes + 1, refused = MAX(refused, ?) WHERE id = ?")
+        sqlx::query("UPDATE workers SET rejected = rejected + 1, strikes = strikes + 1, refused = CASE WHEN $1 <> 0 THEN 1 ELSE refused END WHERE id = $2")
             .bind(refused as i64)
             .bind(worker.0 as i64)
             .execute(&self.pool)
@@ -63,7 +63,7 @@ impl Store {
     /// Creates an owner with the given token hash; fails if the name is taken.
     pub async fn create_owner(&self, name: &str, token_hash: &str) -> Result<OwnerRow> {
         let row = sqlx::query(
-            "INSERT INTO owners (name, token_hash, created_ms) VALUES (?, ?, ?) RETURNING id",
+            "INSERT INTO owners (name, token_hash, created_ms) VALUES ($1, $2, $3) RETURNING id",
         )
         .bind(name)
         .bind(token_hash)
@@ -77,7 +77,7 @@ impl Store {
     }
 
     pub async fn owner_by_token_hash(&self, hash: &str) -> Result<Option<OwnerRow>> {
-        let row = sqlx::query("SELECT id, name FROM owners WHERE token_hash = ?")
+        let row = sqlx::query("SELECT id, name FROM owners WHERE token_hash = $1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -88,7 +88,7 @@ impl Store {
     }
 
     pub async fn owner_name(&self, id: i64) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT name FROM owners WHERE id = ?")
+        let row = sqlx::query("SELECT name FROM owners WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -96,7 +96,7 @@ impl Store {
     }
 
     pub async fn owner_by_name(&self, name: &str) -> Result<Option<OwnerRow>> {
-        let row = sqlx::query("SELECT id, name FROM owners WHERE name = ?")
+        let row = sqlx::query("SELECT id, name FROM owners WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -110,7 +110,7 @@ impl Store {
 pub(super) const WORKER_SELECT: &str =
     "SELECT id, name, credits_flops, accepted, rejected, strikes, refused FROM workers";
 
-pub(super) fn worker_row(r: sqlx::sqlite::SqliteRow) -> WorkerRow {
+pub(super) fn worker_row(r: sqlx::any::AnyRow) -> WorkerRow {
     WorkerRow {
         id: WorkerId(r.get::<i64, _>(0) as u64),
         name: r.get(1),

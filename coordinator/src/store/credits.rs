@@ -10,13 +10,14 @@ impl Store {
     /// Credits a worker whose result agreed with an already accepted one (a speculative or late replica).
     pub async fn save_credit(
         &self,
-        job: JobId,
+        fence: Fence,
         step: u64,
         micro: u32,
         credit: Credit,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        grant(&mut tx, job, step, micro, credit).await?;
+        self.engine.check_fence(&mut tx, fence).await?;
+        grant(self.engine, &mut tx, fence.job, step, micro, credit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -24,10 +25,18 @@ impl Store {
     /// Takes back `credit` (granted for micro-batch `micro` of `step`) with a compensating ledger entry of
     /// `-credit.flops` whose micro is `micro | ledger::CLAWBACK`, and lowers the worker's cached balance and
     /// accepted count to match; nothing when there is no such credit or it was already taken back.
-    pub async fn claw_back(&self, job: JobId, step: u64, micro: u32, credit: Credit) -> Result<()> {
+    pub async fn claw_back(
+        &self,
+        fence: Fence,
+        step: u64,
+        micro: u32,
+        credit: Credit,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let job = fence.job;
+        self.engine.check_fence(&mut tx, fence).await?;
         let granted = sqlx::query(
-            "SELECT flops FROM credits WHERE worker_id = ? AND job_id = ? AND step = ? AND micro = ? AND flops > 0",
+            "SELECT flops FROM credits WHERE worker_id = $1 AND job_id = $2 AND step = $3 AND micro = $4 AND flops > 0",
         )
         .bind(credit.worker.0 as i64)
         .bind(job.0 as i64)
@@ -43,6 +52,7 @@ impl Store {
             flops: granted as u64,
         };
         append_entry(
+            self.engine,
             &mut tx,
             job,
             step,
@@ -57,7 +67,7 @@ impl Store {
 
     /// Sum of all credit entries per worker and the total, for consistency checks.
     pub async fn credit_entries(&self) -> Result<Vec<(WorkerId, i64, i64)>> {
-        let rows = sqlx::query("SELECT worker_id, COUNT(*), SUM(flops) FROM credits GROUP BY worker_id ORDER BY worker_id").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT worker_id, COUNT(*), CAST(SUM(flops) AS BIGINT) FROM credits GROUP BY worker_id ORDER BY worker_id").fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
             .map(|r| (WorkerId(r.get::<i64, _>(0) as u64), r.get(1), r.get(2)))
@@ -70,7 +80,7 @@ impl Store {
             "SELECT id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash FROM credits";
         let rows = match worker {
             Some(w) => {
-                sqlx::query(&format!("{sql} WHERE worker_id = ? ORDER BY id"))
+                sqlx::query(&format!("{sql} WHERE worker_id = $1 ORDER BY id"))
                     .bind(w.0 as i64)
                     .fetch_all(&self.pool)
                     .await?
@@ -121,17 +131,19 @@ impl Store {
 }
 
 /// Appends one ledger entry (unless this worker was already credited for this micro-batch) and updates the
-/// worker's cached balance, inside the caller's transaction. The single pool connection serialises writers, so
-/// reading the chain head and appending cannot interleave with another append.
+/// worker's cached balance, inside the caller's transaction. Reading the chain head and appending cannot interleave
+/// with another append: SQLite's single pool connection serialises writers, and on PostgreSQL `append_entry` takes
+/// the ledger's transaction-scoped advisory lock first ([`Engine::lock_ledger`]).
 pub(super) async fn grant(
-    tx: &mut sqlx::SqliteConnection,
+    engine: Engine,
+    tx: &mut AnyConnection,
     job: JobId,
     step: u64,
     micro: u32,
     c: Credit,
 ) -> Result<()> {
     let exists = sqlx::query(
-        "SELECT 1 FROM credits WHERE worker_id = ? AND job_id = ? AND step = ? AND micro = ?",
+        "SELECT 1 FROM credits WHERE worker_id = $1 AND job_id = $2 AND step = $3 AND micro = $4",
     )
     .bind(c.worker.0 as i64)
     .bind(job.0 as i64)
@@ -142,20 +154,22 @@ pub(super) async fn grant(
     if exists.is_some() {
         return Ok(());
     }
-    append_entry(tx, job, step, micro, c, c.flops as i64).await
+    append_entry(engine, tx, job, step, micro, c, c.flops as i64).await
 }
 
 /// Appends one entry of `flops` (negative for a clawback) to the hash chain and moves the worker's cached balance
 /// and accepted count with it (unless an entry for this worker and `micro` exists), inside the caller's
 /// transaction.
 async fn append_entry(
-    tx: &mut sqlx::SqliteConnection,
+    engine: Engine,
+    tx: &mut AnyConnection,
     job: JobId,
     step: u64,
     micro: u32,
     c: Credit,
     flops: i64,
 ) -> Result<()> {
+    engine.lock_ledger(tx).await?;
     let head = sqlx::query("SELECT id, hash FROM credits ORDER BY id DESC LIMIT 1")
         .fetch_optional(&mut *tx)
         .await?;
@@ -164,7 +178,7 @@ async fn append_entry(
     });
     let at = now_ms();
     let hash = crate::ledger::entry_hash(&prev, id, c.worker.0, job.0, step, micro, flops, at);
-    let inserted = sqlx::query("INSERT OR IGNORE INTO credits (id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    let inserted = sqlx::query("INSERT INTO credits (id, worker_id, job_id, step, micro, flops, at_ms, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING")
         .bind(id)
         .bind(c.worker.0 as i64)
         .bind(job.0 as i64)
@@ -178,7 +192,7 @@ async fn append_entry(
         .await?
         .rows_affected();
     if inserted == 1 {
-        sqlx::query("UPDATE workers SET credits_flops = credits_flops + ?, accepted = accepted + ? WHERE id = ?")
+        sqlx::query("UPDATE workers SET credits_flops = credits_flops + $1, accepted = accepted + $2 WHERE id = $3")
             .bind(flops)
             .bind(flops.signum())
             .bind(c.worker.0 as i64)

@@ -16,7 +16,7 @@ impl Store {
         test: &Dataset,
         owner: Option<i64>,
     ) -> Result<i64> {
-        let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES (?, ?, ?, ?, ?, ?) RETURNING id")
+        let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id")
             .bind(name)
             .bind(train.dim as i64)
             .bind(encode_raw(train))
@@ -34,7 +34,7 @@ impl Store {
         id: i64,
         owner: Option<i64>,
     ) -> Result<Option<(usize, usize, usize)>> {
-        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = ? AND (owner_id IS NULL OR owner_id IS ?)")
+        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = $1 AND (owner_id IS NULL OR owner_id IS NOT DISTINCT FROM $2)")
             .bind(id)
             .bind(owner)
             .fetch_optional(&self.pool)
@@ -49,7 +49,7 @@ impl Store {
 
     /// The datasets `owner` uploaded, oldest first (`GET /api/v1/datasets`); row counts come from the stored lengths.
     pub async fn owner_datasets(&self, owner: i64) -> Result<Vec<DatasetRow>> {
-        let rows = sqlx::query("SELECT id, name, dim, length(train), length(test), created_ms FROM datasets WHERE owner_id = ? ORDER BY id")
+        let rows = sqlx::query("SELECT id, name, dim, length(train), length(test), created_ms FROM datasets WHERE owner_id = $1 ORDER BY id")
             .bind(owner)
             .fetch_all(&self.pool)
             .await?;
@@ -72,7 +72,7 @@ impl Store {
     }
 
     pub async fn load_dataset(&self, id: i64) -> Result<(Dataset, Dataset)> {
-        let row = sqlx::query("SELECT train, test FROM datasets WHERE id = ?")
+        let row = sqlx::query("SELECT train, test FROM datasets WHERE id = $1")
             .bind(id)
             .fetch_one(&self.pool)
             .await?;
@@ -93,7 +93,7 @@ impl Store {
         owner: Option<i64>,
     ) -> Result<JobId> {
         let row = sqlx::query(
-            "INSERT INTO jobs (name, spec, hyper, dataset_id, owner_id, status, created_ms) VALUES (?, ?, ?, ?, ?, 'running', ?) RETURNING id",
+            "INSERT INTO jobs (name, spec, hyper, dataset_id, owner_id, status, created_ms) VALUES ($1, $2, $3, $4, $5, 'running', $6) RETURNING id",
         )
         .bind(name)
         .bind(spec)
@@ -123,12 +123,16 @@ impl Store {
             .collect())
     }
 
-    pub async fn set_job_status(&self, job: JobId, status: &str) -> Result<()> {
-        sqlx::query("UPDATE jobs SET status = ? WHERE id = ?")
+    /// Sets a job's status (fenced: only its leader writes it).
+    pub async fn set_job_status(&self, fence: Fence, status: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        self.engine.check_fence(&mut tx, fence).await?;
+        sqlx::query("UPDATE jobs SET status = $1 WHERE id = $2")
             .bind(status)
-            .bind(job.0 as i64)
-            .execute(&self.pool)
+            .bind(fence.job.0 as i64)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -136,13 +140,15 @@ impl Store {
     /// training metric and drops the accepted results of finished steps, in one transaction.
     pub async fn save_checkpoint(
         &self,
-        job: JobId,
+        fence: Fence,
         ckpt: &Checkpoint,
         train: &MetricRow,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let job = fence.job;
+        self.engine.check_fence(&mut tx, fence).await?;
         sqlx::query(
-            "INSERT INTO checkpoints (job_id, step, params, optim, updated_ms) VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO checkpoints (job_id, step, params, optim, updated_ms) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, params = excluded.params,
                optim = excluded.optim, updated_ms = excluded.updated_ms
              WHERE excluded.step > checkpoints.step",
@@ -155,7 +161,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         insert_metric(&mut tx, job, train).await?;
-        sqlx::query("DELETE FROM accepted WHERE job_id = ? AND step < ?")
+        sqlx::query("DELETE FROM accepted WHERE job_id = $1 AND step < $2")
             .bind(job.0 as i64)
             .bind(ckpt.step as i64)
             .execute(&mut *tx)
@@ -165,7 +171,7 @@ impl Store {
     }
 
     pub async fn load_checkpoint(&self, job: JobId) -> Result<Option<Checkpoint>> {
-        let row = sqlx::query("SELECT step, params, optim FROM checkpoints WHERE job_id = ?")
+        let row = sqlx::query("SELECT step, params, optim FROM checkpoints WHERE job_id = $1")
             .bind(job.0 as i64)
             .fetch_optional(&self.pool)
             .await?;
@@ -180,20 +186,22 @@ impl Store {
     /// call for the same (job, step, micro) changes nothing, so no credit is ever doubled.
     pub async fn save_accepted(
         &self,
-        job: JobId,
+        fence: Fence,
         step: u64,
         a: &AcceptedRow,
         credits: &[Credit],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let job = fence.job;
+        self.engine.check_fence(&mut tx, fence).await?;
         let inserted = sqlx::query(
-            "INSERT OR IGNORE INTO accepted (job_id, step, micro, rows, loss, correct, agreeing, grad) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO accepted (job_id, step, micro, rows, loss, correct, agreeing, grad) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .bind(job.0 as i64)
         .bind(step as i64)
         .bind(a.micro as i64)
         .bind(a.rows as i64)
-        .bind(a.loss)
+        .bind(a.loss as f64)
         .bind(a.correct as i64)
         .bind(a.agreeing as i64)
         .bind(f32_bytes(&a.grad))
@@ -202,7 +210,7 @@ impl Store {
         .rows_affected();
         if inserted == 1 {
             for c in credits {
-                grant(&mut tx, job, step, a.micro, *c).await?;
+                grant(self.engine, &mut tx, job, step, a.micro, *c).await?;
             }
         }
         tx.commit().await?;
@@ -210,7 +218,7 @@ impl Store {
     }
 
     pub async fn load_accepted(&self, job: JobId, step: u64) -> Result<Vec<AcceptedRow>> {
-        let rows = sqlx::query("SELECT micro, rows, loss, correct, agreeing, grad FROM accepted WHERE job_id = ? AND step = ? ORDER BY micro")
+        let rows = sqlx::query("SELECT micro, rows, loss, correct, agreeing, grad FROM accepted WHERE job_id = $1 AND step = $2 ORDER BY micro")
             .bind(job.0 as i64)
             .bind(step as i64)
             .fetch_all(&self.pool)
@@ -220,7 +228,7 @@ impl Store {
             .map(|r| AcceptedRow {
                 micro: r.get::<i64, _>(0) as u32,
                 rows: r.get::<i64, _>(1) as u32,
-                loss: r.get(2),
+                loss: r.get::<f64, _>(2) as f32,
                 correct: r.get::<i64, _>(3) as u32,
                 agreeing: r.get::<i64, _>(4) as u32,
                 grad: f32s(&r.get::<Vec<u8>, _>(5)),
@@ -228,15 +236,17 @@ impl Store {
             .collect())
     }
 
-    pub async fn insert_eval(&self, job: JobId, m: &MetricRow) -> Result<()> {
+    pub async fn insert_eval(&self, fence: Fence, m: &MetricRow) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let job = fence.job;
+        self.engine.check_fence(&mut tx, fence).await?;
         insert_metric(&mut tx, job, m).await?;
         tx.commit().await?;
         Ok(())
     }
 
     pub async fn metrics(&self, job: JobId) -> Result<Vec<MetricRow>> {
-        let rows = sqlx::query("SELECT step, kind, loss, accuracy, min_agreeing, at_ms FROM metrics WHERE job_id = ? ORDER BY step, kind")
+        let rows = sqlx::query("SELECT step, kind, loss, accuracy, min_agreeing, at_ms FROM metrics WHERE job_id = $1 ORDER BY step, kind")
             .bind(job.0 as i64)
             .fetch_all(&self.pool)
             .await?;
@@ -256,13 +266,16 @@ impl Store {
     /// Keeps the parameters of the best evaluated version (only if `accuracy` beats the stored one).
     pub async fn save_best(
         &self,
-        job: JobId,
+        fence: Fence,
         step: u64,
         accuracy: f32,
         params: &[f32],
     ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let job = fence.job;
+        self.engine.check_fence(&mut tx, fence).await?;
         sqlx::query(
-            "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms) VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, accuracy = excluded.accuracy,
                params = excluded.params, updated_ms = excluded.updated_ms
              WHERE excluded.accuracy > best_checkpoints.accuracy",
@@ -272,15 +285,16 @@ impl Store {
         .bind(accuracy as f64)
         .bind(f32_bytes(params))
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// The best evaluated version: `(step, accuracy, params)`.
     pub async fn load_best(&self, job: JobId) -> Result<Option<(u64, f32, Vec<f32>)>> {
         let row =
-            sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = ?")
+            sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = $1")
                 .bind(job.0 as i64)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -294,8 +308,10 @@ impl Store {
     }
 }
 
-async fn insert_metric(tx: &mut sqlx::SqliteConnection, job: JobId, m: &MetricRow) -> Result<()> {
-    sqlx::query("INSERT OR REPLACE INTO metrics (job_id, step, kind, loss, accuracy, min_agreeing, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
+async fn insert_metric(tx: &mut AnyConnection, job: JobId, m: &MetricRow) -> Result<()> {
+    sqlx::query("INSERT INTO metrics (job_id, step, kind, loss, accuracy, min_agreeing, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (job_id, step, kind) DO UPDATE SET loss = excluded.loss, accuracy = excluded.accuracy,
+           min_agreeing = excluded.min_agreeing, at_ms = excluded.at_ms")
         .bind(job.0 as i64)
         .bind(m.step as i64)
         .bind(&m.kind)

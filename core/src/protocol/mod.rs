@@ -217,6 +217,9 @@ pub enum CoordinatorMsg {
     },
     /// A fatal error; the coordinator closes the connection after sending it.
     Error { code: ErrorCode, message: String },
+    /// This coordinator node leads no work; the node at `url` (a `ws://` or `wss://` WebSocket URL) does. The
+    /// worker closes this connection and connects there, keeping its token (nothing it was told is lost).
+    Redirect { url: String },
 }
 
 /// A frame as it travels on a WebSocket.
@@ -346,6 +349,7 @@ impl CoordinatorMsg {
             Self::Dataset { .. } => ("dataset", true),
             Self::Verdict { .. } => ("verdict", false),
             Self::Error { .. } => ("error", false),
+            Self::Redirect { .. } => ("redirect", false),
         }
     }
 

@@ -332,7 +332,8 @@ mod property {
             ErrorCode::ShuttingDown,
         ];
         let opt = |r: &mut SplitMix64| if r.below(3) == 0 { None } else { Some(text(r)) };
-        match r.below(9) {
+        match r.below(10) {
+            9 => CoordinatorMsg::Redirect { url: text(r) },
             6 => CoordinatorMsg::ModelDelta {
                 job: JobId(num(r)),
                 from: num(r),
