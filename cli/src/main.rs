@@ -4,7 +4,9 @@
 
 mod client; // The coordinator's HTTP API over ureq, for `starling job`.
 mod config; // Flags and subcommands.
+mod lm; // `starling train --model char-lm`: the char-level LM in one process.
 mod owner; // `starling job ...`.
+mod sample; // `starling job sample`: text from an LM checkpoint.
 
 use std::process::ExitCode;
 
@@ -149,6 +151,13 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 async fn train(args: TrainArgs) -> anyhow::Result<()> {
     use starling_coordinator::job::Hyper;
     use starling_core::{ModelSpec, data, optim::Optimizer, schedule};
+    if args.model == "char-lm" {
+        anyhow::ensure!(
+            args.backend == "cpu",
+            "the char-level LM trains on the CPU backend only (--backend cpu)"
+        );
+        return lm::train(args.steps.unwrap_or(2000), &args.lm);
+    }
     let backend: BackendChoice = args.backend.parse().map_err(anyhow::Error::msg)?;
     let (spec, hyper) = match args.model.as_str() {
         "mlp" => (ModelSpec::mnist_mlp(), starling_coordinator::demo_hyper()),
@@ -156,7 +165,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
             starling_coordinator::demo_cnn_spec(),
             starling_coordinator::demo_cnn_hyper(),
         ),
-        other => anyhow::bail!("unknown --model `{other}` (expected mlp or cnn)"),
+        other => anyhow::bail!("unknown --model `{other}` (expected mlp, cnn or char-lm)"),
     };
     let spec = match &args.spec {
         Some(path) => {

@@ -35,6 +35,10 @@ pub fn run(args: JobArgs) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    // Sampling a local checkpoint needs no coordinator, so it is answered before the token check.
+    if let JobCommand::Sample(s) = &args.command {
+        return crate::sample::run(&client, args.token.is_some(), s);
+    }
     need_token()?;
     match args.command {
         JobCommand::Submit { file } => submit(&client, &file),
@@ -48,6 +52,7 @@ pub fn run(args: JobArgs) -> anyhow::Result<()> {
             Ok(())
         }
         JobCommand::Watch { id } => watch(&client, id),
+        JobCommand::Sample(s) => crate::sample::run(&client, true, &s),
         JobCommand::Pause { id } => control(&client, id, "pause"),
         JobCommand::Resume { id } => control(&client, id, "resume"),
         JobCommand::Cancel { id } => control(&client, id, "cancel"),

@@ -245,3 +245,160 @@ print(json.dumps({"accuracy": acc, "step": int(meta["starling.step"]), "meta_acc
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// `starling job sample --checkpoint`: a tiny LM trained here on "abcd" repeated continues a prompt with the
+/// pattern at temperature 0 (so the binary loaded every tensor and the vocabulary), and a prompt character outside
+/// the vocabulary is refused with a message naming it.
+#[test]
+fn job_sample_continues_a_prompt_from_an_lm_checkpoint() -> anyhow::Result<()> {
+    use starling_core::optim::{Optimizer, OptimizerSpec};
+    use starling_core::transformer::export::{LmCheckpoint, to_safetensors};
+    use starling_core::transformer::{LmSpec, fast::Fast, forward_backward};
+    let spec = LmSpec {
+        vocab: 4,
+        context: 8,
+        width: 16,
+        heads: 2,
+        layers: 1,
+        tied: false,
+    };
+    let mut params = spec.init_params(3);
+    let mut opt = Optimizer::new(OptimizerSpec::default(), params.len());
+    // Windows at every phase of the pattern, so the model continues it once the window slides past the prompt.
+    let stream: Vec<u32> = (0..40).map(|i| i % 4).collect();
+    let ids: Vec<u32> = (0..4).flat_map(|s| stream[s..s + 8].to_vec()).collect();
+    let targets: Vec<u32> = (0..4).flat_map(|s| stream[s + 1..s + 9].to_vec()).collect();
+    for _ in 0..150 {
+        let out = forward_backward(&Fast, &spec, &params, &ids, &targets, 4, 8)?;
+        opt.step(&mut params, &out.grad);
+    }
+    let dir = temp_dir("lm-sample");
+    let file = dir.join("lm.safetensors");
+    let ck = LmCheckpoint {
+        spec,
+        params,
+        vocab: Some(["a", "b", "c", "d"].map(String::from).to_vec()),
+        step: 150,
+    };
+    std::fs::write(&file, to_safetensors(&ck)?)?;
+    let path = file.to_string_lossy().to_string();
+    let text = starling(
+        &[
+            "job",
+            "sample",
+            "--checkpoint",
+            &path,
+            "--prompt",
+            "ab",
+            "--tokens",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        &[],
+    )?;
+    assert_eq!(text.trim_end(), "abcdabcdabcd");
+    let bad = Command::new(BIN)
+        .args(["job", "sample", "--checkpoint", &path, "--prompt", "abx"])
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("'x' is not in the vocabulary"));
+    Ok(())
+}
+
+/// An LM checkpoint is loadable elsewhere: numpy, following only the names, shapes and math in docs/PROTOCOL.md
+/// ("Transformer language models"), computes the same loss as our reference on the same windows, tied and untied.
+#[test]
+fn lm_checkpoint_reloaded_in_numpy_gives_the_same_loss() -> anyhow::Result<()> {
+    use starling_core::transformer::export::{LmCheckpoint, to_safetensors};
+    use starling_core::transformer::{LmSpec, evaluate, reference::Reference};
+    let script = r#"
+import json, sys
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+path, ids, tg = sys.argv[1], np.array(json.loads(sys.argv[2])), np.array(json.loads(sys.argv[3]))
+with safe_open(path, "np") as f:
+    spec = json.loads(f.metadata()["starling.lm_spec"])
+t = {k: v.astype(np.float64) for k, v in load_file(path).items()}
+B, T = ids.shape
+C, H = spec["width"], spec["heads"]
+D = C // H
+def ln(x, g, b):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return g * (x - m) / np.sqrt(v + 1e-5) + b
+def gelu(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+heads = lambda a: a.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+x = t["tok_emb"][ids] + t["pos_emb"][:T]
+for i in range(spec["layers"]):
+    p = lambda n: t[f"blocks.{i}.{n}"]
+    qkv = ln(x, p("ln1.gamma"), p("ln1.beta")) @ p("attn.qkv.weight") + p("attn.qkv.bias")
+    q, k, v = (heads(a) for a in np.split(qkv, 3, axis=-1))
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    pr = np.exp(s - s.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    y = (pr @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    x = x + y @ p("attn.out.weight") + p("attn.out.bias")
+    h = ln(x, p("ln2.gamma"), p("ln2.beta"))
+    x = x + gelu(h @ p("mlp.fc.weight") + p("mlp.fc.bias")) @ p("mlp.proj.weight") + p("mlp.proj.bias")
+h = ln(x, t["ln_f.gamma"], t["ln_f.beta"])
+z = h @ t["tok_emb"].T if spec["tied"] else h @ t["head.weight"] + t["head.bias"]
+z = z - z.max(-1, keepdims=True)
+lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+print(-np.take_along_axis(lp, tg[..., None], -1).mean())
+"#;
+    let dir = temp_dir("lm-numpy");
+    for tied in [true, false] {
+        let spec = LmSpec {
+            vocab: 7,
+            context: 6,
+            width: 12,
+            heads: 3,
+            layers: 2,
+            tied,
+        };
+        let mut rng = starling_core::rng::SplitMix64::new(5);
+        let mut params = spec.init_params(9);
+        params
+            .iter_mut()
+            .for_each(|v| *v += (0.2 * rng.normal()) as f32);
+        let (batch, seq) = (2, 5);
+        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(7) as u32).collect();
+        let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(7) as u32).collect();
+        let want = evaluate(&Reference, &spec, &params, &ids, &targets, batch, seq)?.loss;
+        let file = dir.join(format!("lm-{tied}.safetensors"));
+        let ck = LmCheckpoint {
+            spec,
+            params,
+            vocab: None,
+            step: 0,
+        };
+        std::fs::write(&file, to_safetensors(&ck)?)?;
+        let rows = |v: &[u32]| serde_json::to_string(&v.chunks(seq).collect::<Vec<_>>());
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&file)
+            .arg(rows(&ids)?)
+            .arg(rows(&targets)?)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "numpy check failed (cargo xtask setup installs numpy and safetensors): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let numpy: f64 = String::from_utf8(out.stdout)?.trim().parse()?;
+        assert!(
+            (numpy - want as f64).abs() < 1e-5,
+            "tied {tied}: numpy {numpy}, ours {want}"
+        );
+        assert!(
+            numpy > 1.0,
+            "a random model's loss is near ln 7, got {numpy}"
+        );
+    }
+    Ok(())
+}

@@ -21,6 +21,7 @@ use starling_core::ModelSpec;
 use starling_core::data::{TensorData, encode_safetensors};
 use starling_core::protocol::JobId;
 use starling_core::spec::Op;
+use starling_core::transformer::graph;
 
 use crate::App;
 use crate::http::{ApiError, ApiResult, JobAccess};
@@ -45,7 +46,25 @@ pub fn to_safetensors(
     let names: Vec<(String, String)> = (0..plans.len())
         .map(|i| (format!("layers.{i}.weight"), format!("layers.{i}.bias")))
         .collect();
+    // Transformer layers (issue 13) name several tensors each: `layers.{i}.{suffix}`, suffixes from core.
+    let named: Vec<(String, Vec<usize>, usize)> = plans
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((i, graph::op_tensors(&p.op)?)))
+        .flat_map(|(i, list)| {
+            list.into_iter()
+                .map(move |(suffix, shape, off)| (format!("layers.{i}.{suffix}"), shape, off))
+        })
+        .collect();
     let mut tensors = Vec::new();
+    for (name, shape, off) in &named {
+        let len: usize = shape.iter().product();
+        tensors.push((
+            name.as_str(),
+            shape.clone(),
+            TensorData::F32(&params[*off..*off + len]),
+        ));
+    }
     for (p, (w, b)) in plans.iter().zip(&names) {
         // (weight offset, weight shape, bias offset, bias length) of the layers that have parameters.
         let (wo, wshape, bo, blen) = match p.op {
@@ -63,6 +82,10 @@ pub fn to_safetensors(
                 dims, gamma, beta, ..
             } => (gamma, vec![dims.channels], beta, dims.channels),
             Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Flatten | Op::Relu | Op::Gelu => continue,
+            Op::Embedding { .. }
+            | Op::PositionalEmbedding { .. }
+            | Op::TransformerBlock { .. }
+            | Op::LmHead { .. } => continue,
         };
         tensors.push((w.as_str(), wshape, TensorData::F32(&params[wo..bo])));
         tensors.push((
@@ -148,4 +171,41 @@ pub async fn download(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starling_core::transformer::LmSpec;
+    use starling_core::transformer::export::from_safetensors;
+
+    /// A language-model job's export is what `starling job sample ID` reads back: the same spec and parameters.
+    #[test]
+    fn an_lm_export_reads_back_as_an_lm_checkpoint() {
+        for tied in [true, false] {
+            let lm = LmSpec {
+                vocab: 9,
+                context: 5,
+                width: 8,
+                heads: 2,
+                layers: 2,
+                tied,
+            };
+            let spec = lm.model_spec();
+            let params: Vec<f32> = (0..spec.param_count()).map(|i| i as f32 * 0.5).collect();
+            let bytes = to_safetensors(JobId(3), &spec, 7, None, &params).expect("export");
+            let ck = from_safetensors(&bytes).expect("an LM checkpoint");
+            assert_eq!(ck.spec, lm);
+            assert_eq!(
+                ck.params, params,
+                "tied {tied}: every parameter lands where it came from"
+            );
+            assert_eq!(ck.step, 7);
+        }
+        // A classifier's export is not an LM checkpoint, and says so.
+        let mlp = ModelSpec::mnist_mlp();
+        let bytes =
+            to_safetensors(JobId(1), &mlp, 0, None, &vec![0.0; mlp.param_count()]).expect("export");
+        assert!(from_safetensors(&bytes).is_err());
+    }
 }

@@ -11,6 +11,8 @@ pub mod reference; // Plain-loop reference of every layer kind and of the whole 
 pub mod rng; // A tiny deterministic RNG so every platform initialises and shuffles identically.
 pub mod schedule; // Which rows form each step and micro-batch: a pure function of (seed, step).
 pub mod spec; // The declarative model spec (a layer graph): shapes, flat parameter layout, deterministic init.
+pub mod tokens; // Token datasets for LMs: the STK1 upload format, split by position, the Moby-Dick corpus.
+pub mod transformer; // Decoder-only transformer LMs: spec, layout, reference and fast CPU kernels, sampling.
 
 pub use spec::{Activation, Input, Layer, ModelSpec, SpecError};
 
@@ -66,14 +68,37 @@ pub enum BatchError {
     ParamCount { got: usize, expected: usize },
     #[error("a batch needs at least one row")]
     Empty,
+    #[error(
+        "{got} labels are not a whole number of rows of {per_row} (a language model labels every position)"
+    )]
+    LabelShape { got: usize, per_row: usize },
+    #[error("row {row}, position {position}: {value} is not a token id in 0..{vocab}")]
+    TokenId {
+        row: usize,
+        position: usize,
+        value: f32,
+        vocab: usize,
+    },
+}
+
+/// Rows in a batch with these labels: one label per row, or `T` for a language model.
+pub fn batch_rows(spec: &ModelSpec, labels: &[u32]) -> usize {
+    labels.len() / spec.labels_per_row().max(1)
 }
 
 /// Checks a batch against a spec once, so every backend can trust its inputs.
 pub fn check_batch(spec: &ModelSpec, x: &[f32], labels: &[u32]) -> Result<(), BatchError> {
-    let rows = labels.len();
-    if rows == 0 {
+    if labels.is_empty() {
         return Err(BatchError::Empty);
     }
+    let per_row = spec.labels_per_row().max(1);
+    if !labels.len().is_multiple_of(per_row) {
+        return Err(BatchError::LabelShape {
+            got: labels.len(),
+            per_row,
+        });
+    }
+    let rows = labels.len() / per_row;
     let input = spec.input_len();
     if x.len() != rows * input {
         return Err(BatchError::FeatureShape {
@@ -89,9 +114,22 @@ pub fn check_batch(spec: &ModelSpec, x: &[f32], labels: &[u32]) -> Result<(), Ba
         .find(|(_, l)| **l as usize >= classes)
     {
         return Err(BatchError::LabelRange {
-            row,
+            row: row / per_row,
             label,
             classes,
+        });
+    }
+    if let Some(vocab) = spec.token_vocab()
+        && let Some((i, &value)) = x
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.fract() == 0.0 && **v >= 0.0 && (**v as usize) < vocab))
+    {
+        return Err(BatchError::TokenId {
+            row: i / input.max(1),
+            position: i % input.max(1),
+            value,
+            vocab,
         });
     }
     Ok(())

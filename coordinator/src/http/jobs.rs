@@ -199,6 +199,15 @@ pub(super) async fn create_job(
     }
     let spec = ModelSpec::from_json(&req.spec.to_string())
         .map_err(|e| ApiError::bad("bad_spec", e.to_string()))?;
+    // Issue 13's LM layers run in core (reference and CPU) and in `starling train`, but the job surface (token
+    // datasets, per-position labels) does not carry them yet: refuse clearly instead of failing every lease.
+    if spec.labels_per_row() != 1 || spec.token_vocab().is_some() {
+        return Err(ApiError::bad(
+            "bad_spec",
+            "language-model layers (embedding, lm_head) cannot be trained through the coordinator yet; \
+             use `starling train --model char-lm`",
+        ));
+    }
     let hyper: Hyper = match req.hyper {
         Some(h) => serde_json::from_value(h)
             .map_err(|e| ApiError::bad("bad_hyper", format!("invalid hyperparameters: {e}")))?,

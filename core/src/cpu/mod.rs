@@ -10,7 +10,8 @@ mod conv; // conv2d as im2col + SGEMM.
 
 use crate::reference::{self, MatmulForm, act_backward, bias_act, softmax_xent};
 use crate::spec::{LayerPlan, ModelSpec, Op};
-use crate::{BatchError, EvalOutput, StepOutput, check_batch};
+use crate::transformer::{fast::Fast, graph};
+use crate::{BatchError, EvalOutput, StepOutput, batch_rows, check_batch};
 
 /// `C[m, n] = op(A)·op(B) + beta·C` on matrixmultiply's SGEMM, with transposes expressed as strides.
 ///
@@ -142,6 +143,10 @@ impl CpuEngine {
                     y,
                     &mut self.conv,
                 ),
+                // The transformer layers on their SGEMM path (core/src/transformer/fast.rs).
+                op if graph::is_transformer(&op) => {
+                    graph::layer_forward(&Fast, &op, &self.params, rows, input, y)
+                }
                 _ => reference::layer_forward(p, &self.params, rows, input, y),
             }
         }
@@ -150,10 +155,10 @@ impl CpuEngine {
     /// Loss, correct count and the gradient of the mean loss over one micro-batch.
     pub fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepOutput, BatchError> {
         check_batch(&self.spec, x, labels)?;
-        let rows = labels.len();
+        let rows = batch_rows(&self.spec, labels);
         self.forward(x, rows);
         let classes = self.spec.classes();
-        self.dy.resize(rows * classes, 0.0);
+        self.dy.resize(labels.len() * classes, 0.0);
         let (loss, correct) = softmax_xent(
             &self.outs[self.plans.len() - 1],
             labels,
@@ -215,6 +220,16 @@ impl CpuEngine {
                         &mut self.conv,
                     );
                 }
+                op if graph::is_transformer(&op) => graph::layer_backward(
+                    &Fast,
+                    &op,
+                    &self.params,
+                    rows,
+                    input,
+                    &self.dy,
+                    &mut grad,
+                    (li > 0).then_some(self.dx.as_mut_slice()),
+                ),
                 _ => reference::layer_backward(
                     &p,
                     &self.params,
@@ -231,7 +246,7 @@ impl CpuEngine {
             }
         }
         Ok(StepOutput {
-            loss: (loss / rows as f64) as f32,
+            loss: (loss / labels.len() as f64) as f32,
             correct,
             grad,
         })
@@ -243,8 +258,11 @@ impl CpuEngine {
         let input = self.spec.input_len();
         let classes = self.spec.classes();
         let (mut loss, mut correct) = (0.0f64, 0u32);
-        for (xs, ls) in x.chunks(EVAL_CHUNK * input).zip(labels.chunks(EVAL_CHUNK)) {
-            self.forward(xs, ls.len());
+        // A language-model row predicts `per_row` positions: chunk by positions, not rows, to bound memory.
+        let per_row = self.spec.labels_per_row();
+        let chunk = (EVAL_CHUNK / per_row).max(1);
+        for (xs, ls) in x.chunks(chunk * input).zip(labels.chunks(chunk * per_row)) {
+            self.forward(xs, ls.len() / per_row);
             let (l, c) = softmax_xent(&self.outs[self.plans.len() - 1], ls, classes, None);
             loss += l;
             correct += c;

@@ -16,7 +16,9 @@ pub use norm::{group_norm_backward, group_norm_forward, layer_norm_backward, lay
 pub use pool::{avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward};
 
 use crate::spec::{Activation, LayerPlan, ModelSpec, Op};
-use crate::{BatchError, EvalOutput, StepOutput, check_batch};
+use crate::transformer::graph;
+use crate::transformer::reference::Reference as TransformerReference;
+use crate::{BatchError, EvalOutput, StepOutput, batch_rows, check_batch};
 
 /// Which operand of a matmul is read transposed: the three forms backprop needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +197,12 @@ pub fn layer_forward(plan: &LayerPlan, params: &[f32], rows: usize, x: &[f32], y
             eps,
             y,
         ),
+        Op::Embedding { .. }
+        | Op::PositionalEmbedding { .. }
+        | Op::TransformerBlock { .. }
+        | Op::LmHead { .. } => {
+            graph::layer_forward(&TransformerReference, &plan.op, params, rows, x, y)
+        }
     }
 }
 
@@ -292,6 +300,19 @@ pub fn layer_backward(
             let dx = dx.unwrap_or(&mut scratch);
             group_norm_backward(&dims, rows, x, &params[gamma..beta], dy, eps, dx, dg, db);
         }
+        Op::Embedding { .. }
+        | Op::PositionalEmbedding { .. }
+        | Op::TransformerBlock { .. }
+        | Op::LmHead { .. } => graph::layer_backward(
+            &TransformerReference,
+            &plan.op,
+            params,
+            rows,
+            x,
+            dy,
+            grad,
+            dx,
+        ),
     }
 }
 
@@ -326,11 +347,11 @@ pub fn forward_backward(
 ) -> Result<StepOutput, BatchError> {
     check_params(spec, params)?;
     check_batch(spec, x, labels)?;
-    let rows = labels.len();
+    let rows = batch_rows(spec, labels);
     let plans = spec.plan();
     let outs = forward(&plans, params, x, rows);
     let classes = spec.classes();
-    let mut dy = vec![0.0f32; rows * classes];
+    let mut dy = vec![0.0f32; labels.len() * classes];
     let (loss, correct) = softmax_xent(&outs[outs.len() - 1], labels, classes, Some(&mut dy));
     let mut grad = vec![0.0f32; params.len()];
     for (li, p) in plans.iter().enumerate().rev() {
@@ -351,7 +372,7 @@ pub fn forward_backward(
         }
     }
     Ok(StepOutput {
-        loss: (loss / rows as f64) as f32,
+        loss: (loss / labels.len() as f64) as f32,
         correct,
         grad,
     })
@@ -366,13 +387,13 @@ pub fn evaluate(
 ) -> Result<EvalOutput, BatchError> {
     check_params(spec, params)?;
     check_batch(spec, x, labels)?;
-    let rows = labels.len();
-    let outs = forward(&spec.plan(), params, x, rows);
+    let outs = forward(&spec.plan(), params, x, batch_rows(spec, labels));
     let (loss, correct) = softmax_xent(&outs[outs.len() - 1], labels, spec.classes(), None);
+    // `rows` counts labels: predicted positions for a language model.
     Ok(EvalOutput {
-        loss: (loss / rows as f64) as f32,
+        loss: (loss / labels.len() as f64) as f32,
         correct,
-        rows: rows as u32,
+        rows: labels.len() as u32,
     })
 }
 

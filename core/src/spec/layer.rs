@@ -76,6 +76,22 @@ pub enum Layer {
         #[serde(default = "default_eps")]
         eps: f32,
     },
+    /// Token embedding (issue 13): a `[T]` row of token ids (integers stored as f32, each in `0..vocab`) →
+    /// the sequence `[T, width]`, `x[t] = table[id_t]`; `table` is `[vocab, width]`.
+    Embedding { vocab: u32, width: u32 },
+    /// Learned positional embedding: `x[t] += table[t]` over a `[T, C]` sequence; `table` is `[T, C]`.
+    PositionalEmbedding,
+    /// A pre-norm transformer block over a `[T, C]` sequence, two residual sublayers:
+    /// `x = x + attn(layer_norm₁(x))` (causal multi-head self-attention with QKV and output projections), then
+    /// `x = x + W₂·gelu(W₁·layer_norm₂(x) + b₁) + b₂` (MLP of width 4·C). Layout in docs/PROTOCOL.md.
+    TransformerBlock { heads: u32 },
+    /// Next-token logits at every position, `[T, C]` → `[T, vocab]` of the model's embedding: `tied` reuses the
+    /// embedding table (`h·tableᵀ`, no bias), else its own `W [C, vocab]`, `b [vocab]`. Trained with softmax
+    /// cross-entropy at every position, so each row carries `T` labels (the next tokens).
+    LmHead {
+        #[serde(default)]
+        tied: bool,
+    },
 }
 
 impl Layer {
@@ -96,6 +112,10 @@ impl Layer {
             Self::Gelu => "gelu",
             Self::LayerNorm { .. } => "layer_norm",
             Self::GroupNorm { .. } => "group_norm",
+            Self::Embedding { .. } => "embedding",
+            Self::PositionalEmbedding => "positional_embedding",
+            Self::TransformerBlock { .. } => "transformer_block",
+            Self::LmHead { .. } => "lm_head",
         }
     }
 }
@@ -130,6 +150,8 @@ pub enum Shape {
     Flat(usize),
     /// An image `[channels, height, width]`, stored NCHW (channel-major, then rows, then columns).
     Image { c: usize, h: usize, w: usize },
+    /// A sequence `[len, width]` of `width`-wide vectors, position-major (after an embedding).
+    Seq { len: usize, width: usize },
 }
 
 impl Shape {
@@ -138,6 +160,7 @@ impl Shape {
         match *self {
             Self::Flat(n) => n,
             Self::Image { c, h, w } => c.saturating_mul(h).saturating_mul(w),
+            Self::Seq { len, width } => len.saturating_mul(width),
         }
     }
 
@@ -151,6 +174,7 @@ impl std::fmt::Display for Shape {
         match *self {
             Self::Flat(n) => write!(f, "[{n}]"),
             Self::Image { c, h, w } => write!(f, "[{c}, {h}, {w}]"),
+            Self::Seq { len, width } => write!(f, "sequence [{len}, {width}]"),
         }
     }
 }
@@ -276,6 +300,33 @@ pub enum Op {
         beta: usize,
         eps: f32,
     },
+    /// `table` `[vocab, width]` at its offset; the input row is `seq` ids.
+    Embedding {
+        seq: usize,
+        vocab: usize,
+        width: usize,
+        table: usize,
+    },
+    /// `table` `[seq, width]`.
+    PositionalEmbedding {
+        seq: usize,
+        width: usize,
+        table: usize,
+    },
+    TransformerBlock {
+        seq: usize,
+        width: usize,
+        heads: usize,
+        block: crate::transformer::BlockLayout,
+    },
+    /// `table` is the embedding's (whose gradient a tied head adds to); `head` is the untied `(W, b)` offsets.
+    LmHead {
+        seq: usize,
+        width: usize,
+        vocab: usize,
+        table: usize,
+        head: Option<(usize, usize)>,
+    },
 }
 
 /// A layer of a validated spec: what it computes, and the per-sample shapes it reads and writes.
@@ -295,6 +346,14 @@ impl LayerPlan {
         match self.op {
             Op::Dense(l) => l.inputs as u64 * l.outputs as u64,
             Op::Conv2d { dims, .. } => dims.out_len() as u64 * dims.patch_len() as u64,
+            Op::TransformerBlock { seq, width, .. } => {
+                let c = width as u64;
+                let tri = (seq * (seq + 1) / 2) as u64;
+                seq as u64 * 12 * c * c + 2 * tri * c
+            }
+            Op::LmHead {
+                seq, width, vocab, ..
+            } => (seq * width * vocab) as u64,
             _ => 0,
         }
     }

@@ -154,7 +154,7 @@ impl ModelSpec {
         let mut offset = 0usize;
         let mut plans = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            let plan = resolve(i, layer, shape, offset)?;
+            let plan = resolve(i, layer, shape, offset, &plans)?;
             offset = offset.saturating_add(plan.len);
             shape = plan.output;
             plans.push(plan);
@@ -168,6 +168,8 @@ impl ModelSpec {
                     return Err(SpecError::Classes(*units));
                 }
             }
+            // A language model's logits: one softmax per position (issue 13).
+            Some(Layer::LmHead { .. }) => {}
             _ => return Err(SpecError::LastActivation),
         }
         if offset > MAX_PARAMS {
@@ -181,11 +183,32 @@ impl ModelSpec {
         self.check().unwrap_or_default()
     }
 
-    /// Number of classes C (the last layer's width).
+    /// Number of classes C (the last layer's width; an `lm_head`'s vocabulary).
     pub fn classes(&self) -> usize {
         match self.layers.last() {
             Some(Layer::Dense { units, .. }) => *units as usize,
+            Some(Layer::LmHead { .. }) => match self.plan().last().map(|p| p.op) {
+                Some(Op::LmHead { vocab, .. }) => vocab,
+                _ => 0,
+            },
             _ => 0,
+        }
+    }
+
+    /// Labels each row carries: 1 for a classifier, the context length `T` for a language model (the next token
+    /// at every position), its labels `[rows, T]` row-major.
+    pub fn labels_per_row(&self) -> usize {
+        match self.plan().last().map(|p| p.op) {
+            Some(Op::LmHead { seq, .. }) => seq,
+            _ => 1,
+        }
+    }
+
+    /// The vocabulary of a model whose first layer is an `embedding` (its inputs are token ids), else `None`.
+    pub fn token_vocab(&self) -> Option<usize> {
+        match self.plan().first().map(|p| p.op) {
+            Some(Op::Embedding { vocab, .. }) => Some(vocab),
+            _ => None,
         }
     }
 
@@ -246,7 +269,15 @@ impl ModelSpec {
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
         let mut params = vec![0.0f32; self.param_count()];
         let mut rng = SplitMix64::new(seed);
-        for p in self.plan() {
+        let plans = self.plan();
+        let blocks = plans
+            .iter()
+            .filter(|p| matches!(p.op, Op::TransformerBlock { .. }))
+            .count();
+        for p in plans {
+            if crate::transformer::graph::init(&p.op, blocks, &mut params, &mut rng) {
+                continue;
+            }
             let (weights, fan_in) = match p.op {
                 Op::Dense(l) => (l.weight..l.bias, l.inputs),
                 Op::Conv2d { dims, weight, bias } => (weight..bias, dims.patch_len()),
@@ -266,7 +297,13 @@ impl ModelSpec {
 }
 
 /// Resolves layer `i` against its input `shape`, its parameters starting at `offset`.
-fn resolve(i: usize, layer: &Layer, shape: Shape, offset: usize) -> Result<LayerPlan, SpecError> {
+fn resolve(
+    i: usize,
+    layer: &Layer,
+    shape: Shape,
+    offset: usize,
+    before: &[LayerPlan],
+) -> Result<LayerPlan, SpecError> {
     let kind = layer.kind();
     let err = |reason: String| SpecError::Layer {
         layer: i,
@@ -275,7 +312,7 @@ fn resolve(i: usize, layer: &Layer, shape: Shape, offset: usize) -> Result<Layer
     };
     let image = |what: &str| match shape {
         Shape::Image { c, h, w } => Ok((c, h, w)),
-        Shape::Flat(_) => Err(err(format!(
+        Shape::Flat(_) | Shape::Seq { .. } => Err(err(format!(
             "{what} needs a [channels, height, width] input, got {shape}"
         ))),
     };
@@ -390,7 +427,12 @@ fn resolve(i: usize, layer: &Layer, shape: Shape, offset: usize) -> Result<Layer
         Layer::Relu => (Op::Relu, shape, 0),
         Layer::Gelu => (Op::Gelu, shape, 0),
         Layer::LayerNorm { eps } => {
-            let Shape::Flat(n) = shape else {
+            // A sequence is normalised per position, over its width (issue 13).
+            let n = match shape {
+                Shape::Flat(n) | Shape::Seq { width: n, .. } => Some(n),
+                Shape::Image { .. } => None,
+            };
+            let Some(n) = n else {
                 return Err(err(format!(
                     "layer_norm normalises a flat feature vector, got the image {shape}: use group_norm with \"groups\": 1 to normalise a whole image"
                 )));
@@ -424,6 +466,12 @@ fn resolve(i: usize, layer: &Layer, shape: Shape, offset: usize) -> Result<Layer
                 eps,
             };
             (op, shape, 2 * c)
+        }
+        Layer::Embedding { .. }
+        | Layer::PositionalEmbedding
+        | Layer::TransformerBlock { .. }
+        | Layer::LmHead { .. } => {
+            crate::transformer::graph::resolve(layer, shape, offset, before).map_err(err)?
         }
     };
     if output.len() > MAX_ACTIVATION {
