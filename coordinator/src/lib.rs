@@ -305,15 +305,19 @@ pub fn demo_hyper() -> Hyper {
 /// Name of the built-in demo CNN job (`serve --demo-cnn`).
 pub const DEMO_CNN_JOB: &str = "mnist-cnn-demo";
 
-/// The demo CNN: conv 5×5×16 → ReLU → max-pool 2 → conv 5×5×32 → ReLU → max-pool 2 → dense 128 → ReLU → dense 10
-/// over the `[1, 28, 28]` digits (padding 2 keeps 28×28 and 14×14; 215,370 parameters).
+/// The demo CNN, two VGG-style blocks over the `[1, 28, 28]` digits: (conv 3×3×16 → ReLU) ×2 → max-pool 2 →
+/// (conv 3×3×32 → ReLU) ×2 → max-pool 2 → dense 128 → ReLU → dense 10 (padding 1 keeps 28×28 and 14×14; 218,490
+/// parameters, 4.8 M multiply-adds per row forward). Chosen by `starling train --model cnn --spec …` on the
+/// 8,000/2,000 split under [`demo_cnn_hyper`]: this net holds 98.0–98.1% held-out from step 850 to 1,200, where
+/// conv 5×5×16 → pool → conv 5×5×32 → pool → dense 128 → 10 peaks at 97.9% (98.0% once), with group norm after
+/// each conv 97.85%, with 32 channels in the first conv 97.85%, and with weight decay 1.0 97.7%.
 pub fn demo_cnn_spec() -> ModelSpec {
     use starling_core::{Activation, Input, Layer};
     let conv = |out_channels| Layer::Conv2d {
         out_channels,
-        kernel: 5,
+        kernel: 3,
         stride: 1,
-        padding: 2,
+        padding: 1,
     };
     let pool = Layer::MaxPool2d {
         kernel: 2,
@@ -324,7 +328,11 @@ pub fn demo_cnn_spec() -> ModelSpec {
         layers: vec![
             conv(16),
             Layer::Relu,
+            conv(16),
+            Layer::Relu,
             pool.clone(),
+            conv(32),
+            Layer::Relu,
             conv(32),
             Layer::Relu,
             pool,
@@ -335,9 +343,9 @@ pub fn demo_cnn_spec() -> ModelSpec {
     }
 }
 
-/// The demo CNN's schedule: Adam (lr 1e-3) over batches of 64 (two micro-batches of 32) with a short warm-up and
-/// cosine decay, decoupled weight decay, evaluated every 50 steps, stopping once the held-out loss has not
-/// improved for 8 evaluations.
+/// The demo CNN's schedule: Adam (lr 1e-3) over batches of 64 (two micro-batches of 32, 1,200 steps: 9.6 epochs)
+/// with a 50-step warm-up and cosine decay to 0, decoupled weight decay 0.1, evaluated every 50 steps. No early
+/// stopping: the held-out loss bottoms out early while the accuracy still climbs as the learning rate decays.
 pub fn demo_cnn_hyper() -> Hyper {
     Hyper {
         optimizer: starling_core::optim::OptimizerSpec::Adam {
@@ -348,14 +356,14 @@ pub fn demo_cnn_hyper() -> Hyper {
         },
         global_batch: 64,
         micro_batch: 32,
-        steps: 2_000,
+        steps: 1_200,
         eval_every: 50,
         lr_schedule: starling_core::optim::LrSchedule::Cosine {
             warmup_steps: 50,
-            min_ratio: 0.05,
+            min_ratio: 0.0,
         },
         weight_decay: 0.1,
-        patience: Some(8),
+        patience: None,
         ..Hyper::default()
     }
 }

@@ -45,7 +45,7 @@ fn batch(rng: &mut SplitMix64, spec: &ModelSpec, rows: usize) -> (Vec<f32>, Vec<
     (x, labels)
 }
 
-/// The demo CNN (`serve --demo-cnn`): conv 5×5×16 → ReLU → pool → conv 5×5×32 → ReLU → pool → dense 128 → dense 10.
+/// The demo CNN (`serve --demo-cnn`, `starling_coordinator::demo_cnn_spec`: two 3×3 conv blocks, dense 128 → 10).
 fn demo_cnn() -> ModelSpec {
     let spec = starling_coordinator::demo_cnn_spec();
     spec.validate().expect("demo CNN spec");
