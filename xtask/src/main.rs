@@ -15,7 +15,8 @@ commands:
                   (`demo --cnn`: the demo CNN job instead of the 784-128-10 one)
   test            every test: unit, kernel (lavapipe), end-to-end, browser (Chromium: WebGPU and WASM CPU)
   wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
-  bench kernels   our WGSL matmul vs burn-wgpu vs CPU, and the micro-batch step (builds burn: ~15 min first time)
+  bench kernels   our WGSL matmul and the CNN's conv layers vs burn-wgpu vs CPU, and the MLP and CNN micro-batch steps
+                  (builds burn: ~15 min first time)
   bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
   bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8); args after
                   `comms` go to it (`--reps`, `--budget`, `--arms`, `--distance`: honest distance vs H, CPU vs WGSL)
