@@ -88,7 +88,19 @@ impl Device {
     /// An engine for `spec` on this device.
     pub fn engine(&self, spec: ModelSpec) -> Result<Engine, EngineError> {
         Ok(match self {
-            Self::Gpu(ctx) => Engine::Gpu(GpuEngine::new(ctx, spec)?),
+            Self::Gpu(ctx) => match GpuEngine::new(ctx, spec.clone()) {
+                Ok(engine) => Engine::Gpu(engine),
+                // A model with layers the WGSL engine cannot run yet (transformers) still trains, on the CPU backend:
+                // the volunteer is told, and the result is as valid (verification compares against the CPU anyway).
+                Err(GpuError::Unsupported { layer }) => {
+                    tracing::warn!(
+                        layer,
+                        "no WGSL kernels for this layer kind yet: this model runs on the CPU backend"
+                    );
+                    Engine::Cpu(CpuEngine::new(spec))
+                }
+                Err(e) => return Err(e.into()),
+            },
             Self::Cpu => Engine::Cpu(CpuEngine::new(spec)),
         })
     }

@@ -1,32 +1,199 @@
 //! The resident-model engine: one model version's parameters live on the GPU, and each batch size gets a dispatch
 //! plan (buffers, uniform buffers, bind groups) built once and reused for every later batch of that size.
+//!
+//! The spec's layer graph is resolved once into [`Node`]s: a ReLU right after a dense or conv2d layer is fused
+//! into that layer's bias kernel (so a v1 dense model records exactly the dispatches it always did), `flatten` is a
+//! view of the buffer before it, and every other layer is one node with its own output buffer. Backward runs the
+//! nodes in reverse through a ping-pong pair of gradient buffers.
 
 use std::collections::HashMap;
 
-use starling_core::reference::MatmulForm;
-use starling_core::spec::LayerLayout;
-use starling_core::{Activation, BatchError, EvalOutput, ModelSpec, StepOutput, check_batch};
+use starling_core::spec::{Activation, Conv2dDims, LayerLayout, Op, Pool2dDims};
+use starling_core::{BatchError, EvalOutput, ModelSpec, StepOutput, check_batch};
 
 use super::kernels::{
-    ActBackwardKernel, BiasActKernel, ColSumKernel, MatmulKernel, MatmulParams, STATS_BYTES,
-    SoftmaxXentKernel, decode_stats,
+    ConvShape, ElementwiseAct, NormShape, PoolKind, PoolShape, STATS_BYTES, decode_stats,
+    stats_bytes,
 };
+use super::layers::{self, ConvLayer, DenseLayer, Kernels};
 use super::transfer::{self, Dispatch};
 use super::{GpuContext, GpuError};
 
 /// Most rows per evaluation chunk, bounding activation memory for large evaluation sets.
 const EVAL_CHUNK: usize = 1024;
+/// Bytes of scratch an evaluation chunk may use: a CNN's unfolded convolution inputs are ~100 KiB per row.
+const EVAL_BUDGET: usize = 128 << 20;
 /// Plans kept before the cache is cleared (each holds activation buffers for its batch size).
 const MAX_PLANS: usize = 8;
 
-/// Every kernel the engine runs, each with its pipeline built once.
-#[derive(Debug, Clone)]
-struct Kernels {
-    matmul: MatmulKernel,
-    bias_act: BiasActKernel,
-    act_backward: ActBackwardKernel,
-    softmax: SoftmaxXentKernel,
-    col_sum: ColSumKernel,
+/// One layer as the GPU runs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Node {
+    /// `relu`: the layer's own activation or a ReLU layer right after it, fused into the bias kernel.
+    Dense {
+        layout: LayerLayout,
+        relu: bool,
+    },
+    Conv {
+        dims: Conv2dDims,
+        weight: usize,
+        bias: usize,
+        relu: bool,
+    },
+    Pool {
+        dims: Pool2dDims,
+        kind: PoolKind,
+    },
+    /// `groups`, `plane` as in [`NormShape`] (layer norm: 1, 1; group norm: groups, H·W).
+    Norm {
+        len: usize,
+        groups: usize,
+        plane: usize,
+        eps: f32,
+        gamma: usize,
+        beta: usize,
+    },
+    Act(ElementwiseAct),
+}
+
+impl Node {
+    fn has_params(&self) -> bool {
+        matches!(
+            self,
+            Self::Dense { .. } | Self::Conv { .. } | Self::Norm { .. }
+        )
+    }
+
+    /// Per-sample values of the output.
+    fn out_len(&self, input: usize) -> usize {
+        match *self {
+            Self::Dense { layout, .. } => layout.outputs,
+            Self::Conv { dims, .. } => dims.out_len(),
+            Self::Pool { dims, .. } => dims.out_len(),
+            Self::Norm { .. } | Self::Act(_) => input,
+        }
+    }
+
+    fn conv(&self, rows: usize) -> Option<ConvLayer> {
+        match *self {
+            Self::Conv {
+                dims, weight, bias, ..
+            } => Some(conv_layer(&dims, weight, bias, rows)),
+            _ => None,
+        }
+    }
+}
+
+fn conv_layer(dims: &Conv2dDims, weight: usize, bias: usize, rows: usize) -> ConvLayer {
+    ConvLayer {
+        shape: ConvShape {
+            n: rows,
+            c: dims.in_c,
+            h: dims.in_h,
+            w: dims.in_w,
+            kh: dims.kernel,
+            kw: dims.kernel,
+            stride: dims.stride,
+            pad: dims.padding,
+        },
+        out_channels: dims.out_c,
+        weight,
+        bias,
+    }
+}
+
+fn pool_shape(dims: &Pool2dDims, rows: usize) -> PoolShape {
+    PoolShape {
+        n: rows,
+        c: dims.channels,
+        h: dims.in_h,
+        w: dims.in_w,
+        kh: dims.kernel,
+        kw: dims.kernel,
+        stride: dims.stride,
+        pad: 0,
+    }
+}
+
+/// Resolves the spec's layers into nodes with their per-sample input and output lengths; fails for layer kinds the
+/// WGSL engine has no kernels for yet (the transformer layers), so the caller can run that model on the CPU backend.
+fn nodes(spec: &ModelSpec) -> Result<Vec<(Node, usize, usize)>, GpuError> {
+    let mut out: Vec<(Node, usize, usize)> = Vec::new();
+    for plan in spec.plan() {
+        let input = plan.input.len();
+        let node = match plan.op {
+            Op::Dense(layout) => Node::Dense {
+                layout,
+                relu: layout.activation == Activation::Relu,
+            },
+            Op::Conv2d { dims, weight, bias } => Node::Conv {
+                dims,
+                weight,
+                bias,
+                relu: false,
+            },
+            Op::MaxPool2d(dims) => Node::Pool {
+                dims,
+                kind: PoolKind::Max,
+            },
+            Op::AvgPool2d(dims) => Node::Pool {
+                dims,
+                kind: PoolKind::Avg { count_pad: true },
+            },
+            Op::Flatten => continue,
+            Op::Relu => {
+                if let Some((Node::Dense { relu, .. } | Node::Conv { relu, .. }, _, _)) =
+                    out.last_mut()
+                {
+                    *relu = true;
+                    continue;
+                }
+                Node::Act(ElementwiseAct::Relu)
+            }
+            Op::Gelu => Node::Act(ElementwiseAct::Gelu),
+            Op::LayerNorm {
+                dim,
+                gamma,
+                beta,
+                eps,
+            } => Node::Norm {
+                len: dim,
+                groups: 1,
+                plane: 1,
+                eps,
+                gamma,
+                beta,
+            },
+            Op::GroupNorm {
+                dims,
+                gamma,
+                beta,
+                eps,
+            } => Node::Norm {
+                len: dims.channels / dims.groups * dims.hw,
+                groups: dims.groups,
+                plane: dims.hw,
+                eps,
+                gamma,
+                beta,
+            },
+            Op::Embedding { .. } => return Err(GpuError::Unsupported { layer: "embedding" }),
+            Op::PositionalEmbedding { .. } => {
+                return Err(GpuError::Unsupported {
+                    layer: "positional_embedding",
+                });
+            }
+            Op::TransformerBlock { .. } => {
+                return Err(GpuError::Unsupported {
+                    layer: "transformer_block",
+                });
+            }
+            Op::LmHead { .. } => return Err(GpuError::Unsupported { layer: "lm_head" }),
+        };
+        let out_len = node.out_len(input);
+        out.push((node, input, out_len));
+    }
+    Ok(out)
 }
 
 /// Buffers and recorded dispatches for one batch size (and mode: training or forward-only).
@@ -40,7 +207,8 @@ struct Plan {
     stats: wgpu::Buffer,
     /// Everything the pass runs, in order; kept alive here along with their buffers.
     dispatches: Vec<Dispatch>,
-    /// Per-layer activations and the gradient ping-pong pair, referenced by the bind groups above.
+    /// Per-node outputs and side buffers (arg-max, norm statistics, conv scratch, the gradient ping-pong pair),
+    /// referenced by the bind groups above.
     _scratch: Vec<wgpu::Buffer>,
 }
 
@@ -49,7 +217,8 @@ struct Plan {
 pub struct GpuEngine {
     ctx: GpuContext,
     spec: ModelSpec,
-    layout: Vec<LayerLayout>,
+    /// The layers as the GPU runs them, with per-sample input and output lengths.
+    nodes: Vec<(Node, usize, usize)>,
     kernels: Kernels,
     /// The flat parameter vector, uploaded by [`GpuEngine::load`] only.
     params: wgpu::Buffer,
@@ -60,25 +229,18 @@ pub struct GpuEngine {
 }
 
 impl GpuEngine {
-    /// Builds every pipeline and the parameter and gradient buffers (zero parameters until [`Self::load`]).
+    /// Builds the parameter and gradient buffers (zero parameters until [`Self::load`]); pipelines are built by the
+    /// first plan that needs them.
     pub fn new(ctx: &GpuContext, spec: ModelSpec) -> Result<Self, GpuError> {
-        let kernels = Kernels {
-            matmul: MatmulKernel::new(ctx, ctx.variant),
-            bias_act: BiasActKernel::new(ctx),
-            act_backward: ActBackwardKernel::new(ctx),
-            softmax: SoftmaxXentKernel::new(ctx),
-            col_sum: ColSumKernel::new(ctx),
-        };
-        // Only dense stacks run on the GPU so far; other layer kinds are the CPU backend's (spec v2).
-        let layout = spec.dense_layout().ok_or(GpuError::Unsupported)?;
+        let nodes = nodes(&spec)?;
         let bytes = (spec.param_count() * 4) as u64;
         let params = transfer::storage(ctx, "params", bytes)?;
         let grad = transfer::storage(ctx, "grad", bytes)?;
         Ok(Self {
             ctx: ctx.clone(),
-            layout,
+            nodes,
             spec,
-            kernels,
+            kernels: Kernels::new(ctx),
             params,
             grad,
             plans: HashMap::new(),
@@ -130,10 +292,11 @@ impl GpuEngine {
     pub async fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalOutput, GpuError> {
         check_batch(&self.spec, x, labels)?;
         let input = self.spec.input_len();
-        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
-        let chunk = EVAL_CHUNK.min(limit / (4 * self.spec.max_width())).max(1);
         let (mut loss, mut correct) = (0.0f64, 0u32);
-        for (xs, ls) in x.chunks(chunk * input).zip(labels.chunks(chunk)) {
+        for (xs, ls) in x
+            .chunks(self.eval_chunk() * input)
+            .zip(labels.chunks(self.eval_chunk()))
+        {
             let rows = ls.len();
             self.ensure_plan(rows, false)?;
             let plan = &self.plans[&(rows, false)];
@@ -158,6 +321,27 @@ impl GpuEngine {
         })
     }
 
+    /// Rows per evaluation chunk: within [`EVAL_CHUNK`], the scratch budget and the largest single binding.
+    fn eval_chunk(&self) -> usize {
+        let (total, largest) = self.row_floats();
+        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
+        EVAL_CHUNK
+            .min(EVAL_BUDGET / (4 * total).max(1))
+            .min(limit / (4 * largest).max(1))
+            .max(1)
+    }
+
+    /// Floats per row of a forward plan: (all buffers together, the largest one).
+    fn row_floats(&self) -> (usize, usize) {
+        let (mut total, mut largest) = (self.spec.input_len(), self.spec.input_len());
+        for (node, _, out) in &self.nodes {
+            let extra = node.conv(1).map_or(0, |c| c.col_len() + c.out_len());
+            total += out + extra;
+            largest = largest.max(*out).max(extra);
+        }
+        (total, largest)
+    }
+
     fn ensure_plan(&mut self, rows: usize, train: bool) -> Result<(), GpuError> {
         if self.plans.contains_key(&(rows, train)) {
             return Ok(());
@@ -170,110 +354,200 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Records the whole pass for `rows` rows: forward (matmul + bias/activation per layer), softmax-xent, and
-    /// when training the backward pass into the gradient buffer.
+    /// Records the whole pass for `rows` rows: every node forward, softmax-xent, and when training the backward
+    /// pass into the gradient buffer.
     fn build_plan(&self, rows: usize, train: bool) -> Result<Plan, GpuError> {
         let ctx = &self.ctx;
         let k = &self.kernels;
+        let f32s = |n: usize| (rows * n * 4) as u64;
         let input = self.spec.input_len();
         let classes = self.spec.classes();
-        let widest_out = self
-            .layout
-            .iter()
-            .map(|l| l.outputs)
-            .max()
-            .unwrap_or(classes);
-        let x = transfer::storage(ctx, "x", (rows * input * 4) as u64)?;
+        let x = transfer::storage(ctx, "x", f32s(input))?;
         let labels = transfer::storage(ctx, "labels", (rows * 4) as u64)?;
         let stats = transfer::storage(ctx, "stats", STATS_BYTES)?;
-        let acts = self
-            .layout
+        let mut scratch = Vec::new();
+
+        // Forward buffers: each node's output, and its side buffer (arg-max or norm statistics) where it has one.
+        let mut acts = Vec::with_capacity(self.nodes.len());
+        let mut side = Vec::with_capacity(self.nodes.len());
+        for (node, _, out) in &self.nodes {
+            acts.push(transfer::storage(ctx, "activation", f32s(*out))?);
+            side.push(match node {
+                Node::Pool {
+                    kind: PoolKind::Max,
+                    ..
+                } => Some(transfer::storage(ctx, "pool arg-max", f32s(*out))?),
+                Node::Norm { groups, .. } => Some(transfer::storage(
+                    ctx,
+                    "norm stats",
+                    stats_bytes(rows * groups),
+                )?),
+                _ => None,
+            });
+        }
+        // Shared by every conv layer: the unfolded input, the [OC, N·P] product (and, backward, dY and dcol).
+        let convs: Vec<ConvLayer> = self
+            .nodes
             .iter()
-            .map(|l| transfer::storage(ctx, "activation", (rows * l.outputs * 4) as u64))
-            .collect::<Result<Vec<_>, _>>()?;
-        let dz_bytes = (rows * if train { widest_out } else { classes } * 4) as u64;
-        let dz = [
-            transfer::storage(ctx, "dz ping", dz_bytes)?,
-            transfer::storage(ctx, "dz pong", dz_bytes)?,
-        ];
+            .filter_map(|(n, ..)| n.conv(rows))
+            .collect();
+        let col_len = convs.iter().map(ConvLayer::col_len).max().unwrap_or(0);
+        let mat_len = convs.iter().map(ConvLayer::out_len).max().unwrap_or(0);
+        let col = transfer::storage(ctx, "conv col", (col_len * 4) as u64)?;
+        let ymat = transfer::storage(ctx, "conv ymat", (mat_len * 4) as u64)?;
+        // Average pooling binds an arg-max it never touches.
+        let unused = transfer::storage(ctx, "unused", 16)?;
+        let input_of = |i: usize| if i == 0 { &x } else { &acts[i - 1] };
 
         let mut d = Vec::new();
-        for (li, l) in self.layout.iter().enumerate() {
-            let a = if li == 0 { &x } else { &acts[li - 1] };
-            let p = MatmulParams::new(MatmulForm::AB, rows, l.inputs, l.outputs, 0, l.weight, 0);
-            d.push(
-                k.matmul
-                    .dispatch(ctx, "forward", p, a, &self.params, &acts[li]),
-            );
-            d.push(k.bias_act.dispatch(
-                ctx,
-                "forward",
-                rows,
-                l.outputs,
-                l.bias,
-                l.activation,
-                &acts[li],
-                &self.params,
-            ));
-        }
-        let logits = &acts[acts.len() - 1];
-        d.push(k.softmax.dispatch(
-            ctx, "loss", rows, classes, train, logits, &labels, &dz[0], &stats,
-        ));
-        if train {
-            let mut cur = 0;
-            for (li, l) in self.layout.iter().enumerate().rev() {
-                if li + 1 < self.layout.len() && l.activation == Activation::Relu {
-                    d.push(k.act_backward.dispatch(
-                        ctx,
-                        "backward",
-                        rows * l.outputs,
-                        &dz[cur],
-                        &acts[li],
+        for (i, (node, _, out)) in self.nodes.iter().enumerate() {
+            let (src, dst) = (input_of(i), &acts[i]);
+            match *node {
+                Node::Dense { layout, relu } => d.extend(layers::dense_forward(
+                    k,
+                    &dense(rows, &layout),
+                    relu,
+                    src,
+                    &self.params,
+                    dst,
+                )),
+                Node::Conv {
+                    dims,
+                    weight,
+                    bias,
+                    relu,
+                } => {
+                    let l = conv_layer(&dims, weight, bias, rows);
+                    d.extend(layers::conv_forward(
+                        k,
+                        &l,
+                        relu,
+                        src,
+                        &self.params,
+                        &col,
+                        &ymat,
+                        dst,
                     ));
                 }
-                let a = if li == 0 { &x } else { &acts[li - 1] };
-                // dW = inputᵀ · dz, straight into the layer's weight slot of the gradient buffer.
-                let p =
-                    MatmulParams::new(MatmulForm::AtB, l.inputs, rows, l.outputs, 0, 0, l.weight);
-                d.push(
-                    k.matmul
-                        .dispatch(ctx, "weight grad", p, a, &dz[cur], &self.grad),
-                );
-                d.push(k.col_sum.dispatch(
-                    ctx,
-                    "bias grad",
-                    rows,
-                    l.outputs,
-                    l.bias,
-                    &dz[cur],
-                    &self.grad,
-                ));
-                if li > 0 {
-                    // dx = dz · Wᵀ, into the other half of the ping-pong pair.
-                    let p = MatmulParams::new(
-                        MatmulForm::ABt,
-                        rows,
-                        l.outputs,
-                        l.inputs,
-                        0,
-                        l.weight,
-                        0,
-                    );
-                    d.push(k.matmul.dispatch(
-                        ctx,
-                        "input grad",
-                        p,
-                        &dz[cur],
+                Node::Pool { dims, kind } => d.push(layers::pool_forward(
+                    k,
+                    &pool_shape(&dims, rows),
+                    kind,
+                    src,
+                    dst,
+                    side[i].as_ref().unwrap_or(&unused),
+                )),
+                Node::Norm { .. } => d.push(layers::norm_forward(
+                    k,
+                    &norm_shape(node, rows),
+                    src,
+                    &self.params,
+                    dst,
+                    side[i].as_ref().unwrap_or(&unused),
+                )),
+                Node::Act(act) => d.push(layers::act_forward(k, act, rows * out, src, dst)),
+            }
+        }
+
+        // Backward: gradients ping-pong between two buffers as wide as the widest activation.
+        let widest = self
+            .nodes
+            .iter()
+            .map(|(_, i, o)| (*i).max(*o))
+            .max()
+            .unwrap_or(classes);
+        let g_len = if train { widest } else { classes };
+        let g = [
+            transfer::storage(ctx, "grad ping", f32s(g_len))?,
+            transfer::storage(ctx, "grad pong", f32s(g_len))?,
+        ];
+        let logits = acts.last().unwrap_or(&x);
+        d.push(k.softmax().dispatch(
+            ctx, "loss", rows, classes, train, logits, &labels, &g[0], &stats,
+        ));
+        let dcol = if train && !convs.is_empty() {
+            Some(transfer::storage(ctx, "conv dcol", (col_len * 4) as u64)?)
+        } else {
+            None
+        };
+        if train {
+            // The first node with parameters needs no input gradient, and nothing before it needs a backward pass.
+            let first = self.nodes.iter().position(|(n, ..)| n.has_params());
+            let mut cur = 0;
+            for (i, (node, _, out)) in self.nodes.iter().enumerate().rev() {
+                let Some(first) = first.filter(|f| i >= *f) else {
+                    break;
+                };
+                let needs_dx = i > first;
+                let (src, dy, dx) = (input_of(i), &g[cur], &g[1 - cur]);
+                match *node {
+                    Node::Dense { layout, relu } => {
+                        if relu {
+                            d.push(layers::relu_backward_in_place(k, rows * out, dy, &acts[i]));
+                        }
+                        d.extend(layers::dense_backward(
+                            k,
+                            &dense(rows, &layout),
+                            src,
+                            dy,
+                            &self.params,
+                            &self.grad,
+                            needs_dx.then_some(dx),
+                        ));
+                    }
+                    Node::Conv {
+                        dims,
+                        weight,
+                        bias,
+                        relu,
+                    } => {
+                        let l = conv_layer(&dims, weight, bias, rows);
+                        if relu {
+                            d.push(layers::relu_backward_in_place(k, rows * out, dy, &acts[i]));
+                        }
+                        let dcol = dcol.as_ref().unwrap_or(&unused);
+                        d.extend(layers::conv_backward(
+                            k,
+                            &l,
+                            src,
+                            dy,
+                            &self.params,
+                            &self.grad,
+                            &col,
+                            &ymat,
+                            needs_dx.then_some((dcol, dx)),
+                        )?);
+                    }
+                    Node::Pool { dims, kind } => d.push(layers::pool_backward(
+                        k,
+                        &pool_shape(&dims, rows),
+                        kind,
+                        dy,
+                        side[i].as_ref().unwrap_or(&unused),
+                        dx,
+                    )),
+                    Node::Norm { .. } => d.extend(layers::norm_backward(
+                        k,
+                        &norm_shape(node, rows),
+                        src,
+                        dy,
                         &self.params,
-                        &dz[1 - cur],
-                    ));
+                        side[i].as_ref().unwrap_or(&unused),
+                        &self.grad,
+                        needs_dx.then_some(dx),
+                    )),
+                    Node::Act(act) => d.push(layers::act_backward(k, act, rows * out, src, dy, dx)),
+                }
+                if needs_dx {
                     cur = 1 - cur;
                 }
             }
         }
-        let mut scratch = acts;
-        scratch.extend(dz);
+        scratch.extend(acts);
+        scratch.extend(side.into_iter().flatten());
+        scratch.extend([col, ymat, unused]);
+        scratch.extend(g);
+        scratch.extend(dcol);
         Ok(Plan {
             x,
             labels,
@@ -281,5 +555,37 @@ impl GpuEngine {
             dispatches: d,
             _scratch: scratch,
         })
+    }
+}
+
+fn dense(rows: usize, l: &LayerLayout) -> DenseLayer {
+    DenseLayer {
+        rows,
+        inputs: l.inputs,
+        outputs: l.outputs,
+        weight: l.weight,
+        bias: l.bias,
+    }
+}
+
+fn norm_shape(node: &Node, rows: usize) -> NormShape {
+    match *node {
+        Node::Norm {
+            len,
+            groups,
+            plane,
+            eps,
+            gamma,
+            beta,
+        } => NormShape {
+            rows: rows * groups,
+            len,
+            groups,
+            plane,
+            eps,
+            gamma,
+            beta,
+        },
+        _ => NormShape::layer(rows, 1, 0.0, 0, 0),
     }
 }

@@ -10,13 +10,19 @@
 pub mod codegen; // Generator of the unrolled subgroup matmul for CPU-emulated adapters.
 mod engine; // The resident-model engine: buffers, cached dispatch plans, step and evaluate.
 mod kernels; // One struct per WGSL kernel with its mirrored `Params`.
+pub mod layers; // What each layer kind records, forward and backward; the lazily built pipelines.
+pub mod ops; // One layer at a time on the GPU (kernel tests, benchmark).
 pub mod selftest; // Every matmul variant and one full step against the CPU backend, natively and in the browser.
 mod transfer; // The shared upload / dispatch / read-back helper.
 
 use std::sync::Arc;
 
 pub use engine::GpuEngine;
-pub use kernels::{AdapterTraits, BlockTile, MatmulKernel, MatmulParams, MatmulVariant};
+pub use kernels::{
+    AdapterTraits, BlockTile, ConvShape, ElementwiseAct, MatmulKernel, MatmulParams, MatmulVariant,
+    NormShape, PoolKind, PoolShape,
+};
+pub use layers::{ConvLayer, DenseLayer, Kernels};
 use starling_core::Activation;
 use starling_core::reference::MatmulForm;
 
@@ -25,8 +31,6 @@ use starling_core::reference::MatmulForm;
 pub enum GpuError {
     #[error("no WebGPU adapter is available: {0}")]
     NoAdapter(String),
-    #[error("the WGSL engine runs only dense models so far; use the CPU backend for this one")]
-    Unsupported,
     #[error("the adapter refused a device: {0}")]
     RequestDevice(String),
     #[error(transparent)]
@@ -47,6 +51,8 @@ pub enum GpuError {
         "a dispatch needs {groups} workgroups along one axis, over the adapter's limit of {limit}; use smaller batches"
     )]
     Grid { groups: u32, limit: u32 },
+    #[error("the WGSL engine has no kernels for `{layer}` layers yet")]
+    Unsupported { layer: &'static str },
     #[error("operand {name} holds {got} values, expected {expected}")]
     Operand {
         name: &'static str,

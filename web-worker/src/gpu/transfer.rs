@@ -84,6 +84,13 @@ pub(crate) fn grid_1d(ctx: &GpuContext, groups: u32) -> [u32; 3] {
     }
 }
 
+/// A grid of `groups` workgroups per axis, each capped at the per-dimension limit: the kernels that take it walk
+/// every axis with a grid-stride loop, so a capped axis still covers its whole range.
+pub(crate) fn grid_3d(ctx: &GpuContext, groups: [usize; 3]) -> [u32; 3] {
+    let max = ctx.limits.max_compute_workgroups_per_dimension.max(1) as usize;
+    groups.map(|g| g.clamp(1, max) as u32)
+}
+
 /// Records `dispatches` in one compute pass (wgpu orders them with barriers), copies each `(buffer, bytes)` of
 /// `reads` into one staging buffer, submits, waits and returns the bytes of each read in order.
 pub(crate) async fn run(

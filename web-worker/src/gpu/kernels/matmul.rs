@@ -1,11 +1,11 @@
-//! One struct per WGSL kernel: each builds its pipeline once and records dispatches against caller-owned
-//! buffers; each `Params` mirrors the WGSL uniform struct field for field, padded to 16 bytes.
+//! The matmul kernels: the variant choice per adapter, the blocked kernel's tiles, and one struct that builds the
+//! chosen variant's pipelines once and records `C = op(A)·op(B)` dispatches.
 
-use starling_core::Activation;
 use starling_core::reference::MatmulForm;
 
-use super::transfer::{self, Dispatch};
-use super::{GpuContext, codegen};
+use super::Kernel;
+use crate::gpu::transfer::Dispatch;
+use crate::gpu::{GpuContext, codegen};
 
 /// Which matmul kernel an adapter runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,81 +212,6 @@ impl std::fmt::Display for BlockTile {
     }
 }
 
-/// A compute pipeline with an auto-derived bind-group layout: binding 0 is the uniform `Params`, then the
-/// storage buffers in binding order.
-#[derive(Debug, Clone)]
-struct Kernel {
-    label: &'static str,
-    pipeline: wgpu::ComputePipeline,
-    layout: wgpu::BindGroupLayout,
-}
-
-impl Kernel {
-    fn new(ctx: &GpuContext, label: &'static str, source: &str, constants: &[(&str, f64)]) -> Self {
-        let module = ctx
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(label),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        let pipeline = ctx
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(label),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants,
-                    ..Default::default()
-                },
-                cache: None,
-            });
-        let layout = pipeline.get_bind_group_layout(0);
-        Self {
-            label,
-            pipeline,
-            layout,
-        }
-    }
-
-    /// Records one dispatch of this kernel with its own uniform buffer.
-    fn dispatch<T: bytemuck::Pod>(
-        &self,
-        ctx: &GpuContext,
-        what: &str,
-        params: &T,
-        buffers: &[&wgpu::Buffer],
-        groups: [u32; 3],
-    ) -> Dispatch {
-        let label = format!("{} {what}", self.label);
-        let uniform = transfer::uniform(ctx, &label, params);
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform.as_entire_binding(),
-        }];
-        entries.extend(
-            buffers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: b.as_entire_binding(),
-                }),
-        );
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&label),
-            layout: &self.layout,
-            entries: &entries,
-        });
-        Dispatch {
-            pipeline: self.pipeline.clone(),
-            bind_group,
-            groups,
-        }
-    }
-}
-
 /// Mirrors `Params` of `shaders/matmul_tiled.wgsl`, `shaders/matmul_blocked.wgsl` and the generated subgroup kernel.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -360,7 +285,7 @@ impl MatmulKernel {
             kernel: Kernel::new(
                 ctx,
                 "matmul_blocked",
-                include_str!("../../../shaders/matmul_blocked.wgsl"),
+                include_str!("../../../../shaders/matmul_blocked.wgsl"),
                 &tile.constants(),
             ),
             tile_m: tile.rows(),
@@ -372,7 +297,7 @@ impl MatmulKernel {
                 kernel: Kernel::new(
                     ctx,
                     "matmul_tiled",
-                    include_str!("../../../shaders/matmul_tiled.wgsl"),
+                    include_str!("../../../../shaders/matmul_tiled.wgsl"),
                     &[
                         ("WG_X", TILED_WG.0 as f64),
                         ("WG_Y", TILED_WG.1 as f64),
@@ -387,7 +312,7 @@ impl MatmulKernel {
             MatmulVariant::Subgroup(lanes) => {
                 let generated;
                 let source = if lanes == 8 {
-                    include_str!("../../../shaders/matmul_subgroup.wgsl")
+                    include_str!("../../../../shaders/matmul_subgroup.wgsl")
                 } else {
                     generated = codegen::generate(lanes);
                     &generated
@@ -468,7 +393,7 @@ impl MatmulKernel {
         k: usize,
         n: usize,
         reps: usize,
-    ) -> Result<f64, super::GpuError> {
+    ) -> Result<f64, crate::gpu::GpuError> {
         self.time_gflops_form(ctx, MatmulForm::AB, m, k, n, reps)
     }
 
@@ -482,12 +407,12 @@ impl MatmulKernel {
         k: usize,
         n: usize,
         reps: usize,
-    ) -> Result<f64, super::GpuError> {
+    ) -> Result<f64, crate::gpu::GpuError> {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
-        let a_buf = transfer::storage_init(ctx, "bench A", bytemuck::cast_slice(&a))?;
-        let b_buf = transfer::storage_init(ctx, "bench B", bytemuck::cast_slice(&b))?;
-        let c_buf = transfer::storage(ctx, "bench C", (m * n * 4) as u64)?;
+        let a_buf = crate::gpu::transfer::storage_init(ctx, "bench A", bytemuck::cast_slice(&a))?;
+        let b_buf = crate::gpu::transfer::storage_init(ctx, "bench B", bytemuck::cast_slice(&b))?;
+        let c_buf = crate::gpu::transfer::storage(ctx, "bench C", (m * n * 4) as u64)?;
         let d = self.dispatch(
             ctx,
             "bench",
@@ -496,207 +421,10 @@ impl MatmulKernel {
             &b_buf,
             &c_buf,
         );
-        transfer::submit_and_wait(ctx, std::slice::from_ref(&d), 1)?;
+        crate::gpu::transfer::submit_and_wait(ctx, std::slice::from_ref(&d), 1)?;
         let start = std::time::Instant::now();
-        transfer::submit_and_wait(ctx, std::slice::from_ref(&d), reps)?;
+        crate::gpu::transfer::submit_and_wait(ctx, std::slice::from_ref(&d), reps)?;
         let secs = start.elapsed().as_secs_f64();
         Ok(2.0 * (m * k * n * reps) as f64 / secs / 1e9)
-    }
-}
-
-/// Mirrors `Params` of `shaders/bias_act.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct BiasActParams {
-    rows: u32,
-    cols: u32,
-    bias_off: u32,
-    relu: u32,
-}
-
-/// `z = act(z + bias)` in place, the bias read from the parameter buffer at an element offset.
-#[derive(Debug, Clone)]
-pub(crate) struct BiasActKernel(Kernel);
-
-impl BiasActKernel {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(
-            ctx,
-            "bias_act",
-            include_str!("../../../shaders/bias_act.wgsl"),
-            &[],
-        ))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn dispatch(
-        &self,
-        ctx: &GpuContext,
-        what: &str,
-        rows: usize,
-        cols: usize,
-        bias_off: usize,
-        act: Activation,
-        z: &wgpu::Buffer,
-        params: &wgpu::Buffer,
-    ) -> Dispatch {
-        let p = BiasActParams {
-            rows: rows as u32,
-            cols: cols as u32,
-            bias_off: bias_off as u32,
-            relu: u32::from(act == Activation::Relu),
-        };
-        let groups = transfer::grid_1d(ctx, ((rows * cols) as u32).div_ceil(64));
-        self.0.dispatch(ctx, what, &p, &[z, params], groups)
-    }
-}
-
-/// Mirrors `Params` of `shaders/act_backward.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ActBackwardParams {
-    len: u32,
-    _pad: [u32; 3],
-}
-
-/// `dz *= (a > 0)` in place (ReLU backward).
-#[derive(Debug, Clone)]
-pub(crate) struct ActBackwardKernel(Kernel);
-
-impl ActBackwardKernel {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(
-            ctx,
-            "act_backward",
-            include_str!("../../../shaders/act_backward.wgsl"),
-            &[],
-        ))
-    }
-
-    pub fn dispatch(
-        &self,
-        ctx: &GpuContext,
-        what: &str,
-        len: usize,
-        dz: &wgpu::Buffer,
-        a: &wgpu::Buffer,
-    ) -> Dispatch {
-        let p = ActBackwardParams {
-            len: len as u32,
-            _pad: [0; 3],
-        };
-        let groups = transfer::grid_1d(ctx, (len as u32).div_ceil(64));
-        self.0.dispatch(ctx, what, &p, &[dz, a], groups)
-    }
-}
-
-/// Mirrors `Params` of `shaders/softmax_xent.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct SoftmaxParams {
-    rows: u32,
-    classes: u32,
-    write_grad: u32,
-    _pad: u32,
-}
-
-/// Bytes of the softmax kernel's `Stats` output: `{loss_sum: f32, correct: u32}`.
-pub(crate) const STATS_BYTES: u64 = 8;
-
-/// Fused softmax-cross-entropy: loss sum, correct count and (optionally) dlogits of the mean loss.
-#[derive(Debug, Clone)]
-pub(crate) struct SoftmaxXentKernel(Kernel);
-
-impl SoftmaxXentKernel {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(
-            ctx,
-            "softmax_xent",
-            include_str!("../../../shaders/softmax_xent.wgsl"),
-            &[],
-        ))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn dispatch(
-        &self,
-        ctx: &GpuContext,
-        what: &str,
-        rows: usize,
-        classes: usize,
-        write_grad: bool,
-        logits: &wgpu::Buffer,
-        labels: &wgpu::Buffer,
-        dlogits: &wgpu::Buffer,
-        stats: &wgpu::Buffer,
-    ) -> Dispatch {
-        let p = SoftmaxParams {
-            rows: rows as u32,
-            classes: classes as u32,
-            write_grad: u32::from(write_grad),
-            _pad: 0,
-        };
-        self.0
-            .dispatch(ctx, what, &p, &[logits, labels, dlogits, stats], [1, 1, 1])
-    }
-}
-
-/// Decodes the softmax kernel's stats: (loss sum, correct rows).
-pub(crate) fn decode_stats(bytes: &[u8]) -> (f32, u32) {
-    let words: [u32; 2] = [
-        u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
-        u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
-    ];
-    (f32::from_bits(words[0]), words[1])
-}
-
-/// Mirrors `Params` of `shaders/col_sum.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ColSumParams {
-    rows: u32,
-    cols: u32,
-    out_off: u32,
-    _pad: u32,
-}
-
-/// `out[out_off + j] = Σ_r dz[r, j]` (bias gradient).
-#[derive(Debug, Clone)]
-pub(crate) struct ColSumKernel(Kernel);
-
-impl ColSumKernel {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(
-            ctx,
-            "col_sum",
-            include_str!("../../../shaders/col_sum.wgsl"),
-            &[],
-        ))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn dispatch(
-        &self,
-        ctx: &GpuContext,
-        what: &str,
-        rows: usize,
-        cols: usize,
-        out_off: usize,
-        dz: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-    ) -> Dispatch {
-        let p = ColSumParams {
-            rows: rows as u32,
-            cols: cols as u32,
-            out_off: out_off as u32,
-            _pad: 0,
-        };
-        self.0.dispatch(
-            ctx,
-            what,
-            &p,
-            &[dz, out],
-            [(cols as u32).div_ceil(64), 1, 1],
-        )
     }
 }
