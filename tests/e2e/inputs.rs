@@ -265,6 +265,15 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
             ),
             "bad_spec",
         ),
+        // Language-model layers (issue 13) parse, but the job surface does not carry token datasets yet.
+        (
+            job(
+                serde_json::json!({"input": [2], "layers": [{"type": "embedding", "vocab": 4, "width": 8}, {"type": "lm_head", "tied": true}]}),
+                1,
+                ok_hyper.clone(),
+            ),
+            "bad_spec",
+        ),
         (job(spec.clone(), 99, ok_hyper.clone()), "unknown_dataset"),
         (
             job(
