@@ -215,6 +215,16 @@ impl App {
                 tracing::warn!(jobs = ?jobs, "effects computed before their job was halted were dropped unwritten")
             }
         }
+        // Stale effects are not a failure: the job keeps the status it has now (its owner may have resumed it since
+        // the halt that made these effects stale), though it is held paused while its durable state reloads.
+        let keep: Vec<(JobId, JobStatus)> = if error.is_none() {
+            let st = self.state();
+            jobs.iter()
+                .filter_map(|id| st.job(*id).map(|j| (*id, j.status)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.state().halt(&jobs, withheld, message.as_deref());
         for id in jobs {
             if !self.cluster.leads(id) {
@@ -223,7 +233,13 @@ impl App {
                 continue;
             }
             match load_job(&self.store, id).await {
-                Ok(Some(load)) => self.state().reload_job(load),
+                Ok(Some(load)) => {
+                    let mut st = self.state();
+                    st.reload_job(load);
+                    if let Some((_, status)) = keep.iter().find(|(j, _)| *j == id) {
+                        st.keep_status(id, *status);
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::error!(job = %id, error = %e, "reloading the job after a failed write failed; it stays paused")

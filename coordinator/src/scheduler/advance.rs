@@ -233,6 +233,16 @@ impl State {
     /// reloads them from the store with [`State::reload_job`]); their leases are dropped (results for them are
     /// late), connections whose lease frames were withheld ask again, and connections that missed a `model` frame
     /// get it with their next lease.
+    /// Gives a reloaded job back the status it had before a halt over stale effects (not a failed write): a
+    /// running job stays running, a job paused by an earlier failed write stays paused.
+    pub fn keep_status(&mut self, job: JobId, status: JobStatus) {
+        if let Some(j) = self.jobs.get_mut(&job)
+            && !j.status.is_terminal()
+        {
+            j.status = status;
+        }
+    }
+
     pub fn halt(&mut self, jobs: &BTreeSet<JobId>, withheld: &[Deferred], error: Option<&str>) {
         self.halts += 1;
         let epoch = self.halts;
