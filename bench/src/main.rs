@@ -238,12 +238,12 @@ fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
-/// The CPU backend at one conv layer's shape: `CpuEngine` on `[layer_norm, conv2d, global max pool, dense 2]`,
+/// The CPU backend at one conv layer's shape: `CpuEngine` on `[group_norm (1 group), conv2d, global max pool, dense 2]`,
 /// whose cost is the conv's (the norm makes the conv compute its input gradient; the pool and the 2-unit dense
 /// layer are a few percent). Forward = `evaluate`; backward = `step` − `evaluate`.
 fn cpu_conv_ms(n: usize, c: usize, side: usize, oc: usize) -> anyhow::Result<(f64, f64)> {
     let spec = ModelSpec::from_json(&format!(
-        r#"{{"input": [{c}, {side}, {side}], "layers": [{{"type": "layer_norm"}},
+        r#"{{"input": [{c}, {side}, {side}], "layers": [{{"type": "group_norm", "groups": 1}},
             {{"type": "conv2d", "out_channels": {oc}, "kernel": 5, "padding": 2}},
             {{"type": "max_pool2d", "kernel": {side}}}, {{"type": "flatten"}}, {{"type": "dense", "units": 2}}]}}"#
     ))?;
