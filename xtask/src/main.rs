@@ -347,7 +347,21 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
                 .args(["run", "-p", "starling", "--example", "comms_bench", "--"])
                 .args(std::env::args().skip(3)))
         }
-        other => bail!("unknown benchmark {other:?}; available: kernels, trust, swarm, comms"),
+        Some("cnn-serve") => {
+            setup()?;
+            wasm()?;
+            say(
+                "building starling (release), then training the demo CNN through `starling serve --demo-cnn` with native workers and Chromium tabs (30-60 min here)",
+            );
+            run(Command::new("cargo").args(["build", "--release", "--bin", "starling"]))?;
+            // Arguments after `cnn-serve` go to it: `--native 2`, `--webgpu-tabs 1`, `--cpu-tabs 1`, `--limit-s 5400`.
+            run(Command::new("node")
+                .arg(root().join("bench/serve_cnn.mjs"))
+                .args(std::env::args().skip(3)))
+        }
+        other => {
+            bail!("unknown benchmark {other:?}; available: kernels, trust, swarm, comms, cnn-serve")
+        }
     }
 }
 
