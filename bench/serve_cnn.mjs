@@ -101,17 +101,22 @@ for (;;) {
 const workers = await api('/workers');
 const rows = [];
 for (const t of tabs) {
-  const v = await view(t.page);
+  const v = await view(t.page).catch((e) => ({ stats: {}, device: { backend: `tab lost: ${e.message}` } }));
   const w = workers.find((x) => x.id === v.stats.worker);
-  rows.push({ who: `chromium ${t.kind}${t.kind === 'webgpu' ? ` (${v.device.adapter})` : ''}`, backend: v.device.backend, accepted: w?.accepted ?? 0, rejected: w?.rejected ?? 0, ms_per_result: v.stats.busy_ms / Math.max(1, v.stats.results_sent) });
+  rows.push({ who: `chromium ${t.kind}${t.kind === 'webgpu' ? ` (${v.device.adapter})` : ''}`, backend: v.device.backend, accepted: w?.accepted ?? 0, rejected: w?.rejected ?? 0, late: v.stats.late, ms_per_result: v.stats.results_sent ? v.stats.busy_ms / v.stats.results_sent : null });
 }
 for (const w of workers.filter((x) => x.name.startsWith('native-'))) rows.push({ who: w.name, backend: 'cpu', accepted: w.accepted, rejected: w.rejected });
-const metrics = await api('/jobs/1/metrics');
+// The final evaluation lands just after the last step is applied: wait for it (bounded).
+let metrics = await api('/jobs/1/metrics');
+for (let i = 0; i < 60 && !metrics.some((m) => m.kind === 'eval' && m.step === job.step); i++) {
+  await new Promise((r) => setTimeout(r, 1000));
+  metrics = await api('/jobs/1/metrics');
+}
 const evals = metrics.filter((m) => m.kind === 'eval');
 console.log('\n| step | held-out accuracy | held-out loss |\n|---|---|---|');
 for (const m of evals) console.log(`| ${m.step} | ${(m.accuracy * 100).toFixed(2)}% | ${m.loss.toFixed(4)} |`);
-console.log('\n| worker | backend | accepted | rejected | ms per result |\n|---|---|---|---|---|');
-for (const r of rows) console.log(`| ${r.who} | ${r.backend} | ${r.accepted} | ${r.rejected} | ${r.ms_per_result ? r.ms_per_result.toFixed(0) : '—'} |`);
+console.log('\n| worker | backend | accepted | rejected | late | ms per result |\n|---|---|---|---|---|---|');
+for (const r of rows) console.log(`| ${r.who} | ${r.backend} | ${r.accepted} | ${r.rejected} | ${r.late ?? '—'} | ${r.ms_per_result ? r.ms_per_result.toFixed(0) : '—'} |`);
 const c = job.counters;
 const finalAcc = evals.length ? evals[evals.length - 1].accuracy : null;
 console.log(`\nstatus ${job.status} at step ${job.step}; final held-out ${(finalAcc * 100).toFixed(2)}%, best ${(job.best_test_accuracy * 100).toFixed(2)}%; ` +
