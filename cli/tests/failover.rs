@@ -372,6 +372,9 @@ async fn failover_figures(
     Ok((first_step, reconnected))
 }
 
+/// (worker, step, micro-batch).
+type Slot = (u64, u64, u64);
+
 /// A lease may reach a worker a little before its node's "took over" line is stamped (another connection's task
 /// can lease as soon as the job is loaded): a takeover this soon after a lease still counts as before it.
 const TAKEOVER_SLACK_US: u64 = 100_000;
@@ -385,10 +388,7 @@ const TAKEOVER_SLACK_US: u64 = 100_000;
 /// re-issue after a failover), to another worker, or to the same worker after it lost its lease (counted and
 /// printed) is legitimate; that no worker got two results of one micro-batch accepted is checked on the credits.
 /// Returns the number of leases the three nodes granted and the (worker, step, micro-batch) triples they granted.
-fn check_leases(
-    log: &Path,
-    node_urls: &BTreeSet<String>,
-) -> anyhow::Result<(u64, BTreeSet<(u64, u64, u64)>)> {
+fn check_leases(log: &Path, node_urls: &BTreeSet<String>) -> anyhow::Result<(u64, BTreeSet<Slot>)> {
     let incarnations = INCARNATIONS.lock().unwrap_or_else(|e| e.into_inner());
     let mut taken_by: BTreeMap<i64, String> = BTreeMap::new();
     for inc in incarnations.iter() {
@@ -405,7 +405,7 @@ fn check_leases(
         }
     }
     // epoch → (incarnation, lease ids, (worker, step, micro)).
-    type Epoch = (String, BTreeSet<u64>, BTreeSet<(u64, u64, u64)>);
+    type Epoch = (String, BTreeSet<u64>, BTreeSet<Slot>);
     let mut epochs: BTreeMap<i64, Epoch> = BTreeMap::new();
     let mut granted = BTreeSet::new();
     let (mut count, mut again) = (0, 0);
