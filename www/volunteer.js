@@ -6,8 +6,10 @@ const TOKEN_KEY = 'starling.token';
 
 /** One volunteer session at a time; `onUpdate(view)` is called with everything the page shows. */
 export class Volunteer {
-  constructor({ coordinator, backend = 'auto', name = null, onUpdate = () => {} }) {
+  constructor({ coordinator, fallbacks = [], backend = 'auto', name = null, onUpdate = () => {} }) {
     this.coordinator = coordinator;
+    // Other nodes' sockets, tried in turn when the connection is lost (the worker reconnects with backoff).
+    this.fallbacks = fallbacks;
     this.backend = backend;
     this.name = name;
     this.onUpdate = onUpdate;
@@ -37,7 +39,7 @@ export class Volunteer {
     let token = null;
     try { token = localStorage.getItem(TOKEN_KEY); } catch { /* storage disabled: a fresh identity each time */ }
     this.worker.postMessage({
-      type: 'start', coordinator: this.coordinator, token, name: this.name, backend: this.backend,
+      type: 'start', coordinator: this.coordinator, fallbacks: this.fallbacks, token, name: this.name, backend: this.backend,
       throttle: this.throttle, paused: this.#shouldPause(),
     });
     this.#update({ running: true, state: 'starting', ended: null, error: null, device: null, stats: null });

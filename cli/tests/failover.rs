@@ -15,11 +15,12 @@ mod common;
 mod pg;
 
 use common::{BIN, temp_dir};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -73,8 +74,57 @@ fn signal(child: &Child, sig: &str) {
         .status();
 }
 
+/// One run of a node process (a restarted node is a new incarnation at the same address), with the job
+/// leaderships it took: (wall-clock µs of its "took over" log line, epoch).
+struct Incarnation {
+    node: String,
+    url: String,
+    spawned_us: u64,
+    takeovers: Arc<Mutex<Vec<(u64, i64)>>>,
+}
+
+/// Every node process this test started, in order.
+static INCARNATIONS: Mutex<Vec<Incarnation>> = Mutex::new(Vec::new());
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Microseconds since the Unix epoch of a log line's leading `YYYY-MM-DDTHH:MM:SS.ffffffZ` (tracing's timestamp).
+fn log_time_us(line: &str) -> Option<u64> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms
+        .split(':')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let (&[y, m, day], &[hh, mm, ss]) = (d.as_slice(), t.as_slice()) else {
+        return None;
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let micros: i64 = format!("{frac:0<6}")[..6].parse().ok()?;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000 + micros) as u64)
+}
+
 /// Starts node `node` on `addr` (a restarted node comes back where its workers know it).
 fn serve(db: &str, node: &str, addr: &str) -> anyhow::Result<Node> {
+    let spawned_us = now_us();
+    let takeovers = Arc::new(Mutex::new(Vec::new()));
     let mut child = Command::new(BIN)
         .args(["serve", "--addr", addr, "--db", db, "--node-id", node])
         .args(["--lease-ms", &LEASE_MS.to_string(), "--www"])
@@ -87,8 +137,19 @@ fn serve(db: &str, node: &str, addr: &str) -> anyhow::Result<Node> {
     let stderr = child.stderr.take().context("stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     let tag = node.to_string();
+    let took = takeovers.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("took over the job's leadership")
+                && let Some(epoch) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("epoch=")?.parse::<i64>().ok())
+                && let Some(t) = log_time_us(&line)
+            {
+                took.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((t, epoch));
+            }
             if line.contains("took over")
                 || line.contains("lost")
                 || line.contains("fenced")
@@ -106,6 +167,15 @@ fn serve(db: &str, node: &str, addr: &str) -> anyhow::Result<Node> {
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
         .context("node did not report its address")?;
+    INCARNATIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Incarnation {
+            node: node.to_string(),
+            url: ws(&format!("http://{addr}")),
+            spawned_us,
+            takeovers,
+        });
     Ok(Node {
         id: node.to_string(),
         child,
@@ -302,6 +372,107 @@ async fn failover_figures(
     Ok((first_step, reconnected))
 }
 
+/// (worker, step, micro-batch).
+type Slot = (u64, u64, u64);
+
+/// A lease may reach a worker a little before its node's "took over" line is stamped (another connection's task
+/// can lease as soon as the job is loaded): a takeover this soon after a lease still counts as before it.
+const TAKEOVER_SLACK_US: u64 = 100_000;
+
+/// What the lease log (every lease every worker received, `STARLING_LEASE_LOG` in `native.rs`) says, checked
+/// against the nodes' own record of the leaderships they took ("took over … epoch=N"). Each lease belongs to the
+/// node incarnation that was running at its URL when it arrived, and to the epoch that incarnation took last
+/// before it. Asserts: every epoch was taken by one incarnation only; every lease came from a node that had taken
+/// the job over; within one epoch all leases came from that one incarnation and no lease id was granted twice (to
+/// two workers or to one twice). A micro-batch leased again in a later epoch (the new leader reloads the step:
+/// re-issue after a failover), to another worker, or to the same worker after it lost its lease (counted and
+/// printed) is legitimate; that no worker got two results of one micro-batch accepted is checked on the credits.
+/// Returns the number of leases the three nodes granted and the (worker, step, micro-batch) triples they granted.
+fn check_leases(log: &Path, node_urls: &BTreeSet<String>) -> anyhow::Result<(u64, BTreeSet<Slot>)> {
+    let incarnations = INCARNATIONS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut taken_by: BTreeMap<i64, String> = BTreeMap::new();
+    for inc in incarnations.iter() {
+        let key = format!("{}@{}", inc.node, inc.spawned_us);
+        for &(_, epoch) in inc
+            .takeovers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if let Some(other) = taken_by.insert(epoch, key.clone()) {
+                bail!("epoch {epoch} was taken by two node processes: {other} and {key}");
+            }
+        }
+    }
+    // epoch → (incarnation, lease ids, (worker, step, micro)).
+    type Epoch = (String, BTreeSet<u64>, BTreeSet<Slot>);
+    let mut epochs: BTreeMap<i64, Epoch> = BTreeMap::new();
+    let mut granted = BTreeSet::new();
+    let (mut count, mut again) = (0, 0);
+    for line in std::fs::read_to_string(log)?.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let url = v["url"].as_str().context("url")?;
+        if !node_urls.contains(url) {
+            // The single-node reference run, in the same process.
+            continue;
+        }
+        let num = |k: &str| v[k].as_u64().with_context(|| format!("{k} in {line}"));
+        let (t, lease, worker, step, micro) = (
+            num("t_us")?,
+            num("lease")?,
+            num("worker")?,
+            num("step")?,
+            num("micro")?,
+        );
+        let inc = incarnations
+            .iter()
+            .filter(|i| i.url == url && i.spawned_us <= t)
+            .max_by_key(|i| i.spawned_us)
+            .with_context(|| format!("a lease from no node process of ours: {line}"))?;
+        let key = format!("{}@{}", inc.node, inc.spawned_us);
+        let epoch = inc
+            .takeovers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(at, _)| *at <= t + TAKEOVER_SLACK_US)
+            .max_by_key(|(at, _)| *at)
+            .map(|&(_, e)| e)
+            .with_context(|| format!("{key} granted a lease without leading the job: {line}"))?;
+        let e = epochs
+            .entry(epoch)
+            .or_insert_with(|| (key.clone(), BTreeSet::new(), BTreeSet::new()));
+        ensure!(
+            e.0 == key,
+            "epoch {epoch}: leases from {} and from {key}",
+            e.0
+        );
+        ensure!(
+            e.1.insert(lease),
+            "epoch {epoch}: lease {lease} granted twice ({line})"
+        );
+        if !e.2.insert((worker, step, micro)) {
+            // Legitimate only after the worker lost its earlier lease of it (a closed connection or a passed
+            // deadline: `State::lose_lease`); the credits check shows it never got two results accepted.
+            again += 1;
+        }
+        granted.insert((worker, step, micro));
+        count += 1;
+    }
+    ensure!(
+        epochs.len() >= 3,
+        "leases in only {} epochs: {:?}",
+        epochs.len(),
+        epochs.keys()
+    );
+    println!(
+        "lease log: {count} leases in epochs {:?}, each epoch from one node process, no lease id twice; \
+         {again} re-leased to the same worker after a lost lease in the same epoch",
+        epochs.keys().collect::<Vec<_>>()
+    );
+    Ok((count, granted))
+}
+
 /// The same job on one SQLite node with two workers: the accuracy a failover must not change.
 fn single_node_accuracy(dir: &Path, job: &Path) -> anyhow::Result<f64> {
     let db = dir.join("single.db");
@@ -357,6 +528,9 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
         return Ok(());
     };
     let dir = temp_dir("failover");
+    // Every lease every worker of this process receives (the reference run's too; told apart by URL).
+    let lease_log = dir.join("leases.jsonl");
+    starling_worker::native::log_leases_to(&lease_log)?;
     let job = write_job(&dir)?;
     let reference = std::thread::spawn({
         let (dir, job) = (dir.clone(), job.clone());
@@ -401,6 +575,7 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
     // Workers spread over the nodes, each knowing the others; the liar on the third.
     let stop = Arc::new(AtomicBool::new(false));
     let urls: Vec<String> = nodes.iter().map(|n| ws(&n.url)).collect();
+    let node_urls: BTreeSet<String> = urls.iter().cloned().collect();
     let spread = |i: usize| -> Vec<String> { (0..3).map(|k| urls[(i + k) % 3].clone()).collect() };
     let mut handles: Vec<_> = (0..HONEST)
         .map(|i| worker(format!("w{i}"), spread(i), false, stop.clone()))
@@ -519,6 +694,53 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
             n.id
         );
     }
+    // Every node lists the job (led by one of them) and reports it in its cluster-wide metrics, under its
+    // leader's name only; a node's own /metrics has only the jobs it leads.
+    let (_, lead) = rt.block_on(leader(&pool))?;
+    let lead = lead.context("no leader at the end")?;
+    for n in &nodes {
+        let list: serde_json::Value = ureq::get(&format!("{}/api/v1/jobs", n.url))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        let listed: Vec<&serde_json::Value> = list
+            .as_array()
+            .context("a job list")?
+            .iter()
+            .filter(|j| j["id"] == 1)
+            .collect();
+        ensure!(
+            listed.len() == 1 && listed[0]["step"] == STEPS,
+            "{} lists {list}",
+            n.id
+        );
+        let text = ureq::get(&format!("{}/metrics/cluster", n.url))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        let steps: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("starling_job_step{") && l.contains("job=\"1\""))
+            .collect();
+        ensure!(
+            steps
+                == [format!(
+                    "starling_job_step{{node=\"{lead}\",job=\"1\"}} {STEPS}"
+                )],
+            "{}'s /metrics/cluster has {steps:?}",
+            n.id
+        );
+        let own = ureq::get(&format!("{}/metrics", n.url))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        ensure!(
+            own.contains("starling_job_step{job=\"1\"}") == (n.id == lead),
+            "{}'s own /metrics and the leader {lead} disagree",
+            n.id
+        );
+    }
     // PostgreSQL connections held (each node: a pool of up to 8 plus its leadership session; the test's own pool,
     // less the connection asking, is counted too).
     let pg_conns = rt.block_on(scalar(
@@ -536,6 +758,8 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
         .map(|h| h.join().map_err(|_| anyhow::anyhow!("worker panicked"))?)
         .collect::<anyhow::Result<_>>()?;
 
+    // No lease granted twice in one epoch (the external observer: the workers' lease log).
+    let (leases_logged, granted) = check_leases(&lease_log, &node_urls)?;
     // The ledger verifies (hash chain, balances = sums of entries).
     let verify = starling(&["ledger", "verify", "--db", &db], &[])?;
     assert!(verify.starts_with("ledger ok"), "{verify}");
@@ -555,6 +779,18 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
         let slots = scalar(&pool, "SELECT COUNT(*) FROM (SELECT DISTINCT step, micro FROM credits WHERE job_id = 1 AND flops > 0) t").await?;
         let outside = scalar(&pool, &format!("SELECT COUNT(*) FROM credits WHERE job_id = 1 AND (step >= {STEPS} OR (micro >= 4 AND micro < 2147483648))")).await?;
         ensure!(slots == STEPS as i64 * 4 && outside == 0, "{slots} credited micro-batches, {outside} credits outside the job");
+        // At most one accepted result per replica slot: a micro-batch of a step is credited to distinct workers
+        // (the table's UNIQUE key) and to no more than the most replicas the coordinator ever asks for; and every
+        // credit went to a worker that was leased that micro-batch of that step.
+        let most = scalar(&pool, "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM credits WHERE job_id = 1 AND flops > 0 AND micro < 4 GROUP BY step, micro) t").await?;
+        ensure!(most <= i64::from(starling_coordinator::job::MAX_REPLICAS), "a micro-batch credited {most} times");
+        let credits = sqlx::query("SELECT worker_id, step, micro FROM credits WHERE job_id = 1 AND flops > 0 AND micro < 4")
+            .fetch_all(&pool)
+            .await?;
+        for r in &credits {
+            let (w, st, m): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            ensure!(granted.contains(&(w as u64, st as u64, m as u64)), "worker {w} credited for step {st} micro-batch {m} it was never leased");
+        }
         // The liar was never credited (and was struck).
         let liar_id = liar.stats.worker.context("liar never welcomed")? as i64;
         let lied = scalar(&pool, &format!("SELECT COUNT(*) FROM credits WHERE worker_id = {liar_id}")).await?;
@@ -570,6 +806,10 @@ fn three_nodes_survive_kills_and_a_pause_with_every_invariant() -> anyhow::Resul
     })?;
     // Work that earned no credit: leases handed out (to every worker, the liar included) beyond the results credited.
     let leases: u64 = reports.iter().map(|r| r.stats.leases).sum::<u64>() + liar.stats.leases;
+    ensure!(
+        leases_logged == leases,
+        "the lease log has {leases_logged} leases, the workers counted {leases}"
+    );
     let credited = rt.block_on(scalar(
         &pool,
         "SELECT COUNT(*) FROM credits WHERE job_id = 1 AND flops > 0",

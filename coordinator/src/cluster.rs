@@ -47,6 +47,9 @@ pub struct Cluster {
     led: Mutex<BTreeMap<JobId, u64>>,
     /// The last registry view: every job, with its leading node's public URL when that node is live.
     view: Mutex<BTreeMap<JobId, Option<String>>>,
+    /// The other live nodes (id, public URL) as of the last heartbeat: whom `/api/v1/jobs` and `/metrics/cluster`
+    /// ask for the jobs they lead.
+    peers: Mutex<Vec<(String, String)>>,
     /// The leadership session (PostgreSQL), shared by the heartbeat and by a node adopting a job it just created.
     session: tokio::sync::Mutex<Option<store::Leadership>>,
 }
@@ -60,6 +63,7 @@ impl Cluster {
             lease,
             led: Mutex::new(BTreeMap::new()),
             view: Mutex::new(BTreeMap::new()),
+            peers: Mutex::new(Vec::new()),
             session: tokio::sync::Mutex::new(None),
         }
     }
@@ -97,6 +101,11 @@ impl Cluster {
     /// Whether `job` exists as far as the last registry view knows (led here, elsewhere, or by nobody right now).
     pub fn knows(&self, job: JobId) -> bool {
         self.leads(job) || self.view().contains_key(&job)
+    }
+
+    /// The other live nodes (id, public URL) as of the last heartbeat; none on SQLite.
+    pub fn peers(&self) -> Vec<(String, String)> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Jobs led here.
@@ -180,6 +189,11 @@ async fn beat(app: &Arc<App>, session: &mut Option<store::Leadership>) -> store:
     let urls: BTreeMap<&str, &str> = nodes
         .iter()
         .map(|n| (n.node_id.as_str(), n.public_url.as_str()))
+        .collect();
+    *c.peers.lock().unwrap_or_else(|e| e.into_inner()) = nodes
+        .iter()
+        .filter(|n| n.node_id != c.node_id)
+        .map(|n| (n.node_id.clone(), n.public_url.clone()))
         .collect();
     *c.view() = leaders
         .iter()

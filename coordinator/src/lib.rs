@@ -238,6 +238,11 @@ impl App {
             match load_job(&self.store, id).await {
                 Ok(Some(load)) => {
                     let mut st = self.state();
+                    if !self.cluster.leads(id) {
+                        // Lost while it loaded (the heartbeat found the session gone and unloaded it): putting it
+                        // back would serve, and list, a job another node leads.
+                        continue;
+                    }
                     st.reload_job(load);
                     if let Some((_, status)) = keep.iter().find(|(j, _)| *j == id) {
                         st.keep_status(id, *status);

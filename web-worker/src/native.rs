@@ -162,7 +162,7 @@ async fn run_with(
                 connected_once = true;
                 backoff = BACKOFF_MIN;
                 lost_at = None;
-                serve(&mut session, ws, &opts, reconnect.silence).await?
+                serve(&mut session, ws, &url, &opts, reconnect.silence).await?
             }
             Err(e) if !connected_once && reconnect.give_up_after.is_none() => {
                 return Err(anyhow::Error::new(e).context(format!("connecting to {url}")));
@@ -209,6 +209,7 @@ async fn serve(
     mut ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    url: &str,
     opts: &WorkerOptions,
     silence: Option<std::time::Duration>,
 ) -> anyhow::Result<Ended> {
@@ -252,7 +253,10 @@ async fn serve(
                 }
                 replies
             }
-            Message::Binary(b) => session.handle(Incoming::Binary(b)).await,
+            Message::Binary(b) => {
+                lease_log::record(url, session, b);
+                session.handle(Incoming::Binary(b)).await
+            }
             Message::Close(frame) => {
                 return Ok(Ended::Lost(
                     frame
@@ -292,4 +296,98 @@ async fn serve(
     }
     // The stream ended without a close frame: no reason to report.
     Ok(Ended::Lost(String::new()))
+}
+
+/// Records every lease this process's workers receive in `path` (as `STARLING_LEASE_LOG` does; see [`lease_log`]).
+pub fn log_leases_to(path: &std::path::Path) -> std::io::Result<()> {
+    lease_log::to(path)
+}
+
+/// An observer's record of every lease a worker receives, for tests that check what the coordinators granted
+/// (`cli/tests/failover.rs`): with `STARLING_LEASE_LOG=<file>` set, each `lease` and `local_lease` frame (binary) is
+/// appended to the file as one JSON line `{"t_us", "url", "worker", "lease", "job", "version", "step", "micro"}`
+/// (`t_us`: wall-clock microseconds since the Unix epoch at arrival; `url`: the node it came from; `worker`: the
+/// id of the welcome; `step`/`micro` are a local lease's `round`/`shard`). Off (nothing read, nothing written)
+/// without the variable. Several workers may share one file: each line is one `write` on an append-only file.
+mod lease_log {
+    use std::io::Write as _;
+    use std::sync::{Mutex, OnceLock};
+
+    use starling_core::protocol::CoordinatorMsg;
+
+    use crate::session::Session;
+
+    static FILE: OnceLock<Option<Mutex<std::fs::File>>> = OnceLock::new();
+
+    fn open(path: &std::path::Path) -> std::io::Result<Mutex<std::fs::File>> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Mutex::new(f))
+    }
+
+    fn file() -> Option<&'static Mutex<std::fs::File>> {
+        FILE.get_or_init(|| {
+            let path = std::env::var_os("STARLING_LEASE_LOG")?;
+            open(path.as_ref())
+                .inspect_err(
+                    |e| tracing::warn!(path = ?path, error = %e, "cannot open the lease log"),
+                )
+                .ok()
+        })
+        .as_ref()
+    }
+
+    /// Turns the log on for this process, to `path` (before any lease arrives; later calls change nothing).
+    pub(super) fn to(path: &std::path::Path) -> std::io::Result<()> {
+        let f = open(path)?;
+        let _ = FILE.set(Some(f));
+        Ok(())
+    }
+
+    /// Appends the binary frame `frame` to the log when it is a lease (and the log is on).
+    pub(super) fn record(url: &str, session: &Session, frame: &[u8]) {
+        let Some(file) = file() else { return };
+        let (lease, job, version, step, micro) = match CoordinatorMsg::decode_binary(frame) {
+            Ok((
+                CoordinatorMsg::Lease {
+                    lease,
+                    job,
+                    version,
+                    step,
+                    micro_batch,
+                    ..
+                },
+                _,
+            )) => (lease, job, version, step, micro_batch),
+            Ok((
+                CoordinatorMsg::LocalLease {
+                    lease,
+                    job,
+                    version,
+                    round,
+                    shard,
+                    ..
+                },
+                _,
+            )) => (lease, job, version, round, shard),
+            _ => return,
+        };
+        let t_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let line = serde_json::json!({
+            "t_us": t_us,
+            "url": url,
+            "worker": session.stats().worker,
+            "lease": lease.0,
+            "job": job.0,
+            "version": version,
+            "step": step,
+            "micro": micro,
+        });
+        let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
 }

@@ -1,13 +1,18 @@
 //! The browser volunteer: the same protocol [`Session`] as the native worker, over the browser's WebSocket, inside a
 //! dedicated Web Worker (`www/worker.js` only forwards messages; every bit of state lives here).
 //!
-//! Page → Rust: `command(obj)` with `{type: "start", coordinator, token?, name?, backend?, throttle?}`,
+//! Page → Rust: `command(obj)` with `{type: "start", coordinator, fallbacks?, token?, name?, backend?, throttle?}`,
 //! `{type: "throttle", share}` (0.05..=1, the share of time spent computing: the `ready` after a result is delayed),
 //! `{type: "pause", paused}` (a paused worker finishes its lease and withholds `ready`), `{type: "stop"}` (closes
 //! the socket) and `{type: "bench", n}` (matmul GFLOP/s of this CPU path).
 //! Rust → page (`postMessage`): `{type: "device", backend: "webgpu"|"cpu", adapter, note}`,
 //! `{type: "stats", state, stats}` (the session's [`Stats`]), `{type: "token", token}` (persist it),
 //! `{type: "ended", reason}`, `{type: "error", message}` (a command the worker could not use), `{type: "bench", ..}`.
+//!
+//! A connection lost after the first welcome (the node died, restarted or failed over) is not the end: the worker
+//! reconnects as the native one does (`native.rs`): after 200 ms, doubling to 4 s, with jitter up to half the
+//! pause, to the same node and then each of `fallbacks` (other nodes' `ws://…/ws`) in turn, with the same session
+//! (token, counters), reporting state `reconnecting` meanwhile; it gives up after 10 minutes without a connection.
 
 use std::cell::RefCell;
 
@@ -18,7 +23,7 @@ use wasm_bindgen::JsCast as _;
 use wasm_bindgen::prelude::*;
 use web_sys::{BinaryType, CloseEvent, DedicatedWorkerGlobalScope, MessageEvent, WebSocket};
 
-use starling_core::protocol::{WireFrame, WorkerMsg, encode};
+use starling_core::protocol::{ErrorCode, WireFrame, WorkerMsg, encode};
 
 use crate::engine::{BackendChoice, Device};
 use crate::gpu::GpuContext;
@@ -31,6 +36,8 @@ enum Command {
     Start {
         /// `ws://host:port/ws`.
         coordinator: String,
+        /// Other nodes' `ws://…/ws`, tried in turn after `coordinator` when the connection is lost.
+        fallbacks: Option<Vec<String>>,
         token: Option<String>,
         name: Option<String>,
         /// `auto` (default), `webgpu`/`gpu` or `cpu`.
@@ -62,6 +69,8 @@ enum Event {
     Command(Command),
     /// The throttle delay of the `ready` with this sequence number is over.
     ReadyDue(u64),
+    /// The backoff pause before reconnection attempt number this is over.
+    ReconnectDue(u64),
 }
 
 /// Messages posted to the page.
@@ -145,6 +154,7 @@ pub fn command(msg: JsValue) {
         Command::Bench { n } => bench(n.unwrap_or(512).clamp(16, 2048)),
         Command::Start {
             coordinator,
+            fallbacks,
             token,
             name,
             backend,
@@ -172,8 +182,10 @@ pub fn command(msg: JsValue) {
                 token: token.filter(|t| !t.is_empty()),
                 browser: true,
             };
+            let mut urls = vec![coordinator];
+            urls.extend(fallbacks.unwrap_or_default());
             wasm_bindgen_futures::spawn_local(async move {
-                let reason = run(coordinator, choice, config, control, tx, rx).await;
+                let reason = run(urls, choice, config, control, tx, rx).await;
                 RUNNING.with(|r| *r.borrow_mut() = None);
                 post(&ToPage::Ended { reason });
             });
@@ -244,6 +256,8 @@ struct Control {
     /// A `ready` went out and no lease answered it yet: the coordinator may still push one lease, so a pause is
     /// only complete ("paused" rather than "pausing") once this is false.
     ready_outstanding: bool,
+    /// The connection was lost and is being re-established (the page shows "reconnecting").
+    reconnecting: bool,
 }
 
 impl Control {
@@ -260,6 +274,7 @@ impl Control {
             ready_seq: 0,
             busy_seen: 0.0,
             ready_outstanding: false,
+            reconnecting: false,
         }
     }
 }
@@ -416,7 +431,9 @@ fn js_error(e: &JsValue) -> String {
 
 /// Posts the session's stats with the run's state.
 fn post_stats(session: &Session, control: &Control, connected: bool) {
-    let state = if !connected {
+    let state = if control.reconnecting {
+        "reconnecting"
+    } else if !connected {
         "connecting"
     } else if control.paused && control.ready_outstanding {
         "pausing"
@@ -445,9 +462,66 @@ fn ready_after(ms: f64, seq: u64, tx: &mpsc::UnboundedSender<Event>) {
     );
 }
 
+/// Queues `ReconnectDue(seq)` after `ms` milliseconds.
+fn reconnect_after(ms: f64, seq: u64, tx: &mpsc::UnboundedSender<Event>) {
+    let t = tx.clone();
+    let cb = Closure::once_into_js(move || {
+        let _ = t.unbounded_send(Event::ReconnectDue(seq));
+    });
+    let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(
+        cb.unchecked_ref(),
+        ms.min(600_000.0) as i32,
+    );
+}
+
+/// First and largest pause between reconnection attempts, and how long without a connection ends the run.
+const BACKOFF_MIN_MS: f64 = 200.0;
+const BACKOFF_MAX_MS: f64 = 4_000.0;
+const GIVE_UP_MS: f64 = 600_000.0;
+
+/// Where and when the next reconnection attempt goes (see the module docs).
+struct Redial {
+    urls: Vec<String>,
+    /// Attempts since the connection was lost (0: none yet, the next goes to the node that was lost).
+    attempt: u64,
+    /// The node that was lost (or redirected to), first in line.
+    current: String,
+    backoff_ms: f64,
+    lost_at: Option<f64>,
+}
+
+impl Redial {
+    /// Schedules the next attempt; `false` once it is time to give up.
+    fn schedule(&mut self, tx: &mpsc::UnboundedSender<Event>) -> bool {
+        let since = *self.lost_at.get_or_insert_with(now_ms);
+        if now_ms() - since > GIVE_UP_MS {
+            return false;
+        }
+        let jitter = js_sys::Math::random() * self.backoff_ms / 2.0;
+        reconnect_after(self.backoff_ms + jitter, self.attempt, tx);
+        self.backoff_ms = (self.backoff_ms * 2.0).min(BACKOFF_MAX_MS);
+        true
+    }
+
+    /// The URL of attempt `attempt`: the lost node first, then the list in turn.
+    fn url(&self) -> String {
+        if self.attempt == 0 {
+            self.current.clone()
+        } else {
+            self.urls[(self.attempt as usize - 1) % self.urls.len()].clone()
+        }
+    }
+
+    fn connected(&mut self) {
+        self.attempt = 0;
+        self.backoff_ms = BACKOFF_MIN_MS;
+        self.lost_at = None;
+    }
+}
+
 /// One session from `start` to the socket closing; returns why it ended.
 async fn run(
-    url: String,
+    urls: Vec<String>,
     choice: BackendChoice,
     config: SessionConfig,
     mut control: Control,
@@ -462,18 +536,29 @@ async fn run(
     });
     let mut session = Session::new(device, config);
     post_stats(&session, &control, false);
-    let mut socket = match Socket::open(&url, &tx) {
+    let mut redial = Redial {
+        current: urls[0].clone(),
+        urls,
+        attempt: 0,
+        backoff_ms: BACKOFF_MIN_MS,
+        lost_at: None,
+    };
+    let mut socket = match Socket::open(&redial.current, &tx) {
         Ok(s) => s,
         Err(e) => return e,
     };
     let ready = encode(&WorkerMsg::Ready, &[]);
     let mut connected = false;
+    let mut connected_once = false;
     let mut token_sent: Option<String> = None;
     let mut stopping = false;
     while let Some(event) = rx.next().await {
         let replies = match event {
             Event::Opened => {
                 connected = true;
+                connected_once = true;
+                control.reconnecting = false;
+                redial.connected();
                 if !socket.send(&session.hello()) {
                     return "the connection closed before hello".into();
                 }
@@ -481,6 +566,21 @@ async fn run(
                 continue;
             }
             Event::Closed { code, reason } => {
+                if !stopping && connected_once {
+                    // A failover or a restart: the same session carries on on a new connection.
+                    connected = false;
+                    control.reconnecting = true;
+                    control.ready_outstanding = false;
+                    control.ready_pending = false;
+                    if !redial.schedule(&tx) {
+                        return format!(
+                            "lost the coordinator (code {code}) and could not reconnect for {} minutes",
+                            GIVE_UP_MS / 60_000.0
+                        );
+                    }
+                    post_stats(&session, &control, connected);
+                    continue;
+                }
                 return if stopping {
                     "stopped by the volunteer".into()
                 } else if !connected {
@@ -520,6 +620,19 @@ async fn run(
                 post_stats(&session, &control, connected);
                 continue;
             }
+            Event::ReconnectDue(attempt) => {
+                if attempt == redial.attempt && control.reconnecting && !stopping {
+                    let url = redial.url();
+                    redial.attempt += 1;
+                    match Socket::open(&url, &tx) {
+                        Ok(s) => socket = s,
+                        // A malformed fallback URL: on to the next one.
+                        Err(_) if redial.schedule(&tx) => {}
+                        Err(e) => return e,
+                    }
+                }
+                continue;
+            }
             Event::ReadyDue(seq) => {
                 if seq == control.ready_seq && control.ready_pending && !control.paused && !stopping
                 {
@@ -547,6 +660,11 @@ async fn run(
                     }
                 }
             }
+            // A node shutting down (a restart): its close follows, and the worker reconnects then.
+            Err(SessionError::Closed {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }) if connected_once => {}
             Err(SessionError::Closed { code, message }) => {
                 return format!("the coordinator ended the session ({code:?}): {message}");
             }
@@ -557,6 +675,7 @@ async fn run(
                     Ok(s) => s,
                     Err(e) => return e,
                 };
+                redial.current = url;
                 connected = false;
                 control.ready_outstanding = false;
             }

@@ -12,6 +12,7 @@ use tower_http::services::ServeDir;
 
 mod access; // The job routes and the one job-access rule every one of them goes through.
 mod datasets; // Owners' dataset uploads and listings.
+mod fleet; // The job list and metrics of every node of a cluster.
 mod jobs; // Job views, creation and owner control.
 mod volunteers; // Workers, the credits leaderboard and each worker's ledger.
 
@@ -31,7 +32,15 @@ pub fn router(app: Arc<App>) -> Router {
     let upload_limit = app.config.max_upload_bytes;
     let api = Router::new()
         .route("/health", get(health))
-        .route("/jobs", get(list_jobs).post(create_job))
+        .route(
+            "/jobs",
+            get(list_jobs)
+                .post(create_job)
+                .layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    fleet::jobs_everywhere,
+                )),
+        )
         .nest("/jobs/{id}", job_routes(app.clone()))
         .route("/me", get(me))
         .route(
@@ -51,6 +60,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws", get(crate::ws::upgrade))
         .route("/embed.html", get(crate::origin::embed_page))
         .route("/metrics", get(crate::live::prometheus))
+        .route("/metrics/cluster", get(fleet::metrics_everywhere))
         .route(
             "/dashboard",
             get(|| async { axum::response::Redirect::permanent("/dashboard.html") }),

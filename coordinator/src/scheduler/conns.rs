@@ -133,7 +133,7 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            self.drop_lease(id);
+            self.lose_lease(id);
         }
         self.assign_all(&mut fx);
         fx
@@ -201,7 +201,7 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for id in overdue {
-            if let Some(l) = self.drop_lease(id) {
+            if let Some(l) = self.lose_lease(id) {
                 tracing::info!(lease = %id, worker = %l.worker, "lease expired; micro-batch will be reassigned");
                 if let Some(job) = self.jobs.get_mut(&l.job) {
                     job.counters.leases_expired += 1;
@@ -225,6 +225,27 @@ impl State {
             && c.lease == Some(id)
         {
             c.lease = None;
+        }
+        Some(lease)
+    }
+
+    /// A lease lost without a result (its connection closed, or it expired): dropped, and its worker may be leased
+    /// that micro-batch again, with a fresh lease (a result for the lost one is late, so the worker still adds at
+    /// most one replica). Without this, a micro-batch lost by one of exactly R workers could never find its last
+    /// replica (every worker left would be "involved") and the step would wait forever.
+    fn lose_lease(&mut self, id: LeaseId) -> Option<Lease> {
+        let lease = self.drop_lease(id)?;
+        let leases = &self.leases;
+        if let Some(job) = self.jobs.get_mut(&lease.job)
+            && job.step == lease.step
+            && let Some(m) = job.micros.get_mut(lease.micro as usize)
+            && !m.subs.iter().any(|s| s.worker == lease.worker)
+            && !m
+                .active
+                .iter()
+                .any(|l| leases.get(l).is_some_and(|o| o.worker == lease.worker))
+        {
+            m.involved.retain(|(w, _)| *w != lease.worker);
         }
         Some(lease)
     }

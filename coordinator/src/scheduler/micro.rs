@@ -108,7 +108,8 @@ pub(super) struct Micro {
     pub active: Vec<LeaseId>,
     /// Validated results not yet settled.
     pub subs: Vec<Submission>,
-    /// Workers (and their addresses) ever leased this micro-batch in this step: none gets it twice.
+    /// Workers (and their addresses) leased this micro-batch in this step, except those whose lease was lost
+    /// without a result (`State::lose_lease`): none holds or submits it twice.
     pub involved: Vec<(WorkerId, IpAddr)>,
 }
 
