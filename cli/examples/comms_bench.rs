@@ -251,6 +251,7 @@ fn spawn_worker(
                 name: Some(name),
                 token: None,
                 max_leases: None,
+                dataset_cache: None,
             },
             None,
         ))
