@@ -463,9 +463,19 @@ fn main() -> anyhow::Result<()> {
             "bytes_per_sample": bytes, "bytes_up_per_sample": per(s.bytes_up), "bytes_down_per_sample": per(s.bytes_down),
             "accuracy": s.accuracy / reps, "coord_cpu_us_per_sample": cpu_us,
             "honest_disagreements": disagree, "verification_share": share,
+            "dataset_bytes_per_sample": per(s.dataset_bytes),
         }));
     }
-    println!("{}", serde_json::json!({ "arms": json }));
+    // The build the coordinator figures come from (`cargo xtask bench comms` builds release).
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "profile": profile, "arms": json })
+    );
     Ok(())
 }
 
