@@ -2,7 +2,7 @@
 //!
 //! Each arm trains the demo MNIST job to a fixed budget of training samples from the same seed, in one process: a
 //! real coordinator on 127.0.0.1:0 on a runtime of its own (threads named `coord`, so its CPU time can be read from
-//! `/proc/self/task`), a byte-counting TCP relay in front of it (every byte of every WebSocket frame, headers and
+//! `/proc/self/task`, with its SQLite connection threads), a byte-counting TCP relay in front of it (every byte of every WebSocket frame, headers and
 //! the HTTP upgrade included, counted in each direction, as the coordinator's socket sees them), and native CPU
 //! workers on their own threads that connect through the relay. Arms: A0 `sync` fp32 (today's protocol); A1 `local`
 //! H = 1 int8; A2 `local` fp32 H ∈ {4, 16, 64}; A3 `local` int8 both ways H ∈ {16, 64}. A `local` lease's rows come
@@ -160,7 +160,9 @@ impl Figures {
     }
 }
 
-/// CPU seconds (user + system) of this process's threads named `coord` (the coordinator's runtime).
+/// CPU seconds (user + system) of this process's threads named `coord` (the coordinator's runtime) or
+/// `sqlx-sqlite-worker-*` (its SQLite connections' threads: the store's writes are coordinator work too; the bench's
+/// own store is closed before the coordinator starts).
 fn coordinator_cpu_s() -> f64 {
     let ticks = 100.0; // USER_HZ on Linux.
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -169,7 +171,7 @@ fn coordinator_cpu_s() -> f64 {
     let mut total = 0u64;
     for t in tasks.flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("coord") {
+        if !(comm.starts_with("coord") || comm.starts_with("sqlx-sqlite")) {
             continue;
         }
         let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();

@@ -154,6 +154,12 @@ async fn datasets_travel_compact_to_new_workers_raw_to_old_ones_and_are_cached_o
         new.1.len() as u64,
         "the compact frame travelled"
     );
+    // The session's byte counters (shown on the volunteer page) hold the dataset frame and the rest.
+    assert!(
+        first.stats.bytes_received > first.stats.dataset_bytes && first.stats.bytes_sent > 0,
+        "{:?}",
+        first.stats
+    );
     let entry = cache.0.join(format!("{sha}.dataset"));
     assert!(entry.exists(), "cached at {}", entry.display());
     let second = cached_worker(url.clone(), "second", &cache.0, 2)?;

@@ -71,6 +71,10 @@ pub struct Stats {
     pub dataset_bytes: u64,
     /// Datasets found in the [`DatasetCache`] (checked like a download), so not fetched.
     pub datasets_cached: u64,
+    /// Protocol bytes received and sent (frame payloads as the session sees them: JSON text or binary frames,
+    /// without the WebSocket framing), datasets included.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
 }
 
 /// A boxed future of the dataset cache (not `Send`: the browser's is a JavaScript promise).
@@ -266,6 +270,22 @@ impl Session {
 
     /// Handles one frame from the coordinator and returns the frames to send back, in order.
     pub async fn handle(&mut self, frame: Incoming<'_>) -> Result<Vec<WireFrame>, SessionError> {
+        self.stats.bytes_received += match frame {
+            Incoming::Text(t) => t.len(),
+            Incoming::Binary(b) => b.len(),
+        } as u64;
+        let out = self.handle_frame(frame).await?;
+        self.stats.bytes_sent += out
+            .iter()
+            .map(|f| match f {
+                WireFrame::Text(t) => t.len(),
+                WireFrame::Binary(b) => b.len(),
+            } as u64)
+            .sum::<u64>();
+        Ok(out)
+    }
+
+    async fn handle_frame(&mut self, frame: Incoming<'_>) -> Result<Vec<WireFrame>, SessionError> {
         let (msg, payload) = match frame {
             Incoming::Text(t) => (CoordinatorMsg::decode_text(t)?, &[][..]),
             Incoming::Binary(b) => CoordinatorMsg::decode_binary(b)?,

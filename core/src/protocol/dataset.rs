@@ -28,8 +28,9 @@ pub enum DatasetEncoding {
     /// DEFLATE (RFC 1951, no zlib or gzip wrapper) of the SDS1 bytes, then 0–3 zero bytes to a multiple of 4.
     Deflate,
     /// DEFLATE of the palette body: magic `SDP1`, u32 LE `N`, u32 LE `D`, u32 LE `P` (1 ≤ P ≤ 256), `P` f32 LE
-    /// palette values, `N·D` u8 indices into the palette (feature i = palette[index i]), then `N` u32 LE labels.
-    /// Only for datasets with at most 256 distinct feature values (bit patterns); lossless. Padded as `Deflate`.
+    /// palette values (in any order; the coordinator's: order of first appearance), `N·D` u8 indices into the
+    /// palette (feature i = palette[index i]), then `N` u32 LE labels. Only for datasets with at most 256 distinct
+    /// feature values (bit patterns); lossless. Padded as `Deflate`.
     PaletteDeflate,
 }
 
@@ -80,21 +81,41 @@ pub enum DatasetCodecError {
     Digest { got: String, want: String },
 }
 
-/// The palette of `features` (sorted by bit pattern) if it holds at most 256 distinct values, else `None`.
-fn palette(features: &[f32]) -> Option<Vec<u32>> {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut last = None;
+/// The palette of `features` (distinct bit patterns in order of first appearance) and every feature's index into
+/// it, if there are at most 256 distinct values; one pass, a 512-slot open-addressing table.
+fn palette(features: &[f32]) -> Option<(Vec<u32>, Vec<u8>)> {
+    const SLOTS: usize = 512;
+    let mut table = [(0u32, u16::MAX); SLOTS];
+    let mut pal: Vec<u32> = Vec::with_capacity(256);
+    let mut idx = Vec::with_capacity(features.len());
+    let mut last: Option<(u32, u8)> = None;
     for v in features {
-        // Runs of one value (an image's background) skip the set.
         let bits = v.to_bits();
-        if last != Some(bits) {
-            last = Some(bits);
-            if seen.insert(bits) && seen.len() > 256 {
-                return None;
-            }
+        if let Some((b, i)) = last
+            && b == bits
+        {
+            idx.push(i);
+            continue;
         }
+        let mut slot = (bits.wrapping_mul(0x9E37_79B1) >> 23) as usize % SLOTS;
+        let i = loop {
+            match table[slot] {
+                (b, i) if i != u16::MAX && b == bits => break i as u8,
+                (_, u16::MAX) => {
+                    if pal.len() == 256 {
+                        return None;
+                    }
+                    table[slot] = (bits, pal.len() as u16);
+                    pal.push(bits);
+                    break (pal.len() - 1) as u8;
+                }
+                _ => slot = (slot + 1) % SLOTS,
+            }
+        };
+        last = Some((bits, i));
+        idx.push(i);
     }
-    Some(seen.into_iter().collect())
+    Some((pal, idx))
 }
 
 /// The most compact encoding of `ds` among `accepted` (names from `dataset_request.accept`; unknown ones are
@@ -102,29 +123,16 @@ fn palette(features: &[f32]) -> Option<Vec<u32>> {
 pub fn encode_dataset(ds: &Dataset, accepted: &[String]) -> (DatasetEncoding, Vec<u8>) {
     let ok = |e: DatasetEncoding| accepted.iter().any(|a| a == e.as_str());
     if ok(DatasetEncoding::PaletteDeflate)
-        && let Some(p) = palette(&ds.features)
+        && let Some((p, idx)) = palette(&ds.features)
     {
-        let mut body =
-            Vec::with_capacity(16 + 4 * p.len() + ds.features.len() + 4 * ds.labels.len());
+        let mut body = Vec::with_capacity(16 + 4 * p.len() + idx.len() + 4 * ds.labels.len());
         body.extend_from_slice(PALETTE_MAGIC);
         for n in [ds.rows(), ds.dim, p.len()] {
             body.extend_from_slice(&(n as u32).to_le_bytes());
         }
         p.iter()
             .for_each(|b| body.extend_from_slice(&b.to_le_bytes()));
-        // `p` is sorted, so an index is a binary search away (skipped within a run of one value).
-        let mut last: Option<(u32, u8)> = None;
-        body.extend(ds.features.iter().map(|v| {
-            let bits = v.to_bits();
-            match last {
-                Some((b, i)) if b == bits => i,
-                _ => {
-                    let i = p.binary_search(&bits).map_or(0, |i| i as u8);
-                    last = Some((bits, i));
-                    i
-                }
-            }
-        }));
+        body.extend_from_slice(&idx);
         ds.labels
             .iter()
             .for_each(|l| body.extend_from_slice(&l.to_le_bytes()));

@@ -715,6 +715,17 @@ fn dataset_encodings_are_lossless_compact_and_named_by_the_decoded_bytes() {
     let (e, d) = encode_dataset(&ds, &["zstd".into(), "deflate".into()]);
     assert_eq!(e, DatasetEncoding::Deflate);
     assert_eq!(decode_dataset(e, &d, &sha).unwrap(), ds);
+    // 256 distinct values still take the palette (the levels above, 0.0 among them); 257 do not.
+    let mut at_limit = ds.clone();
+    at_limit.features[..256].copy_from_slice(&levels);
+    assert_eq!(
+        encode_dataset(&at_limit, &DatasetEncoding::all()).0,
+        DatasetEncoding::PaletteDeflate
+    );
+    at_limit.features[256] = 0.123_456_7;
+    let (e, d) = encode_dataset(&at_limit, &DatasetEncoding::all());
+    assert_eq!(e, DatasetEncoding::Deflate);
+    assert_eq!(decode_dataset_bytes(e, &d).unwrap(), encode_raw(&at_limit));
     let wide = Dataset::new(
         (0..300 * 64).map(|i| i as f32).collect(),
         ds.labels.clone(),
