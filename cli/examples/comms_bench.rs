@@ -6,7 +6,8 @@
 //! the HTTP upgrade included, counted in each direction, as the coordinator's socket sees them), and native CPU
 //! workers on their own threads that connect through the relay. Arms: A0 `sync` fp32 (today's protocol); A1 `local`
 //! H = 1 int8; A2 `local` fp32 H ∈ {4, 16, 64}; A3 `local` int8 both ways H ∈ {16, 64}. A `local` lease's rows come
-//! from the dataset each worker fetched once (its download is in the byte counts, amortised over the run).
+//! from the dataset each worker fetched once (the compact `palette_deflate` frame, ~1.5 MB; the workers keep no
+//! cache, so every run downloads it, and its bytes are in the counts, amortised over the run).
 //!
 //! Per arm (means over `--reps` repetitions): bytes up and down per training sample, held-out accuracy at the
 //! end, the coordinator's CPU time per verified training sample, honest disagreements (every worker is honest, so
