@@ -318,6 +318,7 @@ pub fn spawn_worker(
                 name: Some(name),
                 token,
                 max_leases,
+                dataset_cache: None,
             },
             tamper.map(|t| -> starling_worker::session::Tamper { t }),
         ))

@@ -137,3 +137,11 @@ export function formatCredits(gflop) {
   if (!Number.isFinite(gflop)) return '—';
   return gflop >= 1000 ? `${(gflop / 1000).toFixed(2)} TFLOP` : `${gflop.toFixed(gflop < 10 ? 2 : 1)} GFLOP`;
 }
+
+/** Formats a byte count (the session's `bytes_received` / `bytes_sent`). */
+export function formatBytes(n) {
+  if (!Number.isFinite(n)) return '—';
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / (1024 * 1024)).toFixed(1)} MiB`;
+}

@@ -2,11 +2,12 @@
 //!
 //! Each arm trains the demo MNIST job to a fixed budget of training samples from the same seed, in one process: a
 //! real coordinator on 127.0.0.1:0 on a runtime of its own (threads named `coord`, so its CPU time can be read from
-//! `/proc/self/task`), a byte-counting TCP relay in front of it (every byte of every WebSocket frame, headers and
+//! `/proc/self/task`, with its SQLite connection threads), a byte-counting TCP relay in front of it (every byte of every WebSocket frame, headers and
 //! the HTTP upgrade included, counted in each direction, as the coordinator's socket sees them), and native CPU
 //! workers on their own threads that connect through the relay. Arms: A0 `sync` fp32 (today's protocol); A1 `local`
 //! H = 1 int8; A2 `local` fp32 H ∈ {4, 16, 64}; A3 `local` int8 both ways H ∈ {16, 64}. A `local` lease's rows come
-//! from the dataset each worker fetched once (its download is in the byte counts, amortised over the run).
+//! from the dataset each worker fetched once (the compact `palette_deflate` frame, ~1.5 MB; the workers keep no
+//! cache, so every run downloads it, and its bytes are in the counts, amortised over the run).
 //!
 //! Per arm (means over `--reps` repetitions): bytes up and down per training sample, held-out accuracy at the
 //! end, the coordinator's CPU time per verified training sample, honest disagreements (every worker is honest, so
@@ -160,7 +161,9 @@ impl Figures {
     }
 }
 
-/// CPU seconds (user + system) of this process's threads named `coord` (the coordinator's runtime).
+/// CPU seconds (user + system) of this process's threads named `coord` (the coordinator's runtime) or
+/// `sqlx-sqlite-worker-*` (its SQLite connections' threads: the store's writes are coordinator work too; the bench's
+/// own store is closed before the coordinator starts).
 fn coordinator_cpu_s() -> f64 {
     let ticks = 100.0; // USER_HZ on Linux.
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -169,7 +172,7 @@ fn coordinator_cpu_s() -> f64 {
     let mut total = 0u64;
     for t in tasks.flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("coord") {
+        if !(comm.starts_with("coord") || comm.starts_with("sqlx-sqlite")) {
             continue;
         }
         let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
@@ -251,6 +254,7 @@ fn spawn_worker(
                 name: Some(name),
                 token: None,
                 max_leases: None,
+                dataset_cache: None,
             },
             None,
         ))
@@ -462,9 +466,19 @@ fn main() -> anyhow::Result<()> {
             "bytes_per_sample": bytes, "bytes_up_per_sample": per(s.bytes_up), "bytes_down_per_sample": per(s.bytes_down),
             "accuracy": s.accuracy / reps, "coord_cpu_us_per_sample": cpu_us,
             "honest_disagreements": disagree, "verification_share": share,
+            "dataset_bytes_per_sample": per(s.dataset_bytes),
         }));
     }
-    println!("{}", serde_json::json!({ "arms": json }));
+    // The build the coordinator figures come from (`cargo xtask bench comms` builds release).
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "profile": profile, "arms": json })
+    );
     Ok(())
 }
 

@@ -114,6 +114,7 @@ fn spawn(
                 name: Some(name),
                 token: None,
                 max_leases: None,
+                dataset_cache: None,
             },
             tamper,
         ))

@@ -148,6 +148,13 @@ pub struct WorkerArgs {
     /// this) after which the connection counts as lost; a stopped or cut-off node keeps its socket open.
     #[arg(long, default_value_t = 10_000)]
     pub silence_ms: u64,
+    /// Directory keeping the datasets of `local` jobs between runs, by SHA-256 (default:
+    /// `$XDG_CACHE_HOME/starling/datasets`, else `~/.cache/starling/datasets`).
+    #[arg(long, env = "STARLING_DATASET_CACHE")]
+    pub dataset_cache: Option<PathBuf>,
+    /// Keep no datasets between runs (fetch them on every connection).
+    #[arg(long)]
+    pub no_dataset_cache: bool,
 }
 
 /// `starling train`.

@@ -126,6 +126,18 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         name: args.name,
         token,
         max_leases: args.max_leases,
+        dataset_cache: if args.no_dataset_cache {
+            None
+        } else {
+            args.dataset_cache.or_else(|| {
+                let base = std::env::var_os("XDG_CACHE_HOME")
+                    .map(std::path::PathBuf::from)
+                    .or_else(|| {
+                        std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+                    })?;
+                Some(base.join("starling").join("datasets"))
+            })
+        },
     };
     let device = starling_worker::engine::Device::open(opts.backend)
         .await

@@ -263,6 +263,7 @@ fn worker(
                 name: Some(name),
                 token: None,
                 max_leases: None,
+                dataset_cache: None,
             };
             // One node (the reference run): no failover to ride out, so no reconnecting.
             let single = urls.len() == 1;

@@ -551,9 +551,11 @@ async fn serve(
                         .local_result(conn, lease, losses, correct, quant, payload)
                 }
             }
-            WorkerMsg::DatasetRequest { job, sha256 } => {
-                app.state().dataset_request(conn, job, &sha256)
-            }
+            WorkerMsg::DatasetRequest {
+                job,
+                sha256,
+                accept,
+            } => app.state().dataset_request(conn, job, &sha256, &accept),
             WorkerMsg::Failed { lease, reason } => {
                 tracing::info!(%lease, reason = %reason.chars().take(200).collect::<String>(), "worker could not compute its lease");
                 app.state().failed(conn, lease)

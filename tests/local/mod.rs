@@ -14,6 +14,7 @@ use starling_worker::native::{WorkerOptions, WorkerReport, run_lying};
 use starling_worker::session::LocalLie;
 
 mod attacks; // Every lie of the attack list against local leases, and raw v2 frames.
+mod datasets; // The `dataset` frame: compact for new workers, raw for old ones, cached on disk.
 mod recovery; // A restart mid-round; a v1 worker on a sync job beside a local job.
 
 /// The demo MNIST job in `local` mode: 4 leases of `h` inner steps of 32 rows per outer round.
@@ -55,6 +56,7 @@ pub fn spawn_liar(
                     name: Some(name),
                     token: None,
                     max_leases: None,
+                    dataset_cache: None,
                 },
                 tamper.map(|t| -> starling_worker::session::Tamper { t }),
                 lie,

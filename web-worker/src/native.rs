@@ -8,7 +8,10 @@ use tokio_tungstenite::tungstenite::Message;
 use starling_core::protocol::{ErrorCode, WireFrame};
 
 use crate::engine::{BackendChoice, Device};
-use crate::session::{Incoming, LocalLie, Session, SessionConfig, SessionError, Stats, Tamper};
+use crate::session::{
+    CacheFuture, DatasetCache, Incoming, LocalLie, Session, SessionConfig, SessionError, Stats,
+    Tamper,
+};
 
 /// How to run one native worker.
 #[derive(Debug, Clone)]
@@ -20,6 +23,48 @@ pub struct WorkerOptions {
     pub token: Option<String>,
     /// Stop (close the connection) after this many leases; `None` runs until the coordinator closes.
     pub max_leases: Option<u64>,
+    /// Keep v2 datasets in this directory across runs ([`DiskCache`]); `None` fetches them on every connection.
+    pub dataset_cache: Option<std::path::PathBuf>,
+}
+
+/// A [`DatasetCache`] on disk: one file per dataset, `<dir>/<sha256>.dataset`, written to a temporary name and
+/// renamed, so a reader never sees half a file (and a damaged one fails its SHA-256 check and is fetched again).
+#[derive(Debug, Clone)]
+pub struct DiskCache {
+    dir: std::path::PathBuf,
+}
+
+impl DiskCache {
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn path(&self, sha256: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{sha256}.dataset"))
+    }
+}
+
+impl DatasetCache for DiskCache {
+    fn load<'a>(&'a self, sha256: &'a str) -> CacheFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move { tokio::fs::read(self.path(sha256)).await.ok() })
+    }
+
+    fn store<'a>(&'a self, sha256: &'a str, entry: Vec<u8>) -> CacheFuture<'a, ()> {
+        Box::pin(async move {
+            let tmp = self
+                .dir
+                .join(format!("{sha256}.{}.tmp", std::process::id()));
+            let written = async {
+                tokio::fs::create_dir_all(&self.dir).await?;
+                tokio::fs::write(&tmp, &entry).await?;
+                tokio::fs::rename(&tmp, self.path(sha256)).await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot cache the dataset");
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        })
+    }
 }
 
 /// How a worker run ended.
@@ -125,6 +170,9 @@ async fn run_with(
     }
     if let Some(l) = lie {
         session = session.with_local_lie(l);
+    }
+    if let Some(dir) = &opts.dataset_cache {
+        session = session.with_dataset_cache(Box::new(DiskCache::new(dir)));
     }
     // A v2 `dataset` frame holds a whole training set (25 MB for the demo's MNIST split): above tungstenite's
     // default 16 MiB frame limit, so the limits are the coordinator's upload limit instead.

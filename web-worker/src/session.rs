@@ -7,9 +7,9 @@
 use starling_core::StepOutput;
 use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather};
 use starling_core::protocol::{
-    CoordinatorMsg, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_V2, Platform, ProtocolError,
-    Quant, WireFrame, WorkerId, WorkerMsg, decode_delta, encode, encode_delta, f32_bytes, f32s,
-    split_lease_payload,
+    CoordinatorMsg, DatasetEncoding, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_V2, Platform,
+    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_dataset, decode_delta, encode,
+    encode_delta, f32_bytes, f32s, split_lease_payload,
 };
 
 use crate::engine::{Device, Engine, EngineError};
@@ -65,9 +65,49 @@ pub struct Stats {
     /// Model broadcasts received as deltas (v2) and as full parameters.
     pub model_deltas: u64,
     pub full_models: u64,
-    /// Datasets fetched (v2) and their bytes.
+    /// Datasets fetched (v2) and their bytes as received (the `dataset` payloads, compressed when the
+    /// coordinator sent them so).
     pub datasets: u64,
     pub dataset_bytes: u64,
+    /// Datasets found in the [`DatasetCache`] (checked like a download), so not fetched.
+    pub datasets_cached: u64,
+    /// Protocol bytes received and sent (frame payloads as the session sees them: JSON text or binary frames,
+    /// without the WebSocket framing), datasets included.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+/// A boxed future of the dataset cache (not `Send`: the browser's is a JavaScript promise).
+pub type CacheFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// Where a worker keeps datasets across connections and runs, by SHA-256 (the name `local_lease` gives): on disk
+/// natively (`native::DiskCache`), in the Cache API in the browser (`wasm.rs`). Entries hold the `dataset`
+/// payload as received with its encoding ([`cache_entry`]); a loaded entry is decoded and its SHA-256 checked
+/// exactly like a download, so a corrupt or planted entry is only a miss.
+pub trait DatasetCache {
+    fn load<'a>(&'a self, sha256: &'a str) -> CacheFuture<'a, Option<Vec<u8>>>;
+    fn store<'a>(&'a self, sha256: &'a str, entry: Vec<u8>) -> CacheFuture<'a, ()>;
+}
+
+/// A cache entry: the encoding's name, a newline, then the `dataset` payload.
+pub fn cache_entry(encoding: DatasetEncoding, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    out.extend_from_slice(encoding.as_str().as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The encoding and payload of a cache entry (`None` if it is not one).
+pub fn parse_cache_entry(entry: &[u8]) -> Option<(DatasetEncoding, &[u8])> {
+    let nl = entry.iter().take(32).position(|b| *b == b'\n')?;
+    let name = std::str::from_utf8(&entry[..nl]).ok()?;
+    Some((DatasetEncoding::parse(name)?, &entry[nl + 1..]))
+}
+
+/// Whether `sha256` looks like a SHA-256 in hex (what a cache may use as a file or key name).
+pub fn is_sha256_hex(sha256: &str) -> bool {
+    sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A hook that may alter a result before it is sent: how test suites and the trust benchmark build a lying worker
@@ -110,6 +150,8 @@ pub struct Session {
     datasets: Vec<(String, starling_core::data::Dataset)>,
     /// A local lease waiting for its dataset.
     pending: Option<(CoordinatorMsg, Vec<u8>)>,
+    /// Datasets kept across connections and runs (none: every connection fetches them).
+    cache: Option<Box<dyn DatasetCache>>,
     stats: Stats,
 }
 
@@ -134,7 +176,50 @@ impl Session {
             lie: None,
             datasets: Vec::new(),
             pending: None,
+            cache: None,
             stats: Stats::default(),
+        }
+    }
+
+    /// Keeps datasets in `cache` across connections and runs (see [`DatasetCache`]).
+    pub fn with_dataset_cache(mut self, cache: Box<dyn DatasetCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Keeps `ds` (named `sha256`) in memory, the latest two datasets at most (a worker rarely trains for more
+    /// than a couple of jobs).
+    fn keep_dataset(&mut self, sha256: String, ds: starling_core::data::Dataset) {
+        if self.datasets.len() >= 2 {
+            self.datasets.remove(0);
+        }
+        self.datasets.push((sha256, ds));
+    }
+
+    /// Looks `sha256` up in the cache: decoded and checked, it is kept in memory and `true` returned.
+    async fn load_cached(&mut self, sha256: &str) -> bool {
+        let Some(cache) = self.cache.as_ref() else {
+            return false;
+        };
+        if !is_sha256_hex(sha256) {
+            return false;
+        }
+        let Some(entry) = cache.load(sha256).await else {
+            return false;
+        };
+        let decoded = parse_cache_entry(&entry)
+            .ok_or_else(|| "not a cache entry".to_string())
+            .and_then(|(e, p)| decode_dataset(e, p, sha256).map_err(|e| e.to_string()));
+        match decoded {
+            Ok(ds) => {
+                self.stats.datasets_cached += 1;
+                self.keep_dataset(sha256.to_ascii_lowercase(), ds);
+                true
+            }
+            Err(reason) => {
+                tracing::warn!(%sha256, %reason, "cached dataset refused; fetching it again");
+                false
+            }
         }
     }
 
@@ -185,6 +270,22 @@ impl Session {
 
     /// Handles one frame from the coordinator and returns the frames to send back, in order.
     pub async fn handle(&mut self, frame: Incoming<'_>) -> Result<Vec<WireFrame>, SessionError> {
+        self.stats.bytes_received += match frame {
+            Incoming::Text(t) => t.len(),
+            Incoming::Binary(b) => b.len(),
+        } as u64;
+        let out = self.handle_frame(frame).await?;
+        self.stats.bytes_sent += out
+            .iter()
+            .map(|f| match f {
+                WireFrame::Text(t) => t.len(),
+                WireFrame::Binary(b) => b.len(),
+            } as u64)
+            .sum::<u64>();
+        Ok(out)
+    }
+
+    async fn handle_frame(&mut self, frame: Incoming<'_>) -> Result<Vec<WireFrame>, SessionError> {
         let (msg, payload) = match frame {
             Incoming::Text(t) => (CoordinatorMsg::decode_text(t)?, &[][..]),
             Incoming::Binary(b) => CoordinatorMsg::decode_binary(b)?,
@@ -267,37 +368,40 @@ impl Session {
                     dataset: Some(sha),
                     ..
                 } = &msg
-                    && !self.datasets.iter().any(|(s, _)| s == sha)
+                    && !self
+                        .datasets
+                        .iter()
+                        .any(|(s, _)| s.eq_ignore_ascii_case(sha))
+                    && !self.load_cached(sha).await
                 {
                     // Fetched once per dataset: the lease waits for it.
                     let request = WorkerMsg::DatasetRequest {
                         job: *job,
                         sha256: sha.clone(),
+                        accept: DatasetEncoding::all(),
                     };
                     self.pending = Some((msg, payload.to_vec()));
                     return Ok(vec![encode(&request, &[])]);
                 }
                 Ok(self.local_lease(msg, payload).await)
             }
-            CoordinatorMsg::Dataset { sha256, .. } => {
-                let got = starling_core::digest::sha256_hex(payload);
-                let parsed = if got == sha256 {
-                    starling_core::data::parse_upload(payload)
-                        .map(|u| u.train)
-                        .map_err(|e| e.to_string())
-                } else {
-                    Err(format!("dataset {sha256} arrived with SHA-256 {got}"))
-                };
+            CoordinatorMsg::Dataset {
+                sha256, encoding, ..
+            } => {
+                let parsed = decode_dataset(encoding, payload, &sha256).map_err(|e| e.to_string());
                 let pending = self.pending.take();
                 match parsed {
                     Ok(ds) => {
                         self.stats.datasets += 1;
                         self.stats.dataset_bytes += payload.len() as u64;
-                        // A worker rarely trains for more than a couple of jobs; keep the latest few.
-                        if self.datasets.len() >= 2 {
-                            self.datasets.remove(0);
+                        if let Some(cache) = self.cache.as_ref()
+                            && is_sha256_hex(&sha256)
+                        {
+                            cache
+                                .store(&sha256.to_ascii_lowercase(), cache_entry(encoding, payload))
+                                .await;
                         }
-                        self.datasets.push((sha256, ds));
+                        self.keep_dataset(sha256.to_ascii_lowercase(), ds);
                         match pending {
                             Some((msg, p)) => Ok(self.local_lease(msg, &p).await),
                             None => Ok(vec![]),
@@ -485,7 +589,7 @@ impl Session {
         let ds = self
             .datasets
             .iter()
-            .find(|(s, _)| s == sha)
+            .find(|(s, _)| s.eq_ignore_ascii_case(sha))
             .map(|(_, d)| d)
             .ok_or_else(|| format!("dataset {sha} is not here"))?;
         let idx = starling_core::protocol::u32s(payload);

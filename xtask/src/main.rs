@@ -18,7 +18,7 @@ commands:
   bench kernels   our WGSL matmul and the CNN's conv layers vs burn-wgpu vs CPU, and the MLP and CNN micro-batch steps
                   (builds burn: ~15 min first time)
   bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
-  bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8); args after
+  bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8; release); args after
                   `comms` go to it (`--reps`, `--budget`, `--arms`, `--distance`: honest distance vs H, CPU vs WGSL)
   bench swarm     emulated volunteers on lan/home/mobile links with churn (release; args after `swarm` go to it,
                   e.g. `--idle 19000`; `--help` lists them)
@@ -343,8 +343,17 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
                 "running the communication benchmark: sync fp32 vs local leases (H, int8), same seed and sample budget",
             );
             // Arguments after `comms` go to it: `--reps 1`, `--budget 30720`, `--arms A0,A3h64`, `--distance`.
+            // Release, so the coordinator CPU figures are those of a deployed coordinator (both arms alike).
             run(Command::new("cargo")
-                .args(["run", "-p", "starling", "--example", "comms_bench", "--"])
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "starling",
+                    "--example",
+                    "comms_bench",
+                    "--",
+                ])
                 .args(std::env::args().skip(3)))
         }
         Some("cnn-serve") => {

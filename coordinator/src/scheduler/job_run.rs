@@ -68,7 +68,7 @@ pub struct JobRun {
     pub(super) local: Option<super::round::LocalRun>,
     /// A `local` job's training set as one `dataset` frame, with its SHA-256: v2 workers fetch it once and are
     /// then leased row indices only.
-    pub(super) dataset: Option<(String, Bytes)>,
+    pub(super) dataset: Option<(String, super::round::DatasetFrames)>,
 }
 
 /// Everything needed to bring a job back into memory.

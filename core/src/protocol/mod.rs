@@ -12,13 +12,18 @@
 //! `local_result`), which a peer sends only once v2 was picked.
 //!
 //! Parts: this file (ids, the two message enums, framing); `payload` (v1 tensor payloads); `v2` (what v2 adds:
-//! the delta encoding and version negotiation); `tests`.
+//! the delta encoding and version negotiation); `dataset` (the `dataset` frame's encodings); `tests`.
 
+mod dataset;
 mod payload;
 #[cfg(test)]
 mod tests;
 mod v2;
 
+pub use dataset::{
+    DEFLATE_LEVEL, DatasetCodecError, DatasetEncoding, MAX_DATASET_BYTES, dataset_sha256,
+    decode_dataset, decode_dataset_bytes, encode_dataset,
+};
 pub use payload::{f32_bytes, f32s, lease_payload, split_lease_payload, u32_bytes, u32s};
 pub use v2::{PROTOCOL_V2, Quant, decode_delta, encode_delta, negotiate};
 
@@ -113,8 +118,15 @@ pub enum WorkerMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         commit: Option<String>,
     },
-    /// v2: asks for the dataset a `local_lease` names (once per dataset; the worker keeps it).
-    DatasetRequest { job: JobId, sha256: String },
+    /// v2: asks for the dataset a `local_lease` names (once per dataset; the worker keeps it). `accept` lists the
+    /// payload encodings the worker decodes ([`DatasetEncoding`] names, unknown ones ignored); left out, only
+    /// `raw` (what v2 workers from before the field get).
+    DatasetRequest {
+        job: JobId,
+        sha256: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        accept: Vec<String>,
+    },
 }
 
 /// Why a lease's result was or was not counted.
@@ -206,9 +218,15 @@ pub enum CoordinatorMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dataset: Option<String>,
     },
-    /// v2: a job's training set, the answer to `dataset_request`. Binary payload: the raw SDS1 encoding
-    /// (`core::data::encode_raw`) whose SHA-256 (lower-case hex) is `sha256`; the worker checks it on arrival.
-    Dataset { job: JobId, sha256: String },
+    /// v2: a job's training set, the answer to `dataset_request`. Binary payload: the dataset in `encoding` (one
+    /// the request listed in `accept`; `raw`, the SDS1 bytes of `core::data::encode_raw`, when left out). `sha256`
+    /// (lower-case hex) is the SHA-256 of the decoded SDS1 bytes, whatever the encoding; the worker checks it.
+    Dataset {
+        job: JobId,
+        sha256: String,
+        #[serde(default, skip_serializing_if = "dataset::is_raw")]
+        encoding: DatasetEncoding,
+    },
     /// The fate of a submitted result, once known. `credits` is the worker's new total.
     Verdict {
         lease: LeaseId,
