@@ -53,7 +53,7 @@ pub fn split_lease_payload(
     input: usize,
 ) -> Result<(Vec<f32>, Vec<u32>), ProtocolError> {
     let features = rows * input * 4;
-    let labels = payload.len().checked_sub(features).unwrap_or(0);
+    let labels = payload.len().saturating_sub(features);
     if rows == 0 || payload.len() < features + rows * 4 || !labels.is_multiple_of(rows * 4) {
         return Err(ProtocolError::Json(format!(
             "lease payload is {} bytes, expected {features} of features and a whole number of labels for each of {rows} rows",
