@@ -100,6 +100,9 @@ function render(job) {
   $('s-loss').textContent = job.last_train ? job.last_train.loss.toFixed(4) : '—';
   const pct = (v) => (v == null ? '—' : `${(100 * v).toFixed(2)}%`);
   $('s-acc').textContent = `${pct(job.last_eval && job.last_eval.accuracy)} (${pct(job.best_test_accuracy)})`;
+  // A language model's held-out metric is its loss in nats per token (per character for a char-level vocabulary).
+  $('s-acc-label').textContent = job.language_model ? 'held-out nats/char (next-char accuracy)' : 'test accuracy (best)';
+  if (job.language_model) $('s-acc').textContent = job.last_eval ? `${job.last_eval.loss.toFixed(3)} (${pct(job.last_eval.accuracy)})` : '—';
   $('s-rate').textContent = job.step_ms > 0 && job.status === 'running' ? (1000 / job.step_ms).toFixed(1) : '—';
   const c = job.counters;
   $('s-acc-n').textContent = c.results_accepted;
