@@ -33,7 +33,7 @@ use starling_worker::engine::BackendChoice;
 use starling_worker::native::{WorkerOptions, WorkerReport};
 
 /// The run's configuration (flags `--steps`, `--width`, `--layers`, `--heads`, `--context`, `--batch`, `--micro`,
-/// `--eval-every`, `--workers`, `--seed`, `--browser`).
+/// `--eval-every`, `--workers`, `--seed`, `--browser`, `--tolerance`).
 #[derive(Debug, Clone)]
 struct Run {
     steps: u64,
@@ -44,6 +44,9 @@ struct Run {
     workers: usize,
     seed: u64,
     browser: bool,
+    /// The job's agreement bound (`hyper.tolerance`); a tiny one makes every honest difference a logged disagreement,
+    /// which is how the honest replica distance is measured (`--tolerance 1e-7`).
+    tolerance: f64,
 }
 
 impl Run {
@@ -212,7 +215,7 @@ async fn served(run: &Run, stk1: Vec<u8>) -> anyhow::Result<Served> {
         "hyper": {
             "optimizer": {"kind": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8},
             "global_batch": run.batch, "micro_batch": run.micro, "steps": run.steps, "eval_every": run.eval_every,
-            "seed": run.seed, "weight_decay": 0.1,
+            "seed": run.seed, "weight_decay": 0.1, "tolerance": run.tolerance,
             "lr_schedule": {"kind": "cosine", "warmup_steps": run.warmup(), "min_ratio": 0.1}}
     });
     let created = blocking(Box::new({
@@ -327,6 +330,10 @@ async fn served(run: &Run, stk1: Vec<u8>) -> anyhow::Result<Served> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Warnings only: disagreements (with their distance) and rejections are what a reader of the run needs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .try_init();
     let defaults = LmSpec::char_lm(0);
     let run = Run {
         steps: arg("--steps", 3000),
@@ -336,6 +343,7 @@ fn main() -> anyhow::Result<()> {
         workers: arg("--workers", 2),
         seed: arg("--seed", 1),
         browser: std::env::args().any(|a| a == "--browser"),
+        tolerance: arg("--tolerance", 1e-3),
         lm: LmSpec {
             width: arg("--width", 64),
             layers: arg("--layers", 2),
