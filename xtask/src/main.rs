@@ -18,6 +18,8 @@ commands:
   bench kernels   our WGSL matmul and the CNN's conv layers vs burn-wgpu vs CPU, and the MLP and CNN micro-batch steps
                   (builds burn: ~15 min first time)
   bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
+  bench cnn-serve the demo CNN through `serve --demo-cnn` with native workers and Chromium tabs to >= 98% (40-60 min)
+  bench lm        the char-level LM served (native workers [+ --browser tab]) vs one process: held-out curves
   bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8; release); args after
                   `comms` go to it (`--reps`, `--budget`, `--arms`, `--distance`: honest distance vs H, CPU vs WGSL)
   bench swarm     emulated volunteers on lan/home/mobile links with churn (release; args after `swarm` go to it,
@@ -368,9 +370,19 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
                 .arg(root().join("bench/serve_cnn.mjs"))
                 .args(std::env::args().skip(3)))
         }
-        other => {
-            bail!("unknown benchmark {other:?}; available: kernels, trust, swarm, comms, cnn-serve")
+        Some("lm") => {
+            say(
+                "running the LM benchmark: the char-level Moby-Dick LM served (native CPU workers, R = 2) vs one process, same seed and samples",
+            );
+            // Arguments after `lm` go to it: `--browser` (one Chromium tab; needs `cargo xtask wasm`), `--steps`,
+            // `--width`, `--layers`, `--heads`, `--context`, `--batch`, `--micro`, `--eval-every`, `--workers`.
+            run(Command::new("cargo")
+                .args(["run", "-p", "starling", "--example", "lm_bench", "--"])
+                .args(std::env::args().skip(3)))
         }
+        other => bail!(
+            "unknown benchmark {other:?}; available: kernels, trust, swarm, comms, lm, cnn-serve"
+        ),
     }
 }
 

@@ -9,7 +9,7 @@ use axum::routing::get;
 
 use starling_core::protocol::JobId;
 
-use super::jobs::{cancel_job, get_job, job_metrics, pause_job, resume_job};
+use super::jobs::{cancel_job, get_job, job_metrics, pause_job, resume_job, sample_job};
 use super::{ApiError, ApiResult, Auth};
 use crate::App;
 
@@ -24,10 +24,11 @@ pub enum JobRoute {
     Resume,
     Cancel,
     Checkpoint,
+    Sample,
 }
 
 impl JobRoute {
-    pub const ALL: [JobRoute; 7] = [
+    pub const ALL: [JobRoute; 8] = [
         Self::Status,
         Self::Metrics,
         Self::Events,
@@ -35,12 +36,13 @@ impl JobRoute {
         Self::Resume,
         Self::Cancel,
         Self::Checkpoint,
+        Self::Sample,
     ];
 
     /// The HTTP method.
     pub fn method(self) -> &'static str {
         match self {
-            Self::Status | Self::Metrics | Self::Events | Self::Checkpoint => "GET",
+            Self::Status | Self::Metrics | Self::Events | Self::Checkpoint | Self::Sample => "GET",
             Self::Pause | Self::Resume | Self::Cancel => "POST",
         }
     }
@@ -55,6 +57,7 @@ impl JobRoute {
             Self::Resume => "/resume",
             Self::Cancel => "/cancel",
             Self::Checkpoint => "/checkpoint",
+            Self::Sample => "/sample",
         }
     }
 
@@ -74,6 +77,7 @@ impl JobRoute {
             Self::Resume => post(resume_job),
             Self::Cancel => post(cancel_job),
             Self::Checkpoint => get(crate::export::download),
+            Self::Sample => get(sample_job),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +14,7 @@ use starling_core::protocol::JobId;
 
 use super::{ApiError, ApiResult, Auth, JobAccess};
 use crate::App;
+use crate::examples::Examples;
 use crate::job::Hyper;
 use crate::scheduler::{JobCounters, JobLoad};
 use crate::store::MetricRow;
@@ -84,6 +85,9 @@ pub struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hyper: Option<Hyper>,
     pub param_count: usize,
+    /// Whether the job trains a language model (token windows; its eval loss is in nats per token, and
+    /// `GET /api/v1/jobs/{id}/sample` generates text from it).
+    pub language_model: bool,
     pub train_rows: usize,
     pub test_rows: usize,
     pub last_train: Option<MetricRow>,
@@ -125,6 +129,7 @@ pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
         spec: owned.then(|| j.spec.clone()),
         hyper: owned.then(|| j.hyper.clone()),
         param_count: j.spec.param_count(),
+        language_model: j.spec.token_vocab().is_some(),
         train_rows: j.train_rows(),
         test_rows: j.test_rows(),
         last_train: j.last_train.clone(),
@@ -199,50 +204,27 @@ pub(super) async fn create_job(
     }
     let spec = ModelSpec::from_json(&req.spec.to_string())
         .map_err(|e| ApiError::bad("bad_spec", e.to_string()))?;
-    // Issue 13's LM layers run in core (reference and CPU) and in `starling train`, but the job surface (token
-    // datasets, per-position labels) does not carry them yet: refuse clearly instead of failing every lease.
-    if spec.labels_per_row() != 1 || spec.token_vocab().is_some() {
-        return Err(ApiError::bad(
-            "bad_spec",
-            "language-model layers (embedding, lm_head) cannot be trained through the coordinator yet; \
-             use `starling train --model char-lm`",
-        ));
-    }
     let hyper: Hyper = match req.hyper {
         Some(h) => serde_json::from_value(h)
             .map_err(|e| ApiError::bad("bad_hyper", format!("invalid hyperparameters: {e}")))?,
         None => Hyper::default(),
     };
-    let Some((dim, train_rows, _)) = app.store.dataset_exists(req.dataset, Some(owner)).await?
-    else {
+    if app
+        .store
+        .dataset_exists(req.dataset, Some(owner))
+        .await?
+        .is_none()
+    {
         return Err(ApiError::bad(
             "unknown_dataset",
             format!("dataset {} does not exist", req.dataset),
         ));
-    };
-    if dim != spec.input_len() {
-        return Err(ApiError::bad(
-            "shape_mismatch",
-            format!(
-                "dataset rows have {dim} features, the spec's input has {}",
-                spec.input_len()
-            ),
-        ));
     }
+    let (train, test) = app.store.load_examples(req.dataset).await?;
+    check_data(&spec, &hyper, &train, &test)?;
     hyper
-        .validate(train_rows)
+        .validate(train.rows())
         .map_err(|e| ApiError::bad("bad_hyper", e))?;
-    let (train, test) = app.store.load_dataset(req.dataset).await?;
-    let classes = train.classes().max(test.classes());
-    if classes > spec.classes() {
-        return Err(ApiError::bad(
-            "shape_mismatch",
-            format!(
-                "labels name {classes} classes, the spec's last layer has {}",
-                spec.classes()
-            ),
-        ));
-    }
     let spec_json = serde_json::to_string(&spec).unwrap_or_default();
     let hyper_json = serde_json::to_string(&hyper).unwrap_or_default();
     let id = app
@@ -282,4 +264,189 @@ pub(super) async fn create_job(
     app.apply(fx).await;
     let view = job_view(&app, id, true).ok_or_else(|| ApiError::not_found("job"))?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Whether a spec can train on a dataset: a classifier on rows whose width and labels it fits, a language model
+/// (issue 13) on a token stream of its context and vocabulary.
+fn check_data(
+    spec: &ModelSpec,
+    hyper: &Hyper,
+    train: &Examples,
+    test: &Examples,
+) -> Result<(), ApiError> {
+    let mismatch = |m: String| ApiError::bad("shape_mismatch", m);
+    match (spec.token_vocab(), train, test) {
+        (None, Examples::Rows(train), Examples::Rows(test)) => {
+            if train.dim != spec.input_len() {
+                return Err(mismatch(format!(
+                    "dataset rows have {} features, the spec's input has {}",
+                    train.dim,
+                    spec.input_len()
+                )));
+            }
+            let classes = train.classes().max(test.classes());
+            if classes > spec.classes() {
+                return Err(mismatch(format!(
+                    "labels name {classes} classes, the spec's last layer has {}",
+                    spec.classes()
+                )));
+            }
+            Ok(())
+        }
+        (Some(vocab), Examples::Tokens { .. }, _) => {
+            let (context, vocab_size) = train.tokens().unwrap_or_default();
+            if spec.labels_per_row() != context || spec.input_len() != context {
+                return Err(mismatch(format!(
+                    "the dataset's context is {context} tokens, the spec's is {}",
+                    spec.input_len()
+                )));
+            }
+            if vocab_size as usize > vocab || vocab_size as usize > spec.classes() {
+                return Err(mismatch(format!(
+                    "the dataset's vocabulary has {vocab_size} ids, the spec's embedding and head take {vocab} and {}",
+                    spec.classes()
+                )));
+            }
+            if hyper.is_local() {
+                return Err(ApiError::bad(
+                    "bad_hyper",
+                    "mode \"local\" does not take token datasets yet; use \"sync\"",
+                ));
+            }
+            Ok(())
+        }
+        (Some(_), Examples::Rows(_), _) => Err(mismatch(
+            "a language model (its first layer is an embedding) needs a token dataset (STK1 upload)".into(),
+        )),
+        (None, _, _) => Err(mismatch(
+            "a token dataset needs a language model (embedding ... lm_head)".into(),
+        )),
+    }
+}
+
+/// `GET /api/v1/jobs/{id}/sample` query (docs/API.md).
+#[derive(Debug, Deserialize)]
+pub(super) struct SampleQuery {
+    /// Text the sample continues; each character must be an entry of the vocabulary (default: a newline, or
+    /// token 0 when the vocabulary has none).
+    prompt: Option<String>,
+    /// Tokens to generate (1 to [`MAX_SAMPLE_TOKENS`], default 200).
+    tokens: Option<usize>,
+    /// Softmax temperature, 0 (arg-max) to 10 (default 0.8).
+    temperature: Option<f32>,
+    /// Seed of the draws (default 1): the same seed and checkpoint give the same text.
+    seed: Option<u64>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+/// Most tokens one sample request generates: each is a forward pass over up to `context` tokens on the CPU.
+pub const MAX_SAMPLE_TOKENS: usize = 1000;
+
+/// `GET /api/v1/jobs/{id}/sample` (owner only): text generated on the CPU from a language model's current
+/// version, off the scheduler lock and the async threads.
+pub(super) async fn sample_job(
+    State(app): State<Arc<App>>,
+    Extension(access): Extension<JobAccess>,
+    Query(q): Query<SampleQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let bad = |code, m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, m);
+    let tokens = q.tokens.unwrap_or(200);
+    if !(1..=MAX_SAMPLE_TOKENS).contains(&tokens) {
+        return Err(bad(
+            "bad_request",
+            format!("tokens must be 1 to {MAX_SAMPLE_TOKENS}"),
+        ));
+    }
+    let temperature = q.temperature.unwrap_or(0.8);
+    if !(0.0..=10.0).contains(&temperature) {
+        return Err(bad("bad_request", "temperature must be 0 to 10".into()));
+    }
+    let seed = q.seed.unwrap_or(1);
+    let (spec, step, params, vocab) = {
+        let st = app.state();
+        let j = st
+            .job(access.id)
+            .ok_or_else(|| ApiError::not_found("job"))?;
+        (
+            j.spec.clone(),
+            j.step,
+            j.params(),
+            j.vocab().map(<[String]>::to_vec),
+        )
+    };
+    let lm = starling_core::transformer::LmSpec::from_model_spec(&spec).ok_or_else(|| {
+        bad(
+            "not_a_language_model",
+            "only a language-model job (embedding ... lm_head) can be sampled".into(),
+        )
+    })?;
+    let prompt_text = q.prompt.unwrap_or_else(|| {
+        if vocab.is_some() {
+            "\n".into()
+        } else {
+            String::new()
+        }
+    });
+    let prompt = match &vocab {
+        Some(v) => prompt_text
+            .chars()
+            .map(|c| {
+                let s = c.to_string();
+                v.iter().position(|e| *e == s).map(|i| i as u32).ok_or(c)
+            })
+            .collect::<Result<Vec<u32>, char>>()
+            .map_err(|c| {
+                bad(
+                    "bad_request",
+                    format!("the prompt's character {c:?} is not in the vocabulary"),
+                )
+            })?,
+        None if prompt_text.is_empty() => Vec::new(),
+        None => {
+            return Err(bad(
+                "no_vocabulary",
+                "the job's dataset has no vocabulary, so a prompt cannot be encoded".into(),
+            ));
+        }
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        starling_core::transformer::sample::generate(
+            &lm,
+            &params,
+            &prompt,
+            tokens,
+            temperature,
+            seed,
+        )
+    })
+    .await;
+    let out = match out {
+        Ok(Ok(out)) => out,
+        // The spec and parameters come from the job itself, so a failure is a bug, not the client's fault.
+        Ok(Err(e)) => return Err(internal(access.id, &e)),
+        Err(e) => return Err(internal(access.id, &e)),
+    };
+    let text = vocab.as_ref().map(|v| {
+        out.iter()
+            .filter_map(|&i| v.get(i as usize).map(String::as_str))
+            .collect::<String>()
+    });
+    Ok(Json(serde_json::json!({
+        "step": step,
+        "prompt": prompt_text,
+        "text": text,
+        "ids": out,
+        "temperature": temperature,
+        "seed": seed,
+    })))
+}
+
+fn internal(job: JobId, e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(%job, error = %e, "sampling a language model failed");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
 }

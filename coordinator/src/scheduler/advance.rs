@@ -31,10 +31,11 @@ impl State {
                 let r = m.rows.len() as u32;
                 parts.push((r, o.grad.as_slice()));
                 // A local lease's loss and counts are over its H inner batches.
+                // A language model's are over every position of its rows.
                 let seen = if job.local.is_some() {
                     job.hyper.h * job.hyper.inner_batch
                 } else {
-                    r
+                    r * job.spec.labels_per_row() as u32
                 };
                 loss_sum += o.loss as f64 * seen as f64;
                 correct += o.correct;

@@ -241,7 +241,7 @@ impl State {
                 version: job.step,
                 step: job.step,
                 micro_batch: micro as u32,
-                rows: labels.len() as u32,
+                rows: job.micros[micro].rows.len() as u32,
                 deadline_ms: job.hyper.lease_timeout_ms,
             };
             fx.send_lease(

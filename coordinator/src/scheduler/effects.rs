@@ -10,7 +10,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::ws::Message;
 
-use starling_core::data::Dataset;
 use starling_core::protocol::{
     CoordinatorMsg, ErrorCode, JobId, LeaseId, WireFrame, WorkerId, encode,
 };
@@ -153,7 +152,7 @@ pub struct EvalTask {
     pub step: u64,
     pub spec: ModelSpec,
     pub params: Arc<Vec<f32>>,
-    pub test: Arc<Dataset>,
+    pub test: Arc<crate::examples::Examples>,
 }
 
 /// The outcome of an [`EvalTask`].

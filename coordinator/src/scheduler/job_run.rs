@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 
-use starling_core::data::Dataset;
 use starling_core::optim::Optimizer;
 use starling_core::protocol::{CoordinatorMsg, JobId, WireFrame, encode, f32_bytes};
 use starling_core::{ModelSpec, schedule};
@@ -15,6 +14,7 @@ use super::State;
 use super::counters::JobCounters;
 use super::micro::{Micro, Outcome};
 use super::round::LocalRun;
+use crate::examples::Examples;
 use crate::job::{Hyper, JobStatus};
 use crate::store::{AcceptedRow, Checkpoint, MetricRow};
 
@@ -33,8 +33,8 @@ pub struct JobRun {
     /// Why the coordinator paused the job itself (a failed durable write); cleared when the owner resumes it.
     pub error: Option<String>,
     pub created_ms: i64,
-    pub(super) train: Arc<Dataset>,
-    pub(super) test: Arc<Dataset>,
+    pub(super) train: Arc<Examples>,
+    pub(super) test: Arc<Examples>,
     /// Steps applied so far; also the model version.
     pub step: u64,
     pub(super) params: Arc<Vec<f32>>,
@@ -82,8 +82,8 @@ pub struct JobLoad {
     pub hyper: Hyper,
     pub status: JobStatus,
     pub created_ms: i64,
-    pub train: Dataset,
-    pub test: Dataset,
+    pub train: Examples,
+    pub test: Examples,
     pub checkpoint: Option<Checkpoint>,
     pub accepted: Vec<AcceptedRow>,
 }
@@ -105,12 +105,19 @@ impl JobRun {
 
     /// The micro-batches of the current step: its rows are a pure function of `(seed, step)`.
     pub(super) fn fresh_micros(&self) -> Vec<Micro> {
-        let rows = schedule::step_rows(
+        let (n, batch, seed) = (
             self.train.rows(),
             self.hyper.global_batch as usize,
             self.hyper.seed,
-            self.step,
         );
+        // A language model draws window starts as `starling train --model char-lm` does (uniform, with
+        // replacement), so a served run and the single-process reference see the same batches.
+        let rows = match &*self.train {
+            Examples::Tokens { .. } => {
+                starling_core::tokens::step_windows(n, batch, seed, self.step)
+            }
+            Examples::Rows(_) => schedule::step_rows(n, batch, seed, self.step),
+        };
         schedule::micro_batches(&rows, self.hyper.micro_batch as usize)
             .into_iter()
             .map(|r| Micro::new(r, self.hyper.redundancy))
@@ -127,6 +134,11 @@ impl JobRun {
 
     pub fn train_rows(&self) -> usize {
         self.train.rows()
+    }
+
+    /// A language model's vocabulary text, when its token dataset has one (samples, export metadata).
+    pub fn vocab(&self) -> Option<&[String]> {
+        self.train.vocab()
     }
 
     /// Early stopping's bookkeeping: a lower held-out loss resets the count of evaluations without progress.
@@ -196,8 +208,11 @@ impl JobRun {
             local,
             dataset: None,
         };
-        if job.local.is_some() {
-            job.dataset = Some(super::round::dataset_frame(job.id, &job.train));
+        // Local rounds lease row datasets only (job creation refuses a local language model).
+        if job.local.is_some()
+            && let Examples::Rows(train) = &*job.train
+        {
+            job.dataset = Some(super::round::dataset_frame(job.id, train));
         }
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;

@@ -151,7 +151,8 @@ impl State {
         // A local lease's counts sum over its inner steps, which may revisit rows.
         let rows = match trace {
             Some(_) => job.hyper.h * job.hyper.inner_batch,
-            None => job.micros[c.micro as usize].rows.len() as u32,
+            // A language model predicts every position of a row: `labels_per_row` counts per row.
+            None => (job.micros[c.micro as usize].rows.len() * job.spec.labels_per_row()) as u32,
         };
         if let Err(why) = verify::validate(loss, correct, rows, &grad, job.spec.param_count()) {
             self.reject(c.job, author, &why.to_string(), fx);

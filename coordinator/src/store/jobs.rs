@@ -2,11 +2,12 @@
 
 use sqlx::Row as _;
 
-use starling_core::data::{Dataset, encode_raw, parse_upload};
+use starling_core::data::Dataset;
 use starling_core::protocol::{JobId, f32_bytes, f32s};
 
 use super::credits::grant;
 use super::*;
+use crate::examples::{Examples, token_header};
 
 impl Store {
     pub async fn insert_dataset(
@@ -16,11 +17,33 @@ impl Store {
         test: &Dataset,
         owner: Option<i64>,
     ) -> Result<i64> {
+        self.insert_examples(
+            name,
+            &Examples::Rows(train.clone()),
+            &Examples::Rows(test.clone()),
+            owner,
+        )
+        .await
+    }
+
+    /// Stores a dataset of either kind: rows as raw `SDS1`, token streams as `STK1` (`dim` is then the context).
+    pub async fn insert_examples(
+        &self,
+        name: &str,
+        train: &Examples,
+        test: &Examples,
+        owner: Option<i64>,
+    ) -> Result<i64> {
+        let dim = match train {
+            Examples::Rows(d) => d.dim,
+            Examples::Tokens { stream, .. } => stream.context,
+        };
+        let encode = |e: &Examples| e.encode().map_err(|e| StoreError::Corrupt(e.to_string()));
         let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id")
             .bind(name)
-            .bind(train.dim as i64)
-            .bind(encode_raw(train))
-            .bind(encode_raw(test))
+            .bind(dim as i64)
+            .bind(encode(train)?)
+            .bind(encode(test)?)
             .bind(owner)
             .bind(now_ms())
             .fetch_one(&self.pool)
@@ -29,27 +52,32 @@ impl Store {
     }
 
     /// `(dim, train rows, test rows)` of a dataset visible to `owner` (its uploader; ownerless datasets are shared).
+    /// A token dataset's rows are its windows and its `dim` the context.
     pub async fn dataset_exists(
         &self,
         id: i64,
         owner: Option<i64>,
     ) -> Result<Option<(usize, usize, usize)>> {
-        let row = sqlx::query("SELECT dim, length(train), length(test) FROM datasets WHERE id = $1 AND (owner_id IS NULL OR owner_id IS NOT DISTINCT FROM $2)")
+        let row = sqlx::query("SELECT dim, length(train), length(test), substr(train, 1, 36), substr(test, 1, 36) FROM datasets WHERE id = $1 AND (owner_id IS NULL OR owner_id IS NOT DISTINCT FROM $2)")
             .bind(id)
             .bind(owner)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| {
             let dim: i64 = r.get(0);
-            let rows =
-                |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
-            (dim as usize, rows(r.get(1)), rows(r.get(2)))
+            let rows = |bytes: i64, head: Vec<u8>| stored_rows(dim as usize, bytes, &head);
+            (
+                dim as usize,
+                rows(r.get(1), r.get(3)),
+                rows(r.get(2), r.get(4)),
+            )
         }))
     }
 
-    /// The datasets `owner` uploaded, oldest first (`GET /api/v1/datasets`); row counts come from the stored lengths.
+    /// The datasets `owner` uploaded, oldest first (`GET /api/v1/datasets`); row counts come from the stored lengths
+    /// (a token stream's from its header).
     pub async fn owner_datasets(&self, owner: i64) -> Result<Vec<DatasetRow>> {
-        let rows = sqlx::query("SELECT id, name, dim, length(train), length(test), created_ms FROM datasets WHERE owner_id = $1 ORDER BY id")
+        let rows = sqlx::query("SELECT id, name, dim, length(train), length(test), created_ms, substr(train, 1, 36), substr(test, 1, 36) FROM datasets WHERE owner_id = $1 ORDER BY id")
             .bind(owner)
             .fetch_all(&self.pool)
             .await?;
@@ -57,29 +85,43 @@ impl Store {
             .into_iter()
             .map(|r| {
                 let dim: i64 = r.get(2);
-                let rows =
-                    |bytes: i64| ((bytes as usize).saturating_sub(12)) / (4 * (dim as usize + 1));
+                let head: Vec<u8> = r.get(6);
+                let kind = if token_header(&head).is_some() {
+                    "tokens"
+                } else {
+                    "rows"
+                };
                 DatasetRow {
                     id: r.get(0),
                     name: r.get(1),
                     dim: dim as usize,
-                    train_rows: rows(r.get(3)),
-                    test_rows: rows(r.get(4)),
+                    kind,
+                    train_rows: stored_rows(dim as usize, r.get(3), &head),
+                    test_rows: stored_rows(dim as usize, r.get(4), &r.get::<Vec<u8>, _>(7)),
                     created_ms: r.get(5),
                 }
             })
             .collect())
     }
 
+    /// A row dataset's two sides (a token dataset is refused: read it with [`Store::load_examples`]).
     pub async fn load_dataset(&self, id: i64) -> Result<(Dataset, Dataset)> {
+        match self.load_examples(id).await? {
+            (Examples::Rows(train), Examples::Rows(test)) => Ok((train, test)),
+            _ => Err(StoreError::Corrupt(format!(
+                "dataset {id} is a token dataset, not rows"
+            ))),
+        }
+    }
+
+    /// A dataset's training and held-out sides, rows or token streams.
+    pub async fn load_examples(&self, id: i64) -> Result<(Examples, Examples)> {
         let row = sqlx::query("SELECT train, test FROM datasets WHERE id = $1")
             .bind(id)
             .fetch_one(&self.pool)
             .await?;
         let parse = |b: Vec<u8>| {
-            parse_upload(&b)
-                .map(|u| u.train)
-                .map_err(|e| StoreError::Corrupt(format!("dataset {id}: {e}")))
+            Examples::decode(&b).map_err(|e| StoreError::Corrupt(format!("dataset {id}: {e}")))
         };
         Ok((parse(row.get(0))?, parse(row.get(1))?))
     }
@@ -322,4 +364,13 @@ async fn insert_metric(tx: &mut AnyConnection, job: JobId, m: &MetricRow) -> Res
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// Rows of a stored side: `SDS1` rows from its byte length, or a token stream's windows (tokens − context) from
+/// its header.
+fn stored_rows(dim: usize, bytes: i64, head: &[u8]) -> usize {
+    match token_header(head) {
+        Some((n, context)) => (n as usize).saturating_sub(context as usize),
+        None => ((bytes as usize).saturating_sub(12)) / (4 * (dim + 1)),
+    }
 }

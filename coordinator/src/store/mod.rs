@@ -216,8 +216,10 @@ pub struct AcceptedRow {
 pub struct DatasetRow {
     pub id: i64,
     pub name: String,
-    /// Features per row.
+    /// Features per row (a token dataset's context length).
     pub dim: usize,
+    /// `rows` (a classifier's features and labels) or `tokens` (an `STK1` stream; rows are its windows).
+    pub kind: &'static str,
     pub train_rows: usize,
     pub test_rows: usize,
     pub created_ms: i64,

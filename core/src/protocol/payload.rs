@@ -43,19 +43,23 @@ pub fn lease_payload(x: &[f32], labels: &[u32]) -> Vec<u8> {
     out
 }
 
-/// Splits a lease payload for a spec of input width `input` into features and labels.
+/// Splits a lease payload for a spec of input width `input` into features (`rows × input` f32) and labels: the
+/// rest, a whole number of u32 labels per row (1 for a classifier, the context `T` for a language model, whose
+/// labels are the next token at every position). The engine's `check_batch` then holds the labels per row to
+/// exactly the spec's `labels_per_row`.
 pub fn split_lease_payload(
     payload: &[u8],
     rows: usize,
     input: usize,
 ) -> Result<(Vec<f32>, Vec<u32>), ProtocolError> {
-    let want = rows * (input + 1) * 4;
-    if payload.len() != want {
+    let features = rows * input * 4;
+    let labels = payload.len().saturating_sub(features);
+    if rows == 0 || payload.len() < features + rows * 4 || !labels.is_multiple_of(rows * 4) {
         return Err(ProtocolError::Json(format!(
-            "lease payload is {} bytes, expected {want}",
+            "lease payload is {} bytes, expected {features} of features and a whole number of labels for each of {rows} rows",
             payload.len()
         )));
     }
-    let (x, y) = payload.split_at(rows * input * 4);
+    let (x, y) = payload.split_at(features);
     Ok((f32s(x), u32s(y)))
 }

@@ -285,8 +285,8 @@ fn a_failed_write_withholds_what_reports_on_it_and_the_job_recovers_from_the_sto
         },
         status: JobStatus::Running,
         created_ms: 0,
-        train: dataset(64),
-        test: dataset(8),
+        train: dataset(64).into(),
+        test: dataset(8).into(),
         checkpoint: None,
         accepted: Vec::new(),
     });

@@ -144,8 +144,8 @@ impl Harness {
             hyper,
             status: JobStatus::Running,
             created_ms: 0,
-            train: dataset(64),
-            test: dataset(8),
+            train: dataset(64).into(),
+            test: dataset(8).into(),
             checkpoint: None,
             accepted,
         });
