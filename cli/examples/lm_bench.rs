@@ -125,6 +125,7 @@ fn spawn_worker(
                 name: Some(name),
                 token: None,
                 max_leases: None,
+                dataset_cache: None,
             },
             None,
         ))

@@ -306,8 +306,10 @@ impl State {
             && v2
             && let Some((sha, frames)) = &mut job.dataset
             && sha.eq_ignore_ascii_case(sha256)
+            // Only row datasets have frames (a local language model is refused at job creation).
+            && let crate::examples::Examples::Rows(train) = &*job.train
         {
-            let frame = frames.for_accept(job_id, &job.train, accept);
+            let frame = frames.for_accept(job_id, train, accept);
             fx.send(
                 conn,
                 Some(job_id),
