@@ -1,12 +1,15 @@
 //! The language-model rows of `starling-bench kernels` (issue 13): the causal attention core at the demo LM's
-//! shapes, forward and backward, ours vs burn-wgpu (which has no fused attention: its matmul, mask, softmax and
-//! matmul composed, the backward written out the same way), then the demo LM's whole micro-batch step per backend.
+//! shapes, forward and backward, ours vs burn-wgpu — its matmul, mask, softmax and matmul composed (the backward
+//! written out the same way: burn's fused `module::attention` has no backward), plus its fused causal forward —
+//! then the demo LM's whole micro-batch step per backend.
 
 use std::time::Instant;
 
 use anyhow::Context as _;
 use burn::prelude::{Device, Tensor};
 use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution};
 use serde_json::json;
 use starling_core::cpu::CpuEngine;
@@ -36,6 +39,8 @@ pub fn lm(
     let kernels = Kernels::new(ctx);
     let ours = ops::time_attention(&kernels, dims, 10)?;
     let (burn_f, burn_b) = burn_attention_ms(device, dims)?;
+    let fused = burn_fused_forward_ms(device, dims)?;
+    let fused_text = fused.map_or("n/a".to_string(), |ms| format!("{ms:.2}"));
     println!();
     println!(
         "causal attention core, batch {} × {} heads × context {} × head width {}, ms per pass (lower is better)",
@@ -45,17 +50,19 @@ pub fn lm(
         dims.head_width()
     );
     println!(
-        "{:>9} {:>9} {:>9} {:>9} {:>10}",
-        "ours fwd", "ours bwd", "burn fwd", "burn bwd", "burn/ours"
+        "{:>9} {:>9} {:>9} {:>9} {:>16} {:>10}",
+        "ours fwd", "ours bwd", "burn fwd", "burn bwd", "burn fused fwd", "burn/ours"
     );
     let ratio = (burn_f + burn_b) / (ours.forward_ms + ours.backward_ms);
     println!(
-        "{:>9.2} {:>9.2} {burn_f:>9.2} {burn_b:>9.2} {ratio:>10.2}",
+        "{:>9.2} {:>9.2} {burn_f:>9.2} {burn_b:>9.2} {fused_text:>16} {ratio:>10.2}",
         ours.forward_ms, ours.backward_ms
     );
-    let attention = vec![json!({"batch": dims.batch, "heads": dims.heads, "seq": dims.seq, "width": dims.width,
+    let attention = vec![
+        json!({"batch": dims.batch, "heads": dims.heads, "seq": dims.seq, "width": dims.width,
         "ours_fwd_ms": round2(ours.forward_ms), "ours_bwd_ms": round2(ours.backward_ms),
-        "burn_fwd_ms": round2(burn_f), "burn_bwd_ms": round2(burn_b)})];
+        "burn_fwd_ms": round2(burn_f), "burn_bwd_ms": round2(burn_b), "burn_fused_fwd_ms": fused.map(round2)}),
+    ];
 
     let graph = spec.model_spec();
     let params = spec.init_params(1);
@@ -77,7 +84,10 @@ pub fn lm(
         "demo LM ({} parameters) forward + backward micro-batch step at batch {BATCH}, ms (lower is better)",
         spec.param_count()
     );
-    println!("{:>6} {:>10} {:>10} {:>8}", "batch", "gpu", "cpu", "cpu/gpu");
+    println!(
+        "{:>6} {:>10} {:>10} {:>8}",
+        "batch", "gpu", "cpu", "cpu/gpu"
+    );
     println!(
         "{BATCH:>6} {gpu_ms:>10.2} {cpu_ms:>10.2} {:>8.2}",
         cpu_ms / gpu_ms
@@ -94,8 +104,8 @@ fn burn_attention_ms(device: &Device, dims: AttnDims) -> anyhow::Result<(f64, f6
     let scale = 1.0 / (d as f64).sqrt();
     let rand = || Tensor::<4>::random([b, h, t, d], Distribution::Default, device);
     let (q, k, v, dy) = (rand(), rand(), rand(), rand());
-    // True strictly above the diagonal: the future each query must not see.
-    let mask = Tensor::<4, Bool>::tril_mask([b, h, t, t], 0, device);
+    // True strictly above the diagonal: the future each query must not see (built `[1, 1, T, T]`, expanded).
+    let mask = Tensor::<4, Bool>::tril_mask([b, h, t, t], 0, device).expand([b, h, t, t]);
     let forward = || {
         let s = q
             .clone()
@@ -134,4 +144,35 @@ fn burn_attention_ms(device: &Device, dims: AttnDims) -> anyhow::Result<(f64, f6
     let bwd = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
     drop(outs);
     Ok((fwd, bwd))
+}
+
+/// burn-wgpu's fused causal `module::attention` forward at the same shape (mean of 10 runs after a warm-up), or
+/// `None` when this adapter cannot run it (the call panics rather than returning an error).
+fn burn_fused_forward_ms(device: &Device, dims: AttnDims) -> anyhow::Result<Option<f64>> {
+    let (b, h, t, d) = (dims.batch, dims.heads, dims.seq, dims.head_width());
+    let rand = || Tensor::<4>::random([b, h, t, d], Distribution::Default, device);
+    let (q, k, v) = (rand(), rand(), rand());
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    let forward = || attention(q.clone(), k.clone(), v.clone(), None, None, options);
+    let warm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for _ in 0..3 {
+            let _ = forward().into_data();
+        }
+    }));
+    if warm.is_err() {
+        eprintln!("burn's fused attention does not run on this adapter; its column is n/a");
+        return Ok(None);
+    }
+    device.sync().context("burn sync")?;
+    let reps = 10;
+    let start = Instant::now();
+    let outs: Vec<_> = (0..reps).map(|_| forward()).collect();
+    device.sync().context("burn sync")?;
+    let ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    drop(outs);
+    Ok(Some(ms))
 }

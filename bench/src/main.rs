@@ -4,7 +4,7 @@
 //! `{"adapter": "...", "matmul": [{"n", "ours_gflops", "tiled_gflops", "blocked_gflops", "burn_gflops", "cpu_gflops"}...],
 //! "step": [{"batch", "gpu_ms", "cpu_ms"}...], "conv": [{"layer", "batch", "ours_fwd_ms", "ours_bwd_ms", "burn_fwd_ms",
 //! "burn_bwd_ms", "cpu_fwd_ms", "cpu_bwd_ms"}...], "cnn_step": [{"batch", "gpu_ms", "cpu_ms"}...], "attention": [{"batch",
-//! "heads", "seq", "width", "ours_fwd_ms", "ours_bwd_ms", "burn_fwd_ms", "burn_bwd_ms"}], "lm_step": [{"batch", "gpu_ms",
+//! "heads", "seq", "width", "ours_fwd_ms", "ours_bwd_ms", "burn_fwd_ms", "burn_bwd_ms", "burn_fused_fwd_ms"}], "lm_step": [{"batch", "gpu_ms",
 //! "cpu_ms"}]}`. The MLP shapes per kernel (without burn) are in
 //! `cargo run --release -p starling-worker --example matmul_bench`.
 //! Everything runs on the same adapter (wgpu's high-performance pick, lavapipe on a GPU-less machine); burn is
