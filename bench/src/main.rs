@@ -3,10 +3,14 @@
 //! Prints a table, then as its last line one JSON object:
 //! `{"adapter": "...", "matmul": [{"n", "ours_gflops", "tiled_gflops", "blocked_gflops", "burn_gflops", "cpu_gflops"}...],
 //! "step": [{"batch", "gpu_ms", "cpu_ms"}...], "conv": [{"layer", "batch", "ours_fwd_ms", "ours_bwd_ms", "burn_fwd_ms",
-//! "burn_bwd_ms", "cpu_fwd_ms", "cpu_bwd_ms"}...], "cnn_step": [{"batch", "gpu_ms", "cpu_ms"}...]}`. The MLP shapes per kernel (without burn) are in
+//! "burn_bwd_ms", "cpu_fwd_ms", "cpu_bwd_ms"}...], "cnn_step": [{"batch", "gpu_ms", "cpu_ms"}...], "attention": [{"batch",
+//! "heads", "seq", "width", "ours_fwd_ms", "ours_bwd_ms", "burn_fwd_ms", "burn_bwd_ms", "burn_fused_fwd_ms"}], "lm_step": [{"batch", "gpu_ms",
+//! "cpu_ms"}]}`. The MLP shapes per kernel (without burn) are in
 //! `cargo run --release -p starling-worker --example matmul_bench`.
 //! Everything runs on the same adapter (wgpu's high-performance pick, lavapipe on a GPU-less machine); burn is
 //! warmed up first because its first matmul pays 10–20 s of JIT and autotuning.
+
+mod lm; // The causal attention core vs burn-wgpu and the demo LM's step per backend (issue 13).
 
 use std::time::Instant;
 
@@ -133,7 +137,8 @@ fn kernels() -> anyhow::Result<()> {
         step_rows.push(json!({"batch": batch, "gpu_ms": round2(gpu_ms), "cpu_ms": round2(cpu_ms)}));
     }
     let (conv_rows, cnn_rows) = cnn(&ctx, &device)?;
-    println!("{}", json!({"adapter": adapter, "matmul": matmul_rows, "step": step_rows, "conv": conv_rows, "cnn_step": cnn_rows}));
+    let (attention_rows, lm_rows) = lm::lm(&ctx, &device)?;
+    println!("{}", json!({"adapter": adapter, "matmul": matmul_rows, "step": step_rows, "conv": conv_rows, "cnn_step": cnn_rows, "attention": attention_rows, "lm_step": lm_rows}));
     Ok(())
 }
 

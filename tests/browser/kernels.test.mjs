@@ -1,7 +1,8 @@
 // The matmul kernels on WebGPU in real headless Chromium (SwiftShader, no GPU here): the wasm export
 // `kernel_selftest` runs every variant (old tiled, each register-blocked tile, the blocked shape table) in all three
 // backprop forms on shapes that are not tile multiples against the CPU backend's SGEMM, and one full training step
-// of the blocked engine against the CPU engine (web-worker/src/gpu/selftest.rs). Needs www/pkg (`cargo xtask wasm`).
+// of the blocked engine and one of a small language model (embeddings, causal attention, tied head) against the CPU
+// engine (web-worker/src/gpu/selftest.rs). Needs www/pkg (`cargo xtask wasm`).
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import http from 'node:http';
@@ -38,7 +39,7 @@ before(async () => {
 });
 after(() => new Promise((r) => server?.close(r)));
 
-test('every matmul variant and the blocked training step agree with the CPU path on WebGPU (SwiftShader)', async () => {
+test('every matmul variant, the blocked training step and an LM step agree with the CPU path on WebGPU (SwiftShader)', async () => {
   const browser = await launchBrowser();
   try {
     const page = await browser.newPage();
@@ -51,7 +52,7 @@ test('every matmul variant and the blocked training step agree with the CPU path
       await wasm.default();
       return JSON.parse(await wasm.kernel_selftest());
     });
-    console.log(`# ${report.adapter}: ${report.checks} matmul checks over ${report.variants.join(', ')}; worst |gpu-cpu|/tol ${report.worst_ratio.toFixed(3)}; step rel L2 ${report.step_rel_l2.toExponential(2)}; 784-128-10 step at batch 64 ${report.step_ms.map(([v, ms]) => `${v} ${ms} ms`).join(', ')}; ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    console.log(`# ${report.adapter}: ${report.checks} matmul checks over ${report.variants.join(', ')}; worst |gpu-cpu|/tol ${report.worst_ratio.toFixed(3)}; step rel L2 ${report.step_rel_l2.toExponential(2)}; LM step rel L2 ${report.lm_step_rel_l2.toExponential(2)}; 784-128-10 step at batch 64 ${report.step_ms.map(([v, ms]) => `${v} ${ms} ms`).join(', ')}; ${((Date.now() - started) / 1000).toFixed(1)} s`);
     assert.deepEqual(report.failures, [], 'every check within tolerance');
     assert.deepEqual(errors, [], 'no page errors');
     for (const v of ['tiled', 'blocked32x32k16r4x4', 'blocked64x64k16r4x4', 'blocked128x128k16r8x8', 'blocked(<=128x128k16r8x8)']) {
@@ -59,6 +60,8 @@ test('every matmul variant and the blocked training step agree with the CPU path
     }
     assert.equal(report.checks, report.variants.length * 3 * 7);
     assert.ok(report.worst_ratio <= 1 && report.step_rel_l2 < 1e-4);
+    // The LM step (embeddings, causal attention, tied head) on WebGPU against the wasm CPU engine.
+    assert.ok(report.lm_step_rel_l2 < 1e-4, `LM step rel L2 ${report.lm_step_rel_l2}`);
   } finally {
     await browser.close();
   }

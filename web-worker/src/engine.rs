@@ -90,8 +90,8 @@ impl Device {
         Ok(match self {
             Self::Gpu(ctx) => match GpuEngine::new(ctx, spec.clone()) {
                 Ok(engine) => Engine::Gpu(engine),
-                // A model with layers the WGSL engine cannot run yet (transformers) still trains, on the CPU backend:
-                // the volunteer is told, and the result is as valid (verification compares against the CPU anyway).
+                // A layer graph the WGSL engine cannot run (an embedding after another layer) still trains, on the CPU
+                // backend: the volunteer is told, and the result is as valid (verification compares against the CPU).
                 Err(GpuError::Unsupported { layer }) => {
                     tracing::warn!(
                         layer,

@@ -5,18 +5,23 @@
 //! into that layer's bias kernel (so a v1 dense model records exactly the dispatches it always did), `flatten` is a
 //! view of the buffer before it, and every other layer is one node with its own output buffer. Backward runs the
 //! nodes in reverse through a ping-pong pair of gradient buffers.
+//!
+//! A language model (issue 13) runs on the same plan: its rows are sequences of `T` token ids, its labels the next
+//! token at every position (`T` per row), and the loss the mean over all `B·T` positions, as on the CPU engine.
 
 use std::collections::HashMap;
 
 use starling_core::spec::{Activation, Conv2dDims, LayerLayout, Op, Pool2dDims};
+use starling_core::transformer::{AttnDims, BlockLayout};
 use starling_core::{BatchError, EvalOutput, ModelSpec, StepOutput, check_batch};
 
 use super::kernels::{
-    ConvShape, ElementwiseAct, NormShape, PoolKind, PoolShape, STATS_BYTES, decode_stats,
-    stats_bytes,
+    ConvShape, ElementwiseAct, EmbedShape, EmbedTable, NormShape, PoolKind, PoolShape, STATS_BYTES,
+    decode_stats, stats_bytes,
 };
 use super::layers::{self, ConvLayer, DenseLayer, Kernels};
 use super::transfer::{self, Dispatch};
+use super::transformer::{self, BlockActs, BlockLayer, BlockScratch, HeadLayer};
 use super::{GpuContext, GpuError};
 
 /// Most rows per evaluation chunk, bounding activation memory for large evaluation sets.
@@ -44,9 +49,11 @@ enum Node {
         dims: Pool2dDims,
         kind: PoolKind,
     },
-    /// `groups`, `plane` as in [`NormShape`] (layer norm: 1, 1; group norm: groups, H·W).
+    /// `groups`, `plane` as in [`NormShape`] (layer norm: 1, 1; group norm: groups, H·W); `sample_rows` rows of
+    /// `len` per sample (layer norm of a flat vector: 1; of a sequence: T, one per position; group norm: groups).
     Norm {
         len: usize,
+        sample_rows: usize,
         groups: usize,
         plane: usize,
         eps: f32,
@@ -54,14 +61,37 @@ enum Node {
         beta: usize,
     },
     Act(ElementwiseAct),
+    /// Token ids → `[T, C]`; `tied`: a tied head writes this table's gradient first, so this layer's adds to it.
+    Embed {
+        seq: usize,
+        vocab: usize,
+        width: usize,
+        table: usize,
+        tied: bool,
+    },
+    Pos {
+        seq: usize,
+        width: usize,
+        table: usize,
+    },
+    Block {
+        seq: usize,
+        width: usize,
+        heads: usize,
+        block: BlockLayout,
+    },
+    Head {
+        seq: usize,
+        width: usize,
+        vocab: usize,
+        table: usize,
+        head: Option<(usize, usize)>,
+    },
 }
 
 impl Node {
     fn has_params(&self) -> bool {
-        matches!(
-            self,
-            Self::Dense { .. } | Self::Conv { .. } | Self::Norm { .. }
-        )
+        !matches!(self, Self::Pool { .. } | Self::Act(_))
     }
 
     /// Per-sample values of the output.
@@ -70,7 +100,81 @@ impl Node {
             Self::Dense { layout, .. } => layout.outputs,
             Self::Conv { dims, .. } => dims.out_len(),
             Self::Pool { dims, .. } => dims.out_len(),
-            Self::Norm { .. } | Self::Act(_) => input,
+            Self::Norm { .. } | Self::Act(_) | Self::Pos { .. } | Self::Block { .. } => input,
+            Self::Embed { seq, width, .. } => seq * width,
+            Self::Head { seq, vocab, .. } => seq * vocab,
+        }
+    }
+
+    /// Floats per sample a node keeps besides its output (a conv layer's unfolded input and product, a block's
+    /// intermediates and sublayer scratch).
+    fn extra_len(&self) -> usize {
+        match *self {
+            Self::Conv { .. } => self.conv(1).map_or(0, |c| c.col_len() + c.out_len()),
+            Self::Block {
+                seq, width, heads, ..
+            } => BlockLayer::kept_per_sequence(seq, width, heads) + seq * width,
+            _ => 0,
+        }
+    }
+
+    fn block(&self, rows: usize) -> Option<BlockLayer> {
+        match *self {
+            Self::Block {
+                seq,
+                width,
+                heads,
+                block,
+            } => Some(BlockLayer {
+                dims: AttnDims {
+                    batch: rows,
+                    seq,
+                    width,
+                    heads,
+                },
+                block,
+            }),
+            _ => None,
+        }
+    }
+
+    fn embed(&self, rows: usize) -> Option<EmbedShape> {
+        let (seq, width, kind, table) = match *self {
+            Self::Embed {
+                seq,
+                vocab,
+                width,
+                table,
+                ..
+            } => (seq, width, EmbedTable::Token { vocab }, table),
+            Self::Pos { seq, width, table } => (seq, width, EmbedTable::Positional, table),
+            _ => return None,
+        };
+        Some(EmbedShape {
+            positions: rows * seq,
+            width,
+            seq,
+            kind,
+            table,
+        })
+    }
+
+    fn head(&self, rows: usize) -> Option<HeadLayer> {
+        match *self {
+            Self::Head {
+                seq,
+                width,
+                vocab,
+                table,
+                head,
+            } => Some(HeadLayer {
+                rows: rows * seq,
+                width,
+                vocab,
+                table,
+                head,
+            }),
+            _ => None,
         }
     }
 
@@ -115,8 +219,9 @@ fn pool_shape(dims: &Pool2dDims, rows: usize) -> PoolShape {
     }
 }
 
-/// Resolves the spec's layers into nodes with their per-sample input and output lengths; fails for layer kinds the
-/// WGSL engine has no kernels for yet (the transformer layers), so the caller can run that model on the CPU backend.
+/// Resolves the spec's layers into nodes with their per-sample input and output lengths; fails for layer graphs the
+/// WGSL engine has no kernels for (an embedding that is not the first layer), so the caller can run that model on
+/// the CPU backend.
 fn nodes(spec: &ModelSpec) -> Result<Vec<(Node, usize, usize)>, GpuError> {
     let mut out: Vec<(Node, usize, usize)> = Vec::new();
     for plan in spec.plan() {
@@ -158,6 +263,7 @@ fn nodes(spec: &ModelSpec) -> Result<Vec<(Node, usize, usize)>, GpuError> {
                 eps,
             } => Node::Norm {
                 len: dim,
+                sample_rows: input / dim.max(1),
                 groups: 1,
                 plane: 1,
                 eps,
@@ -171,27 +277,74 @@ fn nodes(spec: &ModelSpec) -> Result<Vec<(Node, usize, usize)>, GpuError> {
                 eps,
             } => Node::Norm {
                 len: dims.channels / dims.groups * dims.hw,
+                sample_rows: dims.groups,
                 groups: dims.groups,
                 plane: dims.hw,
                 eps,
                 gamma,
                 beta,
             },
-            Op::Embedding { .. } => return Err(GpuError::Unsupported { layer: "embedding" }),
-            Op::PositionalEmbedding { .. } => {
+            // Token ids are not differentiable: an embedding after another layer would need a zero input gradient
+            // and ids computed on the GPU; no model does that.
+            Op::Embedding { .. } if !out.is_empty() => {
                 return Err(GpuError::Unsupported {
-                    layer: "positional_embedding",
+                    layer: "embedding after another layer",
                 });
             }
-            Op::TransformerBlock { .. } => {
-                return Err(GpuError::Unsupported {
-                    layer: "transformer_block",
-                });
-            }
-            Op::LmHead { .. } => return Err(GpuError::Unsupported { layer: "lm_head" }),
+            Op::Embedding {
+                seq,
+                vocab,
+                width,
+                table,
+            } => Node::Embed {
+                seq,
+                vocab,
+                width,
+                table,
+                tied: false,
+            },
+            Op::PositionalEmbedding { seq, width, table } => Node::Pos { seq, width, table },
+            Op::TransformerBlock {
+                seq,
+                width,
+                heads,
+                block,
+            } => Node::Block {
+                seq,
+                width,
+                heads,
+                block,
+            },
+            Op::LmHead {
+                seq,
+                width,
+                vocab,
+                table,
+                head,
+            } => Node::Head {
+                seq,
+                width,
+                vocab,
+                table,
+                head,
+            },
         };
         let out_len = node.out_len(input);
         out.push((node, input, out_len));
+    }
+    let tied: Vec<usize> = out
+        .iter()
+        .filter_map(|(n, ..)| match *n {
+            Node::Head {
+                table, head: None, ..
+            } => Some(table),
+            _ => None,
+        })
+        .collect();
+    for (node, ..) in &mut out {
+        if let Node::Embed { table, tied: t, .. } = node {
+            *t = tied.contains(table);
+        }
     }
     Ok(out)
 }
@@ -210,6 +363,8 @@ struct Plan {
     /// Per-node outputs and side buffers (arg-max, norm statistics, conv scratch, the gradient ping-pong pair),
     /// referenced by the bind groups above.
     _scratch: Vec<wgpu::Buffer>,
+    /// Each transformer block's intermediates and their shared scratch.
+    _blocks: (Vec<BlockActs>, BlockScratch),
 }
 
 /// A model version resident on the GPU, ready for micro-batches.
@@ -267,7 +422,7 @@ impl GpuEngine {
     /// Loss, correct count and full gradient of the mean loss over one micro-batch.
     pub async fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepOutput, GpuError> {
         check_batch(&self.spec, x, labels)?;
-        let rows = labels.len();
+        let rows = labels.len() / self.spec.labels_per_row();
         self.ensure_plan(rows, true)?;
         let plan = &self.plans[&(rows, true)];
         transfer::upload(&self.ctx, &plan.x, bytemuck::cast_slice(x));
@@ -282,7 +437,7 @@ impl GpuEngine {
         .await?;
         let (loss_sum, correct) = decode_stats(&out[1]);
         Ok(StepOutput {
-            loss: loss_sum / rows as f32,
+            loss: loss_sum / labels.len() as f32,
             correct,
             grad: bytemuck::pod_collect_to_vec(&out[0]),
         })
@@ -292,12 +447,13 @@ impl GpuEngine {
     pub async fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalOutput, GpuError> {
         check_batch(&self.spec, x, labels)?;
         let input = self.spec.input_len();
+        let per_row = self.spec.labels_per_row();
         let (mut loss, mut correct) = (0.0f64, 0u32);
         for (xs, ls) in x
             .chunks(self.eval_chunk() * input)
-            .zip(labels.chunks(self.eval_chunk()))
+            .zip(labels.chunks(self.eval_chunk() * per_row))
         {
-            let rows = ls.len();
+            let rows = ls.len() / per_row;
             self.ensure_plan(rows, false)?;
             let plan = &self.plans[&(rows, false)];
             transfer::upload(&self.ctx, &plan.x, bytemuck::cast_slice(xs));
@@ -335,7 +491,7 @@ impl GpuEngine {
     fn row_floats(&self) -> (usize, usize) {
         let (mut total, mut largest) = (self.spec.input_len(), self.spec.input_len());
         for (node, _, out) in &self.nodes {
-            let extra = node.conv(1).map_or(0, |c| c.col_len() + c.out_len());
+            let extra = node.extra_len();
             total += out + extra;
             largest = largest.max(*out).max(extra);
         }
@@ -362,8 +518,10 @@ impl GpuEngine {
         let f32s = |n: usize| (rows * n * 4) as u64;
         let input = self.spec.input_len();
         let classes = self.spec.classes();
+        // Predicted positions: one per row for a classifier, T per row for a language model.
+        let positions = rows * self.spec.labels_per_row();
         let x = transfer::storage(ctx, "x", f32s(input))?;
-        let labels = transfer::storage(ctx, "labels", (rows * 4) as u64)?;
+        let labels = transfer::storage(ctx, "labels", (positions * 4) as u64)?;
         let stats = transfer::storage(ctx, "stats", STATS_BYTES)?;
         let mut scratch = Vec::new();
 
@@ -377,10 +535,10 @@ impl GpuEngine {
                     kind: PoolKind::Max,
                     ..
                 } => Some(transfer::storage(ctx, "pool arg-max", f32s(*out))?),
-                Node::Norm { groups, .. } => Some(transfer::storage(
+                Node::Norm { sample_rows, .. } => Some(transfer::storage(
                     ctx,
                     "norm stats",
-                    stats_bytes(rows * groups),
+                    stats_bytes(rows * sample_rows),
                 )?),
                 _ => None,
             });
@@ -395,6 +553,18 @@ impl GpuEngine {
         let mat_len = convs.iter().map(ConvLayer::out_len).max().unwrap_or(0);
         let col = transfer::storage(ctx, "conv col", (col_len * 4) as u64)?;
         let ymat = transfer::storage(ctx, "conv ymat", (mat_len * 4) as u64)?;
+        // Every transformer block's kept intermediates, and the scratch they share.
+        let blocks: Vec<Option<(BlockLayer, BlockActs)>> = self
+            .nodes
+            .iter()
+            .map(|(n, ..)| {
+                n.block(rows)
+                    .map(|l| BlockActs::new(ctx, &l).map(|a| (l, a)))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        let block_layers: Vec<BlockLayer> = blocks.iter().flatten().map(|(l, _)| *l).collect();
+        let block_scratch = BlockScratch::new(ctx, &block_layers, train)?;
         // Average pooling binds an arg-max it never touches.
         let unused = transfer::storage(ctx, "unused", 16)?;
         let input_of = |i: usize| if i == 0 { &x } else { &acts[i - 1] };
@@ -446,6 +616,39 @@ impl GpuEngine {
                     side[i].as_ref().unwrap_or(&unused),
                 )),
                 Node::Act(act) => d.push(layers::act_forward(k, act, rows * out, src, dst)),
+                Node::Embed { .. } | Node::Pos { .. } => {
+                    let shape = node
+                        .embed(rows)
+                        .ok_or(GpuError::Unsupported { layer: "embedding" })?;
+                    d.push(transformer::embed_forward(
+                        k,
+                        &shape,
+                        src,
+                        &self.params,
+                        dst,
+                    ));
+                }
+                Node::Block { .. } => {
+                    let Some((l, a)) = &blocks[i] else {
+                        return Err(GpuError::Unsupported {
+                            layer: "transformer_block",
+                        });
+                    };
+                    d.extend(transformer::block_forward(
+                        k,
+                        l,
+                        src,
+                        &self.params,
+                        (a, &block_scratch),
+                        dst,
+                    ));
+                }
+                Node::Head { .. } => {
+                    let l = node
+                        .head(rows)
+                        .ok_or(GpuError::Unsupported { layer: "lm_head" })?;
+                    d.extend(transformer::head_forward(k, &l, src, &self.params, dst));
+                }
             }
         }
 
@@ -463,7 +666,7 @@ impl GpuEngine {
         ];
         let logits = acts.last().unwrap_or(&x);
         d.push(k.softmax().dispatch(
-            ctx, "loss", rows, classes, train, logits, &labels, &g[0], &stats,
+            ctx, "loss", positions, classes, train, logits, &labels, &g[0], &stats,
         ));
         let dcol = if train && !convs.is_empty() {
             Some(transfer::storage(ctx, "conv dcol", (col_len * 4) as u64)?)
@@ -537,8 +740,56 @@ impl GpuEngine {
                         needs_dx.then_some(dx),
                     )),
                     Node::Act(act) => d.push(layers::act_backward(k, act, rows * out, src, dy, dx)),
+                    Node::Embed { tied, .. } => {
+                        let shape = node
+                            .embed(rows)
+                            .ok_or(GpuError::Unsupported { layer: "embedding" })?;
+                        d.push(transformer::embed_backward(
+                            k, &shape, tied, src, dy, &self.grad,
+                        ));
+                    }
+                    // The input gradient is dy itself: it stays where it is (no flip below).
+                    Node::Pos { .. } => {
+                        let shape = node.embed(rows).ok_or(GpuError::Unsupported {
+                            layer: "positional_embedding",
+                        })?;
+                        d.push(transformer::embed_backward(
+                            k, &shape, false, src, dy, &self.grad,
+                        ));
+                    }
+                    Node::Block { .. } => {
+                        let Some((l, a)) = &blocks[i] else {
+                            return Err(GpuError::Unsupported {
+                                layer: "transformer_block",
+                            });
+                        };
+                        d.extend(transformer::block_backward(
+                            k,
+                            l,
+                            src,
+                            dy,
+                            &self.params,
+                            &self.grad,
+                            (a, &block_scratch),
+                            needs_dx.then_some(dx),
+                        ));
+                    }
+                    Node::Head { .. } => {
+                        let l = node
+                            .head(rows)
+                            .ok_or(GpuError::Unsupported { layer: "lm_head" })?;
+                        d.extend(transformer::head_backward(
+                            k,
+                            &l,
+                            src,
+                            dy,
+                            &self.params,
+                            &self.grad,
+                            needs_dx.then_some(dx),
+                        ));
+                    }
                 }
-                if needs_dx {
+                if needs_dx && !matches!(node, Node::Pos { .. }) {
                     cur = 1 - cur;
                 }
             }
@@ -548,12 +799,14 @@ impl GpuEngine {
         scratch.extend([col, ymat, unused]);
         scratch.extend(g);
         scratch.extend(dcol);
+        let kept = blocks.into_iter().flatten().map(|(_, a)| a).collect();
         Ok(Plan {
             x,
             labels,
             stats,
             dispatches: d,
             _scratch: scratch,
+            _blocks: (kept, block_scratch),
         })
     }
 }
@@ -572,13 +825,14 @@ fn norm_shape(node: &Node, rows: usize) -> NormShape {
     match *node {
         Node::Norm {
             len,
+            sample_rows,
             groups,
             plane,
             eps,
             gamma,
             beta,
         } => NormShape {
-            rows: rows * groups,
+            rows: rows * sample_rows,
             len,
             groups,
             plane,

@@ -15,6 +15,10 @@ use super::kernels::{
     NormGradKernel, NormKernel, NormParamGradKernel, NormShape, PoolBackwardKernel, PoolKernel,
     PoolKind, PoolShape, SoftmaxXentKernel, SwapBiasKernel,
 };
+use super::kernels::{
+    AttentionGradColsKernel, AttentionGradRowsKernel, AttentionKernel, EmbedGradKernel,
+    EmbedKernel, ResidualAddKernel,
+};
 use super::transfer::Dispatch;
 use super::{GpuContext, GpuError};
 
@@ -38,6 +42,12 @@ pub struct Kernels {
     norm_param_grad: OnceLock<NormParamGradKernel>,
     act: OnceLock<ActKernel>,
     act_grad: OnceLock<ActGradKernel>,
+    embed: OnceLock<EmbedKernel>,
+    embed_grad: OnceLock<EmbedGradKernel>,
+    residual_add: OnceLock<ResidualAddKernel>,
+    attention: OnceLock<AttentionKernel>,
+    attention_grad_rows: OnceLock<AttentionGradRowsKernel>,
+    attention_grad_cols: OnceLock<AttentionGradColsKernel>,
 }
 
 impl Kernels {
@@ -61,6 +71,12 @@ impl Kernels {
             norm_param_grad: OnceLock::new(),
             act: OnceLock::new(),
             act_grad: OnceLock::new(),
+            embed: OnceLock::new(),
+            embed_grad: OnceLock::new(),
+            residual_add: OnceLock::new(),
+            attention: OnceLock::new(),
+            attention_grad_rows: OnceLock::new(),
+            attention_grad_cols: OnceLock::new(),
         }
     }
 
@@ -123,6 +139,29 @@ impl Kernels {
     }
     fn act_grad(&self) -> &ActGradKernel {
         self.act_grad.get_or_init(|| ActGradKernel::new(&self.ctx))
+    }
+    pub(crate) fn embed(&self) -> &EmbedKernel {
+        self.embed.get_or_init(|| EmbedKernel::new(&self.ctx))
+    }
+    pub(crate) fn embed_grad(&self) -> &EmbedGradKernel {
+        self.embed_grad
+            .get_or_init(|| EmbedGradKernel::new(&self.ctx))
+    }
+    pub(crate) fn residual_add(&self) -> &ResidualAddKernel {
+        self.residual_add
+            .get_or_init(|| ResidualAddKernel::new(&self.ctx))
+    }
+    pub(crate) fn attention(&self) -> &AttentionKernel {
+        self.attention
+            .get_or_init(|| AttentionKernel::new(&self.ctx))
+    }
+    pub(crate) fn attention_grad_rows(&self) -> &AttentionGradRowsKernel {
+        self.attention_grad_rows
+            .get_or_init(|| AttentionGradRowsKernel::new(&self.ctx))
+    }
+    pub(crate) fn attention_grad_cols(&self) -> &AttentionGradColsKernel {
+        self.attention_grad_cols
+            .get_or_init(|| AttentionGradColsKernel::new(&self.ctx))
     }
 }
 

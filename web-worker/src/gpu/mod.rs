@@ -14,13 +14,14 @@ pub mod layers; // What each layer kind records, forward and backward; the lazil
 pub mod ops; // One layer at a time on the GPU (kernel tests, benchmark).
 pub mod selftest; // Every matmul variant and one full step against the CPU backend, natively and in the browser.
 mod transfer; // The shared upload / dispatch / read-back helper.
+pub mod transformer; // What the transformer layers record: embeddings, the block, the LM head (issue 13).
 
 use std::sync::Arc;
 
 pub use engine::GpuEngine;
 pub use kernels::{
-    AdapterTraits, BlockTile, ConvShape, ElementwiseAct, MatmulKernel, MatmulParams, MatmulVariant,
-    NormShape, PoolKind, PoolShape,
+    AdapterTraits, BlockTile, ConvShape, ElementwiseAct, EmbedShape, EmbedTable, MatmulKernel,
+    MatmulParams, MatmulVariant, NormShape, PoolKind, PoolShape,
 };
 pub use layers::{ConvLayer, DenseLayer, Kernels};
 use starling_core::Activation;

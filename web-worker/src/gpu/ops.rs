@@ -1,10 +1,15 @@
 //! One layer at a time on the GPU, for the kernel tests and the benchmark: each helper uploads its operands,
 //! records exactly the dispatches the engine records for that layer (`layers`), runs them and reads back.
 
+use starling_core::transformer::AttnDims;
+
 use super::GpuError;
-use super::kernels::{ElementwiseAct, NormShape, PoolKind, PoolShape, stats_bytes};
+use super::kernels::{
+    ElementwiseAct, EmbedShape, EmbedTable, NormShape, PoolKind, PoolShape, stats_bytes,
+};
 use super::layers::{self, ConvLayer, Kernels};
 use super::transfer::{self, Dispatch};
+use super::transformer;
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(bytes)
@@ -294,5 +299,152 @@ pub fn time_conv2d(k: &Kernels, layer: &ConvLayer, reps: usize) -> Result<ConvTi
         forward_ms: time(&forward)?,
         backward_ms: time(&backward)?,
         parts,
+    })
+}
+
+/// Token or positional embedding forward over `shape.positions` rows: `x` holds the ids as f32 (token) or the
+/// `[N, C]` stream (positional); the table sits at `shape.table` of `params`.
+pub async fn embed_forward(
+    k: &Kernels,
+    shape: &EmbedShape,
+    x: &[f32],
+    params: &[f32],
+) -> Result<Vec<f32>, GpuError> {
+    let ctx = k.ctx();
+    let y_len = shape.positions * shape.width;
+    let x_len = match shape.kind {
+        EmbedTable::Token { .. } => shape.positions,
+        EmbedTable::Positional => y_len,
+    };
+    expect("x", x.len(), x_len)?;
+    let x_buf = transfer::storage_init(ctx, "embed x", bytemuck::cast_slice(x))?;
+    let p_buf = transfer::storage_init(ctx, "embed params", bytemuck::cast_slice(params))?;
+    let y = transfer::storage(ctx, "embed y", bytes(y_len))?;
+    let d = transformer::embed_forward(k, shape, &x_buf, &p_buf, &y);
+    let out = transfer::run(ctx, "embed forward", &[d], &[(&y, bytes(y_len))]).await?;
+    Ok(f32s(&out[0]))
+}
+
+/// The table gradient of an embedding from `dy [N, C]` written into (or, `accumulate`, added to) a copy of `grad`,
+/// which is returned whole.
+pub async fn embed_backward(
+    k: &Kernels,
+    shape: &EmbedShape,
+    accumulate: bool,
+    x: &[f32],
+    dy: &[f32],
+    grad: &[f32],
+) -> Result<Vec<f32>, GpuError> {
+    let ctx = k.ctx();
+    expect("dy", dy.len(), shape.positions * shape.width)?;
+    let x_buf = transfer::storage_init(ctx, "embed x", bytemuck::cast_slice(x))?;
+    let dy_buf = transfer::storage_init(ctx, "embed dy", bytemuck::cast_slice(dy))?;
+    let g_buf = transfer::storage_init(ctx, "embed grad", bytemuck::cast_slice(grad))?;
+    let d = transformer::embed_backward(k, shape, accumulate, &x_buf, &dy_buf, &g_buf);
+    let out = transfer::run(ctx, "embed backward", &[d], &[(&g_buf, bytes(grad.len()))]).await?;
+    Ok(f32s(&out[0]))
+}
+
+/// The causal attention core forward from `qkv [B·T, 3C]`: returns (`probs [B, H, T, T]`, `y [B·T, C]`).
+pub async fn attention_forward(
+    k: &Kernels,
+    dims: AttnDims,
+    qkv: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+    let ctx = k.ctx();
+    let n = dims.batch * dims.seq;
+    expect("qkv", qkv.len(), n * 3 * dims.width)?;
+    let q_buf = transfer::storage_init(ctx, "attention qkv", bytemuck::cast_slice(qkv))?;
+    let probs = transfer::storage(ctx, "attention probs", bytes(dims.probs_len()))?;
+    let y = transfer::storage(ctx, "attention y", bytes(n * dims.width))?;
+    let d = transformer::attention_forward(k, dims, &q_buf, &probs, &y);
+    let out = transfer::run(
+        ctx,
+        "attention forward",
+        &[d],
+        &[
+            (&probs, bytes(dims.probs_len())),
+            (&y, bytes(n * dims.width)),
+        ],
+    )
+    .await?;
+    Ok((f32s(&out[0]), f32s(&out[1])))
+}
+
+/// The causal attention core backward: `dqkv [B·T, 3C]` from `qkv`, the forward's `probs` and `dy [B·T, C]`.
+pub async fn attention_backward(
+    k: &Kernels,
+    dims: AttnDims,
+    qkv: &[f32],
+    probs: &[f32],
+    dy: &[f32],
+) -> Result<Vec<f32>, GpuError> {
+    let ctx = k.ctx();
+    let n = dims.batch * dims.seq;
+    expect("qkv", qkv.len(), n * 3 * dims.width)?;
+    expect("probs", probs.len(), dims.probs_len())?;
+    expect("dy", dy.len(), n * dims.width)?;
+    let q_buf = transfer::storage_init(ctx, "attention qkv", bytemuck::cast_slice(qkv))?;
+    let p_buf = transfer::storage_init(ctx, "attention probs", bytemuck::cast_slice(probs))?;
+    let dy_buf = transfer::storage_init(ctx, "attention dy", bytemuck::cast_slice(dy))?;
+    let ds = transfer::storage(ctx, "attention ds", bytes(dims.probs_len()))?;
+    let dqkv = transfer::storage(ctx, "attention dqkv", bytes(n * 3 * dims.width))?;
+    let d = transformer::attention_backward(k, dims, (&q_buf, &p_buf, &dy_buf), &ds, &dqkv);
+    let out = transfer::run(
+        ctx,
+        "attention backward",
+        &d,
+        &[(&dqkv, bytes(n * 3 * dims.width))],
+    )
+    .await?;
+    Ok(f32s(&out[0]))
+}
+
+/// What [`time_attention`] measured, in milliseconds (means of back-to-back runs after an untimed warm-up).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionTiming {
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+}
+
+/// Benchmark helper: the attention core's forward and backward passes on resident buffers, `reps` runs each.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn time_attention(
+    k: &Kernels,
+    dims: AttnDims,
+    reps: usize,
+) -> Result<AttentionTiming, GpuError> {
+    let ctx = k.ctx();
+    let n = dims.batch * dims.seq;
+    let fill = |len: usize, m: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i % m) as f32 - m as f32 / 2.0) / m as f32)
+            .collect()
+    };
+    let qkv = transfer::storage_init(
+        ctx,
+        "bench qkv",
+        bytemuck::cast_slice(&fill(n * 3 * dims.width, 17)),
+    )?;
+    let dy = transfer::storage_init(
+        ctx,
+        "bench dy",
+        bytemuck::cast_slice(&fill(n * dims.width, 13)),
+    )?;
+    let probs = transfer::storage(ctx, "bench probs", bytes(dims.probs_len()))?;
+    let ds = transfer::storage(ctx, "bench ds", bytes(dims.probs_len()))?;
+    let y = transfer::storage(ctx, "bench y", bytes(n * dims.width))?;
+    let dqkv = transfer::storage(ctx, "bench dqkv", bytes(n * 3 * dims.width))?;
+    let forward = [transformer::attention_forward(k, dims, &qkv, &probs, &y)];
+    let backward = transformer::attention_backward(k, dims, (&qkv, &probs, &dy), &ds, &dqkv);
+    let time = |d: &[Dispatch]| -> Result<f64, GpuError> {
+        transfer::submit_and_wait(ctx, d, 1)?;
+        let start = std::time::Instant::now();
+        transfer::submit_and_wait(ctx, d, reps)?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
+    };
+    Ok(AttentionTiming {
+        forward_ms: time(&forward)?,
+        backward_ms: time(&backward)?,
     })
 }

@@ -1,12 +1,14 @@
 //! A kernel self-test that runs wherever the worker runs: every matmul variant the adapter can run, in all three
 //! forms on shapes that are not tile multiples, against the CPU backend's SGEMM, plus one full training step of the
-//! GPU engine on the blocked kernel against the CPU engine. The browser test calls it through the wasm export
+//! GPU engine on the blocked kernel against the CPU engine, and one of a small language model (issue 13: embeddings,
+//! causal attention, tied head). The browser test calls it through the wasm export
 //! `kernel_selftest` (WebGPU on SwiftShader); `tests/kernels.rs` runs it on lavapipe, so both adapters check the
 //! same thing.
 
 use starling_core::cpu::{CpuEngine, sgemm};
 use starling_core::reference::MatmulForm;
 use starling_core::rng::SplitMix64;
+use starling_core::transformer::LmSpec;
 use starling_core::{ModelSpec, StepOutput};
 
 use super::{BlockTile, GpuContext, GpuEngine, GpuError, MatmulKernel, MatmulVariant, matmul_on};
@@ -41,6 +43,9 @@ pub struct SelfTestReport {
     /// Milliseconds per 784-128-10 training step at batch 64 (mean of 3 after a warm-up), per matmul variant:
     /// informative only (this is a test, not a benchmark), so the browser log shows what SwiftShader runs at.
     pub step_ms: Vec<(String, f64)>,
+    /// A small LM's full-step gradient (vocab 83, context 17, width 24, 3 heads, 2 blocks, tied) on the adapter's
+    /// own matmul vs the CPU engine: relative L2 distance.
+    pub lm_step_rel_l2: f64,
     pub failures: Vec<String>,
 }
 
@@ -73,6 +78,7 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
         worst_ratio: 0.0,
         step_rel_l2: 0.0,
         step_ms: Vec::new(),
+        lm_step_rel_l2: 0.0,
         failures: Vec::new(),
     };
     for variant in variants(ctx) {
@@ -165,7 +171,50 @@ pub async fn run(ctx: &GpuContext) -> Result<SelfTestReport, GpuError> {
             report.step_rel_l2, gpu.correct, cpu.correct
         ));
     }
+    lm_step(ctx, &mut rng, &mut report).await?;
     Ok(report)
+}
+
+/// One training step of a small LM on the GPU engine against the CPU engine, into `report`.
+async fn lm_step(
+    ctx: &GpuContext,
+    rng: &mut SplitMix64,
+    report: &mut SelfTestReport,
+) -> Result<(), GpuError> {
+    let lm = LmSpec {
+        vocab: 83,
+        context: 17,
+        width: 24,
+        heads: 3,
+        layers: 2,
+        tied: true,
+    };
+    let spec = lm.model_spec();
+    let params = lm.init_params(3);
+    let rows = 3;
+    let seq = lm.context as usize;
+    let stream: Vec<u32> = (0..rows * seq + 1)
+        .map(|_| rng.below(lm.vocab as u64) as u32)
+        .collect();
+    let x: Vec<f32> = stream[..rows * seq].iter().map(|&i| i as f32).collect();
+    let labels = &stream[1..];
+    let mut engine = GpuEngine::new(ctx, spec.clone())?;
+    engine.load(&params).await?;
+    let gpu = engine.step(&x, labels).await?;
+    let mut cpu_engine = CpuEngine::new(spec);
+    let cpu = cpu_engine
+        .load(&params)
+        .and_then(|()| cpu_engine.step(&x, labels))
+        .map_err(GpuError::Batch)?;
+    report.lm_step_rel_l2 = rel_l2(&gpu, &cpu);
+    let within = report.lm_step_rel_l2 < STEP_TOLERANCE; // false for NaN too
+    if !within || gpu.correct != cpu.correct {
+        report.failures.push(format!(
+            "LM training step: gradient rel L2 {:e} (tolerance {STEP_TOLERANCE:e}), correct {} vs {}",
+            report.lm_step_rel_l2, gpu.correct, cpu.correct
+        ));
+    }
+    Ok(())
 }
 
 fn rel_l2(a: &StepOutput, b: &StepOutput) -> f64 {

@@ -2,19 +2,24 @@
 //! buffers; each `Params` mirrors the WGSL uniform struct field for field, padded to 16 bytes.
 
 mod act; // Elementwise ReLU / GELU forward and gradient, out of place.
+mod attention; // Causal multi-head attention core, forward and backward (issue 13).
 mod conv; // im2col, col2im, the axis swap with bias, per-channel sums.
 mod dense; // Bias + activation, ReLU backward, softmax-cross-entropy, column sums.
+mod embed; // Token / positional embeddings and their table gradients, the residual add.
 mod matmul; // The matmul variants and their choice per adapter.
 mod norm; // Layer / group norm forward, input gradient, gamma / beta gradient.
 mod pool; // Max and average pooling, forward and backward.
 
 pub use act::ElementwiseAct;
 pub(crate) use act::{ActGradKernel, ActKernel};
+pub(crate) use attention::{AttentionGradColsKernel, AttentionGradRowsKernel, AttentionKernel};
 pub use conv::ConvShape;
 pub(crate) use conv::{ChannelSumKernel, Col2ImKernel, Im2ColKernel, SwapBiasKernel};
 pub(crate) use dense::{
     ActBackwardKernel, BiasActKernel, ColSumKernel, STATS_BYTES, SoftmaxXentKernel, decode_stats,
 };
+pub(crate) use embed::{EmbedGradKernel, EmbedKernel, ResidualAddKernel};
+pub use embed::{EmbedShape, EmbedTable};
 pub use matmul::{AdapterTraits, BlockTile, MatmulKernel, MatmulParams, MatmulVariant};
 pub use norm::NormShape;
 pub(crate) use norm::{NormGradKernel, NormKernel, NormParamGradKernel, stats_bytes};
