@@ -356,14 +356,29 @@ impl CharVocab {
         self.chars.iter().map(|c| c.to_string()).collect()
     }
 
+    /// Ids of `text`'s characters. An uploaded vocabulary need not be sorted (ids are its order), so a sorted one is
+    /// searched and any other is looked up through a map built once per call.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenError> {
+        if self.chars.is_sorted() {
+            return text
+                .chars()
+                .map(|c| {
+                    self.chars
+                        .binary_search(&c)
+                        .map(|i| i as u32)
+                        .map_err(|_| TokenError::UnknownChar(c))
+                })
+                .collect();
+        }
+        let ids: std::collections::HashMap<char, u32> = self
+            .chars
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c, i as u32))
+            .rev()
+            .collect();
         text.chars()
-            .map(|c| {
-                self.chars
-                    .binary_search(&c)
-                    .map(|i| i as u32)
-                    .map_err(|_| TokenError::UnknownChar(c))
-            })
+            .map(|c| ids.get(&c).copied().ok_or(TokenError::UnknownChar(c)))
             .collect()
     }
 
@@ -563,6 +578,15 @@ mod tests {
         assert_eq!(v.encode("hex"), Err(TokenError::UnknownChar('x')));
         assert_eq!(CharVocab::from_strings(&v.strings()), Some(v));
         assert_eq!(CharVocab::from_strings(&["ab".into()]), None);
+        // An uploaded vocabulary in its own (unsorted) order: ids follow that order.
+        let up =
+            CharVocab::from_strings(&["o".into(), "h".into(), "e".into(), "l".into()]).unwrap();
+        assert_eq!(up.encode("hello").unwrap(), vec![1, 2, 3, 3, 0]);
+        assert_eq!(up.decode(&up.encode("hello").unwrap()), "hello");
+        assert!(matches!(
+            up.encode("hex"),
+            Err(TokenError::UnknownChar('x'))
+        ));
     }
 
     #[test]
