@@ -17,6 +17,13 @@
 //! WebSocket, bound to its own 127.x.y.z source address. Everything is on loopback; the coordinator is killed and
 //! its directory removed at the end of each scenario.
 //!
+//! `--modes sync,local` runs every scenario twice: `sync` is the demo job itself (protocol v1: a 407 KB gradient
+//! per 32-row micro-batch); `local` replaces it (through `POST /api/v1/jobs` as the demo owner, pausing the demo
+//! job) with the same model on the same dataset as a `local` job (protocol v2): leases of H = 16 inner Adam steps of
+//! 32 rows, int8 deltas both ways, 8 leases per outer round at R = 2, held-out accuracy after every round. Its
+//! volunteers keep no dataset cache, so each connection downloads the compact dataset frame (~1.5 MB) once and
+//! the `down` column includes it. `samples/s` counts verified leases × H × 32 for `local`.
+//!
 //! # Emulation
 //! - **Links** are shaped in userspace, not with `tc netem` (which needs root and network namespaces this machine
 //!   does not give): each volunteer's TCP stream is put behind a pump that serialises bytes at the link rate (chunks
@@ -42,7 +49,8 @@
 //!   `rss MiB`: its peak resident set; `KiB/conn`: its resident growth over the baseline per volunteer.
 //! - `driver cpu`: the same for this process (the volunteers' compute, shapers and WebSockets).
 //!
-//! The last line is one JSON object: `{"scenarios": [{"name", "mode", "volunteers", "time_to_target_s", "vs_lan",
+//! The last line is one JSON object (`vs_lan` against the `lan` scenario of the same size and mode):
+//! `{"scenarios": [{"name", "mode", "volunteers", "time_to_target_s", "vs_lan",
 //! "samples_per_s", "utilisation", "bytes_up_per_sample", "bytes_down_per_sample", "leases_lost",
 //! "coord_cpu_share", "coord_rss_mib"}, …]}` (with `--repeat`, the median run of each scenario). With `--idle N` it
 //! is `{"idle_connections", "welcomed", "kib_per_conn", "accept_s"}`.
@@ -69,7 +77,7 @@ use clap::Parser;
 
 use starling_swarm::coordinator::{Launch, default_repo};
 use starling_swarm::link::Link;
-use starling_swarm::scenario::{self, Figures, Options};
+use starling_swarm::scenario::{self, Figures, JobMode, Options};
 use starling_swarm::{fleet, idle};
 
 /// Swarm benchmark: emulated volunteers on shaped links against a real coordinator.
@@ -82,6 +90,10 @@ struct Cli {
     /// Volunteer counts to run each link with.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
     sizes: Vec<usize>,
+    /// Job modes to run each scenario with: sync (protocol v1, the demo job) and local (protocol v2 leases of H
+    /// inner steps with int8 deltas, the same model and data).
+    #[arg(long, value_delimiter = ',', default_value = "sync")]
+    modes: Vec<String>,
     /// Held-out accuracy that ends a scenario.
     #[arg(long, default_value_t = 0.90)]
     target: f32,
@@ -244,33 +256,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         threads: cli.threads,
         seed: cli.seed,
     };
+    let modes: Vec<JobMode> = cli
+        .modes
+        .iter()
+        .map(|m| JobMode::parse(m).context(format!("unknown job mode {m:?} (sync or local)")))
+        .collect::<anyhow::Result<_>>()?;
     // runs[scenario][repeat]
     let mut runs: Vec<Vec<Figures>> = Vec::new();
     for rep in 0..cli.repeat.max(1) {
         let mut i = 0;
-        for &n in &cli.sizes {
-            for (name, link) in &links {
-                eprintln!("swarm: run {} · {name} · {n} volunteers", rep + 1);
-                let f = scenario::run(name, *link, n, &opts)?;
-                if let Some(e) = &f.extra.first_error {
+        for &mode in &modes {
+            for &n in &cli.sizes {
+                for (name, link) in &links {
                     eprintln!(
-                        "swarm: {} volunteer(s) ended with an error, first: {e}",
-                        f.extra.errors
+                        "swarm: run {} · {} · {name} · {n} volunteers",
+                        rep + 1,
+                        mode.as_str()
                     );
+                    let f = scenario::run(name, *link, n, mode, &opts)?;
+                    if let Some(e) = &f.extra.first_error {
+                        eprintln!(
+                            "swarm: {} volunteer(s) ended with an error, first: {e}",
+                            f.extra.errors
+                        );
+                    }
+                    if rep == 0 {
+                        runs.push(Vec::new());
+                    }
+                    runs[i].push(f);
+                    i += 1;
                 }
-                if rep == 0 {
-                    runs.push(Vec::new());
-                }
-                runs[i].push(f);
-                i += 1;
             }
         }
     }
     let mut chosen: Vec<Figures> = runs.iter().map(|r| median(r).clone()).collect();
     for i in 0..chosen.len() {
+        // Each shaped scenario against the `lan` one of the same size and job mode.
         let lan = chosen
             .iter()
-            .find(|f| f.name == "lan" && f.volunteers == chosen[i].volunteers)
+            .find(|f| {
+                f.name == "lan" && f.volunteers == chosen[i].volunteers && f.mode == chosen[i].mode
+            })
             .and_then(|f| f.time_to_target_s);
         chosen[i].vs_lan = match (chosen[i].time_to_target_s, lan) {
             (Some(t), Some(l)) if l > 0.0 => Some(t / l),
