@@ -274,6 +274,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         mode.as_str()
                     );
                     let f = scenario::run(name, *link, n, mode, &opts)?;
+                    // Each run as it ends, so a long matrix cut short still leaves its figures.
+                    eprintln!(
+                        "swarm: done · to target {} s · {:.0} samples/s · up {:.0} / down {:.0} B/sample · \
+                         coordinator {:.2} cores",
+                        f.time_to_target_s
+                            .map_or_else(|| ">cap".to_string(), |t| format!("{t:.1}")),
+                        f.samples_per_s,
+                        f.bytes_up_per_sample,
+                        f.bytes_down_per_sample,
+                        f.coord_cpu_share
+                    );
                     if let Some(e) = &f.extra.first_error {
                         eprintln!(
                             "swarm: {} volunteer(s) ended with an error, first: {e}",
