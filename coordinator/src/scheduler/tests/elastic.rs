@@ -268,3 +268,51 @@ fn a_delta_staler_than_the_bound_is_late_without_credit_or_strike() {
     assert_eq!(h.job(1).counters.results_rejected, 0, "late is no strike");
     assert_eq!(h.st.worker(worker).map(WorkerInfo::credits), credits);
 }
+
+#[test]
+fn a_carried_shard_under_replay_is_replayed_again_from_its_own_base_version() {
+    let mut h = Harness::new();
+    h.load(1, elastic(3, Some(16)), vec![]);
+    let conns = workers(&mut h, 1, 6);
+    let theta0 = h.job(1).params();
+    // Shard 2's replicas disagree on their trace: the coordinator replays it.
+    let pair = holders(&h, &conns, (0, 2));
+    send_local(&mut h, pair[0], &honest_local(0, 2));
+    let mut lie = honest_local(0, 2);
+    lie.losses[0] *= 2.0;
+    send_local(&mut h, pair[1], &lie);
+    assert_eq!(h.recomputes.len(), 1);
+    let first = h.recomputes.remove(0);
+    settle(&mut h, &conns, (0, 0));
+    settle(&mut h, &conns, (0, 1));
+    assert_eq!(
+        h.job(1).step,
+        1,
+        "the round closes while shard 2 is being replayed"
+    );
+    // The carried shard is asked again under its new index, from θ_0 and its round-0 plan.
+    let again = h.recomputes.remove(0);
+    assert_eq!((again.step, again.micro), (1, 2));
+    assert_eq!(
+        again.params, theta0,
+        "replayed from its base version, not θ_1"
+    );
+    let plan = again.local.as_ref().expect("a replay").plan;
+    assert_eq!(plan, crate::scheduler::round::plan(&h.job(1).hyper, 0, 2));
+    // The answer to the first request names the old step and is ignored; the second settles the shard.
+    let mut reference = honest_local(0, 2);
+    reference.delta = starling_core::quant::round_trip(&reference.delta).expect("finite");
+    let fx =
+        h.st.replayed(first.job, first.step, first.micro, Some(reference.clone()));
+    h.take(fx);
+    assert_eq!(
+        h.last_verdict(pair[0]),
+        None,
+        "an answer for the old step settles nothing"
+    );
+    let fx =
+        h.st.replayed(again.job, again.step, again.micro, Some(reference));
+    h.take(fx);
+    assert_eq!(h.last_verdict(pair[0]), Some(Outcome::Accepted));
+    assert_eq!(h.last_verdict(pair[1]), Some(Outcome::Rejected));
+}
