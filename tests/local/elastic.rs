@@ -15,10 +15,13 @@ use starling_worker::session::LocalLie;
 
 use super::{assert_rounds_verified, spawn_liar};
 
+/// Each lease's inner loop start and end, as one worker saw them.
+type Spans = Arc<Mutex<Vec<(Instant, Instant)>>>;
+
 /// An honest worker's stopwatch: it changes nothing, it records when each lease's inner loop starts (the lease and
 /// its rows are in hand) and when its output is ready (the result is encoded and sent right after).
 struct Stopwatch {
-    spans: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    spans: Spans,
     started: Option<Instant>,
 }
 
@@ -76,8 +79,7 @@ async fn elastic_run(tag: &str, n: usize, h: u32, rounds: u64) -> anyhow::Result
         ..Hyper::default()
     };
     let cluster = Cluster::builder(tag).hyper(hyper).start().await?;
-    let logs: Vec<Arc<Mutex<Vec<(Instant, Instant)>>>> =
-        (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+    let logs: Vec<Spans> = (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
     let handles: Vec<_> = logs
         .iter()
         .enumerate()
