@@ -353,3 +353,83 @@ impl JobStatus {
         matches!(self, Self::Completed | Self::Cancelled)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> Hyper {
+        Hyper {
+            mode: Mode::Local,
+            h: 2,
+            inner_batch: 4,
+            global_batch: 16,
+            micro_batch: 8,
+            ..Hyper::default()
+        }
+    }
+
+    #[test]
+    fn elastic_fields_default_when_left_out_and_are_range_checked_by_name() {
+        let old: Hyper = serde_json::from_str(r#"{"mode":"local","h":2,"inner_batch":4}"#)
+            .expect("job JSON from before elastic rounds still loads");
+        assert_eq!(
+            (
+                old.round_shards_max,
+                old.round_samples,
+                old.round_deadline_ms,
+                old.staleness
+            ),
+            (None, None, None, DEFAULT_STALENESS)
+        );
+        assert_eq!(local().validate(64), Ok(()));
+        let ok = Hyper {
+            round_shards_max: Some(2),
+            round_samples: Some(1),
+            round_deadline_ms: Some(100),
+            staleness: MAX_STALENESS,
+            ..local()
+        };
+        assert_eq!(ok.validate(64), Ok(()), "bounds included");
+        for (bad, name) in [
+            (
+                Hyper {
+                    round_shards_max: Some(1),
+                    ..local()
+                },
+                "round_shards_max",
+            ),
+            (
+                Hyper {
+                    round_shards_max: Some(MAX_ROUND_SHARDS + 1),
+                    ..local()
+                },
+                "round_shards_max",
+            ),
+            (
+                Hyper {
+                    round_samples: Some(0),
+                    ..local()
+                },
+                "round_samples",
+            ),
+            (
+                Hyper {
+                    round_deadline_ms: Some(99),
+                    ..local()
+                },
+                "round_deadline_ms",
+            ),
+            (
+                Hyper {
+                    staleness: MAX_STALENESS + 1,
+                    ..local()
+                },
+                "staleness",
+            ),
+        ] {
+            let err = bad.validate(64).expect_err(name);
+            assert!(err.starts_with(name), "{name}: {err}");
+        }
+    }
+}
