@@ -34,10 +34,10 @@ impl State {
     /// Hands out leases to every idle worker that can get one, longest-waiting first; the rest are told why not.
     pub(super) fn assign_all(&mut self, fx: &mut Effects) {
         let now = self.now();
-        let work = self
-            .jobs
-            .values()
-            .any(|j| j.status == JobStatus::Running && j.micros.iter().any(Micro::unsettled));
+        let work = self.jobs.values().any(|j| {
+            j.status == JobStatus::Running
+                && (j.micros.iter().any(Micro::unsettled) || j.can_grow())
+        });
         let mut idle: Vec<(u64, ConnId)> = self
             .conns
             .iter()
@@ -135,7 +135,7 @@ impl State {
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let speculate_after = self.config.speculate_after;
         let salt = self.rng.next_u64();
-        let choice = order.into_iter().find_map(|(_, id)| {
+        let choice = order.iter().find_map(|&(_, id)| {
             let job = &self.jobs[&id];
             let micro = if speculative {
                 pick_straggler(job, worker, now, speculate_after, &self.leases)
@@ -143,6 +143,17 @@ impl State {
                 pick_fresh(job, worker, addr, salt)
             };
             micro.map(|m| (id, m))
+        });
+        // Elastic `local` rounds: with no open shard anywhere, the first job in order that may grow its round
+        // takes one more shard for this worker (`elastic.rs`).
+        let choice = choice.or_else(|| {
+            (!speculative)
+                .then(|| {
+                    order
+                        .iter()
+                        .find_map(|&(_, id)| self.grow_round(id).map(|m| (id, m)))
+                })
+                .flatten()
         });
         let Some((job_id, micro)) = choice else {
             return false;
@@ -271,7 +282,9 @@ impl State {
 
 /// Whether `worker` may take a replica of `m` at all.
 fn open_to(m: &Micro, worker: WorkerId) -> bool {
-    matches!(m.phase, Phase::Open { .. }) && !m.involved.iter().any(|(w, _)| *w == worker)
+    matches!(m.phase, Phase::Open { .. })
+        && m.origin.is_none()
+        && !m.involved.iter().any(|(w, _)| *w == worker)
 }
 
 /// A micro-batch of `job` still short of its wanted replicas that `worker` has not touched, preferring those none

@@ -111,6 +111,10 @@ pub(super) struct Micro {
     /// Workers (and their addresses) leased this micro-batch in this step, except those whose lease was lost
     /// without a result (`State::lose_lease`): none holds or submits it twice.
     pub involved: Vec<(WorkerId, IpAddr)>,
+    /// A `local` shard carried over from an earlier round (`scheduler::elastic`): that round and the shard's index
+    /// in it, which name its plan and its base version. No new leases are issued for it. `None`: a shard of the
+    /// current round, named by its index.
+    pub origin: Option<(u64, u32)>,
 }
 
 impl Micro {
@@ -124,6 +128,7 @@ impl Micro {
             active: Vec::new(),
             subs: Vec::new(),
             involved: Vec::new(),
+            origin: None,
         }
     }
 

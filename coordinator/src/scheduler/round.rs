@@ -65,6 +65,9 @@ pub struct LocalRun {
     pub(super) outer: Nesterov,
     /// `model_delta` frames of the last versions: `(from, frame)` takes a worker from `from` to `from + 1`.
     deltas: VecDeque<(u64, Bytes)>,
+    /// θ_v of the last `hyper.staleness` versions before the current one: a shard carried from round v is
+    /// replayed from them (`elastic.rs`). In memory only: carried shards do not survive a restart.
+    bases: VecDeque<(u64, Arc<Vec<f32>>)>,
 }
 
 /// A checkpoint's optimizer bytes for a `local` job: a tag, then θ* and the outer velocity as f32 LE.
@@ -77,6 +80,7 @@ impl LocalRun {
             master: params.to_vec(),
             outer: Nesterov::new(hyper.outer_lr, hyper.outer_momentum, params.len()),
             deltas: VecDeque::new(),
+            bases: VecDeque::new(),
         }
     }
 
@@ -98,6 +102,22 @@ impl LocalRun {
         out.extend_from_slice(&starling_core::protocol::f32_bytes(&self.master));
         out.extend_from_slice(&starling_core::protocol::f32_bytes(&self.outer.u));
         out
+    }
+
+    /// Keeps θ_`version` (being replaced by an outer step) for shards of that round still out, `keep` versions.
+    pub(super) fn keep_base(&mut self, version: u64, params: Arc<Vec<f32>>, keep: u32) {
+        self.bases.push_back((version, params));
+        while self.bases.len() > keep as usize {
+            self.bases.pop_front();
+        }
+    }
+
+    /// θ_`version`, if it is kept.
+    pub(super) fn base(&self, version: u64) -> Option<Arc<Vec<f32>>> {
+        self.bases
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, p)| p.clone())
     }
 
     /// The frames that bring a connection holding `held` to the job's current version.

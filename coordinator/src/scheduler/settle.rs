@@ -283,13 +283,20 @@ impl State {
         }
     }
 
-    fn request_recompute(&mut self, job_id: JobId, micro: u32, kind: CheckKind, fx: &mut Effects) {
+    pub(super) fn request_recompute(
+        &mut self,
+        job_id: JobId,
+        micro: u32,
+        kind: CheckKind,
+        fx: &mut Effects,
+    ) {
         let Some(job) = self.jobs.get(&job_id) else {
             return;
         };
         let (x, labels) = job.train.gather(&job.micros[micro as usize].rows);
+        // A shard carried from an earlier round is replayed from its own base version and plan (`elastic.rs`).
         let local = job.local.as_ref().map(|_| super::effects::LocalReplay {
-            plan: super::round::plan(&job.hyper, job.step, micro),
+            plan: job.shard_plan(micro as usize),
             quant: job.hyper.quant,
         });
         fx.recompute(Recompute {
@@ -299,7 +306,10 @@ impl State {
             step: job.step,
             micro,
             spec: job.spec.clone(),
-            params: job.params.clone(),
+            params: match job.local {
+                Some(_) => job.shard_base(micro as usize),
+                None => job.params.clone(),
+            },
             x,
             labels,
         });

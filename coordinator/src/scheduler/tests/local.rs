@@ -10,7 +10,7 @@ use starling_core::local::LocalOutput;
 use starling_core::protocol::{PROTOCOL_V2, Quant, decode_delta, f32s, u32s};
 
 /// One round of two 8-row shards, H = 2 inner steps of 4 rows, R = 2.
-fn local() -> Hyper {
+pub(super) fn local() -> Hyper {
     Hyper {
         mode: Mode::Local,
         h: 2,
@@ -23,7 +23,7 @@ fn local() -> Hyper {
 }
 
 /// Records `fx` like `Harness::take`, and returns every binary frame's message and payload per connection.
-fn frames(h: &mut Harness, fx: Effects) -> Vec<(ConnId, CoordinatorMsg, Vec<u8>)> {
+pub(super) fn frames(h: &mut Harness, fx: Effects) -> Vec<(ConnId, CoordinatorMsg, Vec<u8>)> {
     let mut out = Vec::new();
     for d in &fx.later {
         if let Action::Send {
@@ -40,14 +40,14 @@ fn frames(h: &mut Harness, fx: Effects) -> Vec<(ConnId, CoordinatorMsg, Vec<u8>)
     out
 }
 
-fn v2(h: &mut Harness, w: u64) -> ConnId {
+pub(super) fn v2(h: &mut Harness, w: u64) -> ConnId {
     let c = h.connect(w);
     h.st.set_protocol(c, PROTOCOL_V2);
     c
 }
 
 /// The local lease `conn` holds.
-fn held_local(h: &Harness, conn: ConnId) -> Option<(LeaseId, u32)> {
+pub(super) fn held_local(h: &Harness, conn: ConnId) -> Option<(LeaseId, u32)> {
     h.inbox.get(&conn)?.iter().rev().find_map(|m| match m {
         CoordinatorMsg::LocalLease { lease, shard, .. } => Some((*lease, *shard)),
         _ => None,
@@ -55,7 +55,7 @@ fn held_local(h: &Harness, conn: ConnId) -> Option<(LeaseId, u32)> {
 }
 
 /// A shard's honest local result: any deterministic delta and trace will do.
-fn honest_local(round: u64, shard: u32) -> LocalOutput {
+pub(super) fn honest_local(round: u64, shard: u32) -> LocalOutput {
     LocalOutput {
         delta: (0..PARAMS)
             .map(|i| ((round * 5 + shard as u64 * 3 + i as u64) % 7) as f32 * 1e-3 - 2e-3)
@@ -65,7 +65,7 @@ fn honest_local(round: u64, shard: u32) -> LocalOutput {
     }
 }
 
-fn send_local(
+pub(super) fn send_local(
     h: &mut Harness,
     conn: ConnId,
     out: &LocalOutput,
