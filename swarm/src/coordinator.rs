@@ -49,6 +49,9 @@ pub struct JobStatus {
 pub struct Metric {
     pub step: u64,
     pub accuracy: f32,
+    /// When the coordinator recorded the evaluation (ms since the Unix epoch).
+    #[serde(default)]
+    pub at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -37,8 +37,8 @@
 //!   each is replaced at once, by a newcomer or (half of the time) by a departed volunteer returning with its token.
 //!
 //! # Columns
-//! - `to target s`: wall seconds from the first connection to the first poll (every 0.5 s) that sees the target
-//!   accuracy; `>cap` if never. `vs lan`: that over the `lan` scenario of the same size.
+//! - `to target s`: wall seconds from the first connection to the evaluation that reached the target accuracy (its
+//!   `at_ms`, seen by a poll every 0.5 s); `>cap` if never. `vs lan`: that over the `lan` scenario of the same size.
 //! - `steps`: optimizer steps applied by then. `samples/s`: verified samples (steps × global batch) per second.
 //! - `util`: share of the volunteers' connected time spent computing (emulated, i.e. stretched, compute time).
 //! - `up B/s'pl`, `down B/s'pl`: bytes the volunteers wrote and read at their shaper (WebSocket framing and the

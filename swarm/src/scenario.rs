@@ -173,6 +173,9 @@ pub fn run(
     };
 
     let t0 = Instant::now();
+    let t0_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     for _ in 0..volunteers {
         members.push(join(&mut shards, None, &mut rng));
     }
@@ -186,12 +189,16 @@ pub fn run(
             Ok(j) => last = j,
             Err(e) => eprintln!("swarm: polling the job: {e:#}"),
         }
-        if last
+        if let Some(e) = last
             .last_eval
             .as_ref()
-            .is_some_and(|e| e.accuracy >= opts.target)
+            .filter(|e| e.accuracy >= opts.target)
         {
-            reached = Some(t0.elapsed());
+            // The evaluation's own timestamp, not this poll's: the poll interval would quantise short runs.
+            reached = Some(match e.at_ms {
+                Some(at) if at >= t0_ms => Duration::from_millis(at - t0_ms).min(t0.elapsed()),
+                _ => t0.elapsed(),
+            });
             break;
         }
         if last.status != "running" {
