@@ -20,7 +20,9 @@
 //! `--modes sync,local` runs every scenario twice: `sync` is the demo job itself (protocol v1: a 407 KB gradient
 //! per 32-row micro-batch); `local` replaces it (through `POST /api/v1/jobs` as the demo owner, pausing the demo
 //! job) with the same model on the same dataset as a `local` job (protocol v2): leases of H = 16 inner Adam steps of
-//! 32 rows, int8 deltas both ways, 8 leases per outer round at R = 2, held-out accuracy after every round. Its
+//! 32 rows, int8 deltas both ways, elastic rounds of 8 base shards at R = 2 that grow a shard for every idle
+//! volunteer up to 128 and close at the base shards' worth of verified samples (the rest carry over with bounded
+//! staleness), held-out accuracy after every round. Its
 //! volunteers keep no dataset cache, so each connection downloads the compact dataset frame (~1.5 MB) once and
 //! the `down` column includes it. `samples/s` counts verified leases × H × 32 for `local`.
 //!

@@ -24,8 +24,10 @@ pub enum JobMode {
 
 /// Inner steps per lease of the `local` scenarios.
 pub const LOCAL_H: u32 = 16;
-/// Leases per outer round of the `local` scenarios (each replicated R = 2 times).
+/// Base shards (leases, each replicated R = 2 times) per outer round of the `local` scenarios.
 pub const LOCAL_LEASES: u32 = 8;
+/// Most shards an elastic round of the `local` scenarios grows to while volunteers are idle.
+pub const LOCAL_MAX_SHARDS: u32 = 128;
 
 impl JobMode {
     pub fn parse(s: &str) -> Option<Self> {
@@ -55,6 +57,10 @@ impl JobMode {
                     "mode": "local", "h": LOCAL_H, "inner_batch": 32, "quant": "int8",
                     "micro_batch": lease_rows, "global_batch": LOCAL_LEASES * lease_rows,
                     "redundancy": 2, "steps": 1000, "eval_every": 1,
+                    // Elastic rounds: a round grows a shard (leased R-fold) whenever a volunteer is idle, up to
+                    // 128, and closes at its base shards' worth of verified samples; the shards still out carry
+                    // into the next rounds (bounded staleness, weighted 1/(1+s)).
+                    "round_shards_max": LOCAL_MAX_SHARDS,
                 }))
             }
         }
