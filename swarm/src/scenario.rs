@@ -46,7 +46,7 @@ impl JobMode {
     }
 
     /// The hyperparameters of the job replacing the demo job (`None`: keep the demo job).
-    fn hyper(self) -> Option<serde_json::Value> {
+    fn hyper(self, elastic: bool) -> Option<serde_json::Value> {
         match self {
             Self::Sync => None,
             // A lease walks its own 512 rows (H × inner batch) once; the round's 8 leases are a 4,096-row shard of
@@ -57,10 +57,10 @@ impl JobMode {
                     "mode": "local", "h": LOCAL_H, "inner_batch": 32, "quant": "int8",
                     "micro_batch": lease_rows, "global_batch": LOCAL_LEASES * lease_rows,
                     "redundancy": 2, "steps": 1000, "eval_every": 1,
-                    // Elastic rounds: a round grows a shard (leased R-fold) whenever a volunteer is idle, up to
-                    // 128, and closes at its base shards' worth of verified samples; the shards still out carry
-                    // into the next rounds (bounded staleness, weighted 1/(1+s)).
-                    "round_shards_max": LOCAL_MAX_SHARDS,
+                    // `--elastic`: a round grows a shard (leased R-fold) whenever a volunteer is idle, up to 128,
+                    // and closes at its base shards' worth of verified samples; the shards still out carry into
+                    // the next rounds (bounded staleness, weighted 1/(1+s)). Otherwise 8 fixed shards per round.
+                    "round_shards_max": elastic.then_some(LOCAL_MAX_SHARDS),
                 }))
             }
         }
@@ -85,6 +85,8 @@ pub struct Options {
     pub speed_spread: f64,
     /// Volunteer shard threads.
     pub threads: usize,
+    /// `local` scenarios: elastic rounds (up to [`LOCAL_MAX_SHARDS`] shards) instead of [`LOCAL_LEASES`] fixed ones.
+    pub elastic: bool,
     pub seed: u64,
 }
 
@@ -147,7 +149,7 @@ pub fn run(
     opts: &Options,
 ) -> anyhow::Result<Figures> {
     let coord = Coordinator::start(&opts.launch, name)?;
-    let job_id = match mode.hyper() {
+    let job_id = match mode.hyper(opts.elastic) {
         None => 1,
         Some(h) => coord
             .replace_demo_job(&format!("swarm-{}", mode.as_str()), h)

@@ -102,6 +102,7 @@ fn options(target: f32, cap_s: u64) -> Options {
         return_share: 0.5,
         speed_spread: 10.0,
         threads: 1,
+        elastic: false,
         seed: 1,
     }
 }
