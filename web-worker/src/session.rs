@@ -5,11 +5,11 @@
 //! micro-batch) and v2 local leases (H inner steps, `core::local`, with int8 deltas both ways).
 
 use starling_core::StepOutput;
-use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather};
+use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather_rows};
 use starling_core::protocol::{
     CoordinatorMsg, DatasetEncoding, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_V2, Platform,
-    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_dataset, decode_delta, encode,
-    encode_delta, f32_bytes, f32s, split_lease_payload,
+    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_dataset, decode_delta,
+    decode_token_dataset, encode, encode_delta, f32_bytes, f32s, split_lease_payload,
 };
 
 use crate::engine::{Device, Engine, EngineError};
@@ -75,6 +75,33 @@ pub struct Stats {
     /// without the WebSocket framing), datasets included.
     pub bytes_received: u64,
     pub bytes_sent: u64,
+}
+
+/// A dataset a `local_lease` names, decoded and checked: a classifier's rows, or a language model's token stream
+/// (whose "rows" are window starts).
+#[derive(Debug)]
+enum LeaseData {
+    Rows(starling_core::data::Dataset),
+    Tokens(starling_core::tokens::TokenStream),
+}
+
+impl LeaseData {
+    /// Decodes a `dataset` payload (or a cache entry's) in `encoding` and checks it against `sha256`.
+    fn decode(encoding: DatasetEncoding, payload: &[u8], sha256: &str) -> Result<Self, String> {
+        match encoding {
+            DatasetEncoding::Stk1Deflate => decode_token_dataset(encoding, payload, sha256)
+                .map(|ds| {
+                    Self::Tokens(starling_core::tokens::TokenStream {
+                        tokens: ds.tokens,
+                        context: ds.context as usize,
+                    })
+                })
+                .map_err(|e| e.to_string()),
+            _ => decode_dataset(encoding, payload, sha256)
+                .map(Self::Rows)
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// A boxed future of the dataset cache (not `Send`: the browser's is a JavaScript promise).
@@ -147,7 +174,7 @@ pub struct Session {
     tamper: Option<Tamper>,
     lie: Option<Box<dyn LocalLie>>,
     /// Training sets fetched for local leases (v2), by SHA-256, checked on arrival.
-    datasets: Vec<(String, starling_core::data::Dataset)>,
+    datasets: Vec<(String, LeaseData)>,
     /// A local lease waiting for its dataset.
     pending: Option<(CoordinatorMsg, Vec<u8>)>,
     /// Datasets kept across connections and runs (none: every connection fetches them).
@@ -189,7 +216,7 @@ impl Session {
 
     /// Keeps `ds` (named `sha256`) in memory, the latest two datasets at most (a worker rarely trains for more
     /// than a couple of jobs).
-    fn keep_dataset(&mut self, sha256: String, ds: starling_core::data::Dataset) {
+    fn keep_dataset(&mut self, sha256: String, ds: LeaseData) {
         if self.datasets.len() >= 2 {
             self.datasets.remove(0);
         }
@@ -209,7 +236,7 @@ impl Session {
         };
         let decoded = parse_cache_entry(&entry)
             .ok_or_else(|| "not a cache entry".to_string())
-            .and_then(|(e, p)| decode_dataset(e, p, sha256).map_err(|e| e.to_string()));
+            .and_then(|(e, p)| LeaseData::decode(e, p, sha256));
         match decoded {
             Ok(ds) => {
                 self.stats.datasets_cached += 1;
@@ -388,7 +415,7 @@ impl Session {
             CoordinatorMsg::Dataset {
                 sha256, encoding, ..
             } => {
-                let parsed = decode_dataset(encoding, payload, &sha256).map_err(|e| e.to_string());
+                let parsed = LeaseData::decode(encoding, payload, &sha256);
                 let pending = self.pending.take();
                 match parsed {
                     Ok(ds) => {
@@ -599,19 +626,40 @@ impl Session {
                 idx.len()
             ));
         }
-        if ds.dim != input {
-            return Err(format!(
-                "dataset rows are {} wide, the model takes {input}",
-                ds.dim
-            ));
+        match ds {
+            LeaseData::Rows(ds) => {
+                if ds.dim != input {
+                    return Err(format!(
+                        "dataset rows are {} wide, the model takes {input}",
+                        ds.dim
+                    ));
+                }
+                if let Some(bad) = idx.iter().find(|i| **i as usize >= ds.rows()) {
+                    return Err(format!(
+                        "row {bad} is past the dataset's {} rows",
+                        ds.rows()
+                    ));
+                }
+                Ok(ds.gather(&idx))
+            }
+            // A language model's rows are window starts: ids `s..s+T` as f32, the next tokens as labels.
+            LeaseData::Tokens(stream) => {
+                if stream.context != input {
+                    return Err(format!(
+                        "the token stream's windows are {} long, the model takes {input}",
+                        stream.context
+                    ));
+                }
+                if let Some(bad) = idx.iter().find(|i| **i as usize >= stream.windows()) {
+                    return Err(format!(
+                        "window {bad} is past the stream's {} windows",
+                        stream.windows()
+                    ));
+                }
+                let (ids, targets) = stream.gather(&idx);
+                Ok((ids.into_iter().map(|i| i as f32).collect(), targets))
+            }
         }
-        if let Some(bad) = idx.iter().find(|i| **i as usize >= ds.rows()) {
-            return Err(format!(
-                "row {bad} is past the dataset's {} rows",
-                ds.rows()
-            ));
-        }
-        Ok(ds.gather(&idx))
     }
 
     /// Runs a local lease's H inner steps on this worker's engine from the parameters it holds.
@@ -630,7 +678,8 @@ impl Session {
         }
         let engine = self.engine.as_mut().ok_or("no engine")?;
         let input = engine.spec().input_len();
-        let rows = labels.len();
+        let per_row = engine.spec().labels_per_row();
+        let rows = labels.len() / per_row.max(1);
         if let Some(lie) = self.lie.as_mut() {
             lie.plan(&mut plan);
         }
@@ -643,7 +692,7 @@ impl Session {
         self.stats.inner_done = 0;
         let started = now_ms();
         while let Some(positions) = lp.next_rows() {
-            let (bx, by) = gather(x, labels, input, positions);
+            let (bx, by) = gather_rows(x, labels, (input, per_row), positions);
             engine
                 .load(lp.params())
                 .await
