@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 pub use engine::GpuEngine;
 pub use kernels::{
-    AdapterTraits, BlockTile, ConvShape, ElementwiseAct, EmbedShape, EmbedTable, MatmulKernel,
-    MatmulParams, MatmulVariant, NormShape, PoolKind, PoolShape,
+    AdapterTraits, AttnVariant, BlockTile, ConvShape, ElementwiseAct, EmbedShape, EmbedTable,
+    MatmulKernel, MatmulParams, MatmulVariant, NormShape, PoolKind, PoolShape, TILED_MAX_HEAD,
 };
 pub use layers::{ConvLayer, DenseLayer, Kernels};
 use starling_core::Activation;
