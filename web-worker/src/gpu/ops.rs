@@ -353,7 +353,7 @@ pub async fn attention_forward(
     dims: AttnDims,
     qkv: &[f32],
 ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
-    attention_forward_with(k, (dims, AttnVariant::for_dims(dims)), qkv).await
+    attention_forward_with(k, (dims, AttnVariant::ENGINE), qkv).await
 }
 
 /// [`attention_forward`] by a chosen kernel.
@@ -391,7 +391,7 @@ pub async fn attention_backward(
     probs: &[f32],
     dy: &[f32],
 ) -> Result<Vec<f32>, GpuError> {
-    attention_backward_with(k, (dims, AttnVariant::for_dims(dims)), qkv, probs, dy).await
+    attention_backward_with(k, (dims, AttnVariant::ENGINE), qkv, probs, dy).await
 }
 
 /// [`attention_backward`] by chosen kernels.
@@ -439,7 +439,7 @@ pub fn time_attention(
     dims: AttnDims,
     reps: usize,
 ) -> Result<AttentionTiming, GpuError> {
-    time_attention_with(k, (dims, AttnVariant::for_dims(dims)), reps)
+    time_attention_with(k, (dims, AttnVariant::ENGINE), reps)
 }
 
 /// [`time_attention`] by chosen kernels (the benchmark times both side by side).

@@ -271,7 +271,7 @@ pub(crate) fn block_forward(
     ));
     d.push(attention_forward(
         k,
-        (l.dims, AttnVariant::for_dims(l.dims)),
+        (l.dims, AttnVariant::ENGINE),
         &a.qkv,
         &a.probs,
         &a.y,
@@ -384,7 +384,7 @@ pub(crate) fn block_backward(
     ));
     d.extend(attention_backward(
         k,
-        (l.dims, AttnVariant::for_dims(l.dims)),
+        (l.dims, AttnVariant::ENGINE),
         (&a.qkv, &a.probs, &s.dyh),
         &s.ds,
         &s.dqkv,

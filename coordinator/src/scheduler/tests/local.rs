@@ -287,8 +287,8 @@ fn a_local_lm_job_leases_its_shard_of_the_rounds_token_windows() {
         hyper: hyper.clone(),
         status: JobStatus::Running,
         created_ms: 0,
-        train: examples(tokens.clone()).into(),
-        test: examples(tokens[..20].to_vec()).into(),
+        train: examples(tokens.clone()),
+        test: examples(tokens[..20].to_vec()),
         checkpoint: None,
         accepted: vec![],
     });

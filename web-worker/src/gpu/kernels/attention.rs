@@ -3,7 +3,10 @@
 //! kernels with the same math, summation order and bindings: one invocation per row reading storage directly
 //! (`shaders/attention_{forward,grad_rows,grad_cols}.wgsl`, any head width) and a workgroup-tiled one that stages
 //! keys / values (or queries / output gradients) through workgroup memory (`shaders/attention_*_tiled.wgsl`, head
-//! widths up to [`TILED_MAX_HEAD`]). [`AttnVariant::for_dims`] picks the tiled one where it applies.
+//! widths up to [`TILED_MAX_HEAD`]). The engine runs [`AttnVariant::ENGINE`], the per-row kernels: on lavapipe the
+//! tiled ones measured 0.55–0.75× their speed (`examples/attention_bench.rs`: llvmpipe's workgroup barriers and
+//! per-invocation accumulator arrays cost more than the storage reads they save); they stay, tested, for adapters
+//! with real workgroup memory, where they are not yet measured.
 
 use starling_core::transformer::AttnDims;
 
@@ -26,13 +29,12 @@ pub enum AttnVariant {
 }
 
 impl AttnVariant {
-    /// The tiled kernels where the head fits them, else the per-row ones.
-    pub fn for_dims(dims: AttnDims) -> Self {
-        if dims.head_width() <= TILED_MAX_HEAD {
-            Self::Tiled
-        } else {
-            Self::PerRow
-        }
+    /// What the engine runs (see the module docs for why).
+    pub const ENGINE: Self = Self::PerRow;
+
+    /// Whether this kernel takes heads of `dims` (a tiled request for a wider head runs per row).
+    pub fn fits(self, dims: AttnDims) -> bool {
+        self == Self::PerRow || dims.head_width() <= TILED_MAX_HEAD
     }
 }
 
@@ -94,11 +96,10 @@ impl Pass {
         buffers: &[&wgpu::Buffer],
     ) -> Dispatch {
         // A head too wide for the tiled kernel runs per row whatever was asked (the tiled one would do nothing).
-        let variant = match variant {
-            AttnVariant::Tiled if AttnVariant::for_dims(dims) == AttnVariant::PerRow => {
-                AttnVariant::PerRow
-            }
-            v => v,
+        let variant = if variant.fits(dims) {
+            variant
+        } else {
+            AttnVariant::PerRow
         };
         let kernel = match variant {
             AttnVariant::PerRow => &self.per_row,
