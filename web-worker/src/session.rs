@@ -4,15 +4,18 @@
 //! [`Session::handle`], so both platforms run exactly this logic — both protocol versions included: v1 leases (one
 //! micro-batch) and v2 local leases (H inner steps, `core::local`, with int8 deltas both ways).
 
+mod lease_data; // The datasets local leases name: rows or a token stream, decoded, checked and gathered.
+
 use starling_core::StepOutput;
 use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather_rows};
 use starling_core::protocol::{
     CoordinatorMsg, DatasetEncoding, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_V2, Platform,
-    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_dataset, decode_delta,
-    decode_token_dataset, encode, encode_delta, f32_bytes, f32s, split_lease_payload,
+    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_delta, encode, encode_delta,
+    f32_bytes, f32s, split_lease_payload,
 };
 
 use crate::engine::{Device, Engine, EngineError};
+use lease_data::LeaseData;
 
 /// A frame as received from the coordinator.
 #[derive(Debug, Clone, Copy)]
@@ -75,33 +78,6 @@ pub struct Stats {
     /// without the WebSocket framing), datasets included.
     pub bytes_received: u64,
     pub bytes_sent: u64,
-}
-
-/// A dataset a `local_lease` names, decoded and checked: a classifier's rows, or a language model's token stream
-/// (whose "rows" are window starts).
-#[derive(Debug)]
-enum LeaseData {
-    Rows(starling_core::data::Dataset),
-    Tokens(starling_core::tokens::TokenStream),
-}
-
-impl LeaseData {
-    /// Decodes a `dataset` payload (or a cache entry's) in `encoding` and checks it against `sha256`.
-    fn decode(encoding: DatasetEncoding, payload: &[u8], sha256: &str) -> Result<Self, String> {
-        match encoding {
-            DatasetEncoding::Stk1Deflate => decode_token_dataset(encoding, payload, sha256)
-                .map(|ds| {
-                    Self::Tokens(starling_core::tokens::TokenStream {
-                        tokens: ds.tokens,
-                        context: ds.context as usize,
-                    })
-                })
-                .map_err(|e| e.to_string()),
-            _ => decode_dataset(encoding, payload, sha256)
-                .map(Self::Rows)
-                .map_err(|e| e.to_string()),
-        }
-    }
 }
 
 /// A boxed future of the dataset cache (not `Send`: the browser's is a JavaScript promise).
@@ -626,40 +602,7 @@ impl Session {
                 idx.len()
             ));
         }
-        match ds {
-            LeaseData::Rows(ds) => {
-                if ds.dim != input {
-                    return Err(format!(
-                        "dataset rows are {} wide, the model takes {input}",
-                        ds.dim
-                    ));
-                }
-                if let Some(bad) = idx.iter().find(|i| **i as usize >= ds.rows()) {
-                    return Err(format!(
-                        "row {bad} is past the dataset's {} rows",
-                        ds.rows()
-                    ));
-                }
-                Ok(ds.gather(&idx))
-            }
-            // A language model's rows are window starts: ids `s..s+T` as f32, the next tokens as labels.
-            LeaseData::Tokens(stream) => {
-                if stream.context != input {
-                    return Err(format!(
-                        "the token stream's windows are {} long, the model takes {input}",
-                        stream.context
-                    ));
-                }
-                if let Some(bad) = idx.iter().find(|i| **i as usize >= stream.windows()) {
-                    return Err(format!(
-                        "window {bad} is past the stream's {} windows",
-                        stream.windows()
-                    ));
-                }
-                let (ids, targets) = stream.gather(&idx);
-                Ok((ids.into_iter().map(|i| i as f32).collect(), targets))
-            }
-        }
+        ds.gather(&idx, input)
     }
 
     /// Runs a local lease's H inner steps on this worker's engine from the parameters it holds.
