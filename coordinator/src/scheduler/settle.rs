@@ -148,9 +148,10 @@ impl State {
             conn: c.conn,
             lease: c.lease,
         };
-        // A local lease's counts sum over its inner steps, which may revisit rows.
+        // A local lease's counts sum over its inner steps, which may revisit rows (and a language model's count
+        // positions: `labels_per_row` per row).
         let rows = match trace {
-            Some(_) => job.hyper.h * job.hyper.inner_batch,
+            Some(_) => job.hyper.h * job.hyper.inner_batch * job.spec.labels_per_row() as u32,
             // A language model predicts every position of a row: `labels_per_row` counts per row.
             None => (job.micros[c.micro as usize].rows.len() * job.spec.labels_per_row()) as u32,
         };
