@@ -86,6 +86,9 @@ pub struct JobLoad {
     pub test: Examples,
     pub checkpoint: Option<Checkpoint>,
     pub accepted: Vec<AcceptedRow>,
+    /// The training set's stored `dataset` frame parts ([`crate::store::Store::train_frame`]); a `local` job
+    /// without them builds them here.
+    pub dataset_frame: Option<crate::store::DatasetFrameRow>,
 }
 
 impl JobRun {
@@ -174,6 +177,7 @@ impl JobRun {
             }
         };
         let model_frame = Self::model_frame(load.id, step, &load.spec, &params);
+        let stored_frame = load.dataset_frame;
         let mut job = Self {
             id: load.id,
             owner: load.owner,
@@ -212,7 +216,7 @@ impl JobRun {
         if job.local.is_some()
             && let Examples::Rows(train) = &*job.train
         {
-            job.dataset = Some(super::round::dataset_frame(job.id, train));
+            job.dataset = Some(super::round::dataset_frame(job.id, train, stored_frame));
         }
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;

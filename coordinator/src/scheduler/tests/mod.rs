@@ -148,6 +148,7 @@ impl Harness {
             test: dataset(8).into(),
             checkpoint: None,
             accepted,
+            dataset_frame: None,
         });
     }
 
