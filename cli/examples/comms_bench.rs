@@ -405,6 +405,8 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize, mix: &Mix) -> anyhow::Result
     let coord_cpu_s = coordinator_cpu_s() - cpu_before;
     let (bytes_up, bytes_down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
     let mut backends: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    // The tab's results: its accepted and rejected ones as the coordinator records them (not its late ones).
+    let mut browser_results = 0;
     if let Some(mut t) = tab.take() {
         let listed = get_json(format!("http://{addr}/api/v1/workers"), &token).await?;
         let e = backends.entry("browser".into()).or_default();
@@ -413,6 +415,7 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize, mix: &Mix) -> anyhow::Result
                 let n = |k: &str| w[k].as_u64().unwrap_or(0);
                 e[0] += n("accepted");
                 e[1] += n("rejected");
+                browser_results += n("accepted") + n("rejected");
             }
         }
         // SIGTERM, so the script closes its Chromium before it exits.
@@ -424,7 +427,7 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize, mix: &Mix) -> anyhow::Result
     let _ = stop.send(());
     server.await.context("coordinator task")??;
     relay_task.abort();
-    let (mut results, mut dataset_bytes) = (0u64, 0u64);
+    let (mut results, mut dataset_bytes) = (browser_results, 0u64);
     for (b, h) in workers {
         let r = h
             .join()
