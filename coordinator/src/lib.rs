@@ -433,6 +433,11 @@ pub async fn load_job(store: &Store, id: JobId) -> anyhow::Result<Option<JobLoad
     let checkpoint = store.load_checkpoint(row.id).await?;
     let step = checkpoint.as_ref().map_or(0, |c| c.step);
     let accepted = store.load_accepted(row.id, step).await?;
+    // Stored once with the dataset: a job load never hashes or compresses the training set.
+    let dataset_frame = match hyper.is_local() {
+        true => store.train_frame(row.dataset_id, &train).await?,
+        false => None,
+    };
     Ok(Some(JobLoad {
         id: row.id,
         owner: row.owner,
@@ -449,6 +454,7 @@ pub async fn load_job(store: &Store, id: JobId) -> anyhow::Result<Option<JobLoad
         test,
         checkpoint,
         accepted,
+        dataset_frame,
     }))
 }
 

@@ -9,7 +9,7 @@ use starling_coordinator::config::ServeConfig;
 use starling_coordinator::job::Hyper;
 use starling_coordinator::ledger::{GENESIS, entry_hash};
 use starling_coordinator::scheduler::JobCounters;
-use starling_coordinator::store::Store;
+use starling_coordinator::store::{DatasetFrameRow, Store};
 use starling_core::data::{Dataset, encode_raw};
 use starling_core::{Activation, ModelSpec};
 
@@ -189,6 +189,14 @@ async fn a_database_from_before_migrations_opens_and_upgrades() -> anyhow::Resul
     let (train, test) = store.load_dataset(jobs[0].dataset_id).await?;
     assert_eq!((train, test), (tiny(), tiny()));
     assert_eq!(store.owner_name(1).await?.as_deref(), Some("ada"));
+    // A dataset stored before frames were kept has none; its first (local) load builds it once and writes it back.
+    let id = jobs[0].dataset_id;
+    assert_eq!(store.dataset_frame(id).await?, None);
+    let rows = starling_coordinator::examples::Examples::Rows(tiny());
+    let built = store.train_frame(id, &rows).await?;
+    assert_eq!(built, Some(DatasetFrameRow::build(&tiny())));
+    assert_eq!(store.dataset_frame(id).await?, built);
+    assert_eq!(store.train_frame(id, &rows).await?, built);
     let report = store
         .verify_ledger()
         .await?

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use starling_coordinator::store::{
-    AcceptedRow, Checkpoint, Credit, Engine, Fence, MetricRow, Store, StoreError,
+    AcceptedRow, Checkpoint, Credit, DatasetFrameRow, Engine, Fence, MetricRow, Store, StoreError,
 };
 use starling_core::data::Dataset;
 use starling_core::protocol::JobId;
@@ -26,6 +26,7 @@ macro_rules! cases {
 /// The cases every engine must pass, alike.
 const COMMON: &[(&str, Case)] = cases![
     datasets_and_jobs_round_trip,
+    a_row_dataset_keeps_its_frame_from_upload,
     dataset_visibility_follows_its_owner,
     checkpoints_only_move_forward,
     accepted_results_are_written_once_with_their_credits,
@@ -145,6 +146,23 @@ async fn datasets_and_jobs_round_trip(store: Store) -> anyhow::Result<()> {
     };
     store.set_job_status(fence, "paused").await?;
     ensure!(store.jobs().await?[0].status == "paused");
+    Ok(())
+}
+
+/// The upload stores the dataset's name and compact frame (what a `local` job load reads instead of hashing and
+/// compressing the training set again), and they describe the training set exactly.
+async fn a_row_dataset_keeps_its_frame_from_upload(store: Store) -> anyhow::Result<()> {
+    let (train, test) = (dataset(40, 3, 0.0), dataset(4, 3, 9.0));
+    let id = store.insert_dataset("framed", &train, &test, None).await?;
+    let stored = store.dataset_frame(id).await?.context("no stored frame")?;
+    ensure!(stored == DatasetFrameRow::build(&train));
+    ensure!(stored.sha256 == starling_core::protocol::dataset_sha256(&train));
+    let decoded =
+        starling_core::protocol::decode_dataset(stored.encoding, &stored.payload, &stored.sha256)?;
+    ensure!(decoded.features == train.features && decoded.labels == train.labels);
+    let rows = starling_coordinator::examples::Examples::Rows(train);
+    ensure!(store.train_frame(id, &rows).await? == Some(stored));
+    ensure!(store.dataset_frame(id + 1).await?.is_none());
     Ok(())
 }
 

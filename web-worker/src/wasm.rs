@@ -21,15 +21,19 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::JsCast as _;
 use wasm_bindgen::prelude::*;
-use web_sys::{BinaryType, CloseEvent, DedicatedWorkerGlobalScope, MessageEvent, WebSocket};
+use web_sys::DedicatedWorkerGlobalScope;
 
 use starling_core::protocol::{ErrorCode, WireFrame, WorkerMsg, encode};
 
 use crate::engine::{BackendChoice, Device};
 use crate::gpu::GpuContext;
-use crate::session::{
-    CacheFuture, DatasetCache, Incoming, Session, SessionConfig, SessionError, Stats, now_ms,
-};
+use crate::session::{Incoming, Session, SessionConfig, SessionError, Stats, now_ms};
+
+mod cache; // The Cache API behind the session's dataset cache.
+mod reconnect; // The socket and the reconnection policy.
+
+use cache::BrowserCache;
+use reconnect::{BACKOFF_MIN_MS, GIVE_UP_MS, Redial, Socket};
 
 /// A command from the page. Anything else is answered with an `error` message, never a panic.
 #[derive(Debug, Deserialize)]
@@ -230,65 +234,6 @@ fn bench(n: u32) {
     });
 }
 
-/// The browser's [`DatasetCache`]: the Cache API (`caches`, cache `starling-datasets`), one entry per dataset
-/// under the key `/starling-datasets/<sha256>`, so a returning volunteer downloads nothing. Where the page has no
-/// Cache API (not a secure context) or it fails (quota), the dataset is simply fetched again.
-struct BrowserCache;
-
-const CACHE_NAME: &str = "starling-datasets";
-
-impl BrowserCache {
-    async fn open() -> Option<web_sys::Cache> {
-        let storage = scope().caches().ok()?;
-        let cache = wasm_bindgen_futures::JsFuture::from(storage.open(CACHE_NAME))
-            .await
-            .ok()?;
-        cache.dyn_into().ok()
-    }
-
-    fn key(sha256: &str) -> String {
-        format!("/{CACHE_NAME}/{sha256}")
-    }
-}
-
-impl DatasetCache for BrowserCache {
-    fn load<'a>(&'a self, sha256: &'a str) -> CacheFuture<'a, Option<Vec<u8>>> {
-        Box::pin(async move {
-            let cache = Self::open().await?;
-            let found =
-                wasm_bindgen_futures::JsFuture::from(cache.match_with_str(&Self::key(sha256)))
-                    .await
-                    .ok()?;
-            let response: web_sys::Response = found.dyn_into().ok()?;
-            let body = wasm_bindgen_futures::JsFuture::from(response.array_buffer().ok()?)
-                .await
-                .ok()?;
-            Some(js_sys::Uint8Array::new(&body).to_vec())
-        })
-    }
-
-    fn store<'a>(&'a self, sha256: &'a str, mut entry: Vec<u8>) -> CacheFuture<'a, ()> {
-        Box::pin(async move {
-            let Some(cache) = Self::open().await else {
-                web_sys::console::warn_1(&"no Cache API here: the dataset is not kept".into());
-                return;
-            };
-            let Ok(response) = web_sys::Response::new_with_opt_u8_array(Some(&mut entry)) else {
-                return;
-            };
-            if let Err(e) = wasm_bindgen_futures::JsFuture::from(
-                cache.put_with_str(&Self::key(sha256), &response),
-            )
-            .await
-            {
-                web_sys::console::warn_1(
-                    &format!("cannot cache the dataset: {}", js_error(&e)).into(),
-                );
-            }
-        })
-    }
-}
-
 fn scope() -> DedicatedWorkerGlobalScope {
     js_sys::global().unchecked_into()
 }
@@ -416,71 +361,6 @@ fn backend_name(device: &Device) -> &'static str {
     }
 }
 
-/// Keeps the socket's callbacks alive for the run and detaches them at the end.
-struct Socket {
-    ws: WebSocket,
-    _callbacks: Vec<Closure<dyn FnMut(JsValue)>>,
-}
-
-impl Socket {
-    fn open(url: &str, tx: &mpsc::UnboundedSender<Event>) -> Result<Self, String> {
-        let ws = WebSocket::new(url).map_err(|e| format!("cannot open {url}: {}", js_error(&e)))?;
-        ws.set_binary_type(BinaryType::Arraybuffer);
-        let mut callbacks = Vec::new();
-        let t = tx.clone();
-        let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_| {
-            let _ = t.unbounded_send(Event::Opened);
-        });
-        ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
-        callbacks.push(on_open);
-        let t = tx.clone();
-        let on_message = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
-            let data = e.unchecked_into::<MessageEvent>().data();
-            let event = if let Some(text) = data.as_string() {
-                Event::Text(text)
-            } else if let Some(buf) = data.dyn_ref::<js_sys::ArrayBuffer>() {
-                Event::Binary(js_sys::Uint8Array::new(buf).to_vec())
-            } else {
-                return;
-            };
-            let _ = t.unbounded_send(event);
-        });
-        ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-        callbacks.push(on_message);
-        let t = tx.clone();
-        let on_close = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
-            let e = e.unchecked_into::<CloseEvent>();
-            let _ = t.unbounded_send(Event::Closed {
-                code: e.code(),
-                reason: e.reason(),
-            });
-        });
-        ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
-        callbacks.push(on_close);
-        Ok(Self {
-            ws,
-            _callbacks: callbacks,
-        })
-    }
-
-    /// Sends one frame; `false` if the socket is no longer open.
-    fn send(&self, frame: &WireFrame) -> bool {
-        match frame {
-            WireFrame::Text(t) => self.ws.send_with_str(t).is_ok(),
-            WireFrame::Binary(b) => self.ws.send_with_u8_array(b).is_ok(),
-        }
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        self.ws.set_onopen(None);
-        self.ws.set_onmessage(None);
-        self.ws.set_onclose(None);
-        let _ = self.ws.close();
-    }
-}
-
 fn js_error(e: &JsValue) -> String {
     e.as_string()
         .or_else(|| {
@@ -521,63 +401,6 @@ fn ready_after(ms: f64, seq: u64, tx: &mpsc::UnboundedSender<Event>) {
         cb.unchecked_ref(),
         ms.min(600_000.0) as i32,
     );
-}
-
-/// Queues `ReconnectDue(seq)` after `ms` milliseconds.
-fn reconnect_after(ms: f64, seq: u64, tx: &mpsc::UnboundedSender<Event>) {
-    let t = tx.clone();
-    let cb = Closure::once_into_js(move || {
-        let _ = t.unbounded_send(Event::ReconnectDue(seq));
-    });
-    let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(
-        cb.unchecked_ref(),
-        ms.min(600_000.0) as i32,
-    );
-}
-
-/// First and largest pause between reconnection attempts, and how long without a connection ends the run.
-const BACKOFF_MIN_MS: f64 = 200.0;
-const BACKOFF_MAX_MS: f64 = 4_000.0;
-const GIVE_UP_MS: f64 = 600_000.0;
-
-/// Where and when the next reconnection attempt goes (see the module docs).
-struct Redial {
-    urls: Vec<String>,
-    /// Attempts since the connection was lost (0: none yet, the next goes to the node that was lost).
-    attempt: u64,
-    /// The node that was lost (or redirected to), first in line.
-    current: String,
-    backoff_ms: f64,
-    lost_at: Option<f64>,
-}
-
-impl Redial {
-    /// Schedules the next attempt; `false` once it is time to give up.
-    fn schedule(&mut self, tx: &mpsc::UnboundedSender<Event>) -> bool {
-        let since = *self.lost_at.get_or_insert_with(now_ms);
-        if now_ms() - since > GIVE_UP_MS {
-            return false;
-        }
-        let jitter = js_sys::Math::random() * self.backoff_ms / 2.0;
-        reconnect_after(self.backoff_ms + jitter, self.attempt, tx);
-        self.backoff_ms = (self.backoff_ms * 2.0).min(BACKOFF_MAX_MS);
-        true
-    }
-
-    /// The URL of attempt `attempt`: the lost node first, then the list in turn.
-    fn url(&self) -> String {
-        if self.attempt == 0 {
-            self.current.clone()
-        } else {
-            self.urls[(self.attempt as usize - 1) % self.urls.len()].clone()
-        }
-    }
-
-    fn connected(&mut self) {
-        self.attempt = 0;
-        self.backoff_ms = BACKOFF_MIN_MS;
-        self.lost_at = None;
-    }
 }
 
 /// One session from `start` to the socket closing; returns why it ended.

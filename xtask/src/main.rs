@@ -21,7 +21,8 @@ commands:
   bench cnn-serve the demo CNN through `serve --demo-cnn` with native workers and Chromium tabs to >= 98% (40-60 min)
   bench lm        the char-level LM served (native workers [+ --browser tab]) vs one process: held-out curves
   bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8; release); args after
-                  `comms` go to it (`--reps`, `--budget`, `--arms`, `--distance`: honest distance vs H, CPU vs WGSL)
+                  `comms` go to it (`--reps`, `--budget`, `--arms`, `--distance`: honest distance vs H, CPU vs WGSL;
+                  `--backends cpu,wgsl`, `--browser`: a mix of engines and a Chromium tab, per-backend verdicts)
   bench swarm     emulated volunteers on lan/home/mobile links with churn (release; args after `swarm` go to it,
                   e.g. `--idle 19000`; `--help` lists them)
   setup           install prerequisites only (apt packages when root, rustup target, npm packages)";
@@ -344,8 +345,13 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
             say(
                 "running the communication benchmark: sync fp32 vs local leases (H, int8), same seed and sample budget",
             );
-            // Arguments after `comms` go to it: `--reps 1`, `--budget 30720`, `--arms A0,A3h64`, `--distance`.
+            // Arguments after `comms` go to it: `--reps 1`, `--budget 30720`, `--arms A0,A3h64`, `--distance`,
+            // `--backends cpu,wgsl`, `--browser` (a Chromium tab on the volunteer page: the wasm build first).
             // Release, so the coordinator CPU figures are those of a deployed coordinator (both arms alike).
+            if std::env::args().any(|a| a == "--browser") {
+                setup()?;
+                wasm()?;
+            }
             run(Command::new("cargo")
                 .args([
                     "run",

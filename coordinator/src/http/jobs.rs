@@ -243,6 +243,10 @@ pub(super) async fn create_job(
         let view = job_view(&app, id, true).ok_or_else(|| ApiError::not_found("job"))?;
         return Ok((StatusCode::CREATED, Json(view)));
     }
+    let dataset_frame = match hyper.is_local() {
+        true => app.store.train_frame(req.dataset, &train).await?,
+        false => None,
+    };
     let fx = {
         let mut st = app.state();
         st.load_job(JobLoad {
@@ -258,6 +262,7 @@ pub(super) async fn create_job(
             test,
             checkpoint: None,
             accepted: Vec::new(),
+            dataset_frame,
         });
         st.tick()
     };

@@ -86,6 +86,9 @@ pub struct JobLoad {
     pub test: Examples,
     pub checkpoint: Option<Checkpoint>,
     pub accepted: Vec<AcceptedRow>,
+    /// The training set's stored `dataset` frame parts ([`crate::store::Store::train_frame`]); a `local` job
+    /// without them builds them here.
+    pub dataset_frame: Option<crate::store::DatasetFrameRow>,
 }
 
 impl JobRun {
@@ -174,6 +177,7 @@ impl JobRun {
             }
         };
         let model_frame = Self::model_frame(load.id, step, &load.spec, &params);
+        let stored_frame = load.dataset_frame;
         let mut job = Self {
             id: load.id,
             owner: load.owner,
@@ -208,10 +212,13 @@ impl JobRun {
             local,
             dataset: None,
         };
-        // A local job's leases name its training set: rows as an SDS1 frame, a token stream as an STK1 one.
+        // A local job's leases name its training set: rows as an SDS1 frame (stored with the dataset when the
+        // store has it), a token stream as an STK1 one.
         if job.local.is_some() {
             job.dataset = match &*job.train {
-                Examples::Rows(train) => Some(super::round::dataset_frame(job.id, train)),
+                Examples::Rows(train) => {
+                    Some(super::round::dataset_frame(job.id, train, stored_frame))
+                }
                 Examples::Tokens { .. } => super::round::token_dataset_frame(job.id, &job.train),
             };
         }

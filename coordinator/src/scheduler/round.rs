@@ -21,8 +21,8 @@ use axum::body::Bytes;
 use starling_core::local::{LeasePlan, LocalOutput};
 use starling_core::optim::Nesterov;
 use starling_core::protocol::{
-    CoordinatorMsg, DatasetEncoding, JobId, LeaseId, Quant, WireFrame, dataset_sha256,
-    decode_delta, encode, encode_dataset, encode_delta, encode_token_dataset,
+    CoordinatorMsg, DatasetEncoding, JobId, LeaseId, Quant, WireFrame, decode_delta, encode,
+    encode_delta, encode_token_dataset,
 };
 
 use super::State;
@@ -211,19 +211,14 @@ pub struct DatasetFrames {
 }
 
 impl DatasetFrames {
-    /// The frames of `train` for job `job`, named by the SHA-256 of its SDS1 bytes.
-    pub fn new(job: JobId, train: &starling_core::data::Dataset) -> Self {
-        let sha256 = dataset_sha256(train);
-        let (encoding, payload) = encode_dataset(
-            train,
-            &[
-                DatasetEncoding::PaletteDeflate.as_str().into(),
-                DatasetEncoding::Deflate.as_str().into(),
-            ],
+    /// The frames of a training set for job `job` from its stored parts (its name and compact payload).
+    pub fn new(job: JobId, stored: &crate::store::DatasetFrameRow) -> Self {
+        let compact = (
+            stored.encoding,
+            Self::frame(job, &stored.sha256, stored.encoding, &stored.payload),
         );
-        let compact = (encoding, Self::frame(job, &sha256, encoding, &payload));
         Self {
-            sha256,
+            sha256: stored.sha256.clone(),
             compact,
             raw: None,
         }
@@ -272,9 +267,15 @@ impl DatasetFrames {
 }
 
 /// A training set's `dataset` frames and its SHA-256 (lower-case hex) over the SDS1 bytes, which names it in every
-/// encoding. Built once per job load (the demo's 8,000 MNIST rows: ~25 MB raw, ~1.5 MB compact).
-pub fn dataset_frame(job: JobId, train: &starling_core::data::Dataset) -> (String, DatasetFrames) {
-    let frames = DatasetFrames::new(job, train);
+/// encoding: from the parts stored with the dataset (hashed and compressed once, at upload), or built from `train`
+/// where none were given (the demo's 8,000 MNIST rows: ~25 MB raw, ~1.5 MB compact).
+pub fn dataset_frame(
+    job: JobId,
+    train: &starling_core::data::Dataset,
+    stored: Option<crate::store::DatasetFrameRow>,
+) -> (String, DatasetFrames) {
+    let stored = stored.unwrap_or_else(|| crate::store::DatasetFrameRow::build(train));
+    let frames = DatasetFrames::new(job, &stored);
     (frames.sha256().to_string(), frames)
 }
 

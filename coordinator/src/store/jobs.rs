@@ -3,7 +3,7 @@
 use sqlx::Row as _;
 
 use starling_core::data::Dataset;
-use starling_core::protocol::{JobId, f32_bytes, f32s};
+use starling_core::protocol::{DatasetEncoding, JobId, f32_bytes, f32s};
 
 use super::credits::grant;
 use super::*;
@@ -39,6 +39,13 @@ impl Store {
             Examples::Tokens { stream, .. } => stream.context,
         };
         let encode = |e: &Examples| e.encode().map_err(|e| StoreError::Corrupt(e.to_string()));
+        // A row dataset's frame is built here, once, so no job load hashes or compresses it (off the async
+        // threads: ~0.1 s for the demo's split, seconds for a large upload).
+        let frame = match train {
+            Examples::Rows(d) => Some(build_frame(d.clone()).await?),
+            Examples::Tokens { .. } => None,
+        };
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query("INSERT INTO datasets (name, dim, train, test, owner_id, created_ms) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id")
             .bind(name)
             .bind(dim as i64)
@@ -46,9 +53,51 @@ impl Store {
             .bind(encode(test)?)
             .bind(owner)
             .bind(now_ms())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
-        Ok(row.get(0))
+        let id: i64 = row.get(0);
+        if let Some(f) = &frame {
+            insert_frame(&mut tx, id, f).await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// The stored `dataset` frame parts of dataset `id` (`None`: a token dataset, or one stored before frames were
+    /// kept, or whose stored encoding this build does not know).
+    pub async fn dataset_frame(&self, id: i64) -> Result<Option<DatasetFrameRow>> {
+        let row = sqlx::query(
+            "SELECT sha256, encoding, payload FROM dataset_frames WHERE dataset_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            Some(DatasetFrameRow {
+                sha256: r.get(0),
+                encoding: DatasetEncoding::parse(&r.get::<String, _>(1))?,
+                payload: r.get(2),
+            })
+        }))
+    }
+
+    /// The frame parts of row dataset `id` with training set `train`: the stored ones, or (a dataset stored before
+    /// frames were kept) built now and written back, so that happens once per dataset. `None` for token datasets.
+    pub async fn train_frame(&self, id: i64, train: &Examples) -> Result<Option<DatasetFrameRow>> {
+        let Examples::Rows(rows) = train else {
+            return Ok(None);
+        };
+        if let Some(f) = self.dataset_frame(id).await? {
+            return Ok(Some(f));
+        }
+        let f = build_frame(rows.clone()).await?;
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("DELETE FROM dataset_frames WHERE dataset_id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        insert_frame(&mut conn, id, &f).await?;
+        Ok(Some(f))
     }
 
     /// `(dim, train rows, test rows)` of a dataset visible to `owner` (its uploader; ownerless datasets are shared).
@@ -368,6 +417,25 @@ pub struct BestCheckpoint {
     /// Held-out loss, for a version chosen by loss (a language model).
     pub loss: Option<f32>,
     pub params: Vec<f32>,
+}
+
+/// Hashes and compresses a training set on a blocking thread.
+async fn build_frame(train: Dataset) -> Result<DatasetFrameRow> {
+    tokio::task::spawn_blocking(move || DatasetFrameRow::build(&train))
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("building a dataset frame: {e}")))
+}
+
+/// Writes a dataset's frame parts (another node may have written them first: the same bytes, kept).
+async fn insert_frame(conn: &mut AnyConnection, id: i64, f: &DatasetFrameRow) -> Result<()> {
+    sqlx::query("INSERT INTO dataset_frames (dataset_id, sha256, encoding, payload) VALUES ($1, $2, $3, $4) ON CONFLICT (dataset_id) DO NOTHING")
+        .bind(id)
+        .bind(&f.sha256)
+        .bind(f.encoding.as_str())
+        .bind(&f.payload)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 async fn insert_metric(tx: &mut AnyConnection, job: JobId, m: &MetricRow) -> Result<()> {

@@ -289,6 +289,7 @@ fn a_failed_write_withholds_what_reports_on_it_and_the_job_recovers_from_the_sto
         test: dataset(8).into(),
         checkpoint: None,
         accepted: Vec::new(),
+        dataset_frame: None,
     });
     assert_eq!(h.job(1).step, 0);
     assert_eq!(

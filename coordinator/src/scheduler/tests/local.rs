@@ -291,6 +291,7 @@ fn a_local_lm_job_leases_its_shard_of_the_rounds_token_windows() {
         test: examples(tokens[..20].to_vec()),
         checkpoint: None,
         accepted: vec![],
+        dataset_frame: None,
     });
     let c = v2(&mut h, 2);
     let fx = h.st.ready(c);

@@ -149,6 +149,7 @@ impl Harness {
             test: dataset(8).into(),
             checkpoint: None,
             accepted,
+            dataset_frame: None,
         });
     }
 
