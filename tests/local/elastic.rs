@@ -155,10 +155,12 @@ async fn elastic_run(tag: &str, n: usize, h: u32, rounds: u64) -> anyhow::Result
 }
 
 /// The done-when item: a job with 64 workers keeps all of them busy (no worker idle more than 10% of the
-/// run while the job has work). A fixed round of four shards would keep 8 of them busy.
+/// run while the job has work). A fixed round of four shards would keep 8 of them busy. Ten rounds give each worker
+/// ~10–15 leases: over 4 rounds (4–6 leases each) one 400 ms wait at a round's close was 9% of a worker's run, and
+/// the bound measured that noise more than the scheduler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_workers_are_all_kept_busy_by_elastic_rounds() -> anyhow::Result<()> {
-    let busy = elastic_run("elastic-64", 64, 16, 4).await?;
+    let busy = elastic_run("elastic-64", 64, 16, 10).await?;
     for (i, b) in busy.iter().enumerate() {
         assert!(
             b.idle <= 0.10,
