@@ -111,6 +111,10 @@ pub(super) struct Micro {
     /// Workers (and their addresses) leased this micro-batch in this step, except those whose lease was lost
     /// without a result (`State::lose_lease`): none holds or submits it twice.
     pub involved: Vec<(WorkerId, IpAddr)>,
+    /// Credits granted for the accepted result (its vouchers), clawed back if an audit shows it wrong.
+    pub vouchers: Vec<crate::store::Credit>,
+    /// Audited mode: the accepted result is being audited, and the step waits for the verdict.
+    pub audit: Option<super::audit::PendingAudit>,
 }
 
 impl Micro {
@@ -124,6 +128,8 @@ impl Micro {
             active: Vec::new(),
             subs: Vec::new(),
             involved: Vec::new(),
+            vouchers: Vec::new(),
+            audit: None,
         }
     }
 
@@ -132,9 +138,9 @@ impl Micro {
         (self.active.len() + self.subs.len()) as u32
     }
 
-    /// Whether the step still waits for this micro-batch.
+    /// Whether the step still waits for this micro-batch (its accepted result may still be under audit).
     pub fn unsettled(&self) -> bool {
-        matches!(self.phase, Phase::Open { .. } | Phase::Checking { .. })
+        matches!(self.phase, Phase::Open { .. } | Phase::Checking { .. }) || self.audit.is_some()
     }
 
     /// Replicas wanted while open (`None` once it is being checked or is settled).

@@ -25,11 +25,13 @@
 
 mod advance;
 mod assign;
+mod audit;
 mod conns;
 mod counters;
 mod effects;
 mod job_run;
 mod micro;
+mod placement;
 mod round;
 mod settle;
 mod trust;
@@ -50,6 +52,7 @@ pub use effects::{
     StoreOp, frame_message,
 };
 pub use job_run::{JobLoad, JobRun};
+pub use placement::Placement;
 pub use round::{KEPT_DELTAS, LocalRun, Trace, traces_agree};
 pub use trust::{NEAR_MISS_STRIKE, WorkerInfo};
 
@@ -91,6 +94,8 @@ pub struct SchedulerConfig {
     pub trust_threshold: u32,
     /// Largest model (parameters) the coordinator recomputes (spot checks and arbitration).
     pub spot_check_max_params: usize,
+    /// Which workers may not share a unit (replicas, auditors): see [`Placement`].
+    pub placement: Placement,
     pub clock: Clock,
     /// Seed of the placement and replication rolls (`None`: different on every start, so colluders can neither
     /// choose to meet nor predict when they are unreplicated).
