@@ -239,6 +239,8 @@ impl State {
                     solo: false,
                 };
                 m.vouchers.clear();
+                job.counters.micro_batches_accepted =
+                    job.counters.micro_batches_accepted.saturating_sub(1);
                 job.counters.rows_accepted = job
                     .counters
                     .rows_accepted
@@ -360,6 +362,8 @@ impl State {
                     solo: false,
                 };
                 job.counters.results_struck_out += 1;
+                job.counters.micro_batches_accepted =
+                    job.counters.micro_batches_accepted.saturating_sub(1);
                 job.counters.rows_accepted = job
                     .counters
                     .rows_accepted
