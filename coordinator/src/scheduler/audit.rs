@@ -22,8 +22,10 @@ use crate::job::{JobStatus, Verification};
 use crate::verify;
 
 /// An accepted unit's audit in progress.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct PendingAudit {
+    /// When it was drawn: an audit no auditor took within `speculate_after` goes to the coordinator.
+    pub since: std::time::Instant,
     /// The auditor's lease once one was issued (stale once that lease is gone: a new auditor is picked).
     pub lease: Option<LeaseId>,
     /// An auditor's result that disagrees with the accepted one, waiting for the coordinator's recomputation.
@@ -33,6 +35,15 @@ pub(super) struct PendingAudit {
 }
 
 impl PendingAudit {
+    pub fn new(now: std::time::Instant) -> Self {
+        Self {
+            since: now,
+            lease: None,
+            auditor: None,
+            coordinator: false,
+        }
+    }
+
     fn wants_auditor(&self, leases: &HashMap<LeaseId, Lease>) -> bool {
         !self.coordinator
             && self.auditor.is_none()
@@ -107,8 +118,11 @@ impl State {
             .map(|(i, _)| i)
     }
 
-    /// Sends every audit that waits for an auditor no connected worker can be to the coordinator's CPU.
+    /// Sends every audit that waits for an auditor no connected worker can be, or that none took within
+    /// `speculate_after` (the step waits for it), to the coordinator's CPU.
     pub(super) fn audit_fallbacks(&mut self, fx: &mut Effects) {
+        let now = self.now();
+        let patience = self.config.speculate_after;
         let placement = self.config.placement;
         let threshold = self.config.trust_threshold;
         let mut orphans = Vec::new();
@@ -117,11 +131,11 @@ impl State {
                 continue;
             }
             for (i, m) in job.micros.iter().enumerate() {
-                if !m
-                    .audit
-                    .as_ref()
-                    .is_some_and(|a| a.wants_auditor(&self.leases))
-                {
+                let Some(audit) = m.audit.as_ref().filter(|a| a.wants_auditor(&self.leases)) else {
+                    continue;
+                };
+                if now.duration_since(audit.since) >= patience {
+                    orphans.push((job.id, i as u32));
                     continue;
                 }
                 let auditor = self.conns.iter().any(|(id, c)| {
@@ -176,6 +190,10 @@ impl State {
         match judged {
             Judged::Agrees | Judged::NearMiss => {
                 m.audit = None;
+                if let (Judged::Agrees, Phase::Accepted(o)) = (judged, &mut m.phase) {
+                    // The auditor's computation stands behind the result too (the step's `min_agreeing`).
+                    o.agreeing += 1;
+                }
                 job.counters.audits_passed += 1;
                 if judged == Judged::Agrees {
                     self.credit_extra(job_id, micro, author, fx);

@@ -15,7 +15,9 @@
 //! `Checking`: the coordinator is recomputing the micro-batch; no new leases; results still arriving from active
 //! leases join `subs` and are judged against the reference too. `Accepted` and `Abandoned` are final for the step:
 //! a later replica of an accepted micro-batch is compared with the accepted result (credited if it agrees); one
-//! of an abandoned micro-batch is late. Transitions: [`Micro::check`], [`Micro::reopen`], [`Micro::accept`],
+//! of an abandoned micro-batch is late. In audited mode an accepted micro-batch may carry a pending audit
+//! (`Micro::audit`): the step waits for it, and a failed one replaces the outcome with the coordinator's (or, for a
+//! refused worker's other results, reopens the micro-batch: `audit::strike_out`). Transitions: [`Micro::check`], [`Micro::reopen`], [`Micro::accept`],
 //! [`Micro::abandon`].
 
 use std::net::IpAddr;

@@ -6,7 +6,8 @@
 //!
 //! Invariants: a micro-batch is accepted only when all R ≥ 2 independent replicas agree, or when the coordinator's
 //! own recomputation agrees with a replica (or, for models too large to recompute, a strict majority after a
-//! disagreement); nobody is struck by vote; a worker never holds two leases of
+//! disagreement) — or, in audited mode, when a trusted worker computed it and its audit (if one was drawn) passed
+//! before its step is applied; nobody is struck by vote; a worker never holds two leases of
 //! the same micro-batch; results are compared only within one micro-batch of one model version; a result for a
 //! superseded version or an expired lease is `late`.
 //!
@@ -16,6 +17,8 @@
 //!   replication rolls);
 //! - `settle`: results to verdicts (the one accept path, the one reject path, recomputation outcomes);
 //! - `advance`: applying a step, evaluations and early stopping, owner control, halting after a failed write;
+//! - `audit`: audited mode (audit leases to trusted workers, the coordinator's fallback, failed audits and what
+//!   they strike out); `placement`: which workers may not share a unit (`--placement`);
 //! - `trust`: credits, strikes, refusal, near misses, trust records;
 //! - `micro`: a micro-batch's lifecycle (the state enum and its legal transitions);
 //! - `job_run`: a job in memory and how it is loaded;

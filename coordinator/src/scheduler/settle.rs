@@ -510,6 +510,7 @@ impl State {
         };
         let (step, rows) = (job.step, job.micros[micro as usize].rows.len() as u32);
         let flops = job.spec.train_flops(rows as u64);
+        let now = self.now();
         // Audit a replica-only acceptance with probability `hyper.audit`, drawn after acceptance so no worker can
         // know in advance which of its results will be recomputed.
         let audited_mode = super::audit::audited_mode(job, self.config.spot_check_max_params);
@@ -563,7 +564,7 @@ impl State {
         m.accept(outcome);
         m.vouchers = credits_kept;
         if audit && audited_mode {
-            m.audit = Some(super::audit::PendingAudit::default());
+            m.audit = Some(super::audit::PendingAudit::new(now));
         } else if audit {
             self.request_recompute(job_id, micro, CheckKind::Audit, fx);
         }

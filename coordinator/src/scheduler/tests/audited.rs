@@ -278,3 +278,19 @@ fn replicas_never_share_a_subnet_under_the_subnet_rule() {
     off.ready(b);
     assert_eq!(off.leases_sent(b), 1);
 }
+
+#[test]
+fn an_audit_no_auditor_takes_in_time_goes_to_the_coordinator() {
+    let (mut h, c) = trusted(&[1, 2], 1, 1.0);
+    h.ready(c[0]);
+    h.honest_result(c[0]);
+    // Worker 2 could audit but never asks for work: the step must not wait for it forever.
+    assert!(h.recomputes.is_empty());
+    h.advance(Duration::from_secs(3));
+    let fx = h.st.tick();
+    h.take(fx);
+    assert_eq!(h.recomputes.len(), 1);
+    assert_eq!(h.job(1).counters.audits_by_coordinator, 1);
+    h.recompute_honestly();
+    assert_eq!(h.job(1).step, 1);
+}
