@@ -2,8 +2,9 @@
 //! fewer open leases than idle workers the same fast connections cannot win them every time. Fair among jobs:
 //! stride scheduling by `hyper.weight` (like BOINC's resource share): each lease advances its job's pass by
 //! `1 / weight`, and the running job with the lowest pass that has work for this worker goes first. Replica
-//! placement: never two replicas of a micro-batch to one worker, preferably not from one address; speculative
-//! replicas of stragglers only once no fresh work is left; adaptive replication rolls here.
+//! placement: never two replicas of a micro-batch to one worker nor to one placement group (`--placement`, see
+//! `placement.rs`), preferably not from one address; speculative replicas of stragglers only once no fresh work is
+//! left; adaptive replication rolls and audited mode's solo units, audit leases and newcomer groups here.
 
 use std::time::{Duration, Instant};
 
