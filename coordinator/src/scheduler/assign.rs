@@ -186,6 +186,12 @@ impl State {
         };
         let addr = self.conns[&conn_id].addr;
         let record = self.trust_record(conn_id, worker);
+        let others: Vec<WorkerId> = self
+            .jobs
+            .get(&job_id)
+            .map(|j| j.micros[micro].involved.iter().map(|(w, _)| *w).collect())
+            .unwrap_or_default();
+        self.met(worker, &others);
         let roll = self.rng.next_f64();
         let (threshold, max_params) = (
             self.config.trust_threshold,
@@ -333,13 +339,13 @@ struct Seat {
 /// A micro-batch of `job` still short of its wanted replicas that the worker has not touched and whose other
 /// replicas are apart from it (`--placement`), preferring, in audited mode, for a trusted worker a unit that
 /// waits for its trusted replica, then those none of whose replicas came from the same address, then the least
-/// replicated, then a random one (salted per call, so colluders cannot choose to meet). In audited mode a worker
+/// replicated, then those held by none of its recent partners (`placement::RECENT_PARTNERS`), then a random one (salted per call, so colluders cannot choose to meet). In audited mode a worker
 /// without a record never takes the last replica of a unit that has no trusted one while a trusted worker is
 /// online.
 fn pick_fresh(st: &State, job: &JobRun, seat: &Seat, salt: u64) -> Option<usize> {
     let audited = super::audit::audited_mode(job, seat.max_params);
     let reserve = audited && !seat.trusted && st.trusted_online();
-    let mut best: Option<(bool, bool, u32, u64, usize)> = None;
+    let mut best: Option<(bool, bool, u32, bool, u64, usize)> = None;
     for (i, m) in job.micros.iter().enumerate() {
         let Some(wanted) = m.wanted() else {
             continue;
@@ -361,6 +367,9 @@ fn pick_fresh(st: &State, job: &JobRun, seat: &Seat, salt: u64) -> Option<usize>
             !(seat.trusted && needs_trusted),
             m.involved.iter().any(|(_, a)| *a == seat.addr),
             m.replicas(),
+            m.involved
+                .iter()
+                .any(|(w, _)| st.met_lately(seat.worker, *w)),
             starling_core::rng::SplitMix64::new(salt ^ i as u64).next_u64(),
             i,
         );
@@ -368,7 +377,7 @@ fn pick_fresh(st: &State, job: &JobRun, seat: &Seat, salt: u64) -> Option<usize>
             best = Some(key);
         }
     }
-    best.map(|(_, _, _, _, i)| i)
+    best.map(|(_, _, _, _, _, i)| i)
 }
 
 /// A speculative extra replica of a micro-batch of `job` whose lease has been out for a while (at least

@@ -137,6 +137,9 @@ pub struct State {
     pending: Effects,
     /// Halts so far (failed durable writes); see [`Effects::epoch`].
     halts: u64,
+    /// Each worker's latest partners on a unit (replicas and auditors, most recent last, at most
+    /// `placement::RECENT_PARTNERS`): placement prefers partners not met lately.
+    partners: HashMap<WorkerId, std::collections::VecDeque<WorkerId>>,
 }
 
 impl State {
@@ -156,6 +159,7 @@ impl State {
             rng: starling_core::rng::SplitMix64::new(seed),
             pending: Effects::default(),
             halts: 0,
+            partners: HashMap::new(),
         }
     }
 

@@ -59,6 +59,41 @@ impl Placement {
     }
 }
 
+/// Partners remembered per worker: among units equally short of replicas, one whose workers include none of a
+/// worker's last this many partners is preferred, so no two workers are paired again and again.
+pub const RECENT_PARTNERS: usize = 16;
+
+impl super::State {
+    /// Records that `worker` joins a unit held by `others`.
+    pub(super) fn met(
+        &mut self,
+        worker: starling_core::protocol::WorkerId,
+        others: &[starling_core::protocol::WorkerId],
+    ) {
+        for &o in others.iter().filter(|o| **o != worker) {
+            for (a, b) in [(worker, o), (o, worker)] {
+                let recent = self.partners.entry(a).or_default();
+                recent.retain(|p| *p != b);
+                recent.push_back(b);
+                if recent.len() > RECENT_PARTNERS {
+                    recent.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Whether `worker` met `other` on one of its last [`RECENT_PARTNERS`] partnerships.
+    pub(super) fn met_lately(
+        &self,
+        worker: starling_core::protocol::WorkerId,
+        other: starling_core::protocol::WorkerId,
+    ) -> bool {
+        self.partners
+            .get(&worker)
+            .is_some_and(|r| r.contains(&other))
+    }
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it is (a dual-stack listener reports IPv4 peers that way).
 fn canonical(a: IpAddr) -> IpAddr {
     match a {

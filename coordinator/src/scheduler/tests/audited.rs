@@ -294,3 +294,34 @@ fn an_audit_no_auditor_takes_in_time_goes_to_the_coordinator() {
     h.recompute_honestly();
     assert_eq!(h.job(1).step, 1);
 }
+
+#[test]
+fn placement_prefers_partners_not_met_lately() {
+    for seed in 0..8 {
+        let mut h = Harness::with(|c| c.seed = Some(seed));
+        h.load(
+            1,
+            Hyper {
+                global_batch: 8,
+                ..hyper()
+            },
+            Vec::new(),
+        );
+        let (a, b, c) = (h.connect(1), h.connect(2), h.connect(3));
+        // Workers 1 and 3 were paired lately.
+        h.st.met(WorkerId(1), &[WorkerId(3)]);
+        h.ready(a);
+        h.ready(b);
+        h.ready(c);
+        let (ma, mb, mc) = (
+            h.held(a).expect("a").micro,
+            h.held(b).expect("b").micro,
+            h.held(c).expect("c").micro,
+        );
+        assert_ne!(ma, mb);
+        assert_eq!(
+            mc, mb,
+            "seed {seed}: worker 3 joins the unit of the partner it has not met"
+        );
+    }
+}
