@@ -1,7 +1,8 @@
 //! A language-model job through the owner API (issue 13): upload an `STK1` token dataset (bad ones refused
 //! clearly), create a transformer job on it, train it with two native CPU workers and a liar, check the
 //! coordinator's CPU recomputation strikes the liar and accepts every honest result, the held-out loss (nats per
-//! character) falls, a sample comes back as text, and the export carries the vocabulary; `serve --demo-lm`.
+//! character) falls, a sample comes back as text, and the export carries the vocabulary; the same in `local` mode
+//! over token windows, with `which=best` by held-out loss; `serve --demo-lm`.
 
 use std::time::Duration;
 
@@ -321,4 +322,153 @@ async fn serve_demo_lm_offers_the_moby_dick_char_lm() -> anyhow::Result<()> {
         Some(20)
     );
     server.stop().await
+}
+
+/// A slice of Moby-Dick (the npm package's text, as `serve --demo-lm` reads it).
+fn moby_slice(from: usize, chars: usize) -> anyhow::Result<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(starling_core::tokens::MOBY_DICK_PATH);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e} (run npm ci)", path.display()))?;
+    Ok(text.chars().skip(from).take(chars).collect())
+}
+
+/// A scaled delta: the lie only a replay of the lease's H inner steps over its token windows can catch.
+struct ScaledDelta;
+
+impl starling_worker::session::LocalLie for ScaledDelta {
+    fn output(&mut self, out: &mut starling_core::local::LocalOutput) {
+        out.delta.iter_mut().for_each(|d| *d *= 1.5);
+    }
+}
+
+/// `local` mode on a token dataset (issue 13): two honest native CPU workers and a liar train a small char LM on a
+/// Moby-Dick slice with H-step leases over token windows (the stream fetched once as a `stk1_deflate` frame), every
+/// honest result is accepted, the liar's scaled deltas are rejected by the coordinator's replay, the held-out loss
+/// falls, and `which=best` exports the version with the lowest held-out loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_lm_job_trains_on_token_windows_rejects_a_scaled_delta_and_exports_its_lowest_loss()
+-> anyhow::Result<()> {
+    init_tracing();
+    let dir = TempDir::new("lm-local");
+    let alice = create_owner(&dir.db(), "alice").await?;
+    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
+    let ds = char_dataset(&moby_slice(30_000, 12_000)?, 16, 0.0)?;
+    let (status, up) = server
+        .post_as(
+            &alice,
+            "/api/v1/datasets?name=moby-slice&test_fraction=0.1",
+            "application/octet-stream",
+            &encode_tokens(&ds, 2)?,
+        )
+        .await?;
+    assert_eq!(status, 201, "upload: {up}");
+    let lm = LmSpec {
+        vocab: ds.vocab_size,
+        context: 16,
+        width: 32,
+        heads: 2,
+        layers: 1,
+        tied: true,
+    };
+    let body = serde_json::json!({"name": "moby-local", "spec": lm.model_spec(), "dataset": up["id"],
+        "hyper": {"mode": "local", "h": 8, "inner_batch": 8, "micro_batch": 32, "global_batch": 64,
+            "steps": 16, "eval_every": 4, "quant": "int8",
+            "inner_optimizer": {"kind": "adam", "lr": 0.01}}});
+    let (status, created) = server
+        .post_as(
+            &alice,
+            "/api/v1/jobs",
+            "application/json",
+            body.to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(status, 201, "a local LM job is accepted: {created}");
+    let id = created["id"].as_u64().expect("job id");
+    let honest: Vec<_> = (0..2)
+        .map(|i| {
+            crate::local::spawn_liar(
+                server.ws_url(),
+                BackendChoice::Cpu,
+                &format!("lm-local-{i}"),
+                None,
+                None,
+            )
+        })
+        .collect();
+    let liar = crate::local::spawn_liar(
+        server.ws_url(),
+        BackendChoice::Cpu,
+        "liar",
+        None,
+        Some(Box::new(ScaledDelta)),
+    );
+    let done = server
+        .wait_job(id, Duration::from_secs(300), |j| {
+            j["status"] == "completed" && j["last_eval"]["step"] == 16
+        })
+        .await?;
+    let counters = &done["counters"];
+    println!("local LM job: {counters}");
+    assert!(
+        counters["results_rejected"].as_u64() >= Some(1),
+        "the liar was caught: {counters}"
+    );
+
+    let (_, metrics) = server
+        .get_as(&alice, &format!("/api/v1/jobs/{id}/metrics"))
+        .await?;
+    let evals: Vec<(u64, f64)> = metrics
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .filter(|m| m["kind"] == "eval")
+        .map(|m| {
+            (
+                m["step"].as_u64().unwrap_or(0),
+                m["loss"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    println!("held-out nats/char by round: {evals:?}");
+    let uniform = (ds.vocab_size as f64).ln();
+    let last = evals.last().expect("evaluated").1;
+    assert!(
+        evals.len() >= 4 && last < evals[0].1 && last < uniform - 0.5,
+        "held-out loss fell below ln(V) = {uniform:.3}: {evals:?}"
+    );
+
+    // `which=best` is the evaluated version with the lowest held-out loss.
+    let lowest = evals
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|e| e.0)
+        .expect("evaluated");
+    let client = server.client(Some(&alice));
+    let best = client
+        .get(&format!("/api/v1/jobs/{id}/checkpoint?which=best"))
+        .await?;
+    assert_eq!(best.status, 200);
+    let ck = from_safetensors(&best.body)?;
+    assert_eq!((ck.spec, ck.step), (lm, lowest), "{evals:?}");
+
+    server.stop().await?;
+    for w in honest {
+        let report = w.join().expect("worker thread")?;
+        println!("honest worker: {:?}", report.stats);
+        assert!(
+            report.stats.accepted > 0 && report.stats.rejected == 0,
+            "an honest local LM result was rejected: {:?}",
+            report.stats
+        );
+        assert_eq!(report.stats.datasets, 1, "the stream is fetched once");
+    }
+    let report = liar.join().expect("worker thread")?;
+    assert!(
+        report.stats.rejected >= 1 && report.stats.accepted == 0,
+        "{:?}",
+        report.stats
+    );
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! The language-model rows of `starling-bench kernels` (issue 13): the causal attention core at the demo LM's
 //! shapes, forward and backward, ours vs burn-wgpu — its matmul, mask, softmax and matmul composed (the backward
 //! written out the same way: burn's fused `module::attention` has no backward), plus its fused causal forward —
-//! then the demo LM's whole micro-batch step per backend.
+//! then the demo LM's whole micro-batch step per backend. Ours is timed with both of its kernels side by side: the
+//! per-row one the engine uses and the workgroup-tiled one (`AttnVariant`).
 
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use serde_json::json;
 use starling_core::cpu::CpuEngine;
 use starling_core::rng::SplitMix64;
 use starling_core::transformer::{AttnDims, LmSpec};
-use starling_worker::gpu::{GpuContext, GpuEngine, Kernels, ops};
+use starling_worker::gpu::{AttnVariant, GpuContext, GpuEngine, Kernels, ops};
 
 use crate::{round2, step_ms};
 
@@ -37,7 +38,8 @@ pub fn lm(
         heads: spec.heads as usize,
     };
     let kernels = Kernels::new(ctx);
-    let ours = ops::time_attention(&kernels, dims, 10)?;
+    let ours = ops::time_attention_with(&kernels, (dims, AttnVariant::PerRow), 10)?;
+    let tiled = ops::time_attention_with(&kernels, (dims, AttnVariant::Tiled), 10)?;
     let (burn_f, burn_b) = burn_attention_ms(device, dims)?;
     let fused = burn_fused_forward_ms(device, dims)?;
     let fused_text = fused.map_or("n/a".to_string(), |ms| format!("{ms:.2}"));
@@ -50,17 +52,29 @@ pub fn lm(
         dims.head_width()
     );
     println!(
-        "{:>9} {:>9} {:>9} {:>9} {:>16} {:>10}",
-        "ours fwd", "ours bwd", "burn fwd", "burn bwd", "burn fused fwd", "burn/ours"
+        "{:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>16} {:>10} {:>14}",
+        "ours fwd",
+        "ours bwd",
+        "tiled fwd",
+        "tiled bwd",
+        "burn fwd",
+        "burn bwd",
+        "burn fused fwd",
+        "burn/ours",
+        "tiled/ours"
     );
-    let ratio = (burn_f + burn_b) / (ours.forward_ms + ours.backward_ms);
+    let total = ours.forward_ms + ours.backward_ms;
+    let ratio = (burn_f + burn_b) / total;
+    let gain = (tiled.forward_ms + tiled.backward_ms) / total;
     println!(
-        "{:>9.2} {:>9.2} {burn_f:>9.2} {burn_b:>9.2} {fused_text:>16} {ratio:>10.2}",
-        ours.forward_ms, ours.backward_ms
+        "{:>11.2} {:>11.2} {:>9.2} {:>9.2} {burn_f:>9.2} {burn_b:>9.2} {fused_text:>16} {ratio:>10.2} {gain:>14.2}",
+        ours.forward_ms, ours.backward_ms, tiled.forward_ms, tiled.backward_ms
     );
+    println!("(ours: the per-row kernels the engine runs; tiled: the workgroup-tiled ones, times over ours)");
     let attention = vec![
         json!({"batch": dims.batch, "heads": dims.heads, "seq": dims.seq, "width": dims.width,
         "ours_fwd_ms": round2(ours.forward_ms), "ours_bwd_ms": round2(ours.backward_ms),
+        "tiled_fwd_ms": round2(tiled.forward_ms), "tiled_bwd_ms": round2(tiled.backward_ms),
         "burn_fwd_ms": round2(burn_f), "burn_bwd_ms": round2(burn_b), "burn_fused_fwd_ms": fused.map(round2)}),
     ];
 

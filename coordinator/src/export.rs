@@ -29,7 +29,8 @@ use crate::http::{ApiError, ApiResult, JobAccess};
 
 #[derive(Debug, Deserialize)]
 pub struct Which {
-    /// `latest` (default) or `best` (highest held-out accuracy so far).
+    /// `latest` (default) or `best` (the best evaluated version so far: a language model's lowest held-out loss,
+    /// a classifier's highest held-out accuracy).
     which: Option<String>,
     #[allow(dead_code)]
     token: Option<String>,
@@ -145,14 +146,14 @@ pub async fn download(
             let spec = app.state().job(id).map(|j| j.spec.clone()).ok_or_else(|| {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", "job not found")
             })?;
-            let (step, acc, params) = app.store.load_best(id).await?.ok_or_else(|| {
+            let best = app.store.load_best(id).await?.ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     "no evaluated checkpoint yet",
                 )
             })?;
-            (spec, step, Some(acc), params)
+            (spec, best.step, Some(best.accuracy), best.params)
         }
         other => {
             return Err(ApiError::new(

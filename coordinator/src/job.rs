@@ -74,6 +74,19 @@ pub struct Hyper {
     pub quant: Quant,
     /// `local`: the agreement bound between replicas' deltas (`None`: [`local_tolerance`] for `h`).
     pub local_tolerance: Option<f32>,
+    /// `local`, elastic rounds: most shards (distinct row sets, each leased R-fold) one outer round may hold.
+    /// `None`: the `ceil(global_batch / micro_batch)` base shards only (a fixed round). Above the base shards a
+    /// round grows one shard whenever a v2 worker is idle and every shard of the round is fully leased.
+    pub round_shards_max: Option<u32>,
+    /// `local`, elastic rounds: verified training samples (`h × inner_batch` per shard of this round) at which a
+    /// round closes. `None`: every base shard's worth.
+    pub round_samples: Option<u64>,
+    /// `local`, elastic rounds: a round closes this long after it opened with what is verified by then (at least
+    /// one delta; a round with none stays open until its first). `None`: no deadline.
+    pub round_deadline_ms: Option<u64>,
+    /// `local`, bounded staleness S: a shard still out when its round closes stays valid; its verified delta is
+    /// applied at a later round's close while `v_now − v ≤ S`, weighted `1/(1 + v_now − v)`; beyond S it is late.
+    pub staleness: u32,
 }
 
 /// How a job's results are verified (see [`Hyper::verification`]).
@@ -149,6 +162,10 @@ impl Default for Hyper {
             outer_momentum: 0.9,
             quant: Quant::Int8,
             local_tolerance: None,
+            round_shards_max: None,
+            round_samples: None,
+            round_deadline_ms: None,
+            staleness: DEFAULT_STALENESS,
         }
     }
 }
@@ -157,6 +174,12 @@ impl Default for Hyper {
 pub const DEFAULT_TOLERANCE: f32 = 1e-3;
 /// Default share of replica-accepted micro-batches audited by recomputation.
 pub const DEFAULT_AUDIT: f32 = 0.05;
+/// Default bound on the staleness of a `local` delta (rounds between its base version and the one it is applied to).
+pub const DEFAULT_STALENESS: u32 = 4;
+/// Most shards one elastic round may hold.
+pub const MAX_ROUND_SHARDS: u32 = 4096;
+/// Largest staleness bound a job may set.
+pub const MAX_STALENESS: u32 = 64;
 /// Most replicas of one micro-batch (R plus tie-breakers) before it is abandoned for this step.
 pub const MAX_REPLICAS: u32 = 6;
 
@@ -263,6 +286,33 @@ impl Hyper {
             {
                 return Err(format!("local_tolerance must be in (0, 0.5], got {t}"));
             }
+            let base = self.global_batch.div_ceil(self.micro_batch);
+            if let Some(m) = self.round_shards_max
+                && !(base..=MAX_ROUND_SHARDS).contains(&m)
+            {
+                return Err(format!(
+                    "round_shards_max must be in {base}..={MAX_ROUND_SHARDS} (at least the round's \
+                     ceil(global_batch / micro_batch) base shards), got {m}"
+                ));
+            }
+            if let Some(n) = self.round_samples
+                && !(1..=1_000_000_000).contains(&n)
+            {
+                return Err(format!("round_samples must be in 1..=1000000000, got {n}"));
+            }
+            if let Some(d) = self.round_deadline_ms
+                && !(100..=86_400_000).contains(&d)
+            {
+                return Err(format!(
+                    "round_deadline_ms must be in 100..=86400000, got {d}"
+                ));
+            }
+            if self.staleness > MAX_STALENESS {
+                return Err(format!(
+                    "staleness must be in 0..={MAX_STALENESS}, got {}",
+                    self.staleness
+                ));
+            }
         }
         Ok(())
     }
@@ -320,5 +370,85 @@ impl JobStatus {
     /// Whether the job can never run again.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Completed | Self::Cancelled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> Hyper {
+        Hyper {
+            mode: Mode::Local,
+            h: 2,
+            inner_batch: 4,
+            global_batch: 16,
+            micro_batch: 8,
+            ..Hyper::default()
+        }
+    }
+
+    #[test]
+    fn elastic_fields_default_when_left_out_and_are_range_checked_by_name() {
+        let old: Hyper = serde_json::from_str(r#"{"mode":"local","h":2,"inner_batch":4}"#)
+            .expect("job JSON from before elastic rounds still loads");
+        assert_eq!(
+            (
+                old.round_shards_max,
+                old.round_samples,
+                old.round_deadline_ms,
+                old.staleness
+            ),
+            (None, None, None, DEFAULT_STALENESS)
+        );
+        assert_eq!(local().validate(64), Ok(()));
+        let ok = Hyper {
+            round_shards_max: Some(2),
+            round_samples: Some(1),
+            round_deadline_ms: Some(100),
+            staleness: MAX_STALENESS,
+            ..local()
+        };
+        assert_eq!(ok.validate(64), Ok(()), "bounds included");
+        for (bad, name) in [
+            (
+                Hyper {
+                    round_shards_max: Some(1),
+                    ..local()
+                },
+                "round_shards_max",
+            ),
+            (
+                Hyper {
+                    round_shards_max: Some(MAX_ROUND_SHARDS + 1),
+                    ..local()
+                },
+                "round_shards_max",
+            ),
+            (
+                Hyper {
+                    round_samples: Some(0),
+                    ..local()
+                },
+                "round_samples",
+            ),
+            (
+                Hyper {
+                    round_deadline_ms: Some(99),
+                    ..local()
+                },
+                "round_deadline_ms",
+            ),
+            (
+                Hyper {
+                    staleness: MAX_STALENESS + 1,
+                    ..local()
+                },
+                "staleness",
+            ),
+        ] {
+            let err = bad.validate(64).expect_err(name);
+            assert!(err.starts_with(name), "{name}: {err}");
+        }
     }
 }

@@ -279,6 +279,8 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
             test,
         } = task;
         let for_eval = params.clone();
+        // A language model's best version is its lowest held-out loss, a classifier's its highest accuracy.
+        let by_loss = spec.token_vocab().is_some();
         let out = tokio::task::spawn_blocking(move || {
             let mut engine = CpuEngine::new(spec);
             engine.load(&for_eval)?;
@@ -292,7 +294,12 @@ fn evaluate(app: Arc<App>, task: EvalTask) -> Pin<Box<dyn Future<Output = ()> + 
                 let saved = match app.cluster.fence(job) {
                     Some(fence) => {
                         app.store
-                            .save_best(fence, step, eval.accuracy(), &params)
+                            .save_best(
+                                fence,
+                                step,
+                                (eval.accuracy(), by_loss.then_some(eval.loss)),
+                                &params,
+                            )
                             .await
                     }
                     None => return,

@@ -202,7 +202,16 @@ async fn a_database_from_before_migrations_opens_and_upgrades() -> anyhow::Resul
         sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
             .fetch_all(&pool)
             .await?;
-    assert_eq!(applied, vec![(1, true)]);
+    // It adopted migration 1 (what it already had) and applied every later one.
+    let shipped = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        .count() as i64;
+    assert!(shipped >= 1);
+    assert_eq!(
+        applied,
+        (1..=shipped).map(|v| (v, true)).collect::<Vec<_>>()
+    );
     pool.close().await;
     let store = Store::open(&db).await?;
     assert_eq!(store.jobs().await?.len(), 1);

@@ -294,11 +294,34 @@ async fn metrics_and_best_checkpoints(store: Store) -> anyhow::Result<()> {
     let m = store.metrics(fence.job).await?;
     ensure!(m.len() == 2 && m[0].step == 10 && m[0].loss == 0.4 && m[0].accuracy == 0.8);
     ensure!(m[1].kind == "eval" && m[1].min_agreeing == 2 && m[1].at_ms == 7);
-    store.save_best(fence, 10, 0.8, &[1.0, 2.0]).await?;
-    store.save_best(fence, 11, 0.7, &[3.0, 4.0]).await?;
-    ensure!(store.load_best(fence.job).await? == Some((10, 0.8, vec![1.0, 2.0])));
-    store.save_best(fence, 20, 0.9, &[5.0]).await?;
-    ensure!(store.load_best(fence.job).await? == Some((20, 0.9, vec![5.0])));
+    let best = |step, accuracy, params: &[f32]| {
+        Some(starling_coordinator::store::BestCheckpoint {
+            step,
+            accuracy,
+            loss: None,
+            params: params.to_vec(),
+        })
+    };
+    store.save_best(fence, 10, (0.8, None), &[1.0, 2.0]).await?;
+    store.save_best(fence, 11, (0.7, None), &[3.0, 4.0]).await?;
+    ensure!(store.load_best(fence.job).await? == best(10, 0.8, &[1.0, 2.0]));
+    store.save_best(fence, 20, (0.9, None), &[5.0]).await?;
+    ensure!(store.load_best(fence.job).await? == best(20, 0.9, &[5.0]));
+    // A language model's best is its lowest held-out loss, whatever its accuracy does.
+    let lm = job(&store).await?;
+    let by_loss = |step, accuracy, loss, params: &[f32]| {
+        Some(starling_coordinator::store::BestCheckpoint {
+            step,
+            accuracy,
+            loss: Some(loss),
+            params: params.to_vec(),
+        })
+    };
+    store.save_best(lm, 10, (0.3, Some(2.0)), &[1.0]).await?;
+    store.save_best(lm, 20, (0.4, Some(2.5)), &[2.0]).await?;
+    ensure!(store.load_best(lm.job).await? == by_loss(10, 0.3, 2.0, &[1.0]));
+    store.save_best(lm, 30, (0.2, Some(1.5)), &[3.0]).await?;
+    ensure!(store.load_best(lm.job).await? == by_loss(30, 0.2, 1.5, &[3.0]));
     Ok(())
 }
 
@@ -386,7 +409,7 @@ async fn a_write_with_a_stale_epoch_is_fenced_and_leaves_nothing(
     ensure!(fenced(
         store.insert_eval(old, &metric(1, "eval", 0.1, 0.1)).await
     ));
-    ensure!(fenced(store.save_best(old, 1, 0.5, &[1.0]).await));
+    ensure!(fenced(store.save_best(old, 1, (0.5, None), &[1.0]).await));
     ensure!(fenced(store.claw_back(old, 0, 0, credit).await));
     // Nothing of the fenced writes landed; the new leader writes.
     ensure!(store.load_accepted(old.job, 0).await?.is_empty());

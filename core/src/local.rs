@@ -183,20 +183,32 @@ impl InnerLoop {
     }
 }
 
-/// Gathers the rows at `positions` of a lease's features (`input` wide) and labels.
+/// Gathers the rows at `positions` of a lease's features (`input` wide) and labels (one per row).
 pub fn gather(x: &[f32], labels: &[u32], input: usize, positions: &[u32]) -> (Vec<f32>, Vec<u32>) {
+    gather_rows(x, labels, (input, 1), positions)
+}
+
+/// Gathers the rows at `positions` of a lease's features (`input` wide) and labels (`per_row` each: 1 for a
+/// classifier, `T` for a language model, whose rows are token windows; `ModelSpec::labels_per_row`).
+pub fn gather_rows(
+    x: &[f32],
+    labels: &[u32],
+    (input, per_row): (usize, usize),
+    positions: &[u32],
+) -> (Vec<f32>, Vec<u32>) {
     let mut bx = Vec::with_capacity(positions.len() * input);
-    let mut by = Vec::with_capacity(positions.len());
+    let mut by = Vec::with_capacity(positions.len() * per_row);
     for &p in positions {
         let p = p as usize;
         bx.extend_from_slice(&x[p * input..(p + 1) * input]);
-        by.push(labels[p]);
+        by.extend_from_slice(&labels[p * per_row..(p + 1) * per_row]);
     }
     (bx, by)
 }
 
 /// Runs a whole lease on the CPU backend: how the coordinator replays a lease to settle a disagreement, and how a
-/// CPU worker computes one.
+/// CPU worker computes one. `x` and `labels` are the lease's rows in payload order (`labels_per_row` labels each:
+/// a language model's rows are token windows with their next tokens).
 pub fn run_cpu(
     engine: &mut CpuEngine,
     base: &[f32],
@@ -213,9 +225,10 @@ pub fn run_cpu(
         });
     }
     crate::check_batch(spec, x, labels)?;
-    let mut lp = InnerLoop::new(base, plan, labels.len())?;
+    let per_row = spec.labels_per_row();
+    let mut lp = InnerLoop::new(base, plan, labels.len() / per_row.max(1))?;
     while let Some(rows) = lp.next_rows() {
-        let (bx, by) = gather(x, labels, input, rows);
+        let (bx, by) = gather_rows(x, labels, (input, per_row), rows);
         engine.load(lp.params())?;
         let out = engine.step(&bx, &by)?;
         lp.apply(&out)?;
@@ -356,5 +369,63 @@ mod tests {
         let ok = StepOutput { loss: 1.0, ..nan };
         lp.apply(&ok).unwrap();
         assert_eq!(lp.apply(&ok), Err(LocalError::Finished(1)));
+    }
+
+    /// A language model's lease walks token windows: each inner step's batch is the windows at its `row_order`
+    /// positions with T next-token labels each, replicas agree bit for bit, and the loss falls.
+    #[test]
+    fn a_language_model_lease_runs_over_token_windows() {
+        use crate::tokens::{TokenStream, lease_windows};
+        use crate::transformer::LmSpec;
+        let lm = LmSpec {
+            vocab: 4,
+            context: 5,
+            width: 8,
+            heads: 2,
+            layers: 1,
+            tied: true,
+        };
+        let spec = lm.model_spec();
+        let stream = TokenStream {
+            tokens: (0..80u32).map(|i| i % 4).collect(),
+            context: 5,
+        };
+        let starts = lease_windows(stream.windows(), (24, 12), 9, 3, 1);
+        assert_eq!(starts.len(), 12);
+        assert_eq!(
+            starts,
+            crate::tokens::step_windows(stream.windows(), 24, 9, 3)[12..],
+            "shard 1 is the second 12 starts of the round's draw"
+        );
+        let (ids, labels) = stream.gather(&starts);
+        let x: Vec<f32> = ids.iter().map(|&i| i as f32).collect();
+        let p = LeasePlan {
+            h: 12,
+            inner_batch: 4,
+            seed: 5,
+            optimizer: OptimizerSpec::Adam {
+                lr: 3e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        };
+        let base = spec.init_params(2);
+        let a = run_cpu(&mut CpuEngine::new(spec.clone()), &base, &p, &x, &labels).unwrap();
+        let b = run_cpu(&mut CpuEngine::new(spec.clone()), &base, &p, &x, &labels).unwrap();
+        assert_eq!(a, b, "replicas agree bit for bit");
+        assert_eq!(a.losses.len(), 12);
+        assert!(a.correct.iter().all(|c| *c <= 4 * 5), "{:?}", a.correct);
+        assert!(a.losses[11] < a.losses[0], "{:?}", a.losses);
+        // Inner step 0 is the windows at row_order's first positions, T labels each.
+        let first = &row_order(12, &p)[0];
+        let (bx, by) = gather_rows(&x, &labels, (5, 5), first);
+        let picked: Vec<u32> = first.iter().map(|&i| starts[i as usize]).collect();
+        let (ids0, labels0) = stream.gather(&picked);
+        assert_eq!(by, labels0);
+        assert_eq!(bx, ids0.iter().map(|&i| i as f32).collect::<Vec<_>>());
+        let mut engine = CpuEngine::new(spec.clone());
+        engine.load(&base).unwrap();
+        assert_eq!(engine.step(&bx, &by).unwrap().loss, a.losses[0]);
     }
 }

@@ -314,6 +314,26 @@ pub fn step_windows(windows: usize, batch: usize, seed: u64, step: u64) -> Vec<u
         .collect()
 }
 
+/// The window starts of shard `shard` of round `round` of a `local` language-model job: round `round`'s global
+/// batch is `step_windows(windows, global_batch, seed, round)` (the same draw a `sync` step makes), cut into
+/// shards of `micro_batch` starts in order; shard `s` is starts `s·micro_batch .. (s+1)·micro_batch` (the last
+/// shard may be shorter). The coordinator sends these starts as a lease's payload; a lease's inner steps then walk
+/// them in the seeded order of `core::local::row_order`. A pure function, so a replica or a restarted coordinator
+/// derives the same windows.
+pub fn lease_windows(
+    windows: usize,
+    (global_batch, micro_batch): (usize, usize),
+    seed: u64,
+    round: u64,
+    shard: usize,
+) -> Vec<u32> {
+    let all = step_windows(windows, global_batch, seed, round);
+    all.chunks(micro_batch.max(1))
+        .nth(shard)
+        .map(<[u32]>::to_vec)
+        .unwrap_or_default()
+}
+
 /// A character-level vocabulary: id `i` is the `i`-th distinct character of a text in code-point order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CharVocab {

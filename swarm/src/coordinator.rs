@@ -49,11 +49,32 @@ pub struct JobStatus {
 pub struct Metric {
     pub step: u64,
     pub accuracy: f32,
+    /// When the coordinator recorded the evaluation (ms since the Unix epoch).
+    #[serde(default)]
+    pub at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Hyper {
     pub global_batch: u32,
+    /// `"sync"` or `"local"`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Inner steps per `local` lease.
+    #[serde(default)]
+    pub h: Option<u32>,
+    /// Rows per inner step of a `local` lease.
+    #[serde(default)]
+    pub inner_batch: Option<u32>,
+}
+
+impl Hyper {
+    /// Training samples one verified unit stands for: a `local` lease's H inner steps of `inner_batch` rows; a
+    /// `sync` job's figure is per step instead (see [`JobStatus::samples`]).
+    fn lease_samples(&self) -> Option<f64> {
+        (self.mode.as_deref() == Some("local"))
+            .then(|| f64::from(self.h.unwrap_or(1)) * f64::from(self.inner_batch.unwrap_or(1)))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -63,6 +84,22 @@ pub struct Counters {
     pub speculative_leases: u64,
     pub results_late: u64,
     pub steps_applied: u64,
+    #[serde(default)]
+    pub micro_batches_accepted: u64,
+}
+
+impl JobStatus {
+    /// Verified training samples so far: steps × global batch for a `sync` job; verified leases × H ×
+    /// inner batch for a `local` job (each of its inner steps trains on `inner_batch` rows).
+    pub fn samples(&self) -> f64 {
+        match self.hyper.as_ref() {
+            Some(h) => match h.lease_samples() {
+                Some(per_lease) => self.counters.micro_batches_accepted as f64 * per_lease,
+                None => self.step as f64 * f64::from(h.global_batch),
+            },
+            None => self.step as f64 * 128.0,
+        }
+    }
 }
 
 /// CPU time and memory of a process, from `/proc`.
@@ -186,6 +223,59 @@ impl Coordinator {
         let mut resp = req.call().with_context(|| format!("GET {url}"))?;
         anyhow::ensure!(resp.status() == 200, "GET {url}: {}", resp.status());
         Ok(resp.body_mut().read_json::<JobStatus>()?)
+    }
+
+    /// Replaces the demo job by a job on the same model and dataset with `hyper` (e.g. a `local` one): creates it
+    /// through `POST /api/v1/jobs` as the demo owner, then pauses the demo job (pausing, not cancelling: a finished demo
+    /// run starts its next run) so every volunteer works on the new one. Returns its id.
+    pub fn replace_demo_job(&self, name: &str, hyper: serde_json::Value) -> anyhow::Result<u64> {
+        let token = self
+            .owner_token
+            .as_deref()
+            .context("no demo owner token (was the coordinator started with --demo?)")?;
+        let auth = format!("Bearer {token}");
+        let base = format!("http://{}/api/v1", self.addr);
+        let get = |url: String| -> anyhow::Result<serde_json::Value> {
+            let mut resp = self
+                .agent
+                .get(&url)
+                .header("Authorization", &auth)
+                .call()
+                .with_context(|| format!("GET {url}"))?;
+            anyhow::ensure!(resp.status() == 200, "GET {url}: {}", resp.status());
+            Ok(resp.body_mut().read_json()?)
+        };
+        let demo = get(format!("{base}/jobs/1"))?;
+        let datasets = get(format!("{base}/datasets"))?;
+        let dataset = datasets
+            .as_array()
+            .and_then(|d| d.first())
+            .and_then(|d| d["id"].as_u64())
+            .context("the demo owner has no dataset")?;
+        let body = serde_json::json!({"name": name, "spec": demo["spec"], "dataset": dataset, "hyper": hyper});
+        let url = format!("{base}/jobs");
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(&body)
+            .with_context(|| format!("POST {url}"))?;
+        let created: serde_json::Value = resp.body_mut().read_json()?;
+        anyhow::ensure!(
+            resp.status() == 201,
+            "POST {url}: {} {created}",
+            resp.status()
+        );
+        let id = created["id"].as_u64().context("created job id")?;
+        let url = format!("{base}/jobs/1/pause");
+        let resp = self
+            .agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_empty()
+            .with_context(|| format!("POST {url}"))?;
+        anyhow::ensure!(resp.status() == 200, "POST {url}: {}", resp.status());
+        Ok(id)
     }
 
     /// Worker connections the coordinator counts (`starling_workers_connected` of its `/metrics`).

@@ -17,6 +17,17 @@
 //! WebSocket, bound to its own 127.x.y.z source address. Everything is on loopback; the coordinator is killed and
 //! its directory removed at the end of each scenario.
 //!
+//! `--modes sync,local` runs every scenario twice: `sync` is the demo job itself (protocol v1: a 407 KB gradient
+//! per 32-row micro-batch); `local` replaces it (through `POST /api/v1/jobs` as the demo owner, pausing the demo
+//! job) with the same model on the same dataset as a `local` job (protocol v2): leases of H = 16 inner Adam steps of
+//! 32 rows, int8 deltas both ways, 8 shards per outer round at R = 2, held-out accuracy after every round. With
+//! `--elastic` its rounds are elastic instead: a round grows a shard for every idle volunteer up to 128 and closes
+//! at the 8 base shards' worth of verified samples, the rest carrying over with bounded staleness (at 256
+//! volunteers this diverges today: stale deltas under the outer Nesterov momentum; see the closing note of
+//! issue 10). Its
+//! volunteers keep no dataset cache, so each connection downloads the compact dataset frame (~1.5 MB) once and
+//! the `down` column includes it. `samples/s` counts verified leases × H × 32 for `local`.
+//!
 //! # Emulation
 //! - **Links** are shaped in userspace, not with `tc netem` (which needs root and network namespaces this machine
 //!   does not give): each volunteer's TCP stream is put behind a pump that serialises bytes at the link rate (chunks
@@ -30,8 +41,8 @@
 //!   each is replaced at once, by a newcomer or (half of the time) by a departed volunteer returning with its token.
 //!
 //! # Columns
-//! - `to target s`: wall seconds from the first connection to the first poll (every 0.5 s) that sees the target
-//!   accuracy; `>cap` if never. `vs lan`: that over the `lan` scenario of the same size.
+//! - `to target s`: wall seconds from the first connection to the evaluation that reached the target accuracy (its
+//!   `at_ms`, seen by a poll every 0.5 s); `>cap` if never. `vs lan`: that over the `lan` scenario of the same size.
 //! - `steps`: optimizer steps applied by then. `samples/s`: verified samples (steps × global batch) per second.
 //! - `util`: share of the volunteers' connected time spent computing (emulated, i.e. stretched, compute time).
 //! - `up B/s'pl`, `down B/s'pl`: bytes the volunteers wrote and read at their shaper (WebSocket framing and the
@@ -42,7 +53,8 @@
 //!   `rss MiB`: its peak resident set; `KiB/conn`: its resident growth over the baseline per volunteer.
 //! - `driver cpu`: the same for this process (the volunteers' compute, shapers and WebSockets).
 //!
-//! The last line is one JSON object: `{"scenarios": [{"name", "mode", "volunteers", "time_to_target_s", "vs_lan",
+//! The last line is one JSON object (`vs_lan` against the `lan` scenario of the same size and mode):
+//! `{"scenarios": [{"name", "mode", "volunteers", "time_to_target_s", "vs_lan",
 //! "samples_per_s", "utilisation", "bytes_up_per_sample", "bytes_down_per_sample", "leases_lost",
 //! "coord_cpu_share", "coord_rss_mib"}, …]}` (with `--repeat`, the median run of each scenario). With `--idle N` it
 //! is `{"idle_connections", "welcomed", "kib_per_conn", "accept_s"}`.
@@ -69,7 +81,7 @@ use clap::Parser;
 
 use starling_swarm::coordinator::{Launch, default_repo};
 use starling_swarm::link::Link;
-use starling_swarm::scenario::{self, Figures, Options};
+use starling_swarm::scenario::{self, Figures, JobMode, Options};
 use starling_swarm::{fleet, idle};
 
 /// Swarm benchmark: emulated volunteers on shaped links against a real coordinator.
@@ -82,6 +94,13 @@ struct Cli {
     /// Volunteer counts to run each link with.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
     sizes: Vec<usize>,
+    /// Job modes to run each scenario with: sync (protocol v1, the demo job) and local (protocol v2 leases of H
+    /// inner steps with int8 deltas, the same model and data).
+    #[arg(long, value_delimiter = ',', default_value = "sync")]
+    modes: Vec<String>,
+    /// `local` scenarios: elastic rounds (up to 128 shards while volunteers are idle) instead of 8 fixed shards.
+    #[arg(long)]
+    elastic: bool,
     /// Held-out accuracy that ends a scenario.
     #[arg(long, default_value_t = 0.90)]
     target: f32,
@@ -242,35 +261,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return_share: cli.return_share,
         speed_spread: cli.speed_spread,
         threads: cli.threads,
+        elastic: cli.elastic,
         seed: cli.seed,
     };
+    let modes: Vec<JobMode> = cli
+        .modes
+        .iter()
+        .map(|m| JobMode::parse(m).context(format!("unknown job mode {m:?} (sync or local)")))
+        .collect::<anyhow::Result<_>>()?;
     // runs[scenario][repeat]
     let mut runs: Vec<Vec<Figures>> = Vec::new();
     for rep in 0..cli.repeat.max(1) {
         let mut i = 0;
-        for &n in &cli.sizes {
-            for (name, link) in &links {
-                eprintln!("swarm: run {} · {name} · {n} volunteers", rep + 1);
-                let f = scenario::run(name, *link, n, &opts)?;
-                if let Some(e) = &f.extra.first_error {
+        for &mode in &modes {
+            for &n in &cli.sizes {
+                for (name, link) in &links {
                     eprintln!(
-                        "swarm: {} volunteer(s) ended with an error, first: {e}",
-                        f.extra.errors
+                        "swarm: run {} · {} · {name} · {n} volunteers",
+                        rep + 1,
+                        mode.as_str()
                     );
+                    let f = scenario::run(name, *link, n, mode, &opts)?;
+                    // Each run as it ends, so a long matrix cut short still leaves its figures.
+                    eprintln!(
+                        "swarm: done · to target {} s · {:.0} samples/s · up {:.0} / down {:.0} B/sample · \
+                         coordinator {:.2} cores",
+                        f.time_to_target_s
+                            .map_or_else(|| ">cap".to_string(), |t| format!("{t:.1}")),
+                        f.samples_per_s,
+                        f.bytes_up_per_sample,
+                        f.bytes_down_per_sample,
+                        f.coord_cpu_share
+                    );
+                    if let Some(e) = &f.extra.first_error {
+                        eprintln!(
+                            "swarm: {} volunteer(s) ended with an error, first: {e}",
+                            f.extra.errors
+                        );
+                    }
+                    if rep == 0 {
+                        runs.push(Vec::new());
+                    }
+                    runs[i].push(f);
+                    i += 1;
                 }
-                if rep == 0 {
-                    runs.push(Vec::new());
-                }
-                runs[i].push(f);
-                i += 1;
             }
         }
     }
     let mut chosen: Vec<Figures> = runs.iter().map(|r| median(r).clone()).collect();
     for i in 0..chosen.len() {
+        // Each shaped scenario against the `lan` one of the same size and job mode.
         let lan = chosen
             .iter()
-            .find(|f| f.name == "lan" && f.volunteers == chosen[i].volunteers)
+            .find(|f| {
+                f.name == "lan" && f.volunteers == chosen[i].volunteers && f.mode == chosen[i].mode
+            })
             .and_then(|f| f.time_to_target_s);
         chosen[i].vs_lan = match (chosen[i].time_to_target_s, lan) {
             (Some(t), Some(l)) if l > 0.0 => Some(t / l),

@@ -12,6 +12,61 @@ use crate::coordinator::{Coordinator, Launch, usage};
 use crate::link::Link;
 use crate::volunteer::{Command, Handle, Shards, Spec};
 
+/// The job a scenario trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobMode {
+    /// The demo job as `serve --demo` creates it (protocol v1, a gradient per 32-row micro-batch).
+    Sync,
+    /// The same model and dataset as a `local` job (protocol v2): leases of [`LOCAL_H`] inner steps, int8 deltas
+    /// both ways.
+    Local,
+}
+
+/// Inner steps per lease of the `local` scenarios.
+pub const LOCAL_H: u32 = 16;
+/// Base shards (leases, each replicated R = 2 times) per outer round of the `local` scenarios.
+pub const LOCAL_LEASES: u32 = 8;
+/// Most shards an elastic round of the `local` scenarios grows to while volunteers are idle.
+pub const LOCAL_MAX_SHARDS: u32 = 128;
+
+impl JobMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sync" => Some(Self::Sync),
+            "local" => Some(Self::Local),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Local => "local",
+        }
+    }
+
+    /// The hyperparameters of the job replacing the demo job (`None`: keep the demo job).
+    fn hyper(self, elastic: bool) -> Option<serde_json::Value> {
+        match self {
+            Self::Sync => None,
+            // A lease walks its own 512 rows (H × inner batch) once; the round's 8 leases are a 4,096-row shard of
+            // the training set; held-out accuracy after every round, as the target needs.
+            Self::Local => {
+                let lease_rows = LOCAL_H * 32;
+                Some(serde_json::json!({
+                    "mode": "local", "h": LOCAL_H, "inner_batch": 32, "quant": "int8",
+                    "micro_batch": lease_rows, "global_batch": LOCAL_LEASES * lease_rows,
+                    "redundancy": 2, "steps": 1000, "eval_every": 1,
+                    // `--elastic`: a round grows a shard (leased R-fold) whenever a volunteer is idle, up to 128,
+                    // and closes at its base shards' worth of verified samples; the shards still out carry into
+                    // the next rounds (bounded staleness, weighted 1/(1+s)). Otherwise 8 fixed shards per round.
+                    "round_shards_max": elastic.then_some(LOCAL_MAX_SHARDS),
+                }))
+            }
+        }
+    }
+}
+
 /// Knobs shared by every scenario of a run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -30,6 +85,8 @@ pub struct Options {
     pub speed_spread: f64,
     /// Volunteer shard threads.
     pub threads: usize,
+    /// `local` scenarios: elastic rounds (up to [`LOCAL_MAX_SHARDS`] shards) instead of [`LOCAL_LEASES`] fixed ones.
+    pub elastic: bool,
     pub seed: u64,
 }
 
@@ -84,10 +141,21 @@ fn slowdown(rng: &mut SplitMix64, spread: f64) -> f64 {
 }
 
 /// Runs one scenario.
-pub fn run(name: &str, link: Link, volunteers: usize, opts: &Options) -> anyhow::Result<Figures> {
+pub fn run(
+    name: &str,
+    link: Link,
+    volunteers: usize,
+    mode: JobMode,
+    opts: &Options,
+) -> anyhow::Result<Figures> {
     let coord = Coordinator::start(&opts.launch, name)?;
-    let job = coord.job(1).context("the demo job")?;
-    let global_batch = job.hyper.as_ref().map_or(128, |h| h.global_batch) as f64;
+    let job_id = match mode.hyper(opts.elastic) {
+        None => 1,
+        Some(h) => coord
+            .replace_demo_job(&format!("swarm-{}", mode.as_str()), h)
+            .context("creating the scenario's job")?,
+    };
+    let job = coord.job(job_id).context("the scenario's job")?;
     let base = coord.usage()?;
     let me = std::process::id();
     let driver0 = usage(me)?;
@@ -113,6 +181,9 @@ pub fn run(name: &str, link: Link, volunteers: usize, opts: &Options) -> anyhow:
     };
 
     let t0 = Instant::now();
+    let t0_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     for _ in 0..volunteers {
         members.push(join(&mut shards, None, &mut rng));
     }
@@ -122,16 +193,20 @@ pub fn run(name: &str, link: Link, volunteers: usize, opts: &Options) -> anyhow:
     let mut last_tick = t0;
     while t0.elapsed() < opts.cap {
         std::thread::sleep(tick);
-        match coord.job(1) {
+        match coord.job(job_id) {
             Ok(j) => last = j,
             Err(e) => eprintln!("swarm: polling the job: {e:#}"),
         }
-        if last
+        if let Some(e) = last
             .last_eval
             .as_ref()
-            .is_some_and(|e| e.accuracy >= opts.target)
+            .filter(|e| e.accuracy >= opts.target)
         {
-            reached = Some(t0.elapsed());
+            // The evaluation's own timestamp, not this poll's: the poll interval would quantise short runs.
+            reached = Some(match e.at_ms {
+                Some(at) if at >= t0_ms => Duration::from_millis(at - t0_ms).min(t0.elapsed()),
+                _ => t0.elapsed(),
+            });
             break;
         }
         if last.status != "running" {
@@ -191,7 +266,7 @@ pub fn run(name: &str, link: Link, volunteers: usize, opts: &Options) -> anyhow:
     drop(coord);
 
     let steps = last.step;
-    let samples = last.step as f64 * global_batch;
+    let samples = last.samples();
     let secs = wall.as_secs_f64();
     let per = |bytes: u64| {
         if samples > 0.0 {
@@ -202,7 +277,7 @@ pub fn run(name: &str, link: Link, volunteers: usize, opts: &Options) -> anyhow:
     };
     Ok(Figures {
         name: name.to_string(),
-        mode: "sync",
+        mode: mode.as_str(),
         volunteers,
         time_to_target_s: reached.map(|d| d.as_secs_f64()),
         vs_lan: None,

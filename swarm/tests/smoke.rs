@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use starling_swarm::coordinator::{Launch, default_repo};
 use starling_swarm::link::{Link, shape};
-use starling_swarm::scenario::{self, Options};
+use starling_swarm::scenario::{self, JobMode, Options};
 
 /// The shaper's timing test must not share the two cores with the training test's coordinator and volunteers.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -87,28 +87,31 @@ fn starling_bin() -> std::path::PathBuf {
         .expect("build the coordinator first: cargo build --release --bin starling")
 }
 
-#[test]
-fn four_volunteers_on_lan_train_and_are_metered() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let repo = default_repo();
-    let opts = Options {
+fn options(target: f32, cap_s: u64) -> Options {
+    Options {
         launch: Launch {
             bin: starling_bin(),
-            repo,
+            repo: default_repo(),
             demo: true,
             max_conns_per_addr: 16,
         },
-        // The first evaluation (step 25) clears this.
-        target: 0.5,
-        cap: Duration::from_secs(15),
+        target,
+        cap: Duration::from_secs(cap_s),
         churn_per_min: 0.0,
         vanish_share: 0.5,
         return_share: 0.5,
         speed_spread: 10.0,
         threads: 1,
+        elastic: false,
         seed: 1,
-    };
-    let f = scenario::run("lan", Link::LAN, 4, &opts)?;
+    }
+}
+
+#[test]
+fn four_volunteers_on_lan_train_and_are_metered() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The first evaluation (step 25) clears this.
+    let f = scenario::run("lan", Link::LAN, 4, JobMode::Sync, &options(0.5, 15))?;
     assert_eq!(f.extra.errors, 0, "{:?}", f.extra.first_error);
     assert!(f.time_to_target_s.is_some(), "target not reached: {f:?}");
     assert!(f.extra.steps >= 25 && f.samples_per_s > 0.0, "{f:?}");
@@ -116,5 +119,20 @@ fn four_volunteers_on_lan_train_and_are_metered() -> anyhow::Result<()> {
     // Every verified sample came down twice (R = 2) as 784 f32, and its gradient share went up twice.
     assert!(f.bytes_down_per_sample > 2.0 * 784.0 * 4.0, "{f:?}");
     assert!(f.bytes_up_per_sample > 0.0, "{f:?}");
+    Ok(())
+}
+
+#[test]
+fn a_local_job_replaces_the_demo_and_moves_a_fraction_of_the_bytes() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = scenario::run("lan", Link::LAN, 4, JobMode::Local, &options(0.5, 60))?;
+    assert_eq!(f.extra.errors, 0, "{:?}", f.extra.first_error);
+    assert_eq!(f.mode, "local");
+    assert!(f.time_to_target_s.is_some(), "target not reached: {f:?}");
+    assert!(f.extra.steps >= 1 && f.samples_per_s > 0.0, "{f:?}");
+    // An int8 delta per 512-sample lease (R = 2) instead of a 407 KB gradient per 32 rows: well under a
+    // twentieth of sync's ~25 KB up per sample; down, the dataset frame and int8 broadcasts.
+    assert!(f.bytes_up_per_sample < 1_250.0, "{f:?}");
+    assert!(f.bytes_down_per_sample < 2.0 * 784.0 * 4.0, "{f:?}");
     Ok(())
 }

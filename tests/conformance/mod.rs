@@ -250,6 +250,20 @@ impl Peer {
         )?)
     }
 
+    /// Computes `lease` honestly and sends the result.
+    async fn honest(&mut self, lease: &Lease) -> anyhow::Result<()> {
+        let r = self.compute(lease)?;
+        self.submit(lease.id, r.loss, r.correct, &r.grad).await
+    }
+
+    /// The answer to a `ready` must be `waiting`.
+    async fn expect_waiting(&mut self) -> anyhow::Result<()> {
+        match self.next().await? {
+            (CoordinatorMsg::Waiting { .. }, _) => Ok(()),
+            other => bail!("expected waiting, got {other:?}"),
+        }
+    }
+
     async fn submit(
         &mut self,
         lease: LeaseId,

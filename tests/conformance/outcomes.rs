@@ -18,9 +18,8 @@ async fn result_accepted_when_replicas_agree() -> anyhow::Result<()> {
     let Env { server, alice, .. } = &start("accepted", |_| ()).await?;
     create_job(&Http::new(server), alice, one_micro(2)).await?;
     let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
-    let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
-    a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
-    b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
+    a.honest(&la).await?;
+    b.honest(&lb).await?;
     assert_eq!(a.verdict(la.id).await?, Outcome::Accepted);
     assert_eq!(b.verdict(lb.id).await?, Outcome::Accepted);
     Ok(())
@@ -97,9 +96,8 @@ async fn result_late_for_a_lease_the_connection_does_not_hold() -> anyhow::Resul
     b.submit(LeaseId(999_999), r.loss, r.correct, &r.grad)
         .await?;
     assert_eq!(b.verdict(LeaseId(999_999)).await?, Outcome::Late);
-    let rb = b.compute(&lb)?;
     a.submit(la.id, r.loss, r.correct, &r.grad).await?;
-    b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
+    b.honest(&lb).await?;
     assert_eq!(a.verdict(la.id).await?, Outcome::Accepted);
     assert_eq!(b.verdict(lb.id).await?, Outcome::Accepted);
     Ok(())
@@ -115,7 +113,6 @@ async fn result_late_after_the_lease_expired() -> anyhow::Result<()> {
     let mut a = Peer::join(server, None).await?;
     a.ready().await?;
     let la = a.lease().await?;
-    let r = a.compute(&la)?;
     // Wait for the reaper to expire the lease (a condition, polled), then answer it.
     let start = std::time::Instant::now();
     loop {
@@ -126,7 +123,7 @@ async fn result_late_after_the_lease_expired() -> anyhow::Result<()> {
         anyhow::ensure!(start.elapsed() < WAIT, "lease never expired: {view}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    a.submit(la.id, r.loss, r.correct, &r.grad).await?;
+    a.honest(&la).await?;
     assert_eq!(a.verdict(la.id).await?, Outcome::Late);
     Ok(())
 }
@@ -154,12 +151,11 @@ async fn at_r3_every_replica_is_accepted_once_all_three_agree() -> anyhow::Resul
     let mut c = Peer::join(server, None).await?;
     c.ready().await?;
     let lc = c.lease().await?;
-    let (ra, rb, rc) = (a.compute(&la)?, b.compute(&lb)?, c.compute(&lc)?);
-    a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
-    b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
+    a.honest(&la).await?;
+    b.honest(&lb).await?;
     // Two agreeing replicas of three are no proof (they could be a colluding pair): the micro-batch settles only
     // when the third agrees too, and then none of the three is wasted as `late`.
-    c.submit(lc.id, rc.loss, rc.correct, &rc.grad).await?;
+    c.honest(&lc).await?;
     assert_eq!(a.verdict(la.id).await?, Outcome::Accepted);
     assert_eq!(b.verdict(lb.id).await?, Outcome::Accepted);
     assert_eq!(c.verdict(lc.id).await?, Outcome::Accepted);
@@ -173,13 +169,9 @@ async fn ready_still_stands_after_waiting() -> anyhow::Result<()> {
     let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     let mut c = Peer::join(server, None).await?;
     c.ready().await?;
-    match c.next().await? {
-        (CoordinatorMsg::Waiting { .. }, _) => {}
-        other => bail!("expected waiting, got {other:?}"),
-    }
-    let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
-    a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
-    b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
+    c.expect_waiting().await?;
+    a.honest(&la).await?;
+    b.honest(&lb).await?;
     // The next step opens: c gets a lease without asking again.
     let lc = c.lease().await?;
     assert_eq!(lc.version, 1);
@@ -193,10 +185,7 @@ async fn failed_releases_the_lease_without_a_verdict() -> anyhow::Result<()> {
     let ((mut a, la), (mut b, lb)) = two_replicas(server).await?;
     let mut c = Peer::join(server, None).await?;
     c.ready().await?;
-    match c.next().await? {
-        (CoordinatorMsg::Waiting { .. }, _) => {}
-        other => bail!("expected waiting, got {other:?}"),
-    }
+    c.expect_waiting().await?;
     send(
         &mut a.ws,
         &WorkerMsg::Failed {
@@ -209,9 +198,8 @@ async fn failed_releases_the_lease_without_a_verdict() -> anyhow::Result<()> {
     // The released replica goes to c at once; it and b agree, and a hears nothing about its lease.
     let lc = c.lease().await?;
     assert_eq!(lc.version, 0);
-    let (rb, rc) = (b.compute(&lb)?, c.compute(&lc)?);
-    b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
-    c.submit(lc.id, rc.loss, rc.correct, &rc.grad).await?;
+    b.honest(&lb).await?;
+    c.honest(&lc).await?;
     assert_eq!(b.verdict(lb.id).await?, Outcome::Accepted);
     assert_eq!(c.verdict(lc.id).await?, Outcome::Accepted);
     a.ready().await?;
@@ -248,9 +236,8 @@ async fn solo_lease(server: &Server) -> anyhow::Result<(Peer, Lease, Peer)> {
             la.micro == lb.micro && la.version == lb.version,
             "R = 2 replicas of one micro-batch"
         );
-        let (ra, rb) = (a.compute(&la)?, b.compute(&lb)?);
-        a.submit(la.id, ra.loss, ra.correct, &ra.grad).await?;
-        b.submit(lb.id, rb.loss, rb.correct, &rb.grad).await?;
+        a.honest(&la).await?;
+        b.honest(&lb).await?;
         assert_eq!(a.verdict(la.id).await?, Outcome::Accepted);
         assert_eq!(b.verdict(lb.id).await?, Outcome::Accepted);
     }
@@ -278,8 +265,7 @@ async fn result_accepted_by_a_spot_check() -> anyhow::Result<()> {
     let (_, job) = create_job(&http, alice, adaptive()).await?;
     let (mut a, la, _b) = solo_lease(server).await?;
     let before = counters(&http, job).await?;
-    let r = a.compute(&la)?;
-    a.submit(la.id, r.loss, r.correct, &r.grad).await?;
+    a.honest(&la).await?;
     assert_eq!(
         a.verdict(la.id).await?,
         Outcome::Accepted,
@@ -357,8 +343,7 @@ async fn result_accepted_for_a_speculative_replica_while_the_step_is_open() -> a
         assert_eq!(p.verdict(l.id).await?, Outcome::Accepted);
     }
     // That micro-batch is accepted; the step still waits for the other one. The speculative replica agrees.
-    let r = extra.compute(&le)?;
-    extra.submit(le.id, r.loss, r.correct, &r.grad).await?;
+    extra.honest(&le).await?;
     assert_eq!(extra.verdict(le.id).await?, Outcome::Accepted);
     let c = counters(&Http::new(server), job).await?;
     assert_eq!(
@@ -425,8 +410,7 @@ async fn result_late_after_its_job_was_cancelled() -> anyhow::Result<()> {
         .post(&format!("/api/v1/jobs/{job}/cancel"), Some(alice), b"")
         .await?;
     assert_eq!((status, &view["status"]), (200, &"cancelled".into()));
-    let r = a.compute(&la)?;
-    a.submit(la.id, r.loss, r.correct, &r.grad).await?;
+    a.honest(&la).await?;
     assert_eq!(a.verdict(la.id).await?, Outcome::Late);
     // Cancelling dropped the lease, so the result belongs to no job: docs/API.md does not count it in `results_late`.
     let c = counters(&http, job).await?;

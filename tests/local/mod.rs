@@ -15,6 +15,7 @@ use starling_worker::session::LocalLie;
 
 mod attacks; // Every lie of the attack list against local leases, and raw v2 frames.
 mod datasets; // The `dataset` frame: compact for new workers, raw for old ones, cached on disk.
+mod elastic; // Elastic rounds: 64 workers all kept busy, measured from their own timestamps.
 mod recovery; // A restart mid-round; a v1 worker on a sync job beside a local job.
 
 /// The demo MNIST job in `local` mode: 4 leases of `h` inner steps of 32 rows per outer round.

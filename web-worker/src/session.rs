@@ -4,15 +4,18 @@
 //! [`Session::handle`], so both platforms run exactly this logic — both protocol versions included: v1 leases (one
 //! micro-batch) and v2 local leases (H inner steps, `core::local`, with int8 deltas both ways).
 
+mod lease_data; // The datasets local leases name: rows or a token stream, decoded, checked and gathered.
+
 use starling_core::StepOutput;
-use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather};
+use starling_core::local::{InnerLoop, LeasePlan, LocalOutput, gather_rows};
 use starling_core::protocol::{
     CoordinatorMsg, DatasetEncoding, ErrorCode, JobId, LeaseId, Outcome, PROTOCOL_V2, Platform,
-    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_dataset, decode_delta, encode,
-    encode_delta, f32_bytes, f32s, split_lease_payload,
+    ProtocolError, Quant, WireFrame, WorkerId, WorkerMsg, decode_delta, encode, encode_delta,
+    f32_bytes, f32s, split_lease_payload,
 };
 
 use crate::engine::{Device, Engine, EngineError};
+use lease_data::LeaseData;
 
 /// A frame as received from the coordinator.
 #[derive(Debug, Clone, Copy)]
@@ -147,7 +150,7 @@ pub struct Session {
     tamper: Option<Tamper>,
     lie: Option<Box<dyn LocalLie>>,
     /// Training sets fetched for local leases (v2), by SHA-256, checked on arrival.
-    datasets: Vec<(String, starling_core::data::Dataset)>,
+    datasets: Vec<(String, LeaseData)>,
     /// A local lease waiting for its dataset.
     pending: Option<(CoordinatorMsg, Vec<u8>)>,
     /// Datasets kept across connections and runs (none: every connection fetches them).
@@ -189,7 +192,7 @@ impl Session {
 
     /// Keeps `ds` (named `sha256`) in memory, the latest two datasets at most (a worker rarely trains for more
     /// than a couple of jobs).
-    fn keep_dataset(&mut self, sha256: String, ds: starling_core::data::Dataset) {
+    fn keep_dataset(&mut self, sha256: String, ds: LeaseData) {
         if self.datasets.len() >= 2 {
             self.datasets.remove(0);
         }
@@ -209,7 +212,7 @@ impl Session {
         };
         let decoded = parse_cache_entry(&entry)
             .ok_or_else(|| "not a cache entry".to_string())
-            .and_then(|(e, p)| decode_dataset(e, p, sha256).map_err(|e| e.to_string()));
+            .and_then(|(e, p)| LeaseData::decode(e, p, sha256));
         match decoded {
             Ok(ds) => {
                 self.stats.datasets_cached += 1;
@@ -388,7 +391,7 @@ impl Session {
             CoordinatorMsg::Dataset {
                 sha256, encoding, ..
             } => {
-                let parsed = decode_dataset(encoding, payload, &sha256).map_err(|e| e.to_string());
+                let parsed = LeaseData::decode(encoding, payload, &sha256);
                 let pending = self.pending.take();
                 match parsed {
                     Ok(ds) => {
@@ -599,19 +602,7 @@ impl Session {
                 idx.len()
             ));
         }
-        if ds.dim != input {
-            return Err(format!(
-                "dataset rows are {} wide, the model takes {input}",
-                ds.dim
-            ));
-        }
-        if let Some(bad) = idx.iter().find(|i| **i as usize >= ds.rows()) {
-            return Err(format!(
-                "row {bad} is past the dataset's {} rows",
-                ds.rows()
-            ));
-        }
-        Ok(ds.gather(&idx))
+        ds.gather(&idx, input)
     }
 
     /// Runs a local lease's H inner steps on this worker's engine from the parameters it holds.
@@ -630,7 +621,8 @@ impl Session {
         }
         let engine = self.engine.as_mut().ok_or("no engine")?;
         let input = engine.spec().input_len();
-        let rows = labels.len();
+        let per_row = engine.spec().labels_per_row();
+        let rows = labels.len() / per_row.max(1);
         if let Some(lie) = self.lie.as_mut() {
             lie.plan(&mut plan);
         }
@@ -643,7 +635,7 @@ impl Session {
         self.stats.inner_done = 0;
         let started = now_ms();
         while let Some(positions) = lp.next_rows() {
-            let (bx, by) = gather(x, labels, input, positions);
+            let (bx, by) = gather_rows(x, labels, (input, per_row), positions);
             engine
                 .load(lp.params())
                 .await

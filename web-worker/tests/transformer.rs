@@ -1,5 +1,6 @@
 //! The transformer kernels and the WGSL engine on language models (issue 13): each kernel against the plain-loop
-//! reference (`starling_core::transformer`) on odd shapes (heads 1 and 3, context 1 and 17, width 24, vocab 83),
+//! reference (`starling_core::transformer`) on odd shapes (heads 1 and 3, context 1 and 17, width 24, vocab 83;
+//! both attention kernels, per row and tiled, across their block and tile edges),
 //! the causal mask, the whole step of small LMs (tied and untied heads) against the CPU engine, and the honest
 //! replica distance — WGSL on this adapter against the CPU backend over a short Moby-Dick training run, judged by
 //! the coordinator's own agreement rule. GPU tests run on whatever adapter wgpu finds (lavapipe in CI) and FAIL
@@ -18,7 +19,9 @@ use starling_core::tokens;
 use starling_core::transformer::reference::Reference;
 use starling_core::transformer::{self as lm, AttnDims, Kernels as _, LmSpec, ops as lm_ops};
 use starling_core::{ModelSpec, StepOutput};
-use starling_worker::gpu::{EmbedShape, EmbedTable, GpuContext, GpuEngine, Kernels, ops};
+use starling_worker::gpu::{
+    AttnVariant, EmbedShape, EmbedTable, GpuContext, GpuEngine, Kernels, TILED_MAX_HEAD, ops,
+};
 
 fn ctx() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
@@ -95,6 +98,68 @@ fn attention_forward_and_backward_match_reference() {
         eprintln!("attention {dims:?}: dqkv rel L2 {err:.1e}");
         assert_close(&format!("dqkv {dims:?}"), &g, &dqkv, 1e-5);
     }
+}
+
+/// Both attention kernels — per row and workgroup-tiled — against the reference on shapes that straddle the tiled
+/// kernels' blocks (64 rows) and tiles (32 rows), with the widest head the tiled kernels take (64) and one wider (65,
+/// where a tiled request runs per row); the two kernels sum in the same order, so they agree far inside the
+/// reference tolerance.
+#[test]
+fn tiled_and_per_row_attention_kernels_match_reference_and_each_other() {
+    let mut rng = SplitMix64::new(11);
+    for (batch, seq, width, heads) in [
+        (2, 70, 24, 3),
+        (1, 33, 64, 1),
+        (1, 129, 8, 2),
+        (2, 5, 130, 2),
+    ] {
+        let dims = AttnDims {
+            batch,
+            seq,
+            width,
+            heads,
+        };
+        let n = batch * seq;
+        let qkv = randn(&mut rng, n * 3 * width, 1.0);
+        let dy = randn(&mut rng, n * width, 1.0);
+        let (mut probs, mut y) = (vec![0.0; dims.probs_len()], vec![0.0; n * width]);
+        Reference.attention_forward(dims, &qkv, &mut probs, &mut y);
+        let mut dqkv = vec![0.0; n * 3 * width];
+        Reference.attention_backward(dims, &qkv, &probs, &dy, &mut dqkv);
+        let mut outs = Vec::new();
+        for variant in [AttnVariant::PerRow, AttnVariant::Tiled] {
+            let (gp, gy) = pollster::block_on(ops::attention_forward_with(
+                kernels(),
+                (dims, variant),
+                &qkv,
+            ))
+            .expect("gpu attention");
+            let g = pollster::block_on(ops::attention_backward_with(
+                kernels(),
+                (dims, variant),
+                &qkv,
+                &probs,
+                &dy,
+            ))
+            .expect("gpu attention backward");
+            // Tolerance: f32 dot products of D ≤ 65 terms and a softmax over ≤ 129 scores, against f64 sums.
+            let what = format!("{variant:?} {dims:?}");
+            assert_close(&format!("probs {what}"), &gp, &probs, 1e-5);
+            assert_close(&format!("y {what}"), &gy, &y, 1e-5);
+            assert_close(&format!("dqkv {what}"), &g, &dqkv, 1e-5);
+            outs.push((gy, g));
+        }
+        let (y_err, g_err) = (
+            rel_l2(&outs[0].0, &outs[1].0),
+            rel_l2(&outs[0].1, &outs[1].1),
+        );
+        eprintln!("attention {dims:?}: tiled vs per row, y {y_err:.1e}, dqkv {g_err:.1e}");
+        assert!(
+            y_err < 1e-6 && g_err < 1e-6,
+            "{dims:?}: {y_err:.1e} {g_err:.1e}"
+        );
+    }
+    assert_eq!(TILED_MAX_HEAD, 64);
 }
 
 /// No position sees the future: perturbing position `j0`'s q, k and v leaves every earlier row's probabilities and

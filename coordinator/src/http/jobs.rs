@@ -243,7 +243,7 @@ pub(super) async fn create_job(
         ));
     }
     let (train, test) = app.store.load_examples(req.dataset).await?;
-    check_data(&spec, &hyper, &train, &test)?;
+    check_data(&spec, &train, &test)?;
     hyper
         .validate(train.rows())
         .map_err(|e| ApiError::bad("bad_hyper", e))?;
@@ -290,12 +290,7 @@ pub(super) async fn create_job(
 
 /// Whether a spec can train on a dataset: a classifier on rows whose width and labels it fits, a language model
 /// (issue 13) on a token stream of its context and vocabulary.
-fn check_data(
-    spec: &ModelSpec,
-    hyper: &Hyper,
-    train: &Examples,
-    test: &Examples,
-) -> Result<(), ApiError> {
+fn check_data(spec: &ModelSpec, train: &Examples, test: &Examples) -> Result<(), ApiError> {
     let mismatch = |m: String| ApiError::bad("shape_mismatch", m);
     match (spec.token_vocab(), train, test) {
         (None, Examples::Rows(train), Examples::Rows(test)) => {
@@ -328,12 +323,6 @@ fn check_data(
                     "the dataset's vocabulary has {vocab_size} ids, the spec's embedding and head take {vocab} and {}",
                     spec.classes()
                 )));
-            }
-            if hyper.is_local() {
-                return Err(ApiError::bad(
-                    "bad_hyper",
-                    "mode \"local\" does not take token datasets yet; use \"sync\"",
-                ));
             }
             Ok(())
         }

@@ -13,23 +13,37 @@ use crate::job::JobStatus;
 use crate::store::{Checkpoint, MetricRow, now_ms};
 
 impl State {
-    /// Applies the step once every micro-batch is settled: the robust aggregate of the accepted gradients, one
+    /// Applies the step once every micro-batch is settled (a `local` round: once it is due, `elastic.rs`): the
+    /// robust aggregate of the accepted gradients (a `local` round's stale deltas weighted `1/(1+s)`), one
     /// optimizer update, a new model version, a checkpoint, and (every `eval_every` steps) an evaluation.
     pub(super) fn maybe_advance(&mut self, job_id: JobId, fx: &mut Effects) {
         let now = self.now();
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        if job.micros.is_empty() || job.micros.iter().any(|m| m.unsettled()) {
+        let due = match job.local {
+            Some(_) => job.round_due(now),
+            None => !job.micros.is_empty() && !job.micros.iter().any(|m| m.unsettled()),
+        };
+        if !due {
             return;
         }
+        let old_step = job.step;
+        let weights = super::elastic::part_weights(job);
+        let stale = job
+            .micros
+            .iter()
+            .filter(|m| {
+                matches!(m.phase, Phase::Accepted(_)) && m.origin.is_some_and(|(v, _)| v < job.step)
+            })
+            .count() as u64;
         let mut parts: Vec<(u32, &[f32])> = Vec::new();
         let (mut loss_sum, mut correct, mut rows, mut min_agreeing) =
             (0.0f64, 0u32, 0u32, u32::MAX);
-        for m in &job.micros {
-            if let Phase::Accepted(o) = &m.phase {
+        for (m, w) in job.micros.iter().zip(&weights) {
+            if let (Phase::Accepted(o), Some(w)) = (&m.phase, w) {
                 let r = m.rows.len() as u32;
-                parts.push((r, o.grad.as_slice()));
+                parts.push((*w, o.grad.as_slice()));
                 // A local lease's loss and counts are over its H inner batches.
                 // A language model's are over every position of its rows.
                 let seen = if job.local.is_some() {
@@ -45,13 +59,19 @@ impl State {
         }
         if parts.is_empty() {
             // Every micro-batch was abandoned: run the same step again with fresh leases.
-            job.micros = job.fresh_micros();
+            let fresh = job.fresh_micros();
+            let old = std::mem::replace(&mut job.micros, fresh);
+            if job.local.is_some() {
+                self.carry(job_id, old_step, old, fx);
+            }
             return;
         }
+        job.counters.stale_deltas_applied += stale;
         let grad = crate::aggregate::combine(&parts, job.hyper.aggregate, job.hyper.clip_norm);
         if let Some(local) = job.local.as_mut() {
             // A local round: `grad` is the mean verified delta; the outer step moves θ*, workers get θ_{v+1}.
             let next = local.outer_step(&job.hyper, job.id, job.step, &job.params, &grad);
+            local.keep_base(job.step, job.params.clone(), job.hyper.staleness);
             job.params = Arc::new(next);
         } else {
             let scale = job.hyper.lr_schedule.factor(job.step, job.hyper.steps);
@@ -105,6 +125,7 @@ impl State {
             };
             fx.eval(task);
         }
+        let mut carried = None;
         if done {
             job.status = JobStatus::Completed;
             job.micros.clear();
@@ -114,9 +135,16 @@ impl State {
             });
             tracing::info!(job = %job.id, step = job.step, "job completed its steps");
         } else {
-            job.micros = job.fresh_micros();
+            let fresh = job.fresh_micros();
+            let old = std::mem::replace(&mut job.micros, fresh);
+            if job.local.is_some() {
+                carried = Some(old);
+            }
         }
         self.step_hist.observe(elapsed / 1000.0);
+        if let Some(old) = carried {
+            self.carry(job_id, old_step, old, fx);
+        }
         fx.notify(job_id);
     }
 

@@ -36,10 +36,10 @@ impl State {
     pub(super) fn assign_all(&mut self, fx: &mut Effects) {
         self.audit_fallbacks(fx);
         let now = self.now();
-        let work = self
-            .jobs
-            .values()
-            .any(|j| j.status == JobStatus::Running && j.micros.iter().any(Micro::unsettled));
+        let work = self.jobs.values().any(|j| {
+            j.status == JobStatus::Running
+                && (j.micros.iter().any(Micro::unsettled) || j.can_grow())
+        });
         let mut idle: Vec<(u64, ConnId)> = self
             .conns
             .iter()
@@ -144,7 +144,7 @@ impl State {
             trusted: self.trust_record(conn_id, worker) >= self.config.trust_threshold,
             max_params: self.config.spot_check_max_params,
         };
-        let choice = order.into_iter().find_map(|(_, id)| {
+        let choice = order.iter().find_map(|&(_, id)| {
             let job = &self.jobs[&id];
             if speculative {
                 return pick_straggler(job, &seat, now, speculate_after, &self.leases)
@@ -158,6 +158,17 @@ impl State {
                 return Some((id, m, true));
             }
             pick_fresh(self, job, &seat, salt).map(|m| (id, m, false))
+        });
+        // Elastic `local` rounds: with no open shard anywhere, the first job in order that may grow its round
+        // takes one more shard for this worker (`elastic.rs`).
+        let choice = choice.or_else(|| {
+            (!speculative)
+                .then(|| {
+                    order
+                        .iter()
+                        .find_map(|&(_, id)| self.grow_round(id).map(|m| (id, m, false)))
+                })
+                .flatten()
         });
         let Some((job_id, micro, audit)) = choice else {
             return false;
@@ -323,7 +334,9 @@ impl State {
 
 /// Whether `worker` may take a replica of `m` at all.
 fn open_to(m: &Micro, worker: WorkerId) -> bool {
-    matches!(m.phase, Phase::Open { .. }) && !m.involved.iter().any(|(w, _)| *w == worker)
+    matches!(m.phase, Phase::Open { .. })
+        && m.origin.is_none()
+        && !m.involved.iter().any(|(w, _)| *w == worker)
 }
 
 /// Who asks for a lease, for the pickers.

@@ -209,6 +209,7 @@ impl State {
             }
         }
         let mut fx = self.take_pending();
+        self.close_due_rounds(&mut fx);
         self.assign_all(&mut fx);
         fx
     }

@@ -47,6 +47,12 @@ pub struct JobCounters {
     pub rows_computed: u64,
     pub rows_recomputed: u64,
     pub steps_applied: u64,
+    /// `local` elastic rounds: shards added beyond a round's base shards, verified deltas applied one or more
+    /// rounds after their base version, and shards dropped at a round's close (beyond `staleness`, or not fully
+    /// leased), whose results are late.
+    pub elastic_shards: u64,
+    pub stale_deltas_applied: u64,
+    pub shards_dropped_stale: u64,
 }
 
 /// A Prometheus-style cumulative histogram of seconds.

@@ -208,11 +208,12 @@ impl JobRun {
             local,
             dataset: None,
         };
-        // Local rounds lease row datasets only (job creation refuses a local language model).
-        if job.local.is_some()
-            && let Examples::Rows(train) = &*job.train
-        {
-            job.dataset = Some(super::round::dataset_frame(job.id, train));
+        // A local job's leases name its training set: rows as an SDS1 frame, a token stream as an STK1 one.
+        if job.local.is_some() {
+            job.dataset = match &*job.train {
+                Examples::Rows(train) => Some(super::round::dataset_frame(job.id, train)),
+                Examples::Tokens { .. } => super::round::token_dataset_frame(job.id, &job.train),
+            };
         }
         if job.step >= job.hyper.steps {
             job.status = JobStatus::Completed;

@@ -117,6 +117,10 @@ pub(super) struct Micro {
     pub vouchers: Vec<crate::store::Credit>,
     /// Audited mode: the accepted result is being audited, and the step waits for the verdict.
     pub audit: Option<super::audit::PendingAudit>,
+    /// A `local` shard carried over from an earlier round (`scheduler::elastic`): that round and the shard's index
+    /// in it, which name its plan and its base version. No new leases are issued for it. `None`: a shard of the
+    /// current round, named by its index.
+    pub origin: Option<(u64, u32)>,
 }
 
 impl Micro {
@@ -132,6 +136,7 @@ impl Micro {
             involved: Vec::new(),
             vouchers: Vec::new(),
             audit: None,
+            origin: None,
         }
     }
 

@@ -24,6 +24,7 @@
 //! - `job_run`: a job in memory and how it is loaded;
 //! - `round`: what `local` jobs (protocol v2) add: master parameters, outer Nesterov step, int8 model deltas,
 //!   the `local_result` path and trace agreement;
+//! - `elastic`: elastic `local` rounds (growing, closing at a sample target or a deadline) and bounded staleness;
 //! - `effects`: what handlers ask the transport to do; `counters`: per-job counters and the step histogram.
 
 mod advance;
@@ -32,6 +33,7 @@ mod audit;
 mod conns;
 mod counters;
 mod effects;
+mod elastic;
 mod job_run;
 mod micro;
 mod placement;

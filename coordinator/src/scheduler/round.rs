@@ -22,7 +22,7 @@ use starling_core::local::{LeasePlan, LocalOutput};
 use starling_core::optim::Nesterov;
 use starling_core::protocol::{
     CoordinatorMsg, DatasetEncoding, JobId, LeaseId, Quant, WireFrame, dataset_sha256,
-    decode_delta, encode, encode_dataset, encode_delta,
+    decode_delta, encode, encode_dataset, encode_delta, encode_token_dataset,
 };
 
 use super::State;
@@ -65,6 +65,9 @@ pub struct LocalRun {
     pub(super) outer: Nesterov,
     /// `model_delta` frames of the last versions: `(from, frame)` takes a worker from `from` to `from + 1`.
     deltas: VecDeque<(u64, Bytes)>,
+    /// θ_v of the last `hyper.staleness` versions before the current one: a shard carried from round v is
+    /// replayed from them (`elastic.rs`). In memory only: carried shards do not survive a restart.
+    bases: VecDeque<(u64, Arc<Vec<f32>>)>,
 }
 
 /// A checkpoint's optimizer bytes for a `local` job: a tag, then θ* and the outer velocity as f32 LE.
@@ -77,6 +80,7 @@ impl LocalRun {
             master: params.to_vec(),
             outer: Nesterov::new(hyper.outer_lr, hyper.outer_momentum, params.len()),
             deltas: VecDeque::new(),
+            bases: VecDeque::new(),
         }
     }
 
@@ -98,6 +102,22 @@ impl LocalRun {
         out.extend_from_slice(&starling_core::protocol::f32_bytes(&self.master));
         out.extend_from_slice(&starling_core::protocol::f32_bytes(&self.outer.u));
         out
+    }
+
+    /// Keeps θ_`version` (being replaced by an outer step) for shards of that round still out, `keep` versions.
+    pub(super) fn keep_base(&mut self, version: u64, params: Arc<Vec<f32>>, keep: u32) {
+        self.bases.push_back((version, params));
+        while self.bases.len() > keep as usize {
+            self.bases.pop_front();
+        }
+    }
+
+    /// θ_`version`, if it is kept.
+    pub(super) fn base(&self, version: u64) -> Option<Arc<Vec<f32>>> {
+        self.bases
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, p)| p.clone())
     }
 
     /// The frames that bring a connection holding `held` to the job's current version.
@@ -258,6 +278,28 @@ pub fn dataset_frame(job: JobId, train: &starling_core::data::Dataset) -> (Strin
     (frames.sha256().to_string(), frames)
 }
 
+/// A language model's training stream as its one `dataset` frame (`stk1_deflate`, named by the SHA-256 of the
+/// stream's STK1 bytes); `None`, logged, if the stream cannot be encoded (a local lease then carries its windows'
+/// ids and labels instead).
+pub fn token_dataset_frame(
+    job: JobId,
+    train: &crate::examples::Examples,
+) -> Option<(String, DatasetFrames)> {
+    let stk1 = train
+        .encode()
+        .map_err(|e| tracing::error!(%job, error = %e, "cannot encode the token stream"))
+        .ok()?;
+    let (sha256, payload) = encode_token_dataset(&stk1);
+    let encoding = DatasetEncoding::Stk1Deflate;
+    let frame = DatasetFrames::frame(job, &sha256, encoding, &payload);
+    let frames = DatasetFrames {
+        sha256: sha256.clone(),
+        compact: (encoding, frame),
+        raw: None,
+    };
+    Some((sha256, frames))
+}
+
 /// The plan of shard `shard` of round `round`: every replica of the shard gets the same seed.
 pub fn plan(hyper: &Hyper, round: u64, shard: u32) -> LeasePlan {
     let mut rng = starling_core::rng::SplitMix64::new(
@@ -306,15 +348,28 @@ impl State {
             && v2
             && let Some((sha, frames)) = &mut job.dataset
             && sha.eq_ignore_ascii_case(sha256)
-            // Only row datasets have frames (a local language model is refused at job creation).
-            && let crate::examples::Examples::Rows(train) = &*job.train
         {
-            let frame = frames.for_accept(job_id, train, accept);
-            fx.send(
-                conn,
-                Some(job_id),
-                super::effects::Outbound::Frame(axum::extract::ws::Message::Binary(frame)),
-            );
+            let frame = match &*job.train {
+                crate::examples::Examples::Rows(train) => {
+                    Some(frames.for_accept(job_id, train, accept))
+                }
+                // A token stream has one encoding; a worker that cannot decode it gets no frame (and fails the
+                // lease when its deadline passes).
+                crate::examples::Examples::Tokens { .. } => {
+                    let (encoding, frame) = &frames.compact;
+                    accept
+                        .iter()
+                        .any(|a| a == encoding.as_str())
+                        .then(|| frame.clone())
+                }
+            };
+            if let Some(frame) = frame {
+                fx.send(
+                    conn,
+                    Some(job_id),
+                    super::effects::Outbound::Frame(axum::extract::ws::Message::Binary(frame)),
+                );
+            }
         }
         fx
     }
@@ -385,10 +440,11 @@ impl State {
                 "inner loss {l} is not a finite non-negative number"
             ));
         }
-        if let Some(c) = correct.iter().find(|c| **c > job.hyper.inner_batch) {
+        // A language model counts correct positions: T per row.
+        let positions = job.hyper.inner_batch as usize * job.spec.labels_per_row();
+        if let Some(c) = correct.iter().find(|c| **c as usize > positions) {
             return Err(format!(
-                "correct count {c} exceeds the {} rows of an inner step",
-                job.hyper.inner_batch
+                "correct count {c} exceeds the {positions} predictions of an inner step"
             ));
         }
         decode_delta(quant, payload, job.spec.param_count()).map_err(|e| e.to_string())

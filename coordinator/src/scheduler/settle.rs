@@ -148,9 +148,10 @@ impl State {
             conn: c.conn,
             lease: c.lease,
         };
-        // A local lease's counts sum over its inner steps, which may revisit rows.
+        // A local lease's counts sum over its inner steps, which may revisit rows (and a language model's count
+        // positions: `labels_per_row` per row).
         let rows = match trace {
-            Some(_) => job.hyper.h * job.hyper.inner_batch,
+            Some(_) => job.hyper.h * job.hyper.inner_batch * job.spec.labels_per_row() as u32,
             // A language model predicts every position of a row: `labels_per_row` counts per row.
             None => (job.micros[c.micro as usize].rows.len() * job.spec.labels_per_row()) as u32,
         };
@@ -312,8 +313,9 @@ impl State {
         };
         let (x, labels) = job.train.gather(&job.micros[micro as usize].rows);
         let rows = job.micros[micro as usize].rows.len() as u64;
+        // A shard carried from an earlier round is replayed from its own base version and plan (`elastic.rs`).
         let local = job.local.as_ref().map(|_| super::effects::LocalReplay {
-            plan: super::round::plan(&job.hyper, job.step, micro),
+            plan: job.shard_plan(micro as usize),
             quant: job.hyper.quant,
         });
         let r = Recompute {
@@ -323,7 +325,10 @@ impl State {
             step: job.step,
             micro,
             spec: job.spec.clone(),
-            params: job.params.clone(),
+            params: match job.local {
+                Some(_) => job.shard_base(micro as usize),
+                None => job.params.clone(),
+            },
             x,
             labels,
         };

@@ -305,49 +305,69 @@ impl Store {
             .collect())
     }
 
-    /// Keeps the parameters of the best evaluated version (only if `accuracy` beats the stored one).
+    /// Keeps the parameters of the best evaluated version, only if it beats the stored one: by the lowest held-out
+    /// `loss` when one is given (a language model, whose accuracy is a poor guide), else by the highest
+    /// `accuracy`.
     pub async fn save_best(
         &self,
         fence: Fence,
         step: u64,
-        accuracy: f32,
+        (accuracy, loss): (f32, Option<f32>),
         params: &[f32],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let job = fence.job;
         self.engine.check_fence(&mut tx, fence).await?;
-        sqlx::query(
-            "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms) VALUES ($1, $2, $3, $4, $5)
+        let better = match loss {
+            Some(_) => {
+                "WHERE best_checkpoints.loss IS NULL OR excluded.loss < best_checkpoints.loss"
+            }
+            None => "WHERE excluded.accuracy > best_checkpoints.accuracy",
+        };
+        let sql = format!(
+            "INSERT INTO best_checkpoints (job_id, step, accuracy, params, updated_ms, loss) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, accuracy = excluded.accuracy,
-               params = excluded.params, updated_ms = excluded.updated_ms
-             WHERE excluded.accuracy > best_checkpoints.accuracy",
-        )
-        .bind(job.0 as i64)
-        .bind(step as i64)
-        .bind(accuracy as f64)
-        .bind(f32_bytes(params))
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+               params = excluded.params, updated_ms = excluded.updated_ms, loss = excluded.loss
+             {better}"
+        );
+        sqlx::query(&sql)
+            .bind(job.0 as i64)
+            .bind(step as i64)
+            .bind(accuracy as f64)
+            .bind(f32_bytes(params))
+            .bind(now_ms())
+            .bind(loss.map(|l| l as f64))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// The best evaluated version: `(step, accuracy, params)`.
-    pub async fn load_best(&self, job: JobId) -> Result<Option<(u64, f32, Vec<f32>)>> {
-        let row =
-            sqlx::query("SELECT step, accuracy, params FROM best_checkpoints WHERE job_id = $1")
-                .bind(job.0 as i64)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|r| {
-            (
-                r.get::<i64, _>(0) as u64,
-                r.get::<f64, _>(1) as f32,
-                f32s(&r.get::<Vec<u8>, _>(2)),
-            )
+    /// The best evaluated version: `(step, accuracy, held-out loss when it was chosen by loss, params)`.
+    pub async fn load_best(&self, job: JobId) -> Result<Option<BestCheckpoint>> {
+        let row = sqlx::query(
+            "SELECT step, accuracy, loss, params FROM best_checkpoints WHERE job_id = $1",
+        )
+        .bind(job.0 as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| BestCheckpoint {
+            step: r.get::<i64, _>(0) as u64,
+            accuracy: r.get::<f64, _>(1) as f32,
+            loss: r.get::<Option<f64>, _>(2).map(|l| l as f32),
+            params: f32s(&r.get::<Vec<u8>, _>(3)),
         }))
     }
+}
+
+/// The kept best version of a job (`Store::load_best`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestCheckpoint {
+    pub step: u64,
+    pub accuracy: f32,
+    /// Held-out loss, for a version chosen by loss (a language model).
+    pub loss: Option<f32>,
+    pub params: Vec<f32>,
 }
 
 async fn insert_metric(tx: &mut AnyConnection, job: JobId, m: &MetricRow) -> Result<()> {

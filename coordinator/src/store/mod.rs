@@ -22,6 +22,7 @@ mod jobs;
 
 pub use accounts::OwnerRow;
 pub use cluster::{LeaderRow, Leadership, NodeRow};
+pub use jobs::BestCheckpoint;
 
 use std::path::Path;
 use std::time::Duration;
@@ -130,18 +131,32 @@ pub struct Fence {
 /// `macros` feature, whose proc-macro brings sqlx-macros-core and, as its own dependencies, sqlx-sqlite and the
 /// bundled SQLite C library again (`cargo tree -e normal,build --features sqlx/macros`); a list of `include_str!`s
 /// costs nothing. Refinery has no sqlx driver (it would add rusqlite, a second SQLite binding).
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "best_loss",
+        include_str!("../../migrations/0002_best_loss.sql"),
+    ),
+];
 
 /// PostgreSQL's migrations, numbered like SQLite's (a file here for each file there, in PostgreSQL's types).
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/postgres/0001_initial.sql"),
-)];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "best_loss",
+        include_str!("../../migrations/postgres/0002_best_loss.sql"),
+    ),
+];
 
 /// The embedded migrations of one engine as sqlx's migrator takes them.
 #[derive(Debug)]

@@ -32,6 +32,9 @@ pub enum DatasetEncoding {
     /// palette (feature i = palette[index i]), then `N` u32 LE labels. Only for datasets with at most 256 distinct
     /// feature values (bit patterns); lossless. Padded as `Deflate`.
     PaletteDeflate,
+    /// A language model's token stream (issue 13): DEFLATE of its `STK1` bytes (docs/API.md, "Token datasets"),
+    /// padded as `Deflate`; named by the SHA-256 of those `STK1` bytes (see [`encode_token_dataset`]).
+    Stk1Deflate,
 }
 
 impl DatasetEncoding {
@@ -40,22 +43,33 @@ impl DatasetEncoding {
             Self::Raw => "raw",
             Self::Deflate => "deflate",
             Self::PaletteDeflate => "palette_deflate",
+            Self::Stk1Deflate => "stk1_deflate",
         }
     }
 
     /// The encoding named `name` (an unknown name is `None`: a newer worker may list encodings this side lacks).
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::Raw, Self::Deflate, Self::PaletteDeflate]
-            .into_iter()
-            .find(|e| e.as_str() == name)
+        [
+            Self::Raw,
+            Self::Deflate,
+            Self::PaletteDeflate,
+            Self::Stk1Deflate,
+        ]
+        .into_iter()
+        .find(|e| e.as_str() == name)
     }
 
     /// Every encoding this implementation decodes, most compact first (what a worker lists in `accept`).
     pub fn all() -> Vec<String> {
-        [Self::PaletteDeflate, Self::Deflate, Self::Raw]
-            .iter()
-            .map(|e| e.as_str().to_string())
-            .collect()
+        [
+            Self::PaletteDeflate,
+            Self::Deflate,
+            Self::Raw,
+            Self::Stk1Deflate,
+        ]
+        .iter()
+        .map(|e| e.as_str().to_string())
+        .collect()
     }
 
     fn is_raw(&self) -> bool {
@@ -212,6 +226,9 @@ pub fn decode_dataset_bytes(
         DatasetEncoding::Raw => Ok(payload.to_vec()),
         DatasetEncoding::Deflate => inflate(payload),
         DatasetEncoding::PaletteDeflate => unpalette(&inflate(payload)?),
+        DatasetEncoding::Stk1Deflate => Err(DatasetCodecError::Data(
+            "stk1_deflate carries a token stream, not rows".into(),
+        )),
     }
 }
 
@@ -259,4 +276,35 @@ pub fn dataset_sha256(ds: &Dataset) -> String {
         h.update(&buf);
     }
     crate::digest::hex(&h.finalize())
+}
+
+/// The `dataset` frame of a language model's training stream: its `STK1` bytes (`core::tokens::encode_tokens`,
+/// as the job stores them), the SHA-256 (lower-case hex) of those bytes, which names the stream on every
+/// `local_lease`, and the `stk1_deflate` payload.
+pub fn encode_token_dataset(stk1: &[u8]) -> (String, Vec<u8>) {
+    (crate::digest::sha256_hex(stk1), deflate(stk1))
+}
+
+/// Decodes a `stk1_deflate` payload, checks the SHA-256 of the inflated `STK1` bytes against `sha256` (compared
+/// case-insensitively) and parses the stream (every id checked against the vocabulary).
+pub fn decode_token_dataset(
+    encoding: DatasetEncoding,
+    payload: &[u8],
+    sha256: &str,
+) -> Result<crate::tokens::TokenDataset, DatasetCodecError> {
+    if encoding != DatasetEncoding::Stk1Deflate {
+        return Err(DatasetCodecError::Data(format!(
+            "a token stream travels as stk1_deflate, not {}",
+            encoding.as_str()
+        )));
+    }
+    let raw = inflate(payload)?;
+    let got = crate::digest::sha256_hex(&raw);
+    if !got.eq_ignore_ascii_case(sha256) {
+        return Err(DatasetCodecError::Digest {
+            got,
+            want: sha256.to_string(),
+        });
+    }
+    crate::tokens::parse_tokens(&raw).map_err(|e| DatasetCodecError::Data(e.to_string()))
 }

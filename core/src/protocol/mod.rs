@@ -22,7 +22,8 @@ mod v2;
 
 pub use dataset::{
     DEFLATE_LEVEL, DatasetCodecError, DatasetEncoding, MAX_DATASET_BYTES, dataset_sha256,
-    decode_dataset, decode_dataset_bytes, encode_dataset,
+    decode_dataset, decode_dataset_bytes, decode_token_dataset, encode_dataset,
+    encode_token_dataset,
 };
 pub use payload::{f32_bytes, f32s, lease_payload, split_lease_payload, u32_bytes, u32s};
 pub use v2::{PROTOCOL_V2, Quant, decode_delta, encode_delta, negotiate};

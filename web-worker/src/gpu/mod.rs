@@ -11,6 +11,7 @@ pub mod codegen; // Generator of the unrolled subgroup matmul for CPU-emulated a
 mod engine; // The resident-model engine: buffers, cached dispatch plans, step and evaluate.
 mod kernels; // One struct per WGSL kernel with its mirrored `Params`.
 pub mod layers; // What each layer kind records, forward and backward; the lazily built pipelines.
+mod nodes; // The layer graph resolved into the nodes the engine records.
 pub mod ops; // One layer at a time on the GPU (kernel tests, benchmark).
 pub mod selftest; // Every matmul variant and one full step against the CPU backend, natively and in the browser.
 mod transfer; // The shared upload / dispatch / read-back helper.
@@ -20,8 +21,8 @@ use std::sync::Arc;
 
 pub use engine::GpuEngine;
 pub use kernels::{
-    AdapterTraits, BlockTile, ConvShape, ElementwiseAct, EmbedShape, EmbedTable, MatmulKernel,
-    MatmulParams, MatmulVariant, NormShape, PoolKind, PoolShape,
+    AdapterTraits, AttnVariant, BlockTile, ConvShape, ElementwiseAct, EmbedShape, EmbedTable,
+    MatmulKernel, MatmulParams, MatmulVariant, NormShape, PoolKind, PoolShape, TILED_MAX_HEAD,
 };
 pub use layers::{ConvLayer, DenseLayer, Kernels};
 use starling_core::Activation;

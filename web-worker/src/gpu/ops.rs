@@ -5,7 +5,8 @@ use starling_core::transformer::AttnDims;
 
 use super::GpuError;
 use super::kernels::{
-    ElementwiseAct, EmbedShape, EmbedTable, NormShape, PoolKind, PoolShape, stats_bytes,
+    AttnVariant, ElementwiseAct, EmbedShape, EmbedTable, NormShape, PoolKind, PoolShape,
+    stats_bytes,
 };
 use super::layers::{self, ConvLayer, Kernels};
 use super::transfer::{self, Dispatch};
@@ -345,10 +346,20 @@ pub async fn embed_backward(
     Ok(f32s(&out[0]))
 }
 
-/// The causal attention core forward from `qkv [B·T, 3C]`: returns (`probs [B, H, T, T]`, `y [B·T, C]`).
+/// The causal attention core forward from `qkv [B·T, 3C]`: returns (`probs [B, H, T, T]`, `y [B·T, C]`), by the
+/// kernel the engine uses for `dims`.
 pub async fn attention_forward(
     k: &Kernels,
     dims: AttnDims,
+    qkv: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+    attention_forward_with(k, (dims, AttnVariant::ENGINE), qkv).await
+}
+
+/// [`attention_forward`] by a chosen kernel.
+pub async fn attention_forward_with(
+    k: &Kernels,
+    (dims, variant): (AttnDims, AttnVariant),
     qkv: &[f32],
 ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
     let ctx = k.ctx();
@@ -357,7 +368,7 @@ pub async fn attention_forward(
     let q_buf = transfer::storage_init(ctx, "attention qkv", bytemuck::cast_slice(qkv))?;
     let probs = transfer::storage(ctx, "attention probs", bytes(dims.probs_len()))?;
     let y = transfer::storage(ctx, "attention y", bytes(n * dims.width))?;
-    let d = transformer::attention_forward(k, dims, &q_buf, &probs, &y);
+    let d = transformer::attention_forward(k, (dims, variant), &q_buf, &probs, &y);
     let out = transfer::run(
         ctx,
         "attention forward",
@@ -371,10 +382,22 @@ pub async fn attention_forward(
     Ok((f32s(&out[0]), f32s(&out[1])))
 }
 
-/// The causal attention core backward: `dqkv [B·T, 3C]` from `qkv`, the forward's `probs` and `dy [B·T, C]`.
+/// The causal attention core backward: `dqkv [B·T, 3C]` from `qkv`, the forward's `probs` and `dy [B·T, C]`, by
+/// the kernels the engine uses for `dims`.
 pub async fn attention_backward(
     k: &Kernels,
     dims: AttnDims,
+    qkv: &[f32],
+    probs: &[f32],
+    dy: &[f32],
+) -> Result<Vec<f32>, GpuError> {
+    attention_backward_with(k, (dims, AttnVariant::ENGINE), qkv, probs, dy).await
+}
+
+/// [`attention_backward`] by chosen kernels.
+pub async fn attention_backward_with(
+    k: &Kernels,
+    (dims, variant): (AttnDims, AttnVariant),
     qkv: &[f32],
     probs: &[f32],
     dy: &[f32],
@@ -389,7 +412,8 @@ pub async fn attention_backward(
     let dy_buf = transfer::storage_init(ctx, "attention dy", bytemuck::cast_slice(dy))?;
     let ds = transfer::storage(ctx, "attention ds", bytes(dims.probs_len()))?;
     let dqkv = transfer::storage(ctx, "attention dqkv", bytes(n * 3 * dims.width))?;
-    let d = transformer::attention_backward(k, dims, (&q_buf, &p_buf, &dy_buf), &ds, &dqkv);
+    let d =
+        transformer::attention_backward(k, (dims, variant), (&q_buf, &p_buf, &dy_buf), &ds, &dqkv);
     let out = transfer::run(
         ctx,
         "attention backward",
@@ -407,11 +431,22 @@ pub struct AttentionTiming {
     pub backward_ms: f64,
 }
 
-/// Benchmark helper: the attention core's forward and backward passes on resident buffers, `reps` runs each.
+/// Benchmark helper: the attention core's forward and backward passes on resident buffers, `reps` runs each, by
+/// the kernels the engine uses for `dims`.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn time_attention(
     k: &Kernels,
     dims: AttnDims,
+    reps: usize,
+) -> Result<AttentionTiming, GpuError> {
+    time_attention_with(k, (dims, AttnVariant::ENGINE), reps)
+}
+
+/// [`time_attention`] by chosen kernels (the benchmark times both side by side).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn time_attention_with(
+    k: &Kernels,
+    (dims, variant): (AttnDims, AttnVariant),
     reps: usize,
 ) -> Result<AttentionTiming, GpuError> {
     let ctx = k.ctx();
@@ -435,8 +470,15 @@ pub fn time_attention(
     let ds = transfer::storage(ctx, "bench ds", bytes(dims.probs_len()))?;
     let y = transfer::storage(ctx, "bench y", bytes(n * dims.width))?;
     let dqkv = transfer::storage(ctx, "bench dqkv", bytes(n * 3 * dims.width))?;
-    let forward = [transformer::attention_forward(k, dims, &qkv, &probs, &y)];
-    let backward = transformer::attention_backward(k, dims, (&qkv, &probs, &dy), &ds, &dqkv);
+    let forward = [transformer::attention_forward(
+        k,
+        (dims, variant),
+        &qkv,
+        &probs,
+        &y,
+    )];
+    let backward =
+        transformer::attention_backward(k, (dims, variant), (&qkv, &probs, &dy), &ds, &dqkv);
     let time = |d: &[Dispatch]| -> Result<f64, GpuError> {
         transfer::submit_and_wait(ctx, d, 1)?;
         let start = std::time::Instant::now();

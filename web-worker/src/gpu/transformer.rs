@@ -11,7 +11,9 @@
 use starling_core::reference::MatmulForm;
 use starling_core::transformer::{AttnDims, BlockLayout, LN_EPS, MLP_RATIO};
 
-use super::kernels::{ElementwiseAct, EmbedShape, MatmulParams, NormShape, stats_bytes};
+use super::kernels::{
+    AttnVariant, ElementwiseAct, EmbedShape, MatmulParams, NormShape, stats_bytes,
+};
 use super::layers::{self, DenseLayer, Kernels};
 use super::transfer::{self, Dispatch};
 use super::{GpuContext, GpuError};
@@ -211,40 +213,33 @@ pub(crate) fn embed_backward(
         .dispatch(k.ctx(), "embedding grad", shape, accumulate, x, dy, grad)
 }
 
-/// The attention core forward: `probs`, `y` from `qkv`.
+/// The attention core forward: `probs`, `y` from `qkv`, by the `variant` kernel.
 pub(crate) fn attention_forward(
     k: &Kernels,
-    dims: AttnDims,
+    (dims, variant): (AttnDims, AttnVariant),
     qkv: &wgpu::Buffer,
     probs: &wgpu::Buffer,
     y: &wgpu::Buffer,
 ) -> Dispatch {
     k.attention()
-        .dispatch(k.ctx(), "attention", dims, qkv, probs, y)
+        .dispatch(k.ctx(), "attention", dims, variant, qkv, probs, y)
 }
 
-/// The attention core backward: `ds` (scratch), then all of `dqkv` (overwritten).
+/// The attention core backward: `ds` (scratch), then all of `dqkv` (overwritten), by the `variant` kernels.
 pub(crate) fn attention_backward(
     k: &Kernels,
-    dims: AttnDims,
+    (dims, variant): (AttnDims, AttnVariant),
     (qkv, probs, dy): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ds: &wgpu::Buffer,
     dqkv: &wgpu::Buffer,
 ) -> [Dispatch; 2] {
     let ctx = k.ctx();
+    let buffers = [qkv, probs, dy, ds, dqkv];
     [
         k.attention_grad_rows()
-            .dispatch(ctx, "attention grad dq", dims, qkv, probs, dy, ds, dqkv),
-        k.attention_grad_cols().dispatch(
-            ctx,
-            "attention grad dk dv",
-            dims,
-            qkv,
-            probs,
-            dy,
-            ds,
-            dqkv,
-        ),
+            .dispatch(ctx, "attention grad dq", dims, variant, buffers),
+        k.attention_grad_cols()
+            .dispatch(ctx, "attention grad dk dv", dims, variant, buffers),
     ]
 }
 
@@ -274,7 +269,13 @@ pub(crate) fn block_forward(
         params,
         &a.qkv,
     ));
-    d.push(attention_forward(k, l.dims, &a.qkv, &a.probs, &a.y));
+    d.push(attention_forward(
+        k,
+        (l.dims, AttnVariant::ENGINE),
+        &a.qkv,
+        &a.probs,
+        &a.y,
+    ));
     d.extend(layers::dense_forward(
         k,
         &l.out(),
@@ -383,7 +384,7 @@ pub(crate) fn block_backward(
     ));
     d.extend(attention_backward(
         k,
-        l.dims,
+        (l.dims, AttnVariant::ENGINE),
         (&a.qkv, &a.probs, &s.dyh),
         &s.ds,
         &s.dqkv,

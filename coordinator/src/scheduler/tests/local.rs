@@ -10,7 +10,7 @@ use starling_core::local::LocalOutput;
 use starling_core::protocol::{PROTOCOL_V2, Quant, decode_delta, f32s, u32s};
 
 /// One round of two 8-row shards, H = 2 inner steps of 4 rows, R = 2.
-fn local() -> Hyper {
+pub(super) fn local() -> Hyper {
     Hyper {
         mode: Mode::Local,
         h: 2,
@@ -23,7 +23,7 @@ fn local() -> Hyper {
 }
 
 /// Records `fx` like `Harness::take`, and returns every binary frame's message and payload per connection.
-fn frames(h: &mut Harness, fx: Effects) -> Vec<(ConnId, CoordinatorMsg, Vec<u8>)> {
+pub(super) fn frames(h: &mut Harness, fx: Effects) -> Vec<(ConnId, CoordinatorMsg, Vec<u8>)> {
     let mut out = Vec::new();
     for d in &fx.later {
         if let Action::Send {
@@ -40,14 +40,14 @@ fn frames(h: &mut Harness, fx: Effects) -> Vec<(ConnId, CoordinatorMsg, Vec<u8>)
     out
 }
 
-fn v2(h: &mut Harness, w: u64) -> ConnId {
+pub(super) fn v2(h: &mut Harness, w: u64) -> ConnId {
     let c = h.connect(w);
     h.st.set_protocol(c, PROTOCOL_V2);
     c
 }
 
 /// The local lease `conn` holds.
-fn held_local(h: &Harness, conn: ConnId) -> Option<(LeaseId, u32)> {
+pub(super) fn held_local(h: &Harness, conn: ConnId) -> Option<(LeaseId, u32)> {
     h.inbox.get(&conn)?.iter().rev().find_map(|m| match m {
         CoordinatorMsg::LocalLease { lease, shard, .. } => Some((*lease, *shard)),
         _ => None,
@@ -55,7 +55,7 @@ fn held_local(h: &Harness, conn: ConnId) -> Option<(LeaseId, u32)> {
 }
 
 /// A shard's honest local result: any deterministic delta and trace will do.
-fn honest_local(round: u64, shard: u32) -> LocalOutput {
+pub(super) fn honest_local(round: u64, shard: u32) -> LocalOutput {
     LocalOutput {
         delta: (0..PARAMS)
             .map(|i| ((round * 5 + shard as u64 * 3 + i as u64) % 7) as f32 * 1e-3 - 2e-3)
@@ -65,7 +65,7 @@ fn honest_local(round: u64, shard: u32) -> LocalOutput {
     }
 }
 
-fn send_local(
+pub(super) fn send_local(
     h: &mut Harness,
     conn: ConnId,
     out: &LocalOutput,
@@ -249,4 +249,121 @@ fn malformed_local_results_and_v1_results_for_local_leases_are_rejected() {
         Some(Outcome::Rejected),
         "a v1 result cannot answer a local lease"
     );
+}
+
+/// A `local` language-model job (issue 13) leases token windows: its leases name the stream's `stk1_deflate`
+/// dataset frame, a lease's payload is its shard of the round's windows (`core::tokens::lease_windows`, the same
+/// draw a `sync` step makes), only a worker that accepts `stk1_deflate` gets the frame, and a trace counts correct
+/// *positions* (T per row), not rows.
+#[test]
+fn a_local_lm_job_leases_its_shard_of_the_rounds_token_windows() {
+    use crate::examples::Examples;
+    use starling_core::protocol::{DatasetEncoding, decode_token_dataset};
+    use starling_core::tokens::{TokenStream, lease_windows};
+    use starling_core::transformer::LmSpec;
+
+    let lm = LmSpec {
+        vocab: 5,
+        context: 4,
+        width: 4,
+        heads: 2,
+        layers: 1,
+        tied: true,
+    };
+    let tokens: Vec<u32> = (0..60u32).map(|i| i * 7 % 5).collect();
+    let examples = |tokens: Vec<u32>| Examples::Tokens {
+        stream: TokenStream { tokens, context: 4 },
+        vocab_size: 5,
+        vocab: None,
+    };
+    let hyper = local();
+    let mut h = Harness::new();
+    h.st.load_job(JobLoad {
+        id: JobId(1),
+        owner: Some(1),
+        owner_name: Some("alice".into()),
+        name: "lm".into(),
+        spec: lm.model_spec(),
+        hyper: hyper.clone(),
+        status: JobStatus::Running,
+        created_ms: 0,
+        train: examples(tokens.clone()),
+        test: examples(tokens[..20].to_vec()),
+        checkpoint: None,
+        accepted: vec![],
+    });
+    let c = v2(&mut h, 2);
+    let fx = h.st.ready(c);
+    let sent = frames(&mut h, fx);
+    let (_, lease, payload) = &sent[1];
+    let CoordinatorMsg::LocalLease {
+        round,
+        shard,
+        rows,
+        dataset: Some(sha),
+        ..
+    } = lease
+    else {
+        panic!("expected a local lease naming its dataset, got {lease:?}")
+    };
+    let windows = lease_windows(
+        tokens.len() - 4,
+        (hyper.global_batch as usize, hyper.micro_batch as usize),
+        hyper.seed,
+        *round,
+        *shard as usize,
+    );
+    assert_eq!(*rows, 8);
+    assert_eq!(
+        u32s(payload),
+        windows,
+        "the payload is the shard's window starts"
+    );
+
+    // The dataset is the training stream, content-addressed by its STK1 bytes.
+    let fx =
+        h.st.dataset_request(c, JobId(1), sha, &DatasetEncoding::all());
+    let sent = frames(&mut h, fx);
+    let (_, msg, frame) = &sent[0];
+    let CoordinatorMsg::Dataset {
+        encoding, sha256, ..
+    } = msg
+    else {
+        panic!("expected the dataset, got {msg:?}")
+    };
+    assert_eq!(*encoding, DatasetEncoding::Stk1Deflate);
+    let ds = decode_token_dataset(*encoding, frame, sha256).expect("the frame decodes");
+    assert_eq!((ds.tokens, ds.context), (tokens.clone(), 4));
+    let mut bad = frame.clone();
+    bad[0] ^= 1;
+    assert!(decode_token_dataset(*encoding, &bad, sha256).is_err());
+    let fx =
+        h.st.dataset_request(c, JobId(1), sha, &["raw".into(), "deflate".into()]);
+    assert!(
+        frames(&mut h, fx).is_empty(),
+        "a worker that cannot decode a token stream gets no frame"
+    );
+
+    // 4 rows × T = 4 positions per inner step: 16 correct is possible, 17 is not.
+    let n = lm.param_count();
+    let ok = LocalOutput {
+        delta: vec![1e-3; n],
+        losses: vec![1.5, 1.4],
+        correct: vec![16, 9],
+    };
+    send_local(&mut h, c, &ok);
+    assert!(
+        !h.verdicts(c).contains(&Outcome::Rejected),
+        "{:?}",
+        h.inbox.get(&c)
+    );
+    let c2 = v2(&mut h, 3);
+    let fx = h.st.ready(c2);
+    frames(&mut h, fx);
+    let lie = LocalOutput {
+        correct: vec![17, 9],
+        ..ok
+    };
+    send_local(&mut h, c2, &lie);
+    assert_eq!(h.last_verdict(c2), Some(Outcome::Rejected));
 }

@@ -1,10 +1,11 @@
 //! Unit tests of the scheduler state machine: no sockets, no database, an injected clock and seed. Each test
 //! drives `State` through one behaviour and checks the frames, store operations and counters it produces. This
 //! module is the harness; `verification` covers results and verdicts, `leasing` leases, fairness and durability,
-//! `local` the `local` mode (protocol v2), `cluster` a job moving to another node.
+//! `local` the `local` mode (protocol v2), `elastic` its elastic rounds and bounded staleness, `cluster` a job moving to another node.
 
 mod audited;
 mod cluster;
+mod elastic;
 mod leasing;
 mod local;
 mod verification;

@@ -13,6 +13,7 @@ mod pool; // Max and average pooling, forward and backward.
 pub use act::ElementwiseAct;
 pub(crate) use act::{ActGradKernel, ActKernel};
 pub(crate) use attention::{AttentionGradColsKernel, AttentionGradRowsKernel, AttentionKernel};
+pub use attention::{AttnVariant, TILED_MAX_HEAD};
 pub use conv::ConvShape;
 pub(crate) use conv::{ChannelSumKernel, Col2ImKernel, Im2ColKernel, SwapBiasKernel};
 pub(crate) use dense::{
