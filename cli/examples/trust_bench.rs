@@ -2,11 +2,13 @@
 //!
 //! In one process: a real coordinator on 127.0.0.1:0 (a fresh SQLite file), the demo MNIST job for a fixed number
 //! of steps, 6 honest native CPU workers, 2 cheaters (one flips every gradient's sign, one adds noise at 5% of
-//! the gradient's RMS) and a colluding pair (honest except when both hold replicas of the same micro-batch, which
-//! they learn through a side channel; then both send the same sign flip), each on its own thread. It runs three
-//! times, side by side: plain R = 2 replication, adaptive replication (`Hyper.adaptive`), and R = 2 with random
-//! audits (`Hyper.audit`, its default); the first two with audits off. It prints a table and, as its last line, one
-//! JSON object.
+//! the gradient's RMS), a colluding pair (honest except when both hold replicas of the same micro-batch, which
+//! they learn through a side channel; then both send the same sign flip) and a sleeper (honest for its first
+//! [`SLEEPER_HONEST`] results, long enough to earn trust, then a sign flip every time), each on its own thread. It
+//! runs three times, side by side: plain R = 2 replication, adaptive replication (`Hyper.adaptive`), and audited
+//! mode (`Hyper.verification = "audited"` at the default `audit` share: trusted workers' results used alone, audits
+//! by other trusted workers); the first two with audits off. It prints a table and, as its last line, one JSON
+//! object; `--runs N` repeats the three modes N times (a row per run, and `<mode>_runs` arrays in the JSON).
 //!
 //! Overhead is counted in volunteer micro-batch computations: results volunteers submitted beyond the first per
 //! accepted micro-batch (second replicas, tie-breakers, cheaters' wasted results) divided by the accepted
@@ -14,10 +16,11 @@
 //! the credit ledger. Adaptive mode's spot checks are recomputations on the coordinator's own CPU: they are not
 //! volunteer work and are reported separately (`coordinator_recompute_share`).
 //!
-//! Each mode's object counts the whole verification budget in micro-batch computations over the useful ones:
-//! `total_verification` = (volunteer results beyond the first per accepted micro-batch + the coordinator's
-//! recomputations: spot checks, arbitrations and audits) / accepted micro-batches, and `coordinator_share` the
-//! coordinator's part of it.
+//! Each mode's object counts the whole verification budget from the job's counters, in rows: `total_verification`
+//! = (rows of every valid result volunteers computed, replicas and audits included, + rows the coordinator
+//! recomputed − rows of accepted units) / rows of accepted units, and `coordinator_share` = rows the coordinator
+//! recomputed / rows of accepted units. `pair_met` is the share of the colluders' results computed on a unit the
+//! other one also held (how often placement let them meet).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -34,6 +37,8 @@ use starling_worker::engine::BackendChoice;
 use starling_worker::native::{WorkerOptions, WorkerReport};
 
 const HONEST: usize = 6;
+/// Results a sleeper computes honestly before it lies every time (past the default trust threshold of 10).
+const SLEEPER_HONEST: u64 = 30;
 const STEPS: u64 = 400;
 const MICROS_PER_STEP: u64 = 4;
 
@@ -45,6 +50,8 @@ enum Role {
     Noise,
     /// Lies (a sign flip, identical for both) only when its partner holds the same micro-batch.
     Colluder,
+    /// Honest for [`SLEEPER_HONEST`] results, then a sign flip every time.
+    Sleeper,
 }
 
 /// The colluders' side channel: how many of them computed each result (keyed by the honest result, which only
@@ -92,6 +99,15 @@ fn spawn(
             Role::SignFlip => Some(Box::new(|out: &mut StepOutput| {
                 out.grad.iter_mut().for_each(|g| *g = -*g)
             })),
+            Role::Sleeper => {
+                let mut computed = 0u64;
+                Some(Box::new(move |out: &mut StepOutput| {
+                    computed += 1;
+                    if computed > SLEEPER_HONEST {
+                        out.grad.iter_mut().for_each(|g| *g = -*g)
+                    }
+                }))
+            }
             Role::Noise => {
                 let mut rng = SplitMix64::new(name.len() as u64);
                 Some(Box::new(move |out: &mut StepOutput| {
@@ -148,9 +164,16 @@ struct Figures {
     detection: Vec<(Role, Option<u64>)>,
     accuracy: f64,
     wall_s: f64,
+    /// Share of the colluders' results computed on a unit both held.
+    pair_met: f64,
 }
 
-async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Result<Figures> {
+async fn run_mode(
+    mode: &'static str,
+    adaptive: bool,
+    audit: f32,
+    verification: starling_coordinator::job::Verification,
+) -> anyhow::Result<Figures> {
     let dir = std::env::temp_dir().join(format!(
         "starling-trust-bench-{}-{mode}",
         std::process::id()
@@ -172,6 +195,7 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
             eval_every: STEPS,
             adaptive,
             audit,
+            verification,
             ..Hyper::default()
         };
         starling_coordinator::ensure_demo_job(
@@ -198,7 +222,13 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
     let started = Instant::now();
     let url = format!("ws://{addr}/ws");
     let mut roles: Vec<Role> = vec![Role::Honest; HONEST];
-    roles.extend([Role::SignFlip, Role::Noise, Role::Colluder, Role::Colluder]);
+    roles.extend([
+        Role::SignFlip,
+        Role::Noise,
+        Role::Colluder,
+        Role::Colluder,
+        Role::Sleeper,
+    ]);
     let side = SideChannel::default();
     let workers: Vec<_> = roles
         .iter()
@@ -264,8 +294,10 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
         useful == STEPS * MICROS_PER_STEP && abandoned == 0,
         "{useful} accepted ({by_coordinator} by the coordinator alone) and {abandoned} abandoned micro-batches for {STEPS} steps"
     );
+    // A unit a failed audit replaced with the coordinator's result (audited mode) has ledger entries (the
+    // clawed-back vouchers, the auditor) and counts as by the coordinator too.
     anyhow::ensure!(
-        per_micro.len() as u64 + by_coordinator == useful,
+        per_micro.len() as u64 <= useful && per_micro.len() as u64 + by_coordinator >= useful,
         "ledger has credits for {} micro-batches, counters say {useful} accepted of which {by_coordinator} by the coordinator",
         per_micro.len()
     );
@@ -280,12 +312,41 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
     // The lone cheaters' every accepted result was a lie; the colluders' lies are the micro-batches they held
     // together and both sent the same flip for (replicas agree, so each reached a model).
     let lies = side.lies.lock().map_or(0, |l| *l);
-    let bad_accepted = reports
+    // The sleeper's accepted results after its honest ones were lies. A lie an audit caught, or a refused
+    // worker's result struck out, never reached a model in audited mode (its step waits for its audits); in the
+    // other modes audits come after the step. The colluders' count is an upper bound (every pair lie accepted).
+    let audited_mode = verification == starling_coordinator::job::Verification::Audited;
+    let kept_out = if audited_mode {
+        counter("audit_failures")? + counter("results_struck_out")?
+    } else {
+        0
+    };
+    let bad_accepted = (reports
         .iter()
         .filter(|(r, _)| matches!(r, Role::SignFlip | Role::Noise))
         .map(|(_, r)| r.stats.accepted)
         .sum::<u64>()
-        + lies / 2;
+        + reports
+            .iter()
+            .filter(|(r, _)| *r == Role::Sleeper)
+            .map(|(_, r)| r.stats.accepted.saturating_sub(SLEEPER_HONEST))
+            .sum::<u64>()
+        + lies / 2)
+        .saturating_sub(kept_out);
+    let colluder_results: u64 = reports
+        .iter()
+        .filter(|(r, _)| *r == Role::Colluder)
+        .map(|(_, r)| r.stats.results_sent)
+        .sum();
+    let met: u64 = side.seen.lock().map_or(0, |s| {
+        s.values().filter(|n| **n >= 2).map(|n| *n as u64).sum()
+    });
+    let pair_met = met as f64 / colluder_results.max(1) as f64;
+    let (rows_accepted, rows_computed, rows_recomputed) = (
+        counter("rows_accepted")? as f64,
+        counter("rows_computed")? as f64,
+        counter("rows_recomputed")? as f64,
+    );
     let honest_refused = reports
         .iter()
         .filter(|(r, w)| {
@@ -297,18 +358,22 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
         .filter(|(r, _)| *r == Role::Honest)
         .map(|(_, w)| w.stats.rejected)
         .sum();
-    let recomputations = spot_checks + audits;
     let detection = reports
         .iter()
         .filter(|(r, _)| *r != Role::Honest)
         .map(|(role, r)| {
+            // A sleeper is counted from its first lie.
+            let sent = match role {
+                Role::Sleeper => r.stats.results_sent.saturating_sub(SLEEPER_HONEST),
+                _ => r.stats.results_sent,
+            };
             (
                 *role,
                 r.closed_by
                     .as_deref()
                     .unwrap_or("")
                     .contains("Refused")
-                    .then_some(r.stats.results_sent),
+                    .then_some(sent),
             )
         })
         .collect();
@@ -324,9 +389,8 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
         spot_share: spot_checks as f64 / useful as f64,
         audits,
         audit_failures,
-        total_verification: (volunteer_results as f64 - useful as f64 + recomputations as f64)
-            / useful as f64,
-        coordinator_share: recomputations as f64 / useful as f64,
+        total_verification: (rows_computed + rows_recomputed - rows_accepted) / rows_accepted,
+        coordinator_share: rows_recomputed / rows_accepted,
         honest_refused,
         honest_rejected,
         by_coordinator,
@@ -334,6 +398,7 @@ async fn run_mode(mode: &'static str, adaptive: bool, audit: f32) -> anyhow::Res
         detection,
         accuracy: job["last_eval"]["accuracy"].as_f64().unwrap_or(f64::NAN),
         wall_s,
+        pair_met,
     })
 }
 
@@ -358,7 +423,7 @@ fn mode_json(f: &Figures) -> String {
         .collect();
     let median = median_detection(f.detection.iter().map(|(_, d)| *d));
     format!(
-        "{{\"total_verification\": {}, \"coordinator_share\": {}, \"bad_accepted\": {}, \"detection_results_median\": {}, \"honest_refused\": {}, \"honest_rejected\": {}, \"audits\": {}, \"audit_failures\": {}, \"accuracy\": {}, \"detection\": {{{}}}}}",
+        "{{\"total_verification\": {}, \"coordinator_share\": {}, \"bad_accepted\": {}, \"detection_results_median\": {}, \"honest_refused\": {}, \"honest_rejected\": {}, \"audits\": {}, \"audit_failures\": {}, \"accuracy\": {}, \"pair_met\": {}, \"detection\": {{{}}}}}",
         f.total_verification,
         f.coordinator_share,
         f.bad_accepted,
@@ -368,8 +433,40 @@ fn mode_json(f: &Figures) -> String {
         f.audits,
         f.audit_failures,
         f.accuracy,
+        f.pair_met,
         detection.join(", ")
     )
+}
+
+/// Prints one table row.
+fn row(f: &Figures, run: usize) {
+    let det: Vec<String> = f
+        .detection
+        .iter()
+        .map(|(r, d)| format!("{r:?}: {}", d.map_or("never".into(), |n| n.to_string())))
+        .collect();
+    println!(
+        "| {} #{run} | {} ({}) | {} | {:.3} | {:.3} | {} ({:.1}%) | {} ({}) | {:.3} | {:.3} | {} | {} | {} ({}) | {:.4} | {:.3} | {:.1} |",
+        f.mode,
+        f.useful,
+        f.by_coordinator,
+        f.volunteer_results,
+        f.overhead,
+        f.steady_overhead,
+        f.spot_checks,
+        100.0 * f.spot_share,
+        f.audits,
+        f.audit_failures,
+        f.total_verification,
+        f.coordinator_share,
+        f.bad_accepted,
+        det.join(", "),
+        f.honest_refused,
+        f.honest_rejected,
+        f.accuracy,
+        f.pair_met,
+        f.wall_s
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -377,51 +474,41 @@ async fn main() -> anyhow::Result<()> {
     eprintln!(
         "trust benchmark: demo MNIST job, {STEPS} steps × {MICROS_PER_STEP} micro-batches, {HONEST} honest + 1 sign-flip + 1 noise + a colluding pair of CPU workers"
     );
-    let plain = run_mode("R=2", false, 0.0).await?;
-    let adaptive = run_mode("adaptive", true, 0.0).await?;
-    let audited = run_mode("audited", false, starling_coordinator::job::DEFAULT_AUDIT).await?;
-
-    println!(
-        "| mode | accepted micro-batches (by coordinator alone) | volunteer results | overhead (all) | overhead (steady) | coordinator recomputations | audits (failed) | total verification | coordinator share | bad accepted | cheater results before refusal | honest refused (rejected) | held-out accuracy | wall s |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for f in [&plain, &adaptive, &audited] {
-        let det: Vec<String> = f
-            .detection
-            .iter()
-            .map(|(r, d)| format!("{r:?}: {}", d.map_or("never".into(), |n| n.to_string())))
-            .collect();
-        println!(
-            "| {} | {} ({}) | {} | {:.3} | {:.3} | {} ({:.1}%) | {} ({}) | {:.3} | {:.3} | {} | {} | {} ({}) | {:.4} | {:.1} |",
-            f.mode,
-            f.useful,
-            f.by_coordinator,
-            f.volunteer_results,
-            f.overhead,
-            f.steady_overhead,
-            f.spot_checks,
-            100.0 * f.spot_share,
-            f.audits,
-            f.audit_failures,
-            f.total_verification,
-            f.coordinator_share,
-            f.bad_accepted,
-            det.join(", "),
-            f.honest_refused,
-            f.honest_rejected,
-            f.accuracy,
-            f.wall_s
-        );
+    let runs: usize = match std::env::args().skip_while(|a| a != "--runs").nth(1) {
+        Some(n) => n
+            .parse()
+            .context("--runs N: N must be a positive integer")?,
+        None => 1,
+    };
+    anyhow::ensure!(runs >= 1, "--runs N: N must be at least 1");
+    use starling_coordinator::job::{DEFAULT_AUDIT, Verification};
+    let mut all: Vec<[Figures; 3]> = Vec::new();
+    for _ in 0..runs {
+        all.push([
+            run_mode("R=2", false, 0.0, Verification::Replicated).await?,
+            run_mode("adaptive", true, 0.0, Verification::Replicated).await?,
+            run_mode("audited", false, DEFAULT_AUDIT, Verification::Audited).await?,
+        ]);
     }
+    println!(
+        "| mode | accepted micro-batches (by coordinator alone) | volunteer results | overhead (all) | overhead (steady) | coordinator recomputations | audits (failed) | total verification | coordinator share | bad accepted | cheater results before refusal | honest refused (rejected) | held-out accuracy | colluders met | wall s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (run, figs) in all.iter().enumerate() {
+        for f in figs {
+            row(f, run + 1);
+        }
+    }
+    let [plain, adaptive, audited] = &all[0];
     // The documented keys keep their meaning: the lone cheaters (sign flip, noise) of the R = 2 and adaptive runs.
     let lone = |f: &Figures| -> Vec<Option<u64>> {
         f.detection
             .iter()
-            .filter(|(r, _)| *r != Role::Colluder)
+            .filter(|(r, _)| matches!(r, Role::SignFlip | Role::Noise))
             .map(|(_, d)| *d)
             .collect()
     };
-    let median = median_detection(lone(&plain).into_iter().chain(lone(&adaptive)));
+    let median = median_detection(lone(plain).into_iter().chain(lone(adaptive)));
     // The documented keys first, in a fixed order (serde_json's map would sort them).
     let fields: Vec<(&str, String)> = vec![
         (
@@ -447,11 +534,20 @@ async fn main() -> anyhow::Result<()> {
         ("accuracy_adaptive", adaptive.accuracy.to_string()),
         ("steps", STEPS.to_string()),
         ("honest", HONEST.to_string()),
-        ("cheaters", 4.to_string()),
-        ("r2", mode_json(&plain)),
-        ("adaptive", mode_json(&adaptive)),
-        ("audited", mode_json(&audited)),
+        ("cheaters", 5.to_string()),
+        ("r2", mode_json(plain)),
+        ("adaptive", mode_json(adaptive)),
+        ("audited", mode_json(audited)),
+        ("runs", runs.to_string()),
     ];
+    let mut fields = fields;
+    for (i, key) in ["r2_runs", "adaptive_runs", "audited_runs"]
+        .iter()
+        .enumerate()
+    {
+        let objs: Vec<String> = all.iter().map(|figs| mode_json(&figs[i])).collect();
+        fields.push((key, format!("[{}]", objs.join(", "))));
+    }
     let json = format!(
         "{{{}}}",
         fields

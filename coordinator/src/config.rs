@@ -85,6 +85,11 @@ pub struct ServeConfig {
     /// larger models are always replicated.
     #[arg(long, default_value_t = 2_000_000)]
     pub spot_check_max_params: usize,
+    /// Which workers never share a unit's replicas or audit each other: `subnet` (one IPv4 /24 or IPv6 /48),
+    /// `address`, or `off` (only never the same worker twice). Workers all on one loopback address (a local demo)
+    /// are never kept apart.
+    #[arg(long, value_enum, default_value_t = crate::scheduler::Placement::Subnet)]
+    pub placement: crate::scheduler::Placement,
     /// A partner web origin (`https://host[:port]`) allowed to embed the volunteer widget (`/widget.js`,
     /// `/embed.html`) and to open browser worker sockets; repeatable. The coordinator's own origin is always allowed.
     #[arg(long = "allow-origin", env = "STARLING_ALLOW_ORIGINS", value_delimiter = ',', value_parser = crate::origin::parse_origin)]
@@ -119,6 +124,7 @@ impl ServeConfig {
             hello_timeout_ms: 10_000,
             trust_threshold: 10,
             spot_check_max_params: 2_000_000,
+            placement: crate::scheduler::Placement::Subnet,
             allow_origin: Vec::new(),
         }
     }

@@ -51,6 +51,12 @@ pub struct Hyper {
     /// `--spot-check-max-params`). A failed audit refuses every worker that vouched for the result and claws back
     /// their credits for it (docs/PROTOCOL.md, Verification). 0 turns audits off.
     pub audit: f32,
+    /// How results are verified: `replicated` (every unit by R independent workers, with `adaptive` and `audit`
+    /// as above) or `audited`: a trusted worker's result is used alone, a random `audit` share of units is
+    /// recomputed by another trusted worker on another subnet before the step is applied, and workers without a
+    /// record get R = 3 with a trusted one among them (docs/PROTOCOL.md, Verification, "Audited mode"; models up to
+    /// `--spot-check-max-params`, larger ones are replicated).
+    pub verification: Verification,
     /// `sync` (one optimizer step per global batch of micro-batches, protocol v1) or `local` (outer rounds of
     /// H-step local leases, protocol v2). In `local` mode `global_batch` is the rows of one outer round,
     /// `micro_batch` the rows of one lease, `steps` the outer rounds, `optimizer` is unused (see `inner_optimizer`).
@@ -81,6 +87,15 @@ pub struct Hyper {
     /// `local`, bounded staleness S: a shard still out when its round closes stays valid; its verified delta is
     /// applied at a later round's close while `v_now − v ≤ S`, weighted `1/(1 + v_now − v)`; beyond S it is late.
     pub staleness: u32,
+}
+
+/// How a job's results are verified (see [`Hyper::verification`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verification {
+    #[default]
+    Replicated,
+    Audited,
 }
 
 /// How a job trains (see [`Hyper::mode`]).
@@ -131,6 +146,7 @@ impl Default for Hyper {
             weight_decay: 0.0,
             patience: None,
             audit: DEFAULT_AUDIT,
+            verification: Verification::Replicated,
             mode: Mode::Sync,
             h: 16,
             inner_batch: 32,
@@ -237,6 +253,9 @@ impl Hyper {
         }
         if !(0.0..=1.0).contains(&self.audit) {
             return Err(format!("audit must be in [0, 1], got {}", self.audit));
+        }
+        if self.verification == Verification::Audited && self.audit <= 0.0 {
+            return Err("verification \"audited\" needs audit > 0 (audits are its only check of a trusted result)".into());
         }
         if self.patience == Some(0) {
             return Err("patience must be at least 1 evaluation".into());

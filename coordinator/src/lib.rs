@@ -465,6 +465,7 @@ pub fn scheduler_config(config: &ServeConfig) -> SchedulerConfig {
         speculate_after: Duration::from_millis(config.speculate_after_ms),
         trust_threshold: config.trust_threshold,
         spot_check_max_params: config.spot_check_max_params,
+        placement: config.placement,
         clock: scheduler::Clock::system(),
         seed: None,
     }

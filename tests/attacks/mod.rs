@@ -168,6 +168,7 @@ async fn credit_rows(db: &std::path::Path) -> anyhow::Result<Vec<(u64, u64, u32)
         .collect())
 }
 
+mod audited; // Audited mode: trusted results alone, audits by trusted workers, a sleeper caught; placement.
 mod churn; // 30% of the workers vanish mid-run.
 mod collusion; // Pairs that lie together: caught by arbitration, refused by audits.
 mod lies; // Lying, stale, replaying and copying workers, and hand-driven peers.

@@ -98,8 +98,29 @@ pub struct JobView {
     pub counters: JobCounters,
     /// The step that included the latest micro-batch a failed audit found wrong (`null` if none).
     pub last_bad_step: Option<u64>,
+    /// The running verification cost since the coordinator started (`null` before the first accepted unit).
+    pub verification: Option<VerificationCost>,
     pub workers: Vec<ConnectedWorker>,
     pub created_ms: i64,
+}
+
+/// Verification compute over useful compute, from the job's row counters (docs/API.md, Job status).
+#[derive(Debug, Clone, Serialize)]
+pub struct VerificationCost {
+    /// (rows computed by workers + rows recomputed by the coordinator − rows accepted) / rows accepted.
+    pub total: f64,
+    /// Rows recomputed by the coordinator / rows accepted.
+    pub coordinator: f64,
+}
+
+impl VerificationCost {
+    pub fn of(c: &JobCounters) -> Option<Self> {
+        let useful = c.rows_accepted as f64;
+        (c.rows_accepted > 0).then(|| Self {
+            total: (c.rows_computed as f64 + c.rows_recomputed as f64 - useful) / useful,
+            coordinator: c.rows_recomputed as f64 / useful,
+        })
+    }
 }
 
 /// A job as its owner (`owned`) or the public (volunteers: progress only) sees it.
@@ -138,6 +159,7 @@ pub fn job_view(app: &App, id: JobId, owned: bool) -> Option<JobView> {
         step_ms: j.step_ms,
         counters: j.counters.clone(),
         last_bad_step: j.last_bad_step,
+        verification: VerificationCost::of(&j.counters),
         workers,
         created_ms: j.created_ms,
     })

@@ -2,8 +2,9 @@
 //! fewer open leases than idle workers the same fast connections cannot win them every time. Fair among jobs:
 //! stride scheduling by `hyper.weight` (like BOINC's resource share): each lease advances its job's pass by
 //! `1 / weight`, and the running job with the lowest pass that has work for this worker goes first. Replica
-//! placement: never two replicas of a micro-batch to one worker, preferably not from one address; speculative
-//! replicas of stragglers only once no fresh work is left; adaptive replication rolls here.
+//! placement: never two replicas of a micro-batch to one worker nor to one placement group (`--placement`, see
+//! `placement.rs`), preferably not from one address; speculative replicas of stragglers only once no fresh work is
+//! left; adaptive replication rolls and audited mode's solo units, audit leases and newcomer groups here.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ fn waiting_reason(running: usize, position: usize, idle: usize) -> String {
 impl State {
     /// Hands out leases to every idle worker that can get one, longest-waiting first; the rest are told why not.
     pub(super) fn assign_all(&mut self, fx: &mut Effects) {
+        self.audit_fallbacks(fx);
         let now = self.now();
         let work = self.jobs.values().any(|j| {
             j.status == JobStatus::Running
@@ -135,14 +137,27 @@ impl State {
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let speculate_after = self.config.speculate_after;
         let salt = self.rng.next_u64();
+        let seat = Seat {
+            worker,
+            addr,
+            placement: self.config.placement,
+            trusted: self.trust_record(conn_id, worker) >= self.config.trust_threshold,
+            max_params: self.config.spot_check_max_params,
+        };
         let choice = order.iter().find_map(|&(_, id)| {
             let job = &self.jobs[&id];
-            let micro = if speculative {
-                pick_straggler(job, worker, now, speculate_after, &self.leases)
-            } else {
-                pick_fresh(job, worker, addr, salt)
-            };
-            micro.map(|m| (id, m))
+            if speculative {
+                return pick_straggler(job, &seat, now, speculate_after, &self.leases)
+                    .map(|m| (id, m, false));
+            }
+            // Audits first: the step waits for them.
+            if seat.trusted
+                && super::audit::audited_mode(job, seat.max_params)
+                && let Some(m) = self.pick_audit(job, worker, addr, salt)
+            {
+                return Some((id, m, true));
+            }
+            pick_fresh(self, job, &seat, salt).map(|m| (id, m, false))
         });
         // Elastic `local` rounds: with no open shard anywhere, the first job in order that may grow its round
         // takes one more shard for this worker (`elastic.rs`).
@@ -151,24 +166,27 @@ impl State {
                 .then(|| {
                     order
                         .iter()
-                        .find_map(|&(_, id)| self.grow_round(id).map(|m| (id, m)))
+                        .find_map(|&(_, id)| self.grow_round(id).map(|m| (id, m, false)))
                 })
                 .flatten()
         });
-        let Some((job_id, micro)) = choice else {
+        let Some((job_id, micro, audit)) = choice else {
             return false;
         };
-        self.lease(conn_id, job_id, micro, speculative, now, fx);
+        self.lease(conn_id, job_id, micro, speculative, audit, now, fx);
         true
     }
 
-    /// Issues a lease of `micro` of `job_id` to `conn_id` (the model first if the connection lacks this version).
+    /// Issues a lease of `micro` of `job_id` to `conn_id` (the model first if the connection lacks this version);
+    /// an `audit` lease (audited mode) is the same lease to the worker, recorded as the unit's audit.
+    #[allow(clippy::too_many_arguments)]
     fn lease(
         &mut self,
         conn_id: ConnId,
         job_id: JobId,
         micro: usize,
         speculative: bool,
+        audit: bool,
         now: Instant,
         fx: &mut Effects,
     ) {
@@ -179,21 +197,53 @@ impl State {
         };
         let addr = self.conns[&conn_id].addr;
         let record = self.trust_record(conn_id, worker);
+        let others: Vec<WorkerId> = self
+            .jobs
+            .get(&job_id)
+            .map(|j| j.micros[micro].involved.iter().map(|(w, _)| *w).collect())
+            .unwrap_or_default();
+        self.met(worker, &others);
         let roll = self.rng.next_f64();
         let (threshold, max_params) = (
             self.config.trust_threshold,
             self.config.spot_check_max_params,
         );
+        let new_r = self
+            .jobs
+            .get(&job_id)
+            .map_or(2, |j| self.new_worker_replicas(j.hyper.redundancy));
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
         job.pass += 1.0 / job.hyper.weight as f64;
         let deadline = now + Duration::from_millis(job.hyper.lease_timeout_ms);
         let adaptive = job.hyper.adaptive && job.spec.param_count() <= max_params;
+        let audited = super::audit::audited_mode(job, max_params);
+        if audit {
+            job.counters.audit_leases += 1;
+        }
         let m = &mut job.micros[micro];
-        // Adaptive replication: a trusted worker's fresh micro-batch is replicated only with probability
-        // max(P_MIN, 1 / record); otherwise it is leased to that worker alone and spot-checked by recomputation.
-        if adaptive
+        if audit {
+            // Not one of the unit's replicas (`active`): its result goes to `audit_result`.
+            if let Some(a) = m.audit.as_mut() {
+                a.lease = Some(lease_id);
+            }
+        } else if audited && !speculative && m.involved.is_empty() {
+            // Audited mode: a trusted worker computes a fresh unit alone (audits check it); one without a record
+            // gets it with R = 3, one of them trusted.
+            m.phase = if record >= threshold {
+                Phase::Open {
+                    wanted: 1,
+                    solo: true,
+                }
+            } else {
+                Phase::Open {
+                    wanted: new_r,
+                    solo: false,
+                }
+            };
+        } else if !audited
+            && adaptive
             && !speculative
             && m.involved.is_empty()
             && record >= threshold
@@ -204,7 +254,9 @@ impl State {
                 solo: true,
             };
         }
-        m.active.push(lease_id);
+        if !audit {
+            m.active.push(lease_id);
+        }
         m.involved.push((worker, addr));
         let rows = m.rows.len() as u32;
         job.counters.leases_issued += 1;
@@ -287,18 +339,50 @@ fn open_to(m: &Micro, worker: WorkerId) -> bool {
         && !m.involved.iter().any(|(w, _)| *w == worker)
 }
 
-/// A micro-batch of `job` still short of its wanted replicas that `worker` has not touched, preferring those none
-/// of whose replicas came from the same address, then the least replicated, then a random one (salted per call,
-/// so colluders cannot choose to meet).
-fn pick_fresh(job: &JobRun, worker: WorkerId, addr: std::net::IpAddr, salt: u64) -> Option<usize> {
-    let mut best: Option<(bool, u32, u64, usize)> = None;
+/// Who asks for a lease, for the pickers.
+struct Seat {
+    worker: WorkerId,
+    addr: std::net::IpAddr,
+    placement: super::Placement,
+    /// The worker has a record on its connection's backend (audited mode: solo units, audits).
+    trusted: bool,
+    max_params: usize,
+}
+
+/// A micro-batch of `job` still short of its wanted replicas that the worker has not touched and whose other
+/// replicas are apart from it (`--placement`), preferring, in audited mode, for a trusted worker a unit that
+/// waits for its trusted replica, then those none of whose replicas came from the same address, then the least
+/// replicated, then those held by none of its recent partners (`placement::RECENT_PARTNERS`), then a random one (salted per call, so colluders cannot choose to meet). In audited mode a worker
+/// without a record never takes the last replica of a unit that has no trusted one while a trusted worker is
+/// online.
+fn pick_fresh(st: &State, job: &JobRun, seat: &Seat, salt: u64) -> Option<usize> {
+    let audited = super::audit::audited_mode(job, seat.max_params);
+    let reserve = audited && !seat.trusted && st.trusted_online();
+    let mut best: Option<(bool, bool, u32, bool, u64, usize)> = None;
     for (i, m) in job.micros.iter().enumerate() {
-        if !open_to(m, worker) || m.wanted().is_none_or(|w| m.replicas() >= w) {
+        let Some(wanted) = m.wanted() else {
+            continue;
+        };
+        if !open_to(m, seat.worker)
+            || m.replicas() >= wanted
+            || !seat
+                .placement
+                .apart(seat.addr, m.involved.iter().map(|(_, a)| *a))
+        {
+            continue;
+        }
+        let needs_trusted =
+            audited && !m.involved.is_empty() && !m.involved.iter().any(|(w, _)| st.is_trusted(*w));
+        if reserve && needs_trusted && m.replicas() + 1 >= wanted {
             continue;
         }
         let key = (
-            m.involved.iter().any(|(_, a)| *a == addr),
+            !(seat.trusted && needs_trusted),
+            m.involved.iter().any(|(_, a)| *a == seat.addr),
             m.replicas(),
+            m.involved
+                .iter()
+                .any(|(w, _)| st.met_lately(seat.worker, *w)),
             starling_core::rng::SplitMix64::new(salt ^ i as u64).next_u64(),
             i,
         );
@@ -306,14 +390,14 @@ fn pick_fresh(job: &JobRun, worker: WorkerId, addr: std::net::IpAddr, salt: u64)
             best = Some(key);
         }
     }
-    best.map(|(_, _, _, i)| i)
+    best.map(|(_, _, _, _, _, i)| i)
 }
 
 /// A speculative extra replica of a micro-batch of `job` whose lease has been out for a while (at least
 /// `speculate_after`, and three times the job's typical result latency).
 fn pick_straggler(
     job: &JobRun,
-    worker: WorkerId,
+    seat: &Seat,
     now: Instant,
     speculate_after: Duration,
     leases: &std::collections::HashMap<LeaseId, Lease>,
@@ -326,6 +410,9 @@ fn pick_straggler(
                 .is_some_and(|l| now.duration_since(l.issued) >= threshold)
         });
         let room = m.wanted().is_some_and(|w| m.replicas() < w + 1);
-        (open_to(m, worker) && straggling && room).then_some(i)
+        let apart = seat
+            .placement
+            .apart(seat.addr, m.involved.iter().map(|(_, a)| *a));
+        (open_to(m, seat.worker) && straggling && room && apart).then_some(i)
     })
 }

@@ -31,6 +31,21 @@ pub struct JobCounters {
     /// (each refused its vouchers and clawed back their credits).
     pub audits: u64,
     pub audit_failures: u64,
+    /// Audited mode: audits leased to a trusted worker on another subnet, audits the coordinator ran because no
+    /// such worker was online, audits passed, and audits whose auditor disagreed (settled by the coordinator's
+    /// recomputation).
+    pub audit_leases: u64,
+    pub audits_by_coordinator: u64,
+    pub audits_passed: u64,
+    pub audit_disputes: u64,
+    /// Accepted results of workers a failed audit refused that were struck out before their step was applied.
+    pub results_struck_out: u64,
+    /// The verification budget in rows: rows of accepted units (useful compute), rows of every valid result
+    /// workers computed (replicas and audits included), rows the coordinator recomputed. Total verification
+    /// compute over useful compute is `(rows_computed + rows_recomputed − rows_accepted) / rows_accepted`.
+    pub rows_accepted: u64,
+    pub rows_computed: u64,
+    pub rows_recomputed: u64,
     pub steps_applied: u64,
     /// `local` elastic rounds: shards added beyond a round's base shards, verified deltas applied one or more
     /// rounds after their base version, and shards dropped at a round's close (beyond `staleness`, or not fully

@@ -15,7 +15,9 @@
 //! `Checking`: the coordinator is recomputing the micro-batch; no new leases; results still arriving from active
 //! leases join `subs` and are judged against the reference too. `Accepted` and `Abandoned` are final for the step:
 //! a later replica of an accepted micro-batch is compared with the accepted result (credited if it agrees); one
-//! of an abandoned micro-batch is late. Transitions: [`Micro::check`], [`Micro::reopen`], [`Micro::accept`],
+//! of an abandoned micro-batch is late. In audited mode an accepted micro-batch may carry a pending audit
+//! (`Micro::audit`): the step waits for it, and a failed one replaces the outcome with the coordinator's (or, for a
+//! refused worker's other results, reopens the micro-batch: `audit::strike_out`). Transitions: [`Micro::check`], [`Micro::reopen`], [`Micro::accept`],
 //! [`Micro::abandon`].
 
 use std::net::IpAddr;
@@ -111,6 +113,10 @@ pub(super) struct Micro {
     /// Workers (and their addresses) leased this micro-batch in this step, except those whose lease was lost
     /// without a result (`State::lose_lease`): none holds or submits it twice.
     pub involved: Vec<(WorkerId, IpAddr)>,
+    /// Credits granted for the accepted result (its vouchers), clawed back if an audit shows it wrong.
+    pub vouchers: Vec<crate::store::Credit>,
+    /// Audited mode: the accepted result is being audited, and the step waits for the verdict.
+    pub audit: Option<super::audit::PendingAudit>,
     /// A `local` shard carried over from an earlier round (`scheduler::elastic`): that round and the shard's index
     /// in it, which name its plan and its base version. No new leases are issued for it. `None`: a shard of the
     /// current round, named by its index.
@@ -128,6 +134,8 @@ impl Micro {
             active: Vec::new(),
             subs: Vec::new(),
             involved: Vec::new(),
+            vouchers: Vec::new(),
+            audit: None,
             origin: None,
         }
     }
@@ -137,9 +145,9 @@ impl Micro {
         (self.active.len() + self.subs.len()) as u32
     }
 
-    /// Whether the step still waits for this micro-batch.
+    /// Whether the step still waits for this micro-batch (its accepted result may still be under audit).
     pub fn unsettled(&self) -> bool {
-        matches!(self.phase, Phase::Open { .. } | Phase::Checking { .. })
+        matches!(self.phase, Phase::Open { .. } | Phase::Checking { .. }) || self.audit.is_some()
     }
 
     /// Replicas wanted while open (`None` once it is being checked or is settled).

@@ -6,7 +6,8 @@
 //!
 //! Invariants: a micro-batch is accepted only when all R ≥ 2 independent replicas agree, or when the coordinator's
 //! own recomputation agrees with a replica (or, for models too large to recompute, a strict majority after a
-//! disagreement); nobody is struck by vote; a worker never holds two leases of
+//! disagreement) — or, in audited mode, when a trusted worker computed it and its audit (if one was drawn) passed
+//! before its step is applied; nobody is struck by vote; a worker never holds two leases of
 //! the same micro-batch; results are compared only within one micro-batch of one model version; a result for a
 //! superseded version or an expired lease is `late`.
 //!
@@ -16,6 +17,8 @@
 //!   replication rolls);
 //! - `settle`: results to verdicts (the one accept path, the one reject path, recomputation outcomes);
 //! - `advance`: applying a step, evaluations and early stopping, owner control, halting after a failed write;
+//! - `audit`: audited mode (audit leases to trusted workers, the coordinator's fallback, failed audits and what
+//!   they strike out); `placement`: which workers may not share a unit (`--placement`);
 //! - `trust`: credits, strikes, refusal, near misses, trust records;
 //! - `micro`: a micro-batch's lifecycle (the state enum and its legal transitions);
 //! - `job_run`: a job in memory and how it is loaded;
@@ -26,12 +29,14 @@
 
 mod advance;
 mod assign;
+mod audit;
 mod conns;
 mod counters;
 mod effects;
 mod elastic;
 mod job_run;
 mod micro;
+mod placement;
 mod round;
 mod settle;
 mod trust;
@@ -52,6 +57,7 @@ pub use effects::{
     StoreOp, frame_message,
 };
 pub use job_run::{JobLoad, JobRun};
+pub use placement::Placement;
 pub use round::{KEPT_DELTAS, LocalRun, Trace, traces_agree};
 pub use trust::{NEAR_MISS_STRIKE, WorkerInfo};
 
@@ -93,6 +99,8 @@ pub struct SchedulerConfig {
     pub trust_threshold: u32,
     /// Largest model (parameters) the coordinator recomputes (spot checks and arbitration).
     pub spot_check_max_params: usize,
+    /// Which workers may not share a unit (replicas, auditors): see [`Placement`].
+    pub placement: Placement,
     pub clock: Clock,
     /// Seed of the placement and replication rolls (`None`: different on every start, so colluders can neither
     /// choose to meet nor predict when they are unreplicated).
@@ -131,6 +139,9 @@ pub struct State {
     pending: Effects,
     /// Halts so far (failed durable writes); see [`Effects::epoch`].
     halts: u64,
+    /// Each worker's latest partners on a unit (replicas and auditors, most recent last, at most
+    /// `placement::RECENT_PARTNERS`): placement prefers partners not met lately.
+    partners: HashMap<WorkerId, std::collections::VecDeque<WorkerId>>,
 }
 
 impl State {
@@ -150,6 +161,7 @@ impl State {
             rng: starling_core::rng::SplitMix64::new(seed),
             pending: Effects::default(),
             halts: 0,
+            partners: HashMap::new(),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::verify::{self, Candidate, Settle};
 
 /// How one result compares with a reference (an accepted result or the coordinator's recomputation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Judged {
+pub(super) enum Judged {
     Agrees,
     /// Loss and correct count agree, the gradient is within [`verify::NEAR_MISS`] but outside the tolerance.
     NearMiss,
@@ -27,7 +27,7 @@ enum Judged {
 
 /// Compares a result with a reference; for `local` results the inner traces must agree as well (when both sides
 /// have one).
-fn judge(
+pub(super) fn judge(
     sub: &Candidate<'_>,
     sub_trace: Option<&Trace>,
     reference: &Candidate<'_>,
@@ -168,6 +168,16 @@ impl State {
             grad,
             trace,
         };
+        job.counters.rows_computed += job.micros[c.micro as usize].rows.len() as u64;
+        if job.micros[c.micro as usize]
+            .audit
+            .as_ref()
+            .is_some_and(|a| a.lease == Some(c.lease))
+        {
+            self.audit_result(c.job, c.micro, sub, fx);
+            return;
+        }
+        let audited = super::audit::audited_mode(job, max_params);
         let (tolerance, quorum, redundancy, scale) = (
             job.hyper.agreement_tolerance(),
             job.hyper.quorum() as usize,
@@ -209,6 +219,13 @@ impl State {
             Phase::Open { wanted, solo } => {
                 let (wanted, solo) = (*wanted, *solo);
                 m.subs.push(sub);
+                if solo && audited {
+                    // Audited mode: a trusted worker's result is used alone; `accept` rolls its audit.
+                    let won = std::mem::take(&mut m.subs);
+                    let outcome = mean_outcome(&won, 1, false);
+                    self.accept(c.job, c.micro, outcome, &won, fx);
+                    return;
+                }
                 if solo {
                     // A trusted worker's unreplicated result reaches the model only if the coordinator's own
                     // recomputation agrees.
@@ -295,12 +312,13 @@ impl State {
             return;
         };
         let (x, labels) = job.train.gather(&job.micros[micro as usize].rows);
+        let rows = job.micros[micro as usize].rows.len() as u64;
         // A shard carried from an earlier round is replayed from its own base version and plan (`elastic.rs`).
         let local = job.local.as_ref().map(|_| super::effects::LocalReplay {
             plan: job.shard_plan(micro as usize),
             quant: job.hyper.quant,
         });
-        fx.recompute(Recompute {
+        let r = Recompute {
             local,
             kind,
             job: job_id,
@@ -313,7 +331,11 @@ impl State {
             },
             x,
             labels,
-        });
+        };
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.counters.rows_recomputed += rows;
+        }
+        fx.recompute(r);
     }
 
     /// The coordinator's recomputation of a micro-batch finished (`None`: it could not run, so the micro-batch
@@ -370,6 +392,18 @@ impl State {
         reference: Option<Reference>,
         fx: &mut Effects,
     ) {
+        let reference = match self
+            .jobs
+            .get(&job_id)
+            .and_then(|j| j.micros.get(micro as usize))
+        {
+            Some(m) if m.audit.is_some() => {
+                // Audited mode: the unit's audit (the caller's reference is consumed there).
+                self.audit_settled(job_id, step, micro, reference, fx);
+                return;
+            }
+            _ => reference,
+        };
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -481,8 +515,10 @@ impl State {
         };
         let (step, rows) = (job.step, job.micros[micro as usize].rows.len() as u32);
         let flops = job.spec.train_flops(rows as u64);
+        let now = self.now();
         // Audit a replica-only acceptance with probability `hyper.audit`, drawn after acceptance so no worker can
         // know in advance which of its results will be recomputed.
+        let audited_mode = super::audit::audited_mode(job, self.config.spot_check_max_params);
         let auditable = !outcome.verified
             && !credited.is_empty()
             && job.spec.param_count() <= self.config.spot_check_max_params
@@ -498,6 +534,7 @@ impl State {
         job.scale.observe(verify::l2_norm(&outcome.grad));
         job.counters.results_accepted += credited.len() as u64;
         job.counters.micro_batches_accepted += 1;
+        job.counters.rows_accepted += rows as u64;
         if credited.is_empty() {
             job.counters.micro_batches_by_coordinator += 1;
         }
@@ -514,7 +551,11 @@ impl State {
             },
             credits: credits.clone(),
         });
-        if audit {
+        let credits_kept = credits.clone();
+        if audit && audited_mode {
+            // The step waits for this audit (an auditor's lease, or the coordinator: `audit_fallbacks`).
+            job.counters.audits += 1;
+        } else if audit {
             job.counters.audits += 1;
             job.audits.insert(
                 (step, micro),
@@ -524,8 +565,12 @@ impl State {
                 },
             );
         }
-        job.micros[micro as usize].accept(outcome);
-        if audit {
+        let m = &mut job.micros[micro as usize];
+        m.accept(outcome);
+        m.vouchers = credits_kept;
+        if audit && audited_mode {
+            m.audit = Some(super::audit::PendingAudit::new(now));
+        } else if audit {
             self.request_recompute(job_id, micro, CheckKind::Audit, fx);
         }
         for s in credited {
@@ -595,7 +640,7 @@ impl State {
     }
 
     /// An extra replica agreed with the accepted result: credited, not used again.
-    fn credit_extra(&mut self, job_id: JobId, micro: u32, a: Author, fx: &mut Effects) {
+    pub(super) fn credit_extra(&mut self, job_id: JobId, micro: u32, a: Author, fx: &mut Effects) {
         let Some(job) = self.jobs.get(&job_id) else {
             return;
         };
@@ -646,7 +691,7 @@ impl State {
     }
 
     /// Neither accepted nor rejected: no credit, no strike.
-    fn late(&mut self, job_id: JobId, a: Author, fx: &mut Effects) {
+    pub(super) fn late(&mut self, job_id: JobId, a: Author, fx: &mut Effects) {
         if let Some(job) = self.jobs.get_mut(&job_id) {
             job.counters.results_late += 1;
         }
@@ -655,7 +700,7 @@ impl State {
 
     /// A near miss is answered `late`; the [`super::NEAR_MISS_STRIKE`]th in a row is rejected instead (a worker
     /// adding small noise to every result lands here every time).
-    fn near_miss_verdict(&mut self, job_id: JobId, a: Author, fx: &mut Effects) {
+    pub(super) fn near_miss_verdict(&mut self, job_id: JobId, a: Author, fx: &mut Effects) {
         if let Some(job) = self.jobs.get_mut(&job_id) {
             job.counters.near_misses += 1;
         }
@@ -702,7 +747,7 @@ fn mean_outcome(won: &[Submission], agreeing: u32, verified: bool) -> Outcome {
 
 /// The coordinator's own result for a micro-batch: a recomputed step, or a replayed local lease with its trace.
 #[derive(Debug)]
-struct Reference {
-    out: StepOutput,
-    trace: Option<Arc<Trace>>,
+pub(super) struct Reference {
+    pub out: StepOutput,
+    pub trace: Option<Arc<Trace>>,
 }

@@ -3,6 +3,7 @@
 //! module is the harness; `verification` covers results and verdicts, `leasing` leases, fairness and durability,
 //! `local` the `local` mode (protocol v2), `elastic` its elastic rounds and bounded staleness, `cluster` a job moving to another node.
 
+mod audited;
 mod cluster;
 mod elastic;
 mod leasing;
@@ -116,6 +117,7 @@ impl Harness {
             speculate_after: Duration::from_secs(2),
             trust_threshold: 10,
             spot_check_max_params: 1_000_000,
+            placement: Placement::Subnet,
             clock: Clock::from_fn(move || *clock_now.lock().expect("clock")),
             seed: Some(7),
         };
@@ -153,11 +155,11 @@ impl Harness {
         });
     }
 
-    /// Connects worker `w` from 10.0.0.`w` (distinct addresses unless a test says otherwise).
+    /// Connects worker `w` from 10.`w / 250`.`w % 250`.1 (distinct /24s unless a test says otherwise).
     pub(super) fn connect(&mut self, w: u64) -> ConnId {
         self.connect_from(
             w,
-            IpAddr::V4(Ipv4Addr::new(10, 0, (w / 250) as u8, (w % 250) as u8)),
+            IpAddr::V4(Ipv4Addr::new(10, (w / 250) as u8, (w % 250) as u8, 1)),
         )
     }
 
