@@ -355,14 +355,19 @@ async fn a_restarted_coordinator_resumes_from_its_checkpoint_with_credits_intact
         120 - resumed,
         "no step was redone"
     );
+    server.stop().await?;
+    let (a2, b2) = (join(a2)?, join(b2)?);
+    // Balances from the durable state, as a coordinator started on it again shows them: a running one's
+    // `/workers` reads the store, whose last credit writes can still be in flight when the job shows
+    // `completed` (the verdicts, sent after those writes, then carried more than the store had yet).
+    let server = Server::start(ServeConfig::for_tests(dir.db())).await?;
     let (_, after) = server.get("/api/v1/workers").await?;
+    server.stop().await?;
     assert_eq!(
         after.as_array().unwrap().len(),
         2,
         "returning volunteers keep their identity"
     );
-    server.stop().await?;
-    let (a2, b2) = (join(a2)?, join(b2)?);
     for (w, r) in [("a", &a2), ("b", &b2)] {
         assert!(credits_of(&after, w) > credits_of(&before, w));
         assert!(credits_of(&after, w) + 1e-9 >= r.stats.credits);
