@@ -17,7 +17,7 @@ commands:
   wasm            build the browser worker into www/pkg (wasm-bindgen, wasm-opt, gzip) and print its size
   bench kernels   our WGSL matmul and the CNN's conv layers vs burn-wgpu vs CPU, and the MLP and CNN micro-batch steps
                   (builds burn: ~15 min first time)
-  bench trust     verification overhead and cheater detection, plain R=2 vs adaptive replication (CPU workers)
+  bench trust     verification overhead and cheater detection: plain R=2, adaptive and audited (CPU workers; --runs N)
   bench cnn-serve the demo CNN through `serve --demo-cnn` with native workers and Chromium tabs to >= 98% (40-60 min)
   bench lm        the char-level LM served (native workers [+ --browser tab]) vs one process: held-out curves
   bench comms     bytes and coordinator CPU per training sample: sync fp32 vs local leases (H, int8; release); args after
@@ -324,9 +324,12 @@ fn bench(what: Option<&str>) -> anyhow::Result<()> {
         }
         Some("trust") => {
             say(
-                "running the trust benchmark: a coordinator with 6 honest + 2 cheating CPU workers, plain R=2 then adaptive",
+                "running the trust benchmark: honest and cheating CPU workers under plain R=2, adaptive replication and audited mode",
             );
-            run(Command::new("cargo").args(["run", "-p", "starling", "--example", "trust_bench"]))
+            // Arguments after `trust` go to it (`--runs N`: one row per run, and per-run arrays in the JSON).
+            run(Command::new("cargo")
+                .args(["run", "-p", "starling", "--example", "trust_bench", "--"])
+                .args(std::env::args().skip(3)))
         }
         Some("swarm") => {
             say("building starling and the swarm benchmark (release), then running it");
