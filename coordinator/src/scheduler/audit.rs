@@ -17,7 +17,8 @@ use super::conns::Lease;
 use super::effects::{CheckKind, Effects};
 use super::job_run::JobRun;
 use super::micro::{Micro, Outcome, Phase, Submission};
-use super::settle::{Author, Judged, Reference, judge};
+use super::recompute::Reference;
+use super::settle::{Author, Judged, judge};
 use crate::job::{JobStatus, Verification};
 use crate::verify;
 

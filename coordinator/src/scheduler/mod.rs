@@ -37,6 +37,7 @@ mod elastic;
 mod job_run;
 mod micro;
 mod placement;
+mod recompute;
 mod round;
 mod settle;
 mod trust;
